@@ -1,0 +1,39 @@
+"""`python -m server`: load the config, configure logging once, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from aiohttp import web
+
+from . import __version__
+from .app import create_app, runner_options
+from .config import ConfigError, load_config
+
+log = logging.getLogger("server")
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=os.environ.get("RILL_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"rill: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    host, port = config.server.host, config.server.port
+
+    def announce(*_: object) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        log.info("Rill %s listening on http://%s:%d", __version__, shown, port)
+
+    web.run_app(create_app(config), host=host, port=port, print=announce, **runner_options(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The application factory and its lifecycle: one ClientSession, the demo upstream,
+the monitor task, and a clean ending for every stream at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from .accesslog import PathOnlyAccessLogger
+from .catalog import build_catalog
+from .config import Config
+from .demo import DemoServer
+from .errors import error_middleware
+from .generation import SHUTDOWN_ERROR
+from .keys import CATALOG, CONFIG, MONITOR_TASK, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from .monitor import run_monitor
+from .registry import GenerationRegistry
+from .routes import setup_routes
+from .streaming import OpenStreams
+from .upstream import client_timeout
+
+log = logging.getLogger(__name__)
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "web" / "templates"
+
+
+def create_app(config: Config) -> web.Application:
+    """Build the app from its config; nothing starts until the app does."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
+    app[CONFIG] = config
+    app[REGISTRY] = GenerationRegistry(config)
+    app[OPEN_STREAMS] = OpenStreams()
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=jinja2.select_autoescape(default=True),
+    )
+    setup_routes(app)
+    app.cleanup_ctx.append(_http_client)
+    app.cleanup_ctx.append(_catalog)
+    app.cleanup_ctx.append(_monitor)
+    app.on_shutdown.append(_end_streams)
+    return app
+
+
+def runner_options(config: Config) -> dict[str, Any]:
+    """Server settings shared by __main__ (run_app) and the tests (AppRunner)."""
+    return {
+        "shutdown_timeout": config.server.shutdown_timeout,
+        "access_log_class": PathOnlyAccessLogger,
+        # Handlers are not cancelled on disconnect; the monitor task notices closed
+        # connections instead, so a half-finished POST never leaves a partial state.
+        "handler_cancellation": False,
+    }
+
+
+async def _http_client(app: web.Application) -> AsyncIterator[None]:
+    # One session for the process; limit=0: concurrency is capped by our own limits.
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=client_timeout(app[CONFIG]), trust_env=False
+    ) as session:
+        app[SESSION] = session
+        yield
+
+
+async def _catalog(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    app[STARTED_AT] = asyncio.get_running_loop().time()
+    if config.providers[0].usable:
+        app[CATALOG] = build_catalog(config, None)
+        yield
+        return
+    demo = DemoServer(config.demo)
+    url = await demo.start()
+    app[CATALOG] = build_catalog(config, url)
+    log.warning(
+        "no API key in %s: answering from the offline demo (%s)",
+        config.providers[0].api_key_env or "the environment",
+        url,
+    )
+    try:
+        yield
+    finally:
+        await demo.close()
+
+
+async def _monitor(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(run_monitor(app[OPEN_STREAMS], app[REGISTRY], app[CONFIG].stream), name="rill-monitor")
+    app[MONITOR_TASK] = task
+    yield
+    task.cancel()
+    await asyncio.wait({task})  # waits without re-raising the task's own cancellation
+
+
+async def _end_streams(app: web.Application) -> None:
+    """Refuse new work, end every live generation with `server_shutdown`, close its
+    upstream request, and give open streams the time to write that last event."""
+    registry = app[REGISTRY]
+    registry.accepting = False
+    live = registry.live()
+    for generation in live:
+        generation.fail(str(SHUTDOWN_ERROR["code"]), str(SHUTDOWN_ERROR["message"]), retryable=True)
+    if live:
+        await asyncio.wait([asyncio.ensure_future(g.wait_closed()) for g in live])
+    streams = app[OPEN_STREAMS]
+    try:
+        async with asyncio.timeout(app[CONFIG].server.shutdown_timeout / 2):
+            await streams.wait_empty()
+    except TimeoutError:
+        log.warning("shutdown: %d streams did not finish in time", len(streams))
+    log.info("shutdown: ended %d generations, %d streams still open", len(live), len(streams))

@@ -1,0 +1,464 @@
+"""Load and validate Rill's configuration: config.toml, environment, .env, credentials.
+
+Everything here is parsed once at start-up into frozen dataclasses; the rest of the
+code never reads the environment or the file system for settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from yarl import URL
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the key and the problem."""
+
+
+class Secret:
+    """A value that must never be printed: repr and str hide it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    id: str  # Rill's public id, unique across providers
+    upstream_id: str  # the name the upstream API knows it by
+    label: str
+    reasoning: bool
+    extra: Mapping[str, Any] = field(default_factory=dict)  # merged into the request body
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    label: str
+    base_url: URL
+    api_key_env: str
+    requires_key: bool
+    models: tuple[ModelConfig, ...]
+    api_key: Secret | None = None
+    demo: bool = False
+
+    @property
+    def usable(self) -> bool:
+        return self.api_key is not None or not self.requires_key
+
+    @property
+    def completions_url(self) -> URL:
+        return self.base_url / "chat/completions"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    shutdown_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    connect: float = 10.0
+    idle_read: float = 60.0
+    first_token: float = 180.0
+    max_generation: float = 900.0
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    heartbeat_interval: float = 15.0
+    liveness_interval: float = 0.5
+    retry_ms: int = 3000
+    resume_grace: float = 15.0
+    finished_ttl: float = 600.0
+    buffer_memory_mb: float = 64.0
+    send_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = 1_048_576
+    max_messages: int = 200
+    max_message_chars: int = 100_000
+    max_total_chars: int = 400_000
+    max_tokens: int = 32_768
+    max_concurrent_per_client: int = 4
+    max_concurrent_total: int = 64
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    retries: int = 2
+    retry_backoff: float = 0.5
+    max_retry_after: float = 10.0
+    max_line_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    tokens_per_second: float = 30.0
+    reasoning_tokens_per_second: float = 80.0
+
+
+@dataclass(frozen=True)
+class CompatConfig:
+    get_stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    providers: tuple[ProviderConfig, ...]
+    default_model: str
+    server: ServerConfig = ServerConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
+    stream: StreamConfig = StreamConfig()
+    limits: LimitsConfig = LimitsConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    demo: DemoConfig = DemoConfig()
+    compat: CompatConfig = CompatConfig()
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value, for scrubbing text that came from outside."""
+        return tuple(p.api_key.reveal() for p in self.providers if p.api_key)
+
+
+# --- reading the TOML document -------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Section:
+    """A TOML table that remembers its dotted path and rejects unknown keys."""
+
+    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+        self._data = data
+        self._path = path
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def get(self, name: str, kind: type[T], default: T) -> T:
+        self._seen.add(name)
+        if name not in self._data:
+            return default
+        return _check_type(self._data[name], kind, self.key(name))
+
+    def require(self, name: str, kind: type[T]) -> T:
+        self._seen.add(name)
+        if name not in self._data:
+            raise ConfigError(f"{self.key(name)}: required setting is missing")
+        return _check_type(self._data[name], kind, self.key(name))
+
+    def table(self, name: str) -> _Section:
+        return _Section(self.get(name, dict, {}), self.key(name))
+
+    def tables(self, name: str) -> list[_Section]:
+        items = self.get(name, list, [])
+        sections = []
+        for index, item in enumerate(items):
+            path = f"{self.key(name)}[{index}]"
+            if not isinstance(item, dict):
+                raise ConfigError(f"{path}: must be a table")
+            sections.append(_Section(item, path))
+        return sections
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown setting (check the spelling)")
+
+
+def _check_type(value: Any, kind: type[T], key: str) -> T:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # type: ignore[return-value]
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: must be an integer, not a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: must be {_KIND_NAMES.get(kind, kind.__name__)}, got {value!r}")
+    return value
+
+
+_KIND_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    dict: "a table",
+    list: "a list",
+}
+
+
+def _positive(section: _Section, name: str, default: float) -> float:
+    value = section.get(name, float, default)
+    if value <= 0:
+        raise ConfigError(f"{section.key(name)}: must be greater than 0, got {value}")
+    return value
+
+
+def _positive_int(section: _Section, name: str, default: int) -> int:
+    value = section.get(name, int, default)
+    if value <= 0:
+        raise ConfigError(f"{section.key(name)}: must be greater than 0, got {value}")
+    return value
+
+
+def _base_url(text: str, key: str) -> URL:
+    url = URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{key}: must be an http:// or https:// URL, got {text!r}")
+    # `URL / "chat/completions"` needs a path without a trailing slash
+    return url.with_path(url.path.rstrip("/")) if url.path != "/" else url.with_path("")
+
+
+def _parse_models(provider: _Section) -> tuple[ModelConfig, ...]:
+    models = []
+    for section in provider.tables("models"):
+        model_id = section.require("id", str)
+        models.append(
+            ModelConfig(
+                id=model_id,
+                upstream_id=section.get("upstream_id", str, model_id),
+                label=section.get("label", str, model_id),
+                reasoning=section.get("reasoning", bool, False),
+                extra=section.get("extra", dict, {}),
+            )
+        )
+        section.finish()
+    if not models:
+        raise ConfigError(f"{provider.key('models')}: a provider needs at least one model")
+    return tuple(models)
+
+
+def _parse_provider(section: _Section) -> ProviderConfig:
+    provider = ProviderConfig(
+        name=section.require("name", str),
+        label=section.get("label", str, ""),
+        base_url=_base_url(section.require("base_url", str), section.key("base_url")),
+        api_key_env=section.get("api_key_env", str, ""),
+        requires_key=section.get("requires_key", bool, True),
+        models=_parse_models(section),
+    )
+    section.finish()
+    return replace(provider, label=provider.label or provider.name)
+
+
+def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
+    """Build a Config from a parsed TOML document plus environment overrides."""
+    root = _Section(document, "")
+
+    server_section = root.table("server")
+    server = ServerConfig(
+        host=environ.get("RILL_HOST") or server_section.get("host", str, ServerConfig.host),
+        port=_port(environ.get("RILL_PORT"), server_section),
+        shutdown_timeout=_positive(server_section, "shutdown_timeout", ServerConfig.shutdown_timeout),
+    )
+    server_section.finish()
+
+    t = root.table("timeouts")
+    timeouts = TimeoutConfig(
+        connect=_positive(t, "connect", TimeoutConfig.connect),
+        idle_read=_positive(t, "idle_read", TimeoutConfig.idle_read),
+        first_token=_positive(t, "first_token", TimeoutConfig.first_token),
+        max_generation=_positive(t, "max_generation", TimeoutConfig.max_generation),
+    )
+    t.finish()
+
+    s = root.table("stream")
+    stream = StreamConfig(
+        heartbeat_interval=_positive(s, "heartbeat_interval", StreamConfig.heartbeat_interval),
+        liveness_interval=_positive(s, "liveness_interval", StreamConfig.liveness_interval),
+        retry_ms=_positive_int(s, "retry_ms", StreamConfig.retry_ms),
+        resume_grace=_positive(s, "resume_grace", StreamConfig.resume_grace),
+        finished_ttl=_positive(s, "finished_ttl", StreamConfig.finished_ttl),
+        buffer_memory_mb=_positive(s, "buffer_memory_mb", StreamConfig.buffer_memory_mb),
+        send_timeout=_positive(s, "send_timeout", StreamConfig.send_timeout),
+    )
+    s.finish()
+
+    lim = root.table("limits")
+    limits = LimitsConfig(
+        max_body_bytes=_positive_int(lim, "max_body_bytes", LimitsConfig.max_body_bytes),
+        max_messages=_positive_int(lim, "max_messages", LimitsConfig.max_messages),
+        max_message_chars=_positive_int(lim, "max_message_chars", LimitsConfig.max_message_chars),
+        max_total_chars=_positive_int(lim, "max_total_chars", LimitsConfig.max_total_chars),
+        max_tokens=_positive_int(lim, "max_tokens", LimitsConfig.max_tokens),
+        max_concurrent_per_client=_positive_int(
+            lim, "max_concurrent_per_client", LimitsConfig.max_concurrent_per_client
+        ),
+        max_concurrent_total=_positive_int(lim, "max_concurrent_total", LimitsConfig.max_concurrent_total),
+    )
+    lim.finish()
+
+    u = root.table("upstream")
+    retries = u.get("retries", int, UpstreamConfig.retries)
+    if retries < 0:
+        raise ConfigError(f"{u.key('retries')}: must be 0 or more, got {retries}")
+    upstream = UpstreamConfig(
+        retries=retries,
+        retry_backoff=_positive(u, "retry_backoff", UpstreamConfig.retry_backoff),
+        max_retry_after=_positive(u, "max_retry_after", UpstreamConfig.max_retry_after),
+        max_line_bytes=_positive_int(u, "max_line_bytes", UpstreamConfig.max_line_bytes),
+    )
+    u.finish()
+
+    d = root.table("demo")
+    demo = DemoConfig(
+        tokens_per_second=_positive(d, "tokens_per_second", DemoConfig.tokens_per_second),
+        reasoning_tokens_per_second=_positive(d, "reasoning_tokens_per_second", DemoConfig.reasoning_tokens_per_second),
+    )
+    d.finish()
+
+    c = root.table("compat")
+    compat = CompatConfig(get_stream=c.get("get_stream", bool, CompatConfig.get_stream))
+    c.finish()
+
+    providers = [_parse_provider(p) for p in root.tables("providers")]
+    if not providers:
+        raise ConfigError("providers: at least one [[providers]] table is required")
+    default_model = root.get("default_model", str, providers[0].models[0].id)
+    root.finish()
+
+    providers = _apply_provider_overrides(providers, environ)
+    _check_unique(providers)
+    known = {m.id for p in providers for m in p.models}
+    if default_model not in known and "RILL_MODEL" not in environ:
+        raise ConfigError(f"default_model: {default_model!r} is not a model of any provider")
+    if "RILL_MODEL" in environ:
+        default_model = environ["RILL_MODEL"]
+
+    return Config(
+        providers=tuple(providers),
+        default_model=default_model,
+        server=server,
+        timeouts=timeouts,
+        stream=stream,
+        limits=limits,
+        upstream=upstream,
+        demo=demo,
+        compat=compat,
+    )
+
+
+def _port(env_value: str | None, section: _Section) -> int:
+    if env_value is not None:
+        if not env_value.isdigit() or not 0 <= int(env_value) <= 65535:
+            raise ConfigError(f"RILL_PORT: must be a port number 0-65535, got {env_value!r}")
+        section.get("port", int, 0)  # still type-check the file
+        return int(env_value)
+    port = section.get("port", int, ServerConfig.port)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"server.port: must be a port number 0-65535, got {port}")
+    return port
+
+
+def _apply_provider_overrides(providers: list[ProviderConfig], environ: Mapping[str, str]) -> list[ProviderConfig]:
+    """RILL_UPSTREAM_URL / RILL_MODEL retarget the first (default) provider; keys come from env."""
+    first = providers[0]
+    if url := environ.get("RILL_UPSTREAM_URL"):
+        # A hand-picked upstream (Ollama, llama.cpp, vLLM) often needs no key.
+        first = replace(first, base_url=_base_url(url, "RILL_UPSTREAM_URL"), requires_key=False)
+    if model := environ.get("RILL_MODEL"):
+        first = replace(first, models=(ModelConfig(id=model, upstream_id=model, label=model, reasoning=False),))
+    providers = [first, *providers[1:]]
+    with_keys = []
+    for provider in providers:
+        key = environ.get(provider.api_key_env, "").strip() if provider.api_key_env else ""
+        with_keys.append(replace(provider, api_key=Secret(key) if key else None))
+    return with_keys
+
+
+def _check_unique(providers: list[ProviderConfig]) -> None:
+    seen: set[str] = set()
+    for provider in providers:
+        for model in provider.models:
+            if model.id in seen:
+                raise ConfigError(f"providers.models: model id {model.id!r} is defined twice")
+            seen.add(model.id)
+
+
+# --- gathering the environment -------------------------------------------------------
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a .env file: KEY=VALUE lines, optional `export`, quotes and # comments."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        name = name.removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[name] = value
+    return values
+
+
+def read_credentials(directory: str | None) -> dict[str, str]:
+    """systemd's LoadCredential= files: the file name is the variable name."""
+    values: dict[str, str] = {}
+    if not directory:
+        return values
+    folder = Path(directory)
+    if not folder.is_dir():
+        return values
+    for entry in folder.iterdir():
+        if entry.is_file():
+            values[entry.name] = entry.read_text(encoding="utf-8").strip()
+    return values
+
+
+def gather_environ(environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
+    """The process environment wins over credentials, which win over .env."""
+    merged = read_dotenv(cwd / ".env")
+    merged.update(read_credentials(environ.get("CREDENTIALS_DIRECTORY")))
+    merged.update(environ)
+    return merged
+
+
+def load_config(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Config:
+    """Read the config file named by RILL_CONFIG (or the bundled one) and the environment."""
+    env = gather_environ(os.environ if environ is None else environ, cwd or Path.cwd())
+    path = Path(env.get("RILL_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"RILL_CONFIG: file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_config(document, env)

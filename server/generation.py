@@ -1,0 +1,243 @@
+"""A generation: one upstream request, the buffer of its events, and its subscribers.
+
+The buffer is the single source of truth. Each subscriber keeps only a cursor into
+it, so a slow reader costs no memory and never holds up the upstream or other
+readers, and a reconnecting client resumes from any event id without a second
+request to the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .config import Config
+from .upstream import ChatRequest, UpstreamError, stream_chat
+
+log = logging.getLogger(__name__)
+
+# What a buffered event costs beyond its JSON text (object headers, list slot, id).
+EVENT_OVERHEAD_BYTES = 120
+
+FINISH_CANCELLED = "cancelled"
+SHUTDOWN_ERROR: Mapping[str, Any] = {
+    "code": "server_shutdown",
+    "message": "Rill is shutting down or restarting. Try again in a moment.",
+    "retryable": True,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    name: str
+    data: str  # JSON text, one line: json.dumps escapes every line break
+
+
+def _json(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class Subscriber:
+    """A reader of a generation; woken whenever something happens that it must act on."""
+
+    __slots__ = ("gone", "heartbeat_due", "wake")
+
+    def __init__(self) -> None:
+        self.wake = asyncio.Event()
+        self.gone = False  # the client's connection is closed
+        self.heartbeat_due = False
+
+    def mark_gone(self) -> None:
+        self.gone = True
+        self.wake.set()
+
+    def request_heartbeat(self) -> None:
+        self.heartbeat_due = True
+        self.wake.set()
+
+
+class Generation:
+    """Owns the upstream request; every piece of the answer becomes a numbered Event."""
+
+    def __init__(
+        self,
+        *,
+        generation_id: str,
+        request: ChatRequest,
+        config: Config,
+        client_key: str,
+        client_id: str | None,
+        fingerprint: str,
+        on_end: Callable[[Generation], None],
+        on_grow: Callable[[int], None],
+    ) -> None:
+        self.id = generation_id
+        self.request = request
+        self.client_key = client_key
+        self.client_id = client_id
+        self.fingerprint = fingerprint
+        self.created_at = time.time()
+        self.ended_at: float | None = None  # loop time
+        self.events: list[Event] = []
+        self.size_bytes = 0
+        self.terminal: Event | None = None
+        self.usage: dict[str, Any] | None = None
+        self.subscribers: set[Subscriber] = set()
+        self._config = config
+        self._on_end = on_end
+        self._on_grow = on_grow
+        self._task: asyncio.Task[None] | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        provider, model = self.request.provider, self.request.model
+        self._append(
+            "meta",
+            {
+                "generation": self.id,
+                "model": model.id,
+                "label": model.label,
+                "provider": provider.name,
+                "demo": provider.demo,
+                "reasoning": model.reasoning,
+                "created": round(self.created_at, 3),
+            },
+        )
+        self._task = asyncio.create_task(self._run(session), name=f"generation-{self.id}")
+        self._arm_grace_timer()  # nobody subscribed yet: the grace period starts now
+
+    async def _run(self, session: aiohttp.ClientSession) -> None:
+        try:
+            finish_reason = await stream_chat(session, self.request, self, self._config)
+        except UpstreamError as exc:
+            log.info("generation %s failed upstream: %s (HTTP %s)", self.id, exc.code, exc.status or "-")
+            self._end("error", {"code": exc.code, "message": exc.message, "retryable": exc.retryable})
+        except asyncio.CancelledError:
+            # stop() ends the generation before cancelling us; anything else cancelling
+            # us (the loop closing) still leaves readers a truthful ending.
+            if self.terminal is None:
+                self._end("error", SHUTDOWN_ERROR)
+            raise
+        except Exception:
+            log.exception("generation %s crashed", self.id)
+            self._end(
+                "error",
+                {"code": "internal_error", "message": "Something went wrong inside Rill.", "retryable": True},
+            )
+        else:
+            self._end("done", {"finish_reason": finish_reason})
+
+    def stop(self) -> None:
+        """The user pressed Stop: end with `cancelled` and close the upstream now."""
+        if self.terminal is None:
+            self._end("done", {"finish_reason": FINISH_CANCELLED})
+        self._cancel_task()
+
+    def fail(self, code: str, message: str, *, retryable: bool) -> None:
+        """End with an error we decided on (shutdown, abandonment) and close the upstream."""
+        if self.terminal is None:
+            self._end("error", {"code": code, "message": message, "retryable": retryable})
+        self._cancel_task()
+
+    async def wait_closed(self) -> None:
+        """Until the upstream request is closed (returns at once if it already is)."""
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task})
+
+    @property
+    def live(self) -> bool:
+        return self.terminal is None
+
+    @property
+    def upstream_open(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _cancel_task(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _end(self, name: str, data: Mapping[str, Any]) -> None:
+        if self.usage is not None:
+            self._append("usage", self.usage)
+        self.terminal = self._append(name, data)
+        self.ended_at = asyncio.get_running_loop().time()
+        self._disarm_grace_timer()
+        log.info("generation %s ended: %s %s", self.id, name, data.get("finish_reason") or data.get("code"))
+        self._on_end(self)
+
+    # --- the upstream's sink --------------------------------------------------------
+
+    def on_reasoning(self, text: str) -> None:
+        if self.terminal is None:
+            self._append("reasoning", {"text": text})
+
+    def on_content(self, text: str) -> None:
+        if self.terminal is None:
+            self._append("delta", {"text": text})
+
+    def on_usage(self, usage: Mapping[str, Any]) -> None:
+        self.usage = dict(usage)  # the last figures win: some APIs repeat them per chunk
+
+    # --- the buffer -------------------------------------------------------------------
+
+    def _append(self, name: str, data: Mapping[str, Any]) -> Event:
+        event = Event(len(self.events) + 1, name, _json(data))
+        self.events.append(event)
+        grown = len(event.data) + EVENT_OVERHEAD_BYTES
+        self.size_bytes += grown
+        self._on_grow(grown)
+        for subscriber in self.subscribers:
+            subscriber.wake.set()
+        return event
+
+    def events_after(self, event_id: int) -> list[Event]:
+        return self.events[event_id:]  # ids are 1-based and contiguous
+
+    @property
+    def last_event_id(self) -> int:
+        return len(self.events)
+
+    # --- subscribers and the grace period ----------------------------------------------
+
+    def subscribe(self) -> Subscriber:
+        subscriber = Subscriber()
+        self.subscribers.add(subscriber)
+        self._disarm_grace_timer()
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self.subscribers.discard(subscriber)
+        if not self.subscribers and self.terminal is None:
+            self._arm_grace_timer()
+
+    def _arm_grace_timer(self) -> None:
+        self._disarm_grace_timer()
+        loop = asyncio.get_running_loop()
+        self._grace_timer = loop.call_later(self._config.stream.resume_grace, self._abandon)
+
+    def _disarm_grace_timer(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+
+    def _abandon(self) -> None:
+        self._grace_timer = None
+        if self.subscribers or self.terminal is not None:
+            return
+        log.info("generation %s abandoned: no reader for %g s", self.id, self._config.stream.resume_grace)
+        self.fail(
+            "abandoned",
+            f"Nobody was reading this answer for {self._config.stream.resume_grace:g} s, so Rill "
+            "stopped it to save tokens. The text so far is kept.",
+            retryable=True,
+        )

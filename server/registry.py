@@ -1,0 +1,122 @@
+"""Where generations live: lookup by id and client_id, concurrency limits, and the
+retention of ended generations (resumable for a TTL, within a memory cap)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter, OrderedDict
+
+import aiohttp
+
+from .config import Config
+from .errors import ApiError
+from .generation import Generation
+from .upstream import ChatRequest
+
+log = logging.getLogger(__name__)
+
+
+class GenerationRegistry:
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._by_id: dict[str, Generation] = {}
+        self._by_client_id: dict[str, Generation] = {}
+        self._live: set[Generation] = set()
+        self._ended: OrderedDict[str, Generation] = OrderedDict()  # oldest ending first
+        self._live_per_client: Counter[str] = Counter()
+        self.buffered_bytes = 0
+        self.accepting = True  # False once shutdown has begun
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self._config.stream.buffer_memory_mb * 1024 * 1024)
+
+    def get(self, generation_id: str) -> Generation | None:
+        return self._by_id.get(generation_id)
+
+    def find_by_client_id(self, client_id: str) -> Generation | None:
+        return self._by_client_id.get(client_id)
+
+    def live(self) -> list[Generation]:
+        return list(self._live)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def start(
+        self,
+        session: aiohttp.ClientSession,
+        request: ChatRequest,
+        *,
+        client_key: str,
+        client_id: str | None,
+        fingerprint: str,
+    ) -> Generation:
+        """Check the limits, then create and start a generation (the upstream call begins now)."""
+        if not self.accepting:
+            raise ApiError(503, "shutting_down", "Rill is shutting down. Try again in a moment.")
+        limits = self._config.limits
+        if len(self._live) >= limits.max_concurrent_total:
+            raise ApiError(
+                429,
+                "server_busy",
+                f"Rill is already streaming {limits.max_concurrent_total} answers, its limit. Try again in a moment.",
+                headers={"Retry-After": "5"},
+            )
+        if self._live_per_client[client_key] >= limits.max_concurrent_per_client:
+            raise ApiError(
+                429,
+                "too_many_generations",
+                f"You already have {limits.max_concurrent_per_client} answers streaming. "
+                "Wait for one to finish or stop one.",
+                headers={"Retry-After": "5"},
+            )
+        generation = Generation(
+            generation_id=uuid.uuid4().hex,
+            request=request,
+            config=self._config,
+            client_key=client_key,
+            client_id=client_id,
+            fingerprint=fingerprint,
+            on_end=self._ended_callback,
+            on_grow=self._grew,
+        )
+        self._by_id[generation.id] = generation
+        if client_id is not None:
+            self._by_client_id[client_id] = generation
+        self._live.add(generation)
+        self._live_per_client[client_key] += 1
+        generation.start(session)
+        return generation
+
+    def _grew(self, size: int) -> None:
+        self.buffered_bytes += size
+
+    def _ended_callback(self, generation: Generation) -> None:
+        self._live.discard(generation)
+        self._live_per_client[generation.client_key] -= 1
+        if self._live_per_client[generation.client_key] <= 0:
+            del self._live_per_client[generation.client_key]
+        self._ended[generation.id] = generation
+        self.evict()
+
+    def evict(self) -> None:
+        """Forget ended generations past their TTL, then the oldest ones over the memory cap."""
+        loop = asyncio.get_running_loop()
+        expiry = loop.time() - self._config.stream.finished_ttl
+        while self._ended:
+            oldest = next(iter(self._ended.values()))
+            expired = oldest.ended_at is not None and oldest.ended_at <= expiry
+            if not expired and self.buffered_bytes <= self.max_bytes:
+                break
+            self._forget(oldest)
+
+    def _forget(self, generation: Generation) -> None:
+        del self._ended[generation.id]
+        del self._by_id[generation.id]
+        if generation.client_id is not None:
+            self._by_client_id.pop(generation.client_id, None)
+        self.buffered_bytes -= generation.size_bytes
+        log.debug("generation %s evicted", generation.id)

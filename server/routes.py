@@ -1,0 +1,22 @@
+"""The URL table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from . import views_api, views_compat, views_pages
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/", views_pages.index)
+    app.router.add_post("/api/chat", views_api.create_chat)
+    app.router.add_get("/api/chat/{id}/events", views_api.chat_events)
+    app.router.add_delete("/api/chat/{id}", views_api.stop_chat)
+    app.router.add_get("/api/models", views_api.list_models)
+    app.router.add_get("/healthz", views_api.health)
+    app.router.add_get("/stream", views_compat.legacy_stream)
+    app.router.add_static("/static/", STATIC_DIR, name="static")

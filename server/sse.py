@@ -1,0 +1,133 @@
+"""Incremental parser for the server-sent events wire format (WHATWG rules).
+
+Feed it bytes split at any point; it yields the same events as if the stream had
+arrived in one piece. Used on the upstream side, where the model API speaks SSE.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+class SSEProtocolError(Exception):
+    """The stream broke a limit we rely on (a line longer than allowed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    data: str
+    event: str = "message"
+    id: str = ""
+
+
+class SSEParser:
+    """Turns chunks of bytes into SSEEvents; comments are counted, not returned."""
+
+    __slots__ = (
+        "_data",
+        "_decoder",
+        "_event",
+        "_has_data",
+        "_last_id",
+        "_max_line",
+        "_partial",
+        "_skip_lf",
+        "_started",
+        "comments",
+        "retry_ms",
+    )
+
+    def __init__(self, max_line_chars: int = 1_048_576) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._max_line = max_line_chars
+        self._partial = ""  # text after the last line break
+        self._skip_lf = False  # last chunk ended in CR: a leading LF belongs to it
+        self._started = False  # the BOM is only stripped at the very start
+        self._data: list[str] = []
+        self._has_data = False
+        self._event = ""
+        self._last_id = ""
+        self.comments = 0
+        self.retry_ms: int | None = None
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        return list(self._lines_to_events(self._decoder.decode(chunk)))
+
+    def feed_eof(self) -> list[SSEEvent]:
+        """End of stream: an event without its blank line is dropped, except `[DONE]`.
+
+        Some servers (older llama.cpp) end with `data: [DONE]` and no blank line.
+        """
+        events = list(self._lines_to_events(self._decoder.decode(b"", final=True)))
+        if self._partial:
+            self._process_line(self._partial)
+            self._partial = ""
+        if self._has_data and "\n".join(self._data) == "[DONE]":
+            events.append(SSEEvent(data="[DONE]", event=self._event or "message", id=self._last_id))
+        self._reset_event()
+        return events
+
+    def _lines_to_events(self, text: str) -> Iterator[SSEEvent]:
+        if not text:
+            return
+        if not self._started:
+            self._started = True
+            text = text.removeprefix("\ufeff")
+        if self._skip_lf:
+            self._skip_lf = False
+            if text.startswith("\n"):
+                text = text[1:]
+        buffer = self._partial + text if self._partial else text
+        start = 0
+        for match in _LINE_BREAK.finditer(buffer):
+            end = match.start()
+            if match.group() == "\r" and match.end() == len(buffer):
+                self._skip_lf = True  # maybe the first half of a CRLF split across chunks
+            event = self._process_line(buffer[start:end])
+            if event is not None:
+                yield event
+            start = match.end()
+        self._partial = buffer[start:]
+        if len(self._partial) > self._max_line:
+            raise SSEProtocolError(f"line longer than {self._max_line} characters")
+
+    def _process_line(self, line: str) -> SSEEvent | None:
+        if len(line) > self._max_line:
+            raise SSEProtocolError(f"line longer than {self._max_line} characters")
+        if not line:
+            return self._dispatch()
+        if line[0] == ":":
+            self.comments += 1
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+            self._has_data = True
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self._last_id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self.retry_ms = int(value)
+        return None
+
+    def _dispatch(self) -> SSEEvent | None:
+        if not self._has_data:
+            self._event = ""
+            return None
+        event = SSEEvent(data="\n".join(self._data), event=self._event or "message", id=self._last_id)
+        self._reset_event()
+        return event
+
+    def _reset_event(self) -> None:
+        self._data = []
+        self._has_data = False
+        self._event = ""

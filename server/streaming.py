@@ -1,0 +1,140 @@
+"""Writing a generation's events to one client connection over SSE.
+
+Each open connection is an OpenStream in the app-wide set, so the single monitor
+task can send heartbeats and notice closed connections for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterator
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from .config import StreamConfig
+from .generation import Event, Generation, Subscriber
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = b": hb\r\n\r\n"
+
+# Writes one event in the wire format of a particular endpoint.
+EventWriter = Callable[[EventSourceResponse, Event], Awaitable[None]]
+
+
+class Outcome(enum.Enum):
+    COMPLETE = "complete"  # the terminal event was written
+    GONE = "gone"  # the client closed the connection
+    STALLED = "stalled"  # the client stopped reading; closed, it may resume by id
+
+
+class OpenStream:
+    """A live SSE connection; the monitor task reads `last_write` and `request`."""
+
+    __slots__ = ("last_write", "request", "subscriber")
+
+    def __init__(self, request: web.Request, subscriber: Subscriber) -> None:
+        self.request = request
+        self.subscriber = subscriber
+        self.last_write = asyncio.get_running_loop().time()
+
+    def connection_closed(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+
+class OpenStreams:
+    """The set of live SSE connections, able to say when the last one has closed."""
+
+    def __init__(self) -> None:
+        self._streams: set[OpenStream] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def add(self, stream: OpenStream) -> None:
+        self._streams.add(stream)
+        self._empty.clear()
+
+    def discard(self, stream: OpenStream) -> None:
+        self._streams.discard(stream)
+        if not self._streams:
+            self._empty.set()
+
+    def __iter__(self) -> Iterator[OpenStream]:
+        return iter(self._streams)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+
+async def write_json_event(response: EventSourceResponse, event: Event) -> None:
+    await response.send(event.data, id=str(event.id), event=event.name)
+
+
+def make_response(config: StreamConfig, headers: dict[str, str] | None = None) -> EventSourceResponse:
+    # The library's own ping task is replaced by one app-wide heartbeat (inf = never).
+    return EventSourceResponse(headers=headers, ping_interval=math.inf, send_timeout=config.send_timeout)
+
+
+async def relay(
+    request: web.Request,
+    response: EventSourceResponse,
+    generation: Generation,
+    *,
+    after: int,
+    streams: OpenStreams,
+    config: StreamConfig,
+    write_event: EventWriter = write_json_event,
+    retry_hint: bool = True,
+) -> Outcome:
+    """Write the events after id `after`, then follow live ones until the terminal event.
+
+    The response must be prepared. Returns how the stream ended; never raises for a
+    client that went away.
+    """
+    subscriber = generation.subscribe()
+    stream = OpenStream(request, subscriber)
+    streams.add(stream)
+    loop = asyncio.get_running_loop()
+    cursor = after
+    try:
+        if retry_hint:
+            await response.write(f"retry: {config.retry_ms}\r\n\r\n".encode())
+        while True:
+            subscriber.wake.clear()
+            pending = generation.events_after(cursor)
+            for event in pending:
+                await write_event(response, event)
+                cursor = event.id
+            if pending:
+                stream.last_write = loop.time()
+            terminal = generation.terminal
+            if terminal is not None and cursor >= terminal.id:
+                return Outcome.COMPLETE
+            if subscriber.gone or stream.connection_closed():
+                return Outcome.GONE
+            if subscriber.heartbeat_due:
+                subscriber.heartbeat_due = False
+                async with asyncio.timeout(config.send_timeout):
+                    await response.write(HEARTBEAT)
+                stream.last_write = loop.time()
+                continue
+            await subscriber.wake.wait()
+    except ConnectionResetError:
+        return Outcome.GONE
+    except TimeoutError:
+        # The reader fell too far behind: drop it (aiohttp-sse may have already).
+        if (transport := request.transport) is not None:
+            transport.abort()
+        log.info("generation %s: closed a stalled reader at event %d", generation.id, cursor)
+        return Outcome.STALLED
+    finally:
+        streams.discard(stream)
+        generation.unsubscribe(subscriber)

@@ -1,0 +1,417 @@
+"""Talking to an OpenAI-compatible chat completions API: one streaming request,
+retries before the first token, deadlines, and a human message for every failure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from .config import Config, ModelConfig, ProviderConfig
+from .sse import SSEParser, SSEProtocolError
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}")
+_DETAIL_MAX = 300
+
+
+class UpstreamError(Exception):
+    """The model API failed; `code` is stable, `message` tells a person what to do."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+
+
+class ChatSink(Protocol):
+    """Receives the pieces of an answer as they arrive."""
+
+    def on_reasoning(self, text: str) -> None: ...
+    def on_content(self, text: str) -> None: ...
+    def on_usage(self, usage: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    provider: ProviderConfig
+    model: ModelConfig
+    messages: Sequence[Mapping[str, str]]
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model.upstream_id,
+            "messages": list(self.messages),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        body.update(self.model.extra)
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        return body
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
+        if self.provider.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.provider.api_key.reveal()}"
+        return headers
+
+
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """Remove secrets (and anything shaped like an API key) from text we did not write."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return _KEY_LIKE.sub("sk-***", text)
+
+
+def client_timeout(config: Config) -> aiohttp.ClientTimeout:
+    """No total: answers stream for minutes. sock_read is the idle limit between bytes."""
+    t = config.timeouts
+    return aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect, sock_read=t.idle_read)
+
+
+async def stream_chat(
+    session: aiohttp.ClientSession,
+    request: ChatRequest,
+    sink: ChatSink,
+    config: Config,
+) -> str:
+    """Stream one answer into `sink`; return the finish reason or raise UpstreamError.
+
+    Retries (429, 5xx, connection failures) happen only before the response starts:
+    once a token has been relayed, asking again could bill twice and repeat text.
+    """
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    max_end = loop.time() + config.timeouts.max_generation
+    first_token_end = loop.time() + config.timeouts.first_token
+    got_token = False
+
+    class _FirstTokenWatch:
+        """Wraps the sink so the first token moves the deadline out."""
+
+        def on_reasoning(self, text: str) -> None:
+            first_token()
+            sink.on_reasoning(text)
+
+        def on_content(self, text: str) -> None:
+            first_token()
+            sink.on_content(text)
+
+        def on_usage(self, usage: Mapping[str, Any]) -> None:
+            sink.on_usage(usage)
+
+    def first_token() -> None:
+        nonlocal got_token
+        if not got_token:
+            got_token = True
+            deadline.reschedule(max_end)
+
+    try:
+        async with asyncio.timeout_at(min(max_end, first_token_end)) as deadline:
+            response = await _open_with_retries(session, request, config)
+            try:
+                finish_reason = await _read_stream(response, _FirstTokenWatch(), config)
+            except BaseException:
+                response.close()  # drop the connection now: nobody pays for unread tokens
+                raise
+            response.release()
+            return finish_reason
+    except TimeoutError as exc:
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            raise _timeout_error(exc, config) from None
+        if got_token or loop.time() >= max_end:
+            raise UpstreamError(
+                "generation_timeout",
+                f"The answer took longer than the {config.timeouts.max_generation:g} s limit "
+                "and was stopped. The text so far is kept.",
+            ) from None
+        raise UpstreamError(
+            "upstream_first_token_timeout",
+            f"The model API sent no answer within {config.timeouts.first_token:g} s "
+            "(it may be overloaded or queueing). Try again in a moment.",
+            retryable=True,
+        ) from None
+    finally:
+        log.debug("upstream request ended after %.3f s", time.monotonic() - started)
+
+
+async def _open_with_retries(
+    session: aiohttp.ClientSession, request: ChatRequest, config: Config
+) -> aiohttp.ClientResponse:
+    attempts = config.upstream.retries + 1
+    for attempt in range(attempts):
+        try:
+            response = await session.post(
+                request.provider.completions_url,
+                json=request.body(),
+                headers=request.headers(),
+            )
+        except aiohttp.ServerTimeoutError as exc:
+            error = _timeout_error(exc, config)
+        except aiohttp.ClientConnectorError:
+            error = _unreachable(request.provider)
+        except aiohttp.ClientError:
+            error = UpstreamError(
+                "upstream_unreachable",
+                "The connection to the model API failed before it answered. Try again.",
+                retryable=True,
+            )
+        else:
+            if response.status == 200:
+                return response
+            try:
+                error = await _status_error(response, request.provider, config)
+            finally:
+                response.release()
+        if not error.retryable or attempt + 1 == attempts:
+            raise error
+        delay = config.upstream.retry_backoff * 2**attempt
+        if error.retry_after is not None:
+            if error.retry_after > config.upstream.max_retry_after:
+                raise error
+            delay = max(delay, error.retry_after)
+        log.info(
+            "upstream %s (%s), retry %d/%d in %.2f s",
+            error.code,
+            error.status or "-",
+            attempt + 1,
+            attempts - 1,
+            delay,
+        )
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _unreachable(provider: ProviderConfig) -> UpstreamError:
+    url = provider.base_url
+    return UpstreamError(
+        "upstream_unreachable",
+        f"Could not connect to the model API at {url.host}:{url.port}. "
+        "Check that it is running and that base_url in config.toml is right.",
+        retryable=True,
+    )
+
+
+def _timeout_error(exc: aiohttp.ServerTimeoutError, config: Config) -> UpstreamError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamError(
+            "upstream_connect_timeout",
+            f"The model API did not accept a connection within {config.timeouts.connect:g} s. Try again in a moment.",
+            retryable=True,
+        )
+    return UpstreamError(
+        "upstream_idle_timeout",
+        f"The model API sent nothing for {config.timeouts.idle_read:g} s, so Rill gave up "
+        "waiting. The text so far is kept.",
+        retryable=True,
+    )
+
+
+async def _status_error(response: aiohttp.ClientResponse, provider: ProviderConfig, config: Config) -> UpstreamError:
+    status = response.status
+    detail = await _error_detail(response, config)
+    said = f" The API said: {detail}" if detail else ""
+    if status == 401 or status == 403:
+        where = provider.api_key_env or "the provider's API key"
+        return UpstreamError(
+            "upstream_auth",
+            f"The model API rejected the API key (HTTP {status}). Check {where} and restart Rill.{said}",
+            status=status,
+        )
+    if status == 402:
+        return UpstreamError(
+            "upstream_payment",
+            "The model provider says the account has insufficient balance (HTTP 402). "
+            f"Top up the account, then try again.{said}",
+            status=status,
+        )
+    if status == 429:
+        retry_after = _retry_after(response.headers.get("Retry-After"))
+        wait = f" in {retry_after:g} s" if retry_after is not None else " in a moment"
+        return UpstreamError(
+            "upstream_rate_limited",
+            f"The model API is rate limiting requests (HTTP 429). Try again{wait}.{said}",
+            retryable=True,
+            status=status,
+            retry_after=retry_after,
+        )
+    if status >= 500:
+        kind = "is overloaded" if status == 503 else "had a server error"
+        return UpstreamError(
+            "upstream_unavailable",
+            f"The model API {kind} (HTTP {status}). Try again in a moment.{said}",
+            retryable=status in RETRYABLE_STATUSES,
+            status=status,
+        )
+    if status == 422:
+        return UpstreamError(
+            "upstream_bad_params",
+            f"The model API did not accept the parameters (HTTP 422).{said}",
+            status=status,
+        )
+    if status == 404:
+        return UpstreamError(
+            "upstream_not_found",
+            "The model API answered 404: check base_url in config.toml "
+            f"(requests go to <base_url>/chat/completions).{said}",
+            status=status,
+        )
+    return UpstreamError(
+        "upstream_bad_request",
+        f"The model API rejected the request (HTTP {status}). Check the model name and options.{said}",
+        status=status,
+    )
+
+
+async def _error_detail(response: aiohttp.ClientResponse, config: Config) -> str:
+    """The API's own error message, scrubbed of secrets and cut short."""
+    raw = b""
+    try:
+        while len(raw) < 64 * 1024 and (piece := await response.content.readany()):
+            raw += piece
+    except (aiohttp.ClientError, TimeoutError):
+        return ""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            text = error["message"]
+        elif isinstance(error, str):
+            text = error
+        elif isinstance(parsed.get("message"), str):
+            text = parsed["message"]
+    text = " ".join(text.split())
+    if len(text) > _DETAIL_MAX:
+        text = text[: _DETAIL_MAX - 1] + "…"
+    return scrub(text, config.secrets)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # an HTTP date: rare from model APIs, fall back to our backoff
+    return seconds if seconds >= 0 else None
+
+
+async def _read_stream(response: aiohttp.ClientResponse, sink: ChatSink, config: Config) -> str:
+    content_type = response.headers.get("Content-Type", "")
+    if "text/event-stream" not in content_type:
+        raise UpstreamError(
+            "upstream_bad_data",
+            f"The model API answered with {content_type or 'no content type'} instead of "
+            "an event stream. Check base_url in config.toml.",
+        )
+    parser = SSEParser(max_line_chars=config.upstream.max_line_bytes)
+    finish_reason: str | None = None
+    try:
+        async for chunk in response.content.iter_any():
+            for event in parser.feed(chunk):
+                if event.data == "[DONE]":
+                    return _finish(finish_reason or "stop")
+                finish_reason = _handle_chunk(event.data, sink, config) or finish_reason
+        for event in parser.feed_eof():
+            if event.data == "[DONE]":
+                return _finish(finish_reason or "stop")
+            finish_reason = _handle_chunk(event.data, sink, config) or finish_reason
+    except SSEProtocolError as exc:
+        raise UpstreamError("upstream_bad_data", f"The model API sent a malformed stream ({exc}).") from None
+    except aiohttp.ClientPayloadError:
+        pass  # the body was cut: judged below like a plain EOF
+    if finish_reason is not None:
+        return _finish(finish_reason)  # ended without [DONE], but the answer was complete
+    raise UpstreamError(
+        "upstream_cut",
+        "The connection to the model API ended before the answer was complete. "
+        "The text so far is kept; you can continue or regenerate.",
+        retryable=True,
+    )
+
+
+def _finish(reason: str) -> str:
+    if reason == "insufficient_system_resource":
+        raise UpstreamError(
+            "upstream_overloaded",
+            "The model ran out of resources before finishing. The text so far is kept; try again in a moment.",
+            retryable=True,
+        )
+    if reason in ("stop", "length", "content_filter"):
+        return reason
+    return "stop"  # tool_calls and vendor-specific reasons end a plain chat normally
+
+
+def _handle_chunk(data: str, sink: ChatSink, config: Config) -> str | None:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise UpstreamError("upstream_bad_data", "The model API sent a chunk that is not valid JSON.") from None
+    if not isinstance(chunk, dict):
+        raise UpstreamError("upstream_bad_data", "The model API sent a chunk that is not an object.")
+    if error := chunk.get("error"):
+        raise _stream_error(error, config)
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        sink.on_usage(usage)
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return None
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        return None
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            sink.on_reasoning(reasoning)
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            sink.on_content(content)
+    finish = choice.get("finish_reason")
+    return finish if isinstance(finish, str) and finish else None
+
+
+def _stream_error(error: Any, config: Config) -> UpstreamError:
+    message = ""
+    if isinstance(error, dict):
+        message = str(error.get("message") or "")
+    elif isinstance(error, str):
+        message = error
+    message = scrub(" ".join(message.split())[:_DETAIL_MAX], config.secrets)
+    said = f" The API said: {message}" if message else ""
+    return UpstreamError(
+        "upstream_error",
+        f"The model API reported an error in the middle of the answer.{said} The text so far is kept.",
+        retryable=True,
+    )

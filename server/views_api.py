@@ -1,0 +1,132 @@
+"""JSON + SSE API: start, follow, stop generations; list models; health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .errors import ApiError
+from .generation import Generation
+from .keys import CATALOG, CONFIG, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from .streaming import make_response, relay
+from .upstream import ChatRequest
+from .validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
+
+log = logging.getLogger(__name__)
+
+STOP_WAIT_SECONDS = 5.0
+
+
+def _created(generation: Generation) -> dict[str, Any]:
+    return {
+        "id": generation.id,
+        "events": f"/api/chat/{generation.id}/events",
+        "model": generation.request.model.id,
+    }
+
+
+def _generation(request: web.Request) -> Generation:
+    generation = request.app[REGISTRY].get(parse_generation_id(request))
+    if generation is None:
+        raise ApiError(404, "generation_not_found", "No such generation (it may have expired).")
+    return generation
+
+
+async def create_chat(request: web.Request) -> web.Response:
+    app = request.app
+    body = await read_json_object(request)
+    chat = parse_chat(body, app[CATALOG], app[CONFIG].limits)
+    fingerprint = chat.fingerprint()
+    registry = app[REGISTRY]
+    if chat.client_id is not None and (existing := registry.find_by_client_id(chat.client_id)):
+        if existing.fingerprint != fingerprint:
+            raise ApiError(
+                409,
+                "client_id_reused",
+                "This client_id was already used for a different request; make a new one per message.",
+            )
+        log.info("generation %s: repeated client_id, no new upstream request", existing.id)
+        return web.json_response(_created(existing), status=200)
+    generation = registry.start(
+        app[SESSION],
+        ChatRequest(
+            provider=chat.provider,
+            model=chat.model,
+            messages=chat.messages,
+            temperature=chat.temperature,
+            max_tokens=chat.max_tokens,
+        ),
+        client_key=request.remote or "unknown",
+        client_id=chat.client_id,
+        fingerprint=fingerprint,
+    )
+    log.info("generation %s started: model=%s messages=%d", generation.id, chat.model.id, len(chat.messages))
+    return web.json_response(_created(generation), status=201)
+
+
+async def chat_events(request: web.Request) -> web.StreamResponse:
+    generation = _generation(request)
+    after = parse_last_event_id(request)
+    if after > generation.last_event_id:
+        raise ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
+    terminal = generation.terminal
+    if terminal is not None and after >= terminal.id:
+        return web.Response(status=204)  # all delivered: tells EventSource to stop reconnecting
+
+    config = request.app[CONFIG]
+    response = make_response(config.stream)
+    await response.prepare(request)
+    async with response:
+        outcome = await relay(
+            request,
+            response,
+            generation,
+            after=after,
+            streams=request.app[OPEN_STREAMS],
+            config=config.stream,
+        )
+    log.info("generation %s: stream from event %d ended: %s", generation.id, after, outcome.value)
+    return response
+
+
+async def stop_chat(request: web.Request) -> web.Response:
+    generation = _generation(request)
+    was_live = generation.live
+    generation.stop()
+    try:
+        async with asyncio.timeout(STOP_WAIT_SECONDS):
+            await generation.wait_closed()
+    except TimeoutError:
+        log.warning("generation %s: upstream still closing after %g s", generation.id, STOP_WAIT_SECONDS)
+    if was_live:
+        log.info("generation %s stopped by the client", generation.id)
+    terminal = generation.terminal
+    assert terminal is not None
+    return web.json_response(
+        {"id": generation.id, "ended": terminal.name, "result": json.loads(terminal.data), "usage": generation.usage}
+    )
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CATALOG].as_json())
+
+
+async def health(request: web.Request) -> web.Response:
+    app = request.app
+    loop = asyncio.get_running_loop()
+    registry = app[REGISTRY]
+    return web.json_response(
+        {
+            "status": "ok" if registry.accepting else "shutting_down",
+            "version": __version__,
+            "uptime_s": round(loop.time() - app[STARTED_AT], 3),
+            "live_generations": len(registry.live()),
+            "open_streams": len(app[OPEN_STREAMS]),
+            "demo": app[CATALOG].demo,
+        }
+    )
