@@ -1,0 +1,168 @@
+"""Fixtures: the real Rill app on a real AppRunner (the same options as `python -m
+server`), in front of a scripted fake upstream on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.pytest_plugin import AiohttpServer
+from yarl import URL
+
+from server.app import create_app, runner_options
+from server.config import Config, parse_config
+from server.keys import REGISTRY
+from server.registry import GenerationRegistry
+
+from .fakes import FakeUpstream, StreamReader
+
+# Stands in for a real API key: it must never show up anywhere outside the server.
+SENTINEL_KEY = "sk-rill-sentinel-5f3c9a1e7d2b4c6a"
+KEY_ENV = "FAKE_API_KEY"
+
+BASE_DOCUMENT: dict[str, Any] = {
+    "default_model": "fake-chat",
+    "providers": [
+        {
+            "name": "fake",
+            "label": "Fake upstream",
+            "base_url": "http://127.0.0.1:9/v1",  # replaced by the fake upstream's address
+            "api_key_env": KEY_ENV,
+            "models": [
+                {
+                    "id": "fake-chat",
+                    "upstream_id": "fake-model",
+                    "label": "Fake chat",
+                    "extra": {"thinking": {"type": "disabled"}},
+                },
+                {"id": "fake-reasoner", "upstream_id": "fake-model-r", "label": "Fake reasoner", "reasoning": True},
+            ],
+        }
+    ],
+    "server": {"shutdown_timeout": 5.0},
+    "timeouts": {"connect": 2.0, "idle_read": 5.0, "first_token": 10.0, "max_generation": 30.0},
+    "stream": {
+        "heartbeat_interval": 15.0,
+        "liveness_interval": 0.1,
+        "resume_grace": 5.0,
+        "finished_ttl": 60.0,
+        "send_timeout": 5.0,
+    },
+    "upstream": {"retries": 2, "retry_backoff": 0.01},
+    "demo": {"tokens_per_second": 2000.0, "reasoning_tokens_per_second": 2000.0},
+}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def make_config(upstream_url: str, *, key: bool = True, **sections: Any) -> Config:
+    document = _merge(BASE_DOCUMENT, sections)
+    document["providers"][0]["base_url"] = upstream_url
+    return parse_config(document, {KEY_ENV: SENTINEL_KEY} if key else {})
+
+
+@dataclass
+class Rill:
+    """A running Rill server plus a client session to talk to it."""
+
+    app: web.Application
+    runner: web.AppRunner
+    url: URL
+    session: aiohttp.ClientSession
+    fake: FakeUpstream
+
+    @property
+    def registry(self) -> GenerationRegistry:
+        return self.app[REGISTRY]
+
+    async def post_chat(self, body: dict[str, Any] | None = None, **fields: Any) -> tuple[int, Any]:
+        payload = body if body is not None else {"messages": [{"role": "user", "content": "Hi"}], **fields}
+        async with self.session.post(self.url / "api/chat", json=payload) as response:
+            return response.status, await response.json()
+
+    async def start_chat(self, **fields: Any) -> str:
+        status, body = await self.post_chat(**fields)
+        assert status == 201, body
+        return str(body["id"])
+
+    async def open_stream(
+        self, generation_id: str, last_event_id: str | None = None, *, query: bool = False
+    ) -> StreamReader:
+        headers = {}
+        url = self.url / f"api/chat/{generation_id}/events"
+        if last_event_id is not None:
+            if query:
+                url = url.with_query(last_event_id=last_event_id)
+            else:
+                headers["Last-Event-ID"] = last_event_id
+        response = await self.session.get(url, headers=headers)
+        assert response.status == 200, await response.text()
+        assert response.headers["Content-Type"] == "text/event-stream"
+        return StreamReader(response)
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.runner.cleanup()
+
+
+StartRill = Callable[..., Awaitable[Rill]]
+
+
+async def serve(app: web.Application, config: Config) -> tuple[web.AppRunner, URL]:
+    runner = web.AppRunner(app, **runner_options(config))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, URL.build(scheme="http", host=host, port=port)
+
+
+@pytest.fixture
+async def fake_upstream(aiohttp_server: AiohttpServer) -> FakeUpstream:
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app)
+    fake.url = str(server.make_url("/v1"))
+    return fake
+
+
+@pytest.fixture
+async def start_rill(fake_upstream: FakeUpstream) -> AsyncIterator[StartRill]:
+    started: list[Rill] = []
+
+    async def start(*, key: bool = True, upstream_url: str | None = None, **sections: Any) -> Rill:
+        config = make_config(upstream_url or fake_upstream.url, key=key, **sections)
+        app = create_app(config)
+        runner, url = await serve(app, config)
+        rill = Rill(app, runner, url, aiohttp.ClientSession(), fake_upstream)
+        started.append(rill)
+        return rill
+
+    yield start
+    for rill in started:
+        await rill.close()
+
+
+@pytest.fixture
+async def rill(start_rill: StartRill) -> Rill:
+    return await start_rill()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll a condition the test cannot await directly (state inside the server)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)
