@@ -97,7 +97,8 @@ async def test_post_answers_before_the_upstream_does(rill: Rill) -> None:
     assert loop.time() - started < 1.0
     await wait_for(lambda: len(rill.fake.requests) == 1)  # nobody has subscribed yet
     generation = rill.registry.get(generation_id)
-    assert generation is not None and generation.live
+    assert generation is not None
+    assert generation.live
 
 
 async def test_same_client_id_returns_same_generation_without_second_request(rill: Rill) -> None:
