@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -84,6 +84,7 @@ class Rill:
     url: URL
     session: aiohttp.ClientSession
     fake: FakeUpstream
+    readers: list[StreamReader] = field(default_factory=list)
 
     @property
     def registry(self) -> GenerationRegistry:
@@ -112,9 +113,13 @@ class Rill:
         response = await self.session.get(url, headers=headers)
         assert response.status == 200, await response.text()
         assert response.headers["Content-Type"] == "text/event-stream"
-        return StreamReader(response)
+        reader = StreamReader(response)
+        self.readers.append(reader)
+        return reader
 
     async def close(self) -> None:
+        for reader in self.readers:
+            reader.response.close()
         await self.session.close()
         await self.runner.cleanup()
 

@@ -1,0 +1,121 @@
+"""The real process: `python -m server` serves, and SIGTERM ends live streams cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from .conftest import KEY_ENV, SENTINEL_KEY
+from .fakes import FakeUpstream, Reply, StreamReader, chunk, terminal, text_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG_TEMPLATE = """
+default_model = "fake-chat"
+
+[server]
+host = "127.0.0.1"
+shutdown_timeout = 3.0
+
+[[providers]]
+name = "fake"
+base_url = "{upstream}"
+api_key_env = "{key_env}"
+
+  [[providers.models]]
+  id = "fake-chat"
+  upstream_id = "fake-model"
+
+[stream]
+liveness_interval = 0.1
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def process_url(fake_upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[tuple[URL, asyncio.subprocess.Process]]:
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.update({"RILL_CONFIG": str(config), "RILL_PORT": str(port), KEY_ENV: SENTINEL_KEY})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        cwd=tmp_path,  # no stray .env from the developer's checkout
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    url = URL.build(scheme="http", host="127.0.0.1", port=port)
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(15):
+            while True:
+                try:
+                    async with session.get(url / "healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+    try:
+        yield url, process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_delivers_server_shutdown_and_exits_zero(
+    process_url: tuple[URL, asyncio.subprocess.Process], fake_upstream: FakeUpstream
+) -> None:
+    url, process = process_url
+    for _ in range(3):
+        fake_upstream.script(Reply(chunks=[chunk("so far")], end="hang"))
+    async with aiohttp.ClientSession() as session:
+        readers = []
+        for i in range(3):
+            async with session.post(
+                url / "api/chat", json={"messages": [{"role": "user", "content": f"q{i}"}]}
+            ) as response:
+                assert response.status == 201
+                generation_id = (await response.json())["id"]
+            reader = StreamReader(await session.get(url / f"api/chat/{generation_id}/events"))
+            await reader.read_until("delta")
+            readers.append(reader)
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        process.send_signal(signal.SIGTERM)
+        for reader in readers:
+            events = await reader.read_all()
+            error = terminal(events)
+            assert error.data["code"] == "server_shutdown"
+            assert error.data["retryable"] is True
+            assert text_of(events) == "so far"
+            reader.response.close()
+        async with asyncio.timeout(10):
+            code = await process.wait()
+        assert code == 0
+        assert loop.time() - started < 3.0 * 2  # within aiohttp's worst case of 2 x shutdown_timeout
+    assert all(seen.closed.is_set() for seen in fake_upstream.requests)
+    assert fake_upstream.open == 0
+    assert process.stdout is not None
+    output = (await process.stdout.read()).decode()
+    assert SENTINEL_KEY not in output
+    assert "Traceback" not in output
