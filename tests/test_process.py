@@ -48,7 +48,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-async def process_url(fake_upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[tuple[URL, asyncio.subprocess.Process]]:
+async def process_url(
+    fake_upstream: FakeUpstream, tmp_path: Path
+) -> AsyncIterator[tuple[URL, asyncio.subprocess.Process]]:
     config = tmp_path / "config.toml"
     config.write_text(CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV))
     port = _free_port()
