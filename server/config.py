@@ -119,7 +119,7 @@ class UpstreamConfig:
     retries: int = 2
     retry_backoff: float = 0.5
     max_retry_after: float = 10.0
-    max_line_bytes: int = 1_048_576
+    max_line_chars: int = 1_048_576
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,7 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
         retries=retries,
         retry_backoff=_positive(u, "retry_backoff", UpstreamConfig.retry_backoff),
         max_retry_after=_positive(u, "max_retry_after", UpstreamConfig.max_retry_after),
-        max_line_bytes=_positive_int(u, "max_line_bytes", UpstreamConfig.max_line_bytes),
+        max_line_chars=_positive_int(u, "max_line_chars", UpstreamConfig.max_line_chars),
     )
     u.finish()
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from aiohttp import web
 
 from . import views_api, views_compat, views_pages
-
-STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
 
 
 def setup_routes(app: web.Application) -> None:
@@ -19,4 +15,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/models", views_api.list_models)
     app.router.add_get("/healthz", views_api.health)
     app.router.add_get("/stream", views_compat.legacy_stream)
-    app.router.add_static("/static/", STATIC_DIR, name="static")
+    app.router.add_get("/static/{path:.+}", views_pages.static_file, name="static")

@@ -15,7 +15,15 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class SSEProtocolError(Exception):
-    """The stream broke a limit we rely on (a line longer than allowed)."""
+    """The stream broke a limit we rely on (a line longer than allowed).
+
+    `events` holds what the same chunk yielded before the bad line, so nothing that
+    arrived intact is lost whatever the chunk boundaries were.
+    """
+
+    def __init__(self, message: str, events: list[SSEEvent] | None = None) -> None:
+        super().__init__(message)
+        self.events = events or []
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,14 +64,23 @@ class SSEParser:
         self.retry_ms: int | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        return list(self._lines_to_events(self._decoder.decode(chunk)))
+        return self._collect(self._decoder.decode(chunk))
+
+    def _collect(self, text: str) -> list[SSEEvent]:
+        events: list[SSEEvent] = []
+        try:
+            events.extend(self._lines_to_events(text))
+        except SSEProtocolError as exc:
+            exc.events = events + exc.events
+            raise
+        return events
 
     def feed_eof(self) -> list[SSEEvent]:
         """End of stream: an event without its blank line is dropped, except `[DONE]`.
 
         Some servers (older llama.cpp) end with `data: [DONE]` and no blank line.
         """
-        events = list(self._lines_to_events(self._decoder.decode(b"", final=True)))
+        events = self._collect(self._decoder.decode(b"", final=True))
         if self._partial:
             self._process_line(self._partial)
             self._partial = ""

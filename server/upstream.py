@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from .config import Config, ModelConfig, ProviderConfig
-from .sse import SSEParser, SSEProtocolError
+from .sse import SSEEvent, SSEParser, SSEProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def _timeout_error(exc: aiohttp.ServerTimeoutError, config: Config) -> UpstreamE
 async def _status_error(response: aiohttp.ClientResponse, provider: ProviderConfig, config: Config) -> UpstreamError:
     status = response.status
     detail = await _error_detail(response, config)
-    said = f" The API said: {detail}" if detail else ""
+    said = _said(detail)
     if status == 401 or status == 403:
         where = provider.api_key_env or "the provider's API key"
         return UpstreamError(
@@ -289,6 +289,22 @@ async def _status_error(response: aiohttp.ClientResponse, provider: ProviderConf
     )
 
 
+def _said(detail: str) -> str:
+    """The upstream's own words as a sentence of our message."""
+    if not detail:
+        return ""
+    end = "" if detail[-1] in ".!?…。" else "."
+    return f" The API said: {detail}{end}"
+
+
+def _clean_detail(text: str, config: Config) -> str:
+    """One line, secrets removed (before cutting, so no key is cut in half), kept short."""
+    text = scrub(" ".join(text.split()), config.secrets)
+    if len(text) > _DETAIL_MAX:
+        text = text[: _DETAIL_MAX - 1] + "…"
+    return text
+
+
 async def _error_detail(response: aiohttp.ClientResponse, config: Config) -> str:
     """The API's own error message, scrubbed of secrets and cut short."""
     raw = b""
@@ -310,10 +326,7 @@ async def _error_detail(response: aiohttp.ClientResponse, config: Config) -> str
             text = error
         elif isinstance(parsed.get("message"), str):
             text = parsed["message"]
-    text = " ".join(text.split())
-    if len(text) > _DETAIL_MAX:
-        text = text[: _DETAIL_MAX - 1] + "…"
-    return scrub(text, config.secrets)
+    return _clean_detail(text, config)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -334,30 +347,47 @@ async def _read_stream(response: aiohttp.ClientResponse, sink: ChatSink, config:
             f"The model API answered with {content_type or 'no content type'} instead of "
             "an event stream. Check base_url in config.toml.",
         )
-    parser = SSEParser(max_line_chars=config.upstream.max_line_bytes)
-    finish_reason: str | None = None
+    parser = SSEParser(max_line_chars=config.upstream.max_line_chars)
+    answer = _AnswerState(sink, config)
     try:
         async for chunk in response.content.iter_any():
-            for event in parser.feed(chunk):
-                if event.data == "[DONE]":
-                    return _finish(finish_reason or "stop")
-                finish_reason = _handle_chunk(event.data, sink, config) or finish_reason
-        for event in parser.feed_eof():
-            if event.data == "[DONE]":
-                return _finish(finish_reason or "stop")
-            finish_reason = _handle_chunk(event.data, sink, config) or finish_reason
+            if answer.take(parser.feed(chunk)):
+                return _finish(answer.finish_reason or "stop")
+        if answer.take(parser.feed_eof()):
+            return _finish(answer.finish_reason or "stop")
     except SSEProtocolError as exc:
+        if answer.take(exc.events):  # what came intact before the bad line still counts
+            return _finish(answer.finish_reason or "stop")
         raise UpstreamError("upstream_bad_data", f"The model API sent a malformed stream ({exc}).") from None
     except aiohttp.ClientPayloadError:
         pass  # the body was cut: judged below like a plain EOF
-    if finish_reason is not None:
-        return _finish(finish_reason)  # ended without [DONE], but the answer was complete
+    if answer.finish_reason is not None:
+        return _finish(answer.finish_reason)  # ended without [DONE], but the answer was complete
     raise UpstreamError(
         "upstream_cut",
         "The connection to the model API ended before the answer was complete. "
         "The text so far is kept; you can continue or regenerate.",
         retryable=True,
     )
+
+
+class _AnswerState:
+    """Feeds parsed upstream events to the sink and remembers the finish reason."""
+
+    __slots__ = ("_config", "_sink", "finish_reason")
+
+    def __init__(self, sink: ChatSink, config: Config) -> None:
+        self._sink = sink
+        self._config = config
+        self.finish_reason: str | None = None
+
+    def take(self, events: list[SSEEvent]) -> bool:
+        """Handle events in order; True once `[DONE]` is seen."""
+        for event in events:
+            if event.data == "[DONE]":
+                return True
+            self.finish_reason = _handle_chunk(event.data, self._sink, self._config) or self.finish_reason
+        return False
 
 
 def _finish(reason: str) -> str:
@@ -408,8 +438,8 @@ def _stream_error(error: Any, config: Config) -> UpstreamError:
         message = str(error.get("message") or "")
     elif isinstance(error, str):
         message = error
-    message = scrub(" ".join(message.split())[:_DETAIL_MAX], config.secrets)
-    said = f" The API said: {message}" if message else ""
+    message = _clean_detail(message, config)
+    said = _said(message)
     return UpstreamError(
         "upstream_error",
         f"The model API reported an error in the middle of the answer.{said} The text so far is kept.",

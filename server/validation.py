@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from .errors import ApiError
 
 ROLES = frozenset({"system", "user", "assistant"})
 _GENERATION_ID = re.compile(r"[0-9a-f]{32}")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # valid JSON escapes, but not text any API accepts
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +111,8 @@ def _parse_messages(value: Any, limits: LimitsConfig) -> tuple[dict[str, str], .
             )
         if not isinstance(content, str):
             raise invalid("invalid_content", f"messages[{index}].content must be a string.")
+        if _SURROGATE.search(content):
+            raise invalid("invalid_content", f"messages[{index}].content is not valid Unicode text.")
         if len(content) > limits.max_message_chars:
             raise invalid(
                 "message_too_long",
@@ -139,7 +141,7 @@ def _parse_options(value: Any, limits: LimitsConfig) -> tuple[float | None, int 
     if temperature is not None:
         if isinstance(temperature, bool) or not isinstance(temperature, int | float):
             raise invalid("invalid_temperature", "options.temperature must be a number from 0 to 2.")
-        if not math.isfinite(temperature) or not 0 <= temperature <= 2:
+        if not 0 <= temperature <= 2:  # also false for NaN and for ints too big for a float
             raise invalid("invalid_temperature", "options.temperature must be a number from 0 to 2.")
         temperature = float(temperature)
     max_tokens = value.get("max_tokens")

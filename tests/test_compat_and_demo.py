@@ -1,0 +1,314 @@
+"""The opt-in GET /stream endpoint of the classic relay tutorial, and the offline
+demo that answers when no API key is set."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+
+import pytest
+
+from server.demo import tokenize
+from server.sse import SSEEvent, SSEParser
+
+from .conftest import Rill, StartRill, wait_for
+from .fakes import Reply, answer, chunk, sse, terminal, text_of
+
+COMPAT = {"get_stream": True}
+PROMPT_MARKER = "zebra-quokka-4471"
+
+
+def parse(raw: bytes) -> list[tuple[str, str]]:
+    parser = SSEParser()
+    events: list[SSEEvent] = [*parser.feed(raw), *parser.feed_eof()]
+    return [(e.event, e.data) for e in events]
+
+
+async def get_stream(rill: Rill, prompt: str | None) -> tuple[int, str, bytes]:
+    url = rill.url / "stream"
+    if prompt is not None:
+        url = url.with_query(prompt=prompt)
+    async with rill.session.get(url) as response:
+        return response.status, response.headers.get("Content-Type", ""), await response.read()
+
+
+# --- GET /stream ---------------------------------------------------------------------
+
+
+async def test_get_stream_is_off_by_default(rill: Rill) -> None:
+    status, content_type, body = await get_stream(rill, "hello")
+    assert status == 404
+    assert content_type.startswith("application/json")
+    assert json.loads(body)["error"]["code"] == "not_found"
+    await asyncio.sleep(0.15)
+    assert rill.fake.requests == []
+    assert len(rill.registry) == 0
+
+
+async def test_get_stream_sends_plain_data_lines(start_rill: StartRill) -> None:
+    rill = await start_rill(compat=COMPAT)
+    rill.fake.script(Reply(chunks=answer(["Hello", " 世界 🎉", "\n", "line one\nline two"])))
+    status, content_type, raw = await get_stream(rill, "hi")
+    assert status == 200
+    assert content_type == "text/event-stream"
+    assert raw == (
+        b"data: Hello\r\n\r\n"
+        + "data:  世界 🎉\r\n\r\n".encode()
+        + b"data: \r\ndata: \r\n\r\n"  # a lone "\n" is two empty data lines: one "\n" for EventSource
+        + b"data: line one\r\ndata: line two\r\n\r\n"
+        + b"data: [STREAM_END]\r\n\r\n"
+    )
+    events = parse(raw)
+    assert [data for _, data in events] == ["Hello", " 世界 🎉", "\n", "line one\nline two", "[STREAM_END]"]
+    assert {name for name, _ in events} == {"message"}
+    assert rill.fake.requests[0].body["messages"] == [{"role": "user", "content": "hi"}]
+    await wait_for(lambda: not rill.registry.live())
+
+
+async def test_get_stream_upstream_error_is_an_error_event_then_end(start_rill: StartRill) -> None:
+    rill = await start_rill(compat=COMPAT)
+    rill.fake.script(Reply(status=401, body=b'{"error": {"message": "no such key"}}'))
+    status, _, raw = await get_stream(rill, "hi")
+    assert status == 200
+    events = parse(raw)
+    assert [name for name, _ in events] == ["error", "message"]
+    message = events[0][1]
+    assert message.startswith("The model API rejected the API key (HTTP 401).")
+    assert "no such key" in message
+    assert not message.startswith("{")  # the human message, not the JSON of the API's error event
+    assert events[1][1] == "[STREAM_END]"
+    assert raw.endswith(b"\r\n\r\ndata: [STREAM_END]\r\n\r\n")
+    assert raw.startswith(b"event: error\r\ndata: The model API rejected")
+
+
+async def test_get_stream_error_mid_answer_keeps_the_text(start_rill: StartRill) -> None:
+    rill = await start_rill(compat=COMPAT)
+    rill.fake.script(Reply(chunks=[chunk("partial"), sse({"error": {"message": "overloaded"}})]))
+    _, _, raw = await get_stream(rill, "hi")
+    events = parse(raw)
+    assert [name for name, _ in events] == ["message", "error", "message"]
+    assert events[0][1] == "partial"
+    assert "overloaded" in events[1][1]
+    assert events[2][1] == "[STREAM_END]"
+
+
+@pytest.mark.parametrize("prompt", [None, "", "   ", "\n\t"])
+async def test_get_stream_without_prompt_is_400(start_rill: StartRill, prompt: str | None) -> None:
+    rill = await start_rill(compat=COMPAT)
+    status, content_type, body = await get_stream(rill, prompt)
+    assert status == 400
+    assert content_type.startswith("application/json")
+    assert json.loads(body)["error"]["code"] == "missing_prompt"
+    await asyncio.sleep(0.15)
+    assert rill.fake.requests == []
+    assert len(rill.registry) == 0
+
+
+async def test_get_stream_prompt_too_long_is_400(start_rill: StartRill) -> None:
+    rill = await start_rill(compat=COMPAT, limits={"max_message_chars": 50})
+    status, _, body = await get_stream(rill, "x" * 51)
+    assert status == 400
+    assert json.loads(body)["error"]["code"] == "message_too_long"
+    await asyncio.sleep(0.15)
+    assert rill.fake.requests == []
+
+
+async def test_get_stream_prompt_never_reaches_a_log(start_rill: StartRill, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    rill = await start_rill(compat=COMPAT, limits={"max_message_chars": 100})
+    rill.fake.script(Reply(chunks=answer(["ok"])))
+    status, _, raw = await get_stream(rill, f"what is a {PROMPT_MARKER}?")
+    assert status == 200
+    assert raw.endswith(b"data: [STREAM_END]\r\n\r\n")
+    status, _, _ = await get_stream(rill, PROMPT_MARKER * 10)  # refused: logged by the error middleware
+    assert status == 400
+    assert rill.fake.requests[0].body["messages"][0]["content"] == f"what is a {PROMPT_MARKER}?"
+
+    def access_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and "/stream" in r.getMessage()]
+
+    await wait_for(lambda: len(access_lines()) == 2)
+    assert any('"GET /stream" 200' in line for line in access_lines()), access_lines()
+    assert any('"GET /stream" 400' in line for line in access_lines()), access_lines()
+    for record in caplog.records:
+        message = record.getMessage()
+        assert PROMPT_MARKER not in message, (record.name, message)
+        assert "prompt=" not in message, (record.name, message)
+    assert PROMPT_MARKER not in caplog.text
+
+
+async def test_closing_the_client_closes_the_upstream_promptly(start_rill: StartRill) -> None:
+    rill = await start_rill(compat=COMPAT)
+    tokens = [f"t{i} " for i in range(20)]
+    rill.fake.script(Reply(chunks=answer(tokens, delay=0.2)))  # 4 s in all
+    loop = asyncio.get_running_loop()
+    response = await rill.session.get((rill.url / "stream").with_query(prompt="hi"))
+    assert response.status == 200
+    async with asyncio.timeout(2):
+        first = await response.content.readuntil(b"\r\n\r\n")
+    assert first == b"data: t0 \r\n\r\n"
+    response.close()
+    closed_by_client = loop.time()
+
+    seen = rill.fake.requests[0]
+    async with asyncio.timeout(2):
+        await seen.closed.wait()
+    assert seen.closed_at is not None
+    assert seen.closed_at - closed_by_client < 2
+    assert rill.fake.open == 0
+    await wait_for(lambda: not rill.registry.live())
+
+
+# --- demo mode -------------------------------------------------------------------------
+
+
+async def test_demo_mode_catalog_health_and_page(start_rill: StartRill) -> None:
+    rill = await start_rill(key=False)
+    async with rill.session.get(rill.url / "api/models") as response:
+        models = await response.json()
+    assert models["demo"] is True
+    assert models["default"] == "rill-demo"
+    assert [m["id"] for m in models["models"]] == ["rill-demo", "rill-demo-reasoner"]
+    assert all(m["demo"] is True for m in models["models"])
+    assert [m["reasoning"] for m in models["models"]] == [False, True]
+
+    async with rill.session.get(rill.url / "healthz") as response:
+        health = await response.json()
+    assert health["demo"] is True
+    assert health["status"] == "ok"
+
+    async with rill.session.get(rill.url / "") as response:
+        assert response.status == 200
+        page = await response.text()
+    assert "Demo mode" in page
+
+    status, body = await rill.post_chat(model="fake-chat")  # the keyless provider is not offered
+    assert (status, body["error"]["code"]) == (400, "unknown_model")
+
+
+async def test_with_a_key_the_page_does_not_say_demo(rill: Rill) -> None:
+    async with rill.session.get(rill.url / "") as response:
+        assert "Demo mode" not in await response.text()
+
+
+async def test_demo_answer_streams_rich_text(start_rill: StartRill) -> None:
+    rill = await start_rill(key=False)
+    generation_id = await rill.start_chat()
+    events = await (await rill.open_stream(generation_id)).read_all()
+
+    names = [e.event for e in events]
+    assert names[0] == "meta"
+    assert events[0].data["demo"] is True
+    assert events[0].data["model"] == "rill-demo"
+    assert events[0].data["provider"] == "demo"
+    assert set(names[1:-2]) == {"delta"}
+    assert names[-2:] == ["usage", "done"]
+    assert terminal(events).data == {"finish_reason": "stop"}
+    assert events[-2].data["completion_tokens"] == names.count("delta")
+
+    text = text_of(events)
+    assert "Demo mode" in text
+    assert re.search(r"^#{1,6} \S", text, re.MULTILINE), "a Markdown heading"
+    assert re.search(r"^\s*(?:[-*]|\d+\.) \S", text, re.MULTILINE), "a list"
+    assert re.search(r"^```\w*\n.*?^```$", text, re.MULTILINE | re.DOTALL), "a fenced code block"
+    assert re.search(r"^\|.*\|$", text, re.MULTILINE), "a table"
+    assert "\n" in text
+    assert re.search(r"[\u4e00-\u9fff]", text), "Chinese characters"
+    assert any(ord(c) >= 0x1F300 for c in text), "an emoji"
+    assert "\ufffd" not in text  # no character was split into garbage on the way
+
+    await asyncio.sleep(0.1)
+    assert rill.fake.requests == []  # the fake upstream is the configured provider: never asked
+
+
+async def test_demo_reasoner_thinks_before_answering(start_rill: StartRill) -> None:
+    rill = await start_rill(key=False)
+    generation_id = await rill.start_chat(model="rill-demo-reasoner")
+    events = await (await rill.open_stream(generation_id)).read_all()
+    names = [e.event for e in events]
+    assert events[0].data["reasoning"] is True
+    assert "reasoning" in names
+    first_delta = names.index("delta")
+    assert names[1] == "reasoning"
+    assert "reasoning" not in names[first_delta:]
+    assert text_of(events, "reasoning").strip()
+    assert "Demo mode" in text_of(events)
+    assert terminal(events).data == {"finish_reason": "stop"}
+    assert events[-2].data["completion_tokens_details"]["reasoning_tokens"] == names.count("reasoning")
+    assert rill.fake.requests == []
+
+
+async def test_demo_max_tokens_ends_with_length(start_rill: StartRill) -> None:
+    rill = await start_rill(key=False)
+    generation_id = await rill.start_chat(options={"max_tokens": 5})
+    events = await (await rill.open_stream(generation_id)).read_all()
+    assert [e.event for e in events] == ["meta", *["delta"] * 5, "usage", "done"]
+    assert terminal(events).data == {"finish_reason": "length"}
+    assert events[-2].data["completion_tokens"] == 5
+    assert text_of(events).startswith("> **Demo mode")
+
+
+async def test_demo_generation_can_be_stopped(start_rill: StartRill) -> None:
+    rill = await start_rill(key=False, demo={"tokens_per_second": 10.0})  # a ~20 s answer
+    generation_id = await rill.start_chat()
+    reader = await rill.open_stream(generation_id)
+    await reader.read_until("delta")
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with rill.session.delete(rill.url / f"api/chat/{generation_id}") as response:
+        assert response.status == 200
+        stopped = await response.json()
+    assert loop.time() - started < 2
+    assert stopped["id"] == generation_id
+    assert stopped["ended"] == "done"
+    assert stopped["result"] == {"finish_reason": "cancelled"}
+
+    events = await reader.read_all()
+    assert terminal(events).data == {"finish_reason": "cancelled"}
+    assert len([e for e in events if e.event == "delta"]) < 20
+    assert not rill.registry.live()
+    generation = rill.registry.get(generation_id)
+    assert generation is not None
+    assert not generation.upstream_open  # the request to the demo upstream is closed too
+    assert rill.fake.requests == []
+
+
+# --- the demo tokenizer -----------------------------------------------------------------
+
+TEXTS = [
+    "",
+    "Hello, world!",
+    "  leading and trailing spaces  ",
+    "line one\nline two\r\n\n  indented\tTab\rend\n",
+    "流式输出：模型每生成一个词，浏览器就立刻看到它。",
+    "你好，世界！🌏 Emoji and 中文 survive every split: 👩‍💻🚀",
+    "mixed中文English混合 text 😀😀 🇯🇵 e\u0301 \u200b zero-width",
+    "𠀀𠀁 CJK extension B, ｆｕｌｌｗｉｄｔｈ, ﾊﾝｶｸ, 한국어, にほんご",
+    "\u3000ideographic space\u3000and\u2028line separator\x85next line",
+    "```python\nasync def relay(events):\n    pass\n```\n| a | b |\n|---|---|\n",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=[f"text{i}" for i in range(len(TEXTS))])
+def test_tokenize_loses_nothing(text: str) -> None:
+    tokens = tokenize(text)
+    assert "".join(tokens) == text
+    assert all(tokens), "no empty tokens"
+
+
+def test_tokenize_random_text_loses_nothing() -> None:
+    alphabet = "ab Z9.,-\n\r\t 　中文字你好，。😀👩‍💻🎉\u0301\u200b\ufeff"
+    rng = random.Random(1234)
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert "".join(tokenize(text)) == text, repr(text)
+
+
+def test_tokenize_makes_word_sized_pieces() -> None:
+    assert tokenize("Hello big world") == ["Hello", " big", " world"]
+    assert tokenize("流式输出") == ["流式", "输出"]
+    assert len(tokenize("one two three four five six")) == 6
