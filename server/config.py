@@ -233,7 +233,11 @@ def _positive_int(section: _Section, name: str, default: int) -> int:
 
 
 def _base_url(text: str, key: str) -> URL:
-    url = URL(text)
+    try:
+        url = URL(text)
+        url.port  # noqa: B018 - yarl checks the port lazily; make it fail here
+    except ValueError:
+        raise ConfigError(f"{key}: not a valid URL: {text!r}") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ConfigError(f"{key}: must be an http:// or https:// URL, got {text!r}")
     # `URL / "chat/completions"` needs a path without a trailing slash
@@ -278,7 +282,7 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
 
     server_section = root.table("server")
     server = ServerConfig(
-        host=environ.get("RILL_HOST") or server_section.get("host", str, ServerConfig.host),
+        host=_host(environ.get("RILL_HOST"), server_section),
         port=_port(environ.get("RILL_PORT"), server_section),
         shutdown_timeout=_positive(server_section, "shutdown_timeout", ServerConfig.shutdown_timeout),
     )
@@ -350,11 +354,11 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
 
     providers = _apply_provider_overrides(providers, environ)
     _check_unique(providers)
+    if model_override := environ.get("RILL_MODEL"):
+        default_model = model_override
     known = {m.id for p in providers for m in p.models}
-    if default_model not in known and "RILL_MODEL" not in environ:
+    if default_model not in known:
         raise ConfigError(f"default_model: {default_model!r} is not a model of any provider")
-    if "RILL_MODEL" in environ:
-        default_model = environ["RILL_MODEL"]
 
     return Config(
         providers=tuple(providers),
@@ -369,9 +373,14 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
     )
 
 
+def _host(env_value: str | None, section: _Section) -> str:
+    file_value = section.get("host", str, ServerConfig.host)  # type-checked even when overridden
+    return env_value or file_value
+
+
 def _port(env_value: str | None, section: _Section) -> int:
-    if env_value is not None:
-        if not env_value.isdigit() or not 0 <= int(env_value) <= 65535:
+    if env_value:
+        if not (env_value.isascii() and env_value.isdigit()) or not 0 <= int(env_value) <= 65535:
             raise ConfigError(f"RILL_PORT: must be a port number 0-65535, got {env_value!r}")
         section.get("port", int, 0)  # still type-check the file
         return int(env_value)
@@ -421,8 +430,8 @@ def read_dotenv(path: Path) -> dict[str, str]:
         name, _, value = line.partition("=")
         name = name.removeprefix("export ").strip()
         value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+        if value[:1] in ("'", '"') and (end := value.find(value[0], 1)) > 0:
+            value = value[1:end]  # a quoted value; whatever follows the closing quote is a comment
         elif " #" in value:
             value = value.split(" #", 1)[0].rstrip()
         values[name] = value
@@ -459,6 +468,10 @@ def load_config(environ: Mapping[str, str] | None = None, cwd: Path | None = Non
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"RILL_CONFIG: file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"RILL_CONFIG: cannot read {str(path)!r} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     return parse_config(document, env)

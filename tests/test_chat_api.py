@@ -6,6 +6,8 @@ import asyncio
 import json
 import uuid
 
+from yarl import URL
+
 from .conftest import Rill, wait_for
 from .fakes import USAGE, Reply, answer, terminal, text_of
 
@@ -197,3 +199,13 @@ async def test_index_page_is_served(rill: Rill) -> None:
     async with rill.session.get(rill.url / "") as response:
         assert response.status == 200
         assert "Rill" in await response.text()
+
+
+async def test_static_files_are_served_and_cannot_escape_their_folder(rill: Rill) -> None:
+    async with rill.session.get(rill.url / "static/placeholder.css") as response:
+        assert response.status == 200
+        assert "body" in await response.text()
+    for path in ("/static/..%2fconfig.toml", "/static/%2e%2e/%2e%2e/server/config.py", "/static/missing.css"):
+        async with rill.session.get(URL(str(rill.url) + path, encoded=True)) as response:
+            assert response.status == 404, path
+            assert (await response.json())["error"]["code"] == "not_found"

@@ -53,6 +53,12 @@ def load(tmp_path: Path, toml: str | None = None, **environ: str) -> Config:
     return load_config(environ=environ, cwd=tmp_path)
 
 
+def key_of(config: Config, index: int = 0) -> str | None:
+    """The revealed API key of a provider (plain text, so a failing assert shows it)."""
+    key = config.providers[index].api_key
+    return None if key is None else key.reveal()
+
+
 def model_ids(config: Config) -> list[str]:
     return [m.id for p in config.providers for m in p.models]
 
@@ -113,10 +119,17 @@ def test_integers_are_accepted_where_numbers_are_expected(tmp_path: Path) -> Non
 # --- environment overrides -----------------------------------------------------------------
 
 
-def test_rill_host_and_port(tmp_path: Path) -> None:
-    config = load(tmp_path, RILL_HOST="0.0.0.0", RILL_PORT="9001")
-    assert config.server.host == "0.0.0.0"
-    assert config.server.port == 9001
+def test_rill_host_overrides_the_bundled_host(tmp_path: Path) -> None:
+    # config.toml sets `host = "127.0.0.1"`; the variable must win over it.
+    assert load(tmp_path, RILL_HOST="0.0.0.0").server.host == "0.0.0.0"
+
+
+def test_rill_host_when_the_file_sets_no_host(tmp_path: Path) -> None:
+    assert load(tmp_path, PROVIDERS, RILL_HOST="::1").server.host == "::1"
+
+
+def test_rill_port_overrides_the_bundled_port(tmp_path: Path) -> None:
+    assert load(tmp_path, RILL_PORT="9001").server.port == 9001
 
 
 def test_rill_port_zero_is_allowed(tmp_path: Path) -> None:
@@ -152,7 +165,7 @@ def test_rill_upstream_url_leaves_other_providers_alone(tmp_path: Path) -> None:
 
 def test_rill_upstream_url_keeps_a_key_if_there_is_one(tmp_path: Path) -> None:
     config = load(tmp_path, RILL_UPSTREAM_URL="http://127.0.0.1:9/v1", DEEPSEEK_API_KEY=KEY)
-    assert config.providers[0].api_key == Secret(KEY)
+    assert key_of(config) == KEY
 
 
 def test_rill_model_replaces_the_first_providers_models(tmp_path: Path) -> None:
@@ -197,7 +210,7 @@ def test_api_key_from_the_environment_is_a_secret(tmp_path: Path) -> None:
 def test_api_key_is_per_provider(tmp_path: Path) -> None:
     config = load(tmp_path, PROVIDERS, SECOND_KEY=KEY)
     assert config.providers[0].api_key is None
-    assert config.providers[1].api_key == Secret(KEY)
+    assert key_of(config, 1) == KEY
 
 
 def test_blank_api_key_counts_as_none(tmp_path: Path) -> None:
@@ -209,7 +222,7 @@ def test_blank_api_key_counts_as_none(tmp_path: Path) -> None:
 DOTENV = """\
 # Rill settings for this machine
 export DEEPSEEK_API_KEY="sk-from-dotenv"
-RILL_HOST='0.0.0.0'
+RILL_UPSTREAM_URL='http://127.0.0.1:11434/v1'
 RILL_PORT=9090 # the port
    # an indented comment
 RILL_MODEL = "my-model"
@@ -220,8 +233,8 @@ not a setting
 def test_dotenv_in_cwd_is_read(tmp_path: Path) -> None:
     write(tmp_path / ".env", DOTENV)
     config = load(tmp_path)
-    assert config.providers[0].api_key == Secret("sk-from-dotenv")
-    assert config.server.host == "0.0.0.0"
+    assert key_of(config) == "sk-from-dotenv"
+    assert str(config.providers[0].base_url) == "http://127.0.0.1:11434/v1"
     assert config.server.port == 9090
     assert config.default_model == "my-model"
 
@@ -253,7 +266,7 @@ def test_dotenv_only_from_cwd(tmp_path: Path) -> None:
 )
 def test_dotenv_syntax(tmp_path: Path, line: str, value: str) -> None:
     write(tmp_path / ".env", f"# comment\n{line}\n")
-    assert load(tmp_path).providers[0].api_key == Secret(value)
+    assert key_of(load(tmp_path)) == value
 
 
 def test_dotenv_commented_out_setting_is_ignored(tmp_path: Path) -> None:
@@ -266,9 +279,9 @@ def test_dotenv_commented_out_setting_is_ignored(tmp_path: Path) -> None:
 def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
     write(tmp_path / ".env", DOTENV)
     config = load(tmp_path, DEEPSEEK_API_KEY="sk-from-env", RILL_PORT="7000")
-    assert config.providers[0].api_key == Secret("sk-from-env")
+    assert key_of(config) == "sk-from-env"
     assert config.server.port == 7000
-    assert config.server.host == "0.0.0.0"  # still from .env
+    assert str(config.providers[0].base_url) == "http://127.0.0.1:11434/v1"  # still from .env
 
 
 def test_dotenv_can_name_the_config_file(tmp_path: Path) -> None:
@@ -288,21 +301,29 @@ def credentials(tmp_path: Path, **files: str) -> str:
 def test_credentials_directory_is_read(tmp_path: Path) -> None:
     folder = credentials(tmp_path, DEEPSEEK_API_KEY="sk-from-credential\n")
     config = load(tmp_path, CREDENTIALS_DIRECTORY=folder)
-    assert config.providers[0].api_key == Secret("sk-from-credential")  # trailing newline stripped
+    assert key_of(config) == "sk-from-credential"  # trailing newline stripped
     assert config.secrets == ("sk-from-credential",)
+
+
+def test_credential_files_strip_the_trailing_newline_for_any_variable(tmp_path: Path) -> None:
+    folder = credentials(tmp_path, RILL_PORT="9091\n", RILL_MODEL="cred-model\n")
+    config = load(tmp_path, CREDENTIALS_DIRECTORY=folder)
+    assert config.server.port == 9091
+    assert config.default_model == "cred-model"
+    assert model_ids(config)[0] == "cred-model"
 
 
 def test_environment_wins_over_credentials(tmp_path: Path) -> None:
     folder = credentials(tmp_path, DEEPSEEK_API_KEY="sk-from-credential\n")
     config = load(tmp_path, CREDENTIALS_DIRECTORY=folder, DEEPSEEK_API_KEY="sk-from-env")
-    assert config.providers[0].api_key == Secret("sk-from-env")
+    assert key_of(config) == "sk-from-env"
 
 
 def test_credentials_win_over_dotenv(tmp_path: Path) -> None:
     write(tmp_path / ".env", "DEEPSEEK_API_KEY=sk-from-dotenv\nRILL_PORT=9090\n")
     folder = credentials(tmp_path, DEEPSEEK_API_KEY="sk-from-credential\n")
     config = load(tmp_path, CREDENTIALS_DIRECTORY=folder)
-    assert config.providers[0].api_key == Secret("sk-from-credential")
+    assert key_of(config) == "sk-from-credential"
     assert config.server.port == 9090  # what the credentials do not set still comes from .env
 
 
@@ -363,7 +384,9 @@ def test_config_repr_and_str_never_show_the_key(tmp_path: Path) -> None:
         pytest.param("[stream]\nretry_ms = 0\n" + PROVIDERS, "stream.retry_ms", id="retry-zero"),
         pytest.param("[upstream]\nretries = -1\n" + PROVIDERS, "upstream.retries", id="retries-negative"),
         pytest.param('default_model = "m1"\n', "providers", id="no-providers"),
-        pytest.param('[[providers]]\nname = "p"\nbase_url = "https://x.example"\n', "providers[0].models", id="no-models"),
+        pytest.param(
+            '[[providers]]\nname = "p"\nbase_url = "https://x.example"\n', "providers[0].models", id="no-models"
+        ),
         pytest.param(
             '[[providers]]\nbase_url = "https://x.example"\n[[providers.models]]\nid = "a"\n',
             "providers[0].name",
@@ -397,7 +420,7 @@ def test_config_repr_and_str_never_show_the_key(tmp_path: Path) -> None:
             "providers[0].base_url",
             id="base-url-bad-port",
         ),
-        pytest.param(PROVIDERS.replace('id = "m2"', 'id = "m1"'), "providers", id="duplicate-model-id"),
+        pytest.param(PROVIDERS.replace('id = "m2"', 'id = "m1"'), "providers.models", id="duplicate-model-id"),
         pytest.param('default_model = "nope"\n' + PROVIDERS, "default_model", id="unknown-default-model"),
         pytest.param("providers = 3\n", "providers", id="providers-not-a-list"),
         pytest.param("server = 3\n" + PROVIDERS, "server", id="server-not-a-table"),
@@ -457,7 +480,7 @@ def test_rill_config_pointing_to_a_directory(tmp_path: Path) -> None:
 
 def test_config_file_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
-    path.write_bytes(PROVIDERS.encode() + '# caf\xe9\n'.encode("latin-1"))
+    path.write_bytes(PROVIDERS.encode() + "# caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError) as caught:
         load_config(environ={"RILL_CONFIG": str(path)}, cwd=tmp_path)
     assert str(path) in str(caught.value)
