@@ -78,9 +78,32 @@ async def write_json_event(response: EventSourceResponse, event: Event) -> None:
     await response.send(event.data, id=str(event.id), event=event.name)
 
 
-def make_response(config: StreamConfig, headers: dict[str, str] | None = None) -> EventSourceResponse:
+async def serve(
+    request: web.Request,
+    generation: Generation,
+    *,
+    after: int,
+    streams: OpenStreams,
+    config: StreamConfig,
+    write_event: EventWriter = write_json_event,
+    retry_hint: bool = True,
+) -> tuple[EventSourceResponse, Outcome]:
+    """Send the SSE headers, then relay; the response is complete when this returns."""
     # The library's own ping task is replaced by one app-wide heartbeat (inf = never).
-    return EventSourceResponse(headers=headers, ping_interval=math.inf, send_timeout=config.send_timeout)
+    response = EventSourceResponse(ping_interval=math.inf, send_timeout=config.send_timeout)
+    await response.prepare(request)
+    async with response:
+        outcome = await relay(
+            request,
+            response,
+            generation,
+            after=after,
+            streams=streams,
+            config=config,
+            write_event=write_event,
+            retry_hint=retry_hint,
+        )
+    return response, outcome
 
 
 async def relay(

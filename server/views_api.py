@@ -13,7 +13,7 @@ from . import __version__
 from .errors import ApiError
 from .generation import Generation
 from .keys import CATALOG, CONFIG, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
-from .streaming import make_response, relay
+from .streaming import serve
 from .upstream import ChatRequest
 from .validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
 
@@ -78,18 +78,9 @@ async def chat_events(request: web.Request) -> web.StreamResponse:
     if terminal is not None and after >= terminal.id:
         return web.Response(status=204)  # all delivered: tells EventSource to stop reconnecting
 
-    config = request.app[CONFIG]
-    response = make_response(config.stream)
-    await response.prepare(request)
-    async with response:
-        outcome = await relay(
-            request,
-            response,
-            generation,
-            after=after,
-            streams=request.app[OPEN_STREAMS],
-            config=config.stream,
-        )
+    response, outcome = await serve(
+        request, generation, after=after, streams=request.app[OPEN_STREAMS], config=request.app[CONFIG].stream
+    )
     log.info("generation %s: stream from event %d ended: %s", generation.id, after, outcome.value)
     return response
 

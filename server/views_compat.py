@@ -14,7 +14,7 @@ from aiohttp_sse import EventSourceResponse
 from .errors import ApiError
 from .generation import Event
 from .keys import CATALOG, CONFIG, OPEN_STREAMS, REGISTRY, SESSION
-from .streaming import make_response, relay
+from .streaming import serve
 from .upstream import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -56,20 +56,16 @@ async def legacy_stream(request: web.Request) -> web.StreamResponse:
         client_id=None,
         fingerprint="",
     )
-    response = make_response(config.stream)
     try:
-        await response.prepare(request)
-        async with response:
-            outcome = await relay(
-                request,
-                response,
-                generation,
-                after=0,
-                streams=app[OPEN_STREAMS],
-                config=config.stream,
-                write_event=write_plain_text,
-                retry_hint=False,
-            )
+        response, outcome = await serve(
+            request,
+            generation,
+            after=0,
+            streams=app[OPEN_STREAMS],
+            config=config.stream,
+            write_event=write_plain_text,
+            retry_hint=False,
+        )
         log.info("generation %s: /stream ended: %s", generation.id, outcome.value)
     finally:
         generation.stop()  # no resume on this endpoint: a gone client ends the upstream now
