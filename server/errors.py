@@ -46,6 +46,8 @@ _HTTP_CODES: dict[int, tuple[str, str]] = {
     413: ("body_too_large", "The request body is larger than the server accepts."),
 }
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -63,6 +65,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.info("%s %s -> %d %s", request.method, request.path, exc.status, code)
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         return error_response(exc.status, code, message, headers)
+    except ConnectionError:
+        # The client left before its answer (a reload, a closed tab): routine, not a fault.
+        log.debug("%s %s: client disconnected", request.method, request.path)
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     except Exception:
         # Stays in the server log; the client gets a stable code and no internals.
         log.exception("unhandled error in %s %s", request.method, request.path)

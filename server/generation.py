@@ -77,7 +77,6 @@ class Generation:
         client_id: str | None,
         fingerprint: str,
         on_end: Callable[[Generation], None],
-        on_grow: Callable[[int], None],
     ) -> None:
         self.id = generation_id
         self.request = request
@@ -93,7 +92,6 @@ class Generation:
         self.subscribers: set[Subscriber] = set()
         self._config = config
         self._on_end = on_end
-        self._on_grow = on_grow
         self._task: asyncio.Task[None] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
 
@@ -193,9 +191,7 @@ class Generation:
     def _append(self, name: str, data: Mapping[str, Any]) -> Event:
         event = Event(len(self.events) + 1, name, _json(data))
         self.events.append(event)
-        grown = len(event.data) + EVENT_OVERHEAD_BYTES
-        self.size_bytes += grown
-        self._on_grow(grown)
+        self.size_bytes += len(event.data) + EVENT_OVERHEAD_BYTES
         for subscriber in self.subscribers:
             subscriber.wake.set()
         return event

@@ -31,4 +31,8 @@ async def run_monitor(streams: OpenStreams, registry: GenerationRegistry, config
     interval = min(config.liveness_interval, config.heartbeat_interval)
     while True:
         await asyncio.sleep(interval)
-        tick(streams, registry, config)
+        try:
+            tick(streams, registry, config)
+        except Exception:
+            # One bad tick must not end heartbeats and closed-tab detection for good.
+            log.exception("monitor tick failed")

@@ -26,7 +26,7 @@ class GenerationRegistry:
         self._live: set[Generation] = set()
         self._ended: OrderedDict[str, Generation] = OrderedDict()  # oldest ending first
         self._live_per_client: Counter[str] = Counter()
-        self.buffered_bytes = 0
+        self.ended_bytes = 0  # what ended generations' buffers hold; live ones are bounded by the limits
         self.accepting = True  # False once shutdown has begun
 
     @property
@@ -81,7 +81,6 @@ class GenerationRegistry:
             client_id=client_id,
             fingerprint=fingerprint,
             on_end=self._ended_callback,
-            on_grow=self._grew,
         )
         self._by_id[generation.id] = generation
         if client_id is not None:
@@ -91,25 +90,30 @@ class GenerationRegistry:
         generation.start(session)
         return generation
 
-    def _grew(self, size: int) -> None:
-        self.buffered_bytes += size
-
     def _ended_callback(self, generation: Generation) -> None:
         self._live.discard(generation)
         self._live_per_client[generation.client_key] -= 1
         if self._live_per_client[generation.client_key] <= 0:
             del self._live_per_client[generation.client_key]
         self._ended[generation.id] = generation
+        self.ended_bytes += generation.size_bytes
         self.evict()
 
     def evict(self) -> None:
-        """Forget ended generations past their TTL, then the oldest ones over the memory cap."""
-        loop = asyncio.get_running_loop()
-        expiry = loop.time() - self._config.stream.finished_ttl
+        """Forget ended generations past their TTL, then the oldest ones over the memory cap.
+
+        An answer that ended less than `resume_grace` ago is kept even over the cap: its
+        reader may be reconnecting right now to fetch the last events.
+        """
+        stream = self._config.stream
+        now = asyncio.get_running_loop().time()
         while self._ended:
             oldest = next(iter(self._ended.values()))
-            expired = oldest.ended_at is not None and oldest.ended_at <= expiry
-            if not expired and self.buffered_bytes <= self.max_bytes:
+            assert oldest.ended_at is not None
+            age = now - oldest.ended_at
+            expired = age >= stream.finished_ttl
+            over_cap = self.ended_bytes > self.max_bytes and age >= stream.resume_grace
+            if not (expired or over_cap):
                 break
             self._forget(oldest)
 
@@ -118,5 +122,5 @@ class GenerationRegistry:
         del self._by_id[generation.id]
         if generation.client_id is not None:
             self._by_client_id.pop(generation.client_id, None)
-        self.buffered_bytes -= generation.size_bytes
+        self.ended_bytes -= generation.size_bytes
         log.debug("generation %s evicted", generation.id)

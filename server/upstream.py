@@ -344,7 +344,7 @@ async def _read_stream(response: aiohttp.ClientResponse, sink: ChatSink, config:
     if "text/event-stream" not in content_type:
         raise UpstreamError(
             "upstream_bad_data",
-            f"The model API answered with {content_type or 'no content type'} instead of "
+            f"The model API answered with {_clean_detail(content_type, config) or 'no content type'} instead of "
             "an event stream. Check base_url in config.toml.",
         )
     parser = SSEParser(max_line_chars=config.upstream.max_line_chars)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import uuid
+
+import pytest
 
 from server.keys import OPEN_STREAMS
 
@@ -79,6 +82,11 @@ async def test_stop_closes_the_upstream_at_once_and_reports_cancelled(rill: Rill
         assert response.status == 200  # idempotent
         assert (await response.json())["result"] == {"finish_reason": "cancelled"}
     assert len(rill.fake.requests) == 1
+    generation = rill.registry.get(generation_id)
+    assert generation is not None
+    await generation.wait_closed()
+    assert generation._task is not None
+    assert generation._task.cancelled(), "the upstream task must end cancelled, not swallow it"
 
 
 async def test_stop_after_the_end_changes_nothing(rill: Rill) -> None:
@@ -157,16 +165,19 @@ async def _stalled_reader(rill: Rill, generation_id: str) -> socket.socket:
     return sock
 
 
-async def test_slow_reader_does_not_hold_up_the_generation_or_other_readers(start_rill: StartRill) -> None:
+async def test_slow_reader_does_not_hold_up_the_generation_or_other_readers(
+    start_rill: StartRill, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.streaming")
     rill = await start_rill(stream={"send_timeout": 0.5})
-    big = ["x" * 8000 + str(i) for i in range(300)]  # ~2.4 MB: far more than socket buffers
+    big = ["x" * 8000 + str(i) for i in range(1500)]  # ~12 MB: more than loopback's socket buffers
     rill.fake.script(Reply(chunks=answer(big)))
     generation_id = await rill.start_chat()
     stalled = await _stalled_reader(rill, generation_id)
     try:
         await wait_for(lambda: len(rill.app[OPEN_STREAMS]) == 1)
         fast = await rill.open_stream(generation_id)
-        events = await fast.read_all(timeout=5.0)
+        events = await fast.read_all(timeout=10.0)
         assert text_of(events) == "".join(big)
         assert terminal(events).data == {"finish_reason": "stop"}
         generation = rill.registry.get(generation_id)
@@ -174,6 +185,7 @@ async def test_slow_reader_does_not_hold_up_the_generation_or_other_readers(star
         assert not generation.upstream_open  # the upstream finished while one reader stalled
         # The stalled reader is dropped once its writes block longer than send_timeout.
         await wait_for(lambda: len(rill.app[OPEN_STREAMS]) == 0, timeout=3.0)
+        assert "closed a stalled reader" in caplog.text
     finally:
         stalled.close()
     # ...and it can come back and resume by id.
@@ -198,7 +210,8 @@ async def test_heartbeat_comments_keep_idle_streams_alive(start_rill: StartRill)
                 raw += await reader.response.content.readany()
         except TimeoutError:
             break
-    assert raw.count(b": hb\r\n\r\n") >= 2
+    # One comment per idle interval (0.9 s / 0.2 s), not one per monitor tick (0.05 s).
+    assert 2 <= raw.count(b": hb\r\n\r\n") <= 6
     assert b"keep-alive" not in reader.raw + raw  # upstream comments are understood, not relayed
     assert text_of(reader.events) == "a"
 
@@ -218,16 +231,32 @@ async def test_ended_generation_expires_after_ttl(start_rill: StartRill) -> None
 
 
 async def test_memory_cap_evicts_the_oldest_ended_generations_first(start_rill: StartRill) -> None:
-    rill = await start_rill(stream={"buffer_memory_mb": 0.02})  # about 20 KB
+    rill = await start_rill(stream={"buffer_memory_mb": 0.02, "resume_grace": 0.2})  # about 20 KB
     ids = []
     for _ in range(4):
         rill.fake.script(Reply(chunks=answer(["y" * 1000] * 8)))  # about 9 KB each
         generation_id = await rill.start_chat()
         await (await rill.open_stream(generation_id)).read_all()
         ids.append(generation_id)
-    assert rill.registry.get(ids[0]) is None
+    # Just ended: still resumable, even over the cap.
+    assert all(rill.registry.get(g) is not None for g in ids)
+    await wait_for(lambda: rill.registry.get(ids[0]) is None, timeout=2.0)
+    assert rill.registry.get(ids[1]) is None
     assert rill.registry.get(ids[-1]) is not None
-    assert rill.registry.buffered_bytes <= rill.registry.max_bytes
+    assert rill.registry.ended_bytes <= rill.registry.max_bytes
+
+
+async def test_live_answers_do_not_push_out_just_ended_ones(start_rill: StartRill) -> None:
+    """A long live answer over the cap must not make every other answer unresumable."""
+    rill = await start_rill(stream={"buffer_memory_mb": 0.01, "resume_grace": 5.0})
+    rill.fake.script(Reply(chunks=[chunk("z" * 1000) for _ in range(30)], end="hang"))
+    await rill.start_chat(messages=[{"role": "user", "content": "long"}])
+    await wait_for(lambda: rill.registry.live()[0].size_bytes > rill.registry.max_bytes)
+    rill.fake.script(Reply(chunks=answer(["short"])))
+    generation_id = await rill.start_chat()
+    first = await (await rill.open_stream(generation_id)).read_all()
+    again = await (await rill.open_stream(generation_id)).read_all()
+    assert [e.data for e in again] == [e.data for e in first]
 
 
 async def test_shutdown_ends_every_live_stream_and_closes_every_upstream(start_rill: StartRill) -> None:
@@ -240,7 +269,10 @@ async def test_shutdown_ends_every_live_stream_and_closes_every_upstream(start_r
         await reader.read_until("delta")
     assert rill.fake.open == 3
 
-    await rill.runner.cleanup()  # what SIGTERM does under run_app
+    cleanup = asyncio.create_task(rill.runner.cleanup())  # what SIGTERM does under run_app
+    for reader in readers:
+        await reader.read_until("error", timeout=1.0)  # at once, not after shutdown_timeout
+    await cleanup
 
     for reader in readers:
         events = await reader.read_all()
@@ -274,3 +306,26 @@ async def test_meta_event_is_first_and_json_is_single_line(rill: Rill) -> None:
         assert len(data_lines) <= 1
         if data_lines:
             json.loads(data_lines[0][len(b"data: ") :])
+
+
+async def test_clients_leaving_before_the_headers_are_not_logged_as_errors(
+    rill: Rill, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    rill.fake.script(Reply(chunks=[chunk("x")], end="hang"))
+    generation_id = await rill.start_chat()
+    loop = asyncio.get_running_loop()
+    assert rill.url.port is not None
+    for _ in range(20):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", rill.url.port))
+        request = f"GET /api/chat/{generation_id}/events HTTP/1.1\r\nHost: rill\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+        sock.close()
+    await wait_for(lambda: len(rill.app[OPEN_STREAMS]) == 0)
+    await asyncio.sleep(0.2)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    status, _ = await rill.post_chat()
+    assert status == 201  # and the server keeps serving
