@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from server.keys import OPEN_STREAMS
+from server.keys import OPEN_STREAMS, SESSION
 
 from .conftest import Rill, StartRill, wait_for
 from .fakes import Reply, answer, chunk, sse, terminal, text_of
@@ -273,6 +273,7 @@ async def test_shutdown_ends_every_live_stream_and_closes_every_upstream(start_r
     for reader in readers:
         await reader.read_until("error", timeout=1.0)  # at once, not after shutdown_timeout
     await cleanup
+    assert rill.app[SESSION].closed  # cleanup_ctx closed the one ClientSession
 
     for reader in readers:
         events = await reader.read_all()
