@@ -88,76 +88,60 @@ async def serve(
     write_event: EventWriter = write_json_event,
     retry_hint: bool = True,
 ) -> tuple[EventSourceResponse, Outcome]:
-    """Send the SSE headers, then relay; the response is complete when this returns."""
+    """Send the SSE headers, write the events after id `after`, then follow live ones
+    until the terminal event. Returns how the stream ended; a client that went away is
+    an outcome, not an exception."""
     # The library's own ping task is replaced by one app-wide heartbeat (inf = never).
     response = EventSourceResponse(ping_interval=math.inf, send_timeout=config.send_timeout)
     await response.prepare(request)
     async with response:
-        outcome = await relay(
-            request,
-            response,
-            generation,
-            after=after,
-            streams=streams,
-            config=config,
-            write_event=write_event,
-            retry_hint=retry_hint,
-        )
-    return response, outcome
+        subscriber = generation.subscribe()
+        stream = OpenStream(request, subscriber)
+        streams.add(stream)
+        try:
+            if retry_hint:
+                await response.write(f"retry: {config.retry_ms}\r\n\r\n".encode())
+            return response, await _follow(response, generation, stream, after, config, write_event)
+        except ConnectionResetError:
+            return response, Outcome.GONE
+        except TimeoutError:
+            # The reader fell too far behind: drop it (aiohttp-sse may have already).
+            if (transport := request.transport) is not None:
+                transport.abort()
+            log.info("generation %s: closed a stalled reader", generation.id)
+            return response, Outcome.STALLED
+        finally:
+            streams.discard(stream)
+            generation.unsubscribe(subscriber)
 
 
-async def relay(
-    request: web.Request,
+async def _follow(
     response: EventSourceResponse,
     generation: Generation,
-    *,
-    after: int,
-    streams: OpenStreams,
+    stream: OpenStream,
+    cursor: int,
     config: StreamConfig,
-    write_event: EventWriter = write_json_event,
-    retry_hint: bool = True,
+    write_event: EventWriter,
 ) -> Outcome:
-    """Write the events after id `after`, then follow live ones until the terminal event.
-
-    The response must be prepared. Returns how the stream ended; never raises for a
-    client that went away.
-    """
-    subscriber = generation.subscribe()
-    stream = OpenStream(request, subscriber)
-    streams.add(stream)
+    subscriber = stream.subscriber
     loop = asyncio.get_running_loop()
-    cursor = after
-    try:
-        if retry_hint:
-            await response.write(f"retry: {config.retry_ms}\r\n\r\n".encode())
-        while True:
-            subscriber.wake.clear()
-            pending = generation.events_after(cursor)
-            for event in pending:
-                await write_event(response, event)
-                cursor = event.id
-            if pending:
-                stream.last_write = loop.time()
-            terminal = generation.terminal
-            if terminal is not None and cursor >= terminal.id:
-                return Outcome.COMPLETE
-            if subscriber.gone or stream.connection_closed():
-                return Outcome.GONE
-            if subscriber.heartbeat_due:
-                subscriber.heartbeat_due = False
-                async with asyncio.timeout(config.send_timeout):
-                    await response.write(HEARTBEAT)
-                stream.last_write = loop.time()
-                continue
-            await subscriber.wake.wait()
-    except ConnectionResetError:
-        return Outcome.GONE
-    except TimeoutError:
-        # The reader fell too far behind: drop it (aiohttp-sse may have already).
-        if (transport := request.transport) is not None:
-            transport.abort()
-        log.info("generation %s: closed a stalled reader at event %d", generation.id, cursor)
-        return Outcome.STALLED
-    finally:
-        streams.discard(stream)
-        generation.unsubscribe(subscriber)
+    while True:
+        subscriber.wake.clear()
+        pending = generation.events_after(cursor)
+        for event in pending:
+            await write_event(response, event)
+            cursor = event.id
+        if pending:
+            stream.last_write = loop.time()
+        terminal = generation.terminal
+        if terminal is not None and cursor >= terminal.id:
+            return Outcome.COMPLETE
+        if subscriber.gone or stream.connection_closed():
+            return Outcome.GONE
+        if subscriber.heartbeat_due:
+            subscriber.heartbeat_due = False
+            async with asyncio.timeout(config.send_timeout):
+                await response.write(HEARTBEAT)
+            stream.last_write = loop.time()
+            continue
+        await subscriber.wake.wait()
