@@ -231,7 +231,7 @@ async def test_ended_generation_expires_after_ttl(start_rill: StartRill) -> None
 
 
 async def test_memory_cap_evicts_the_oldest_ended_generations_first(start_rill: StartRill) -> None:
-    rill = await start_rill(stream={"buffer_memory_mb": 0.02, "resume_grace": 0.2})  # about 20 KB
+    rill = await start_rill(stream={"buffer_memory_mb": 0.02, "resume_grace": 1.0})  # about 20 KB
     ids = []
     for _ in range(4):
         rill.fake.script(Reply(chunks=answer(["y" * 1000] * 8)))  # about 9 KB each
@@ -240,7 +240,7 @@ async def test_memory_cap_evicts_the_oldest_ended_generations_first(start_rill: 
         ids.append(generation_id)
     # Just ended: still resumable, even over the cap.
     assert all(rill.registry.get(g) is not None for g in ids)
-    await wait_for(lambda: rill.registry.get(ids[0]) is None, timeout=2.0)
+    await wait_for(lambda: rill.registry.get(ids[0]) is None, timeout=3.0)
     assert rill.registry.get(ids[1]) is None
     assert rill.registry.get(ids[-1]) is not None
     assert rill.registry.ended_bytes <= rill.registry.max_bytes
