@@ -190,15 +190,13 @@ class DemoServer:
 
     def __init__(self, config: DemoConfig) -> None:
         self._runner = web.AppRunner(create_demo_app(config), access_log=None, handler_cancellation=True)
-        self.base_url: URL | None = None
 
     async def start(self) -> URL:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         host, port = self._runner.addresses[0][:2]
-        self.base_url = URL.build(scheme="http", host=host, port=port, path="/v1")
-        return self.base_url
+        return URL.build(scheme="http", host=host, port=port, path="/v1")
 
     async def close(self) -> None:
         await self._runner.cleanup()

@@ -12,8 +12,9 @@ from typing import Any
 from aiohttp import web
 
 from .catalog import Catalog
-from .config import LimitsConfig, ModelConfig, ProviderConfig
+from .config import LimitsConfig
 from .errors import ApiError
+from .upstream import ChatRequest
 
 ROLES = frozenset({"system", "user", "assistant"})
 _GENERATION_ID = re.compile(r"[0-9a-f]{32}")
@@ -22,17 +23,14 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")  # valid JSON escapes, but not text 
 
 @dataclass(frozen=True, slots=True)
 class ChatInput:
-    provider: ProviderConfig
-    model: ModelConfig
-    messages: tuple[dict[str, str], ...]
-    temperature: float | None
-    max_tokens: int | None
+    request: ChatRequest
     client_id: str | None
 
     def fingerprint(self) -> str:
         """Identifies the request, so a reused client_id with other content is caught."""
+        r = self.request
         canonical = json.dumps(
-            [self.model.id, self.messages, self.temperature, self.max_tokens],
+            [r.model.id, r.messages, r.temperature, r.max_tokens],
             ensure_ascii=False,
             sort_keys=True,
         )
@@ -83,7 +81,8 @@ def parse_chat(body: dict[str, Any], catalog: Catalog, limits: LimitsConfig) -> 
             raise invalid("invalid_client_id", "'client_id' must be a UUID made by the client.") from None
 
     temperature, max_tokens = _parse_options(body.get("options"), limits)
-    return ChatInput(provider, model, messages, temperature, max_tokens, client_id)
+    request = ChatRequest(provider, model, messages, temperature, max_tokens)
+    return ChatInput(request, client_id)
 
 
 def _parse_messages(value: Any, limits: LimitsConfig) -> tuple[dict[str, str], ...]:

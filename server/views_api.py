@@ -14,7 +14,6 @@ from .errors import ApiError
 from .generation import Generation
 from .keys import CATALOG, CONFIG, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
 from .streaming import serve
-from .upstream import ChatRequest
 from .validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
 
 log = logging.getLogger(__name__)
@@ -54,18 +53,14 @@ async def create_chat(request: web.Request) -> web.Response:
         return web.json_response(_created(existing), status=200)
     generation = registry.start(
         app[SESSION],
-        ChatRequest(
-            provider=chat.provider,
-            model=chat.model,
-            messages=chat.messages,
-            temperature=chat.temperature,
-            max_tokens=chat.max_tokens,
-        ),
+        chat.request,
         client_key=request.remote or "unknown",
         client_id=chat.client_id,
         fingerprint=fingerprint,
     )
-    log.info("generation %s started: model=%s messages=%d", generation.id, chat.model.id, len(chat.messages))
+    log.info(
+        "generation %s started: model=%s messages=%d", generation.id, chat.request.model.id, len(chat.request.messages)
+    )
     return web.json_response(_created(generation), status=201)
 
 
