@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: run test lint fmt clean
+.PHONY: run test lint fmt clean vendor vendor-check
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ lint: $(DEV)
 fmt: $(DEV)
 	$(BIN)/ruff format server tests
 	$(BIN)/ruff check --fix server tests
+
+# Browser libraries: pinned in web/vendor/package-lock.json, copied into web/static/vendor/ (committed).
+# Needs Node/npm only when updating them; see web/vendor/README.md.
+vendor:
+	cd web/vendor && npm ci --no-audit --no-fund && node vendor.mjs
+
+vendor-check:
+	cd web/vendor && npm ci --no-audit --no-fund && node vendor.mjs --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
