@@ -24,6 +24,7 @@ from .keys import CATALOG, CONFIG, MONITOR_TASK, OPEN_STREAMS, REGISTRY, SESSION
 from .monitor import run_monitor
 from .registry import GenerationRegistry
 from .routes import setup_routes
+from .security import add_security_headers
 from .streaming import OpenStreams
 from .upstream import client_timeout
 
@@ -44,6 +45,7 @@ def create_app(config: Config) -> web.Application:
         autoescape=jinja2.select_autoescape(default=True),
     )
     setup_routes(app)
+    app.on_response_prepare.append(add_security_headers)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_catalog)
     app.cleanup_ctx.append(_monitor)

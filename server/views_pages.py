@@ -26,4 +26,5 @@ async def static_file(request: web.Request) -> web.FileResponse:
     path = (STATIC_DIR / request.match_info["path"]).resolve()
     if not path.is_relative_to(STATIC_DIR) or not path.is_file():
         raise ApiError(404, "not_found", "There is nothing at this address.")
-    return web.FileResponse(path)
+    # no-cache: revalidate (ETag) every time, so an upgrade never mixes old and new modules.
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache"})

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpServer
+from playwright.async_api import Browser, async_playwright
 from yarl import URL
 
 from server.app import create_app, runner_options
@@ -20,6 +21,7 @@ from server.config import Config, parse_config
 from server.keys import REGISTRY
 from server.registry import GenerationRegistry
 
+from .browser import WatchedPage, launch, watch
 from .fakes import FakeUpstream, StreamReader
 
 # Stands in for a real API key: it must never show up anywhere outside the server.
@@ -171,3 +173,29 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await launch(playwright)
+        yield browser
+        await browser.close()
+
+
+OpenPage = Callable[..., Awaitable[WatchedPage]]
+
+
+@pytest.fixture
+async def open_page(browser: Browser) -> OpenPage:
+    """Opens the chat page of a running Rill in a fresh browser context (empty storage)."""
+
+    async def open_page(rill: Rill, **context_options: Any) -> WatchedPage:
+        context = await browser.new_context(**context_options)
+        page = await context.new_page()
+        watched = await watch(page)
+        await page.goto(str(rill.url))
+        await page.wait_for_selector("#model option[value]:not([value=''])", state="attached")
+        return watched
+
+    return open_page

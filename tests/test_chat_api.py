@@ -202,7 +202,7 @@ async def test_index_page_is_served(rill: Rill) -> None:
 
 
 async def test_static_files_are_served_and_cannot_escape_their_folder(rill: Rill) -> None:
-    async with rill.session.get(rill.url / "static/placeholder.css") as response:
+    async with rill.session.get(rill.url / "static/app.css") as response:
         assert response.status == 200
         assert "body" in await response.text()
     for path in ("/static/..%2fconfig.toml", "/static/%2e%2e/%2e%2e/server/config.py", "/static/missing.css"):

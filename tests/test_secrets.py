@@ -79,7 +79,7 @@ async def test_api_key_never_leaves_the_server(start_rill: StartRill, caplog: py
     seen = Seen()
 
     # Pages and JSON endpoints.
-    for path in ("", "api/models", "healthz", "static/placeholder.css"):
+    for path in ("", "api/models", "healthz", "static/app.css"):
         status, _ = await fetch(rill, seen, "GET", path)
         assert status == 200, path
 

@@ -1,0 +1,102 @@
+// The Rill JSON API. Every failure becomes an ApiError carrying the server's stable code
+// and its human message, or code "network" when the server could not be reached.
+
+import { t } from "./i18n.js";
+
+export class ApiError extends Error {
+  constructor(code, message, { status = 0, retryable = false } = {}) {
+    super(message);
+    this.code = code;
+    this.status = status;
+    this.retryable = retryable;
+  }
+}
+
+const POST_ATTEMPTS = 3;
+const POST_RETRY_DELAY_MS = 700;
+
+async function request(method, url, body) {
+  let response;
+  try {
+    response = await fetch(url, {
+      method,
+      headers: body === undefined ? {} : { "Content-Type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+      cache: "no-store",
+    });
+  } catch {
+    throw new ApiError("network", t("err.network"), { retryable: true });
+  }
+  let payload = null;
+  try {
+    payload = await response.json();
+  } catch {
+    // A proxy's HTML error page, or an empty body: described below by status.
+  }
+  if (!response.ok) {
+    const error = payload?.error;
+    if (error && typeof error.code === "string" && typeof error.message === "string") {
+      throw new ApiError(error.code, error.message, {
+        status: response.status,
+        retryable: response.status === 429 || response.status >= 500,
+      });
+    }
+    throw new ApiError("http_error", t("err.unexpected", { detail: `HTTP ${response.status}` }), {
+      status: response.status,
+      retryable: response.status >= 500,
+    });
+  }
+  if (payload === null || typeof payload !== "object") {
+    throw new ApiError("bad_response", t("err.badResponse"), { status: response.status });
+  }
+  return payload;
+}
+
+export function listModels() {
+  return request("GET", "/api/models");
+}
+
+/**
+ * Starts a generation. A POST that fails in the network is sent again with the same
+ * client_id, so the server recognises it and never asks the model twice.
+ */
+export async function startChat(body) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await request("POST", "/api/chat", body);
+    } catch (error) {
+      if (error.code !== "network" || attempt >= POST_ATTEMPTS) throw error;
+      await new Promise((resolve) => setTimeout(resolve, POST_RETRY_DELAY_MS * attempt));
+    }
+  }
+}
+
+export function stopChat(generationId) {
+  return request("DELETE", `/api/chat/${encodeURIComponent(generationId)}`);
+}
+
+/** Why a stream cannot be reopened: the server's JSON error, or null if it can be. */
+export async function probeEvents(generationId, lastEventId) {
+  const controller = new AbortController();
+  try {
+    const response = await fetch(eventsUrl(generationId, lastEventId), { signal: controller.signal, cache: "no-store" });
+    if (response.status === 204) return new ApiError("delivered", "", { status: 204 });
+    if (response.ok) return null;
+    const payload = await response.json().catch(() => null);
+    const error = payload?.error;
+    if (error?.code === "generation_not_found") return new ApiError(error.code, t("err.expired"), { status: 404 });
+    if (error) return new ApiError(error.code, error.message, { status: response.status });
+    return new ApiError("http_error", t("err.unexpected", { detail: `HTTP ${response.status}` }), {
+      status: response.status,
+    });
+  } catch {
+    return new ApiError("network", t("err.network"), { retryable: true });
+  } finally {
+    controller.abort(); // only the status was wanted; do not hold a stream open
+  }
+}
+
+export function eventsUrl(generationId, lastEventId) {
+  const base = `/api/chat/${encodeURIComponent(generationId)}/events`;
+  return lastEventId > 0 ? `${base}?last_event_id=${lastEventId}` : base;
+}

@@ -1,0 +1,132 @@
+// Model output rendered as Markdown, safely and incrementally.
+//
+// Safety: raw HTML in the text is shown as text, images become links (a remote image
+// would load by itself and can leak the conversation through its URL), and every
+// piece of HTML goes through DOMPurify into a DOM fragment before it reaches the page.
+// Under the page's Trusted Types policy nothing else could write HTML anyway.
+//
+// Speed: the text is lexed into top-level blocks once per animation frame at most, and
+// only blocks whose source changed are rebuilt (while streaming, usually just the last
+// one), so long answers do not re-render, re-highlight or flicker.
+
+import DOMPurify from "/static/vendor/purify.js";
+import hljs from "/static/vendor/highlight.js";
+import { Marked } from "/static/vendor/marked.js";
+import { t } from "./i18n.js";
+
+const LANGUAGE_NAME = /^[\w#+.-]{1,40}$/;
+const MAX_HIGHLIGHT_CHARS = 200_000; // beyond this, plain code: highlighting would stall the page
+
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+const markdown = new Marked({ gfm: true, breaks: true });
+markdown.use({
+  renderer: {
+    html({ text }) {
+      return escapeHtml(text);
+    },
+    checkbox({ checked }) {
+      return checked ? "☑ " : "☐ "; // not <input>: forms and controls are not allowed in output
+    },
+    image({ href, text }) {
+      const label = escapeHtml(text || href);
+      return `<a href="${escapeHtml(href)}" class="image-link">🖼 ${label}</a>`;
+    },
+    code({ text, lang }) {
+      const language = (lang || "").trim().split(/\s+/)[0];
+      const known = LANGUAGE_NAME.test(language) && hljs.getLanguage(language) ? language : "";
+      const body =
+        known && text.length <= MAX_HIGHLIGHT_CHARS
+          ? hljs.highlight(text, { language: known, ignoreIllegals: true }).value
+          : escapeHtml(text);
+      const label = LANGUAGE_NAME.test(language) ? language : "";
+      return `<pre data-language="${escapeHtml(label)}"><code class="hljs${known ? ` language-${known}` : ""}">${body}</code></pre>`;
+    },
+  },
+});
+
+const PURIFY_OPTIONS = {
+  RETURN_DOM_FRAGMENT: true,
+  FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "img", "svg", "math"],
+  FORBID_ATTR: ["style", "id", "name"],
+  ALLOW_DATA_ATTR: false,
+  ADD_ATTR: ["data-language"],
+};
+
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A" && node.hasAttribute("href")) {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer nofollow");
+  }
+});
+
+/** Sanitised DOM for a piece of Markdown (also used for whole messages outside streaming). */
+export function renderMarkdown(text) {
+  return sanitize(markdown.parser(markdown.lexer(text)));
+}
+
+function sanitize(html) {
+  const fragment = DOMPurify.sanitize(html, PURIFY_OPTIONS);
+  for (const pre of fragment.querySelectorAll("pre")) decorateCode(pre);
+  return fragment;
+}
+
+function decorateCode(pre) {
+  const bar = document.createElement("div");
+  bar.className = "code-bar";
+  const language = document.createElement("span");
+  language.className = "code-language";
+  language.textContent = pre.dataset.language || "";
+  const copy = document.createElement("button");
+  copy.type = "button";
+  copy.className = "code-copy";
+  copy.dataset.action = "copy-code";
+  copy.textContent = t("msg.copyCode");
+  bar.append(language, copy);
+  pre.prepend(bar);
+}
+
+export class MarkdownView {
+  constructor(element) {
+    this.element = element;
+    this.blocks = []; // {raw, node} per top-level token, in order
+    this.text = "";
+    this.frame = 0;
+  }
+
+  /** Shows text, rebuilding at most once per animation frame. */
+  update(text) {
+    if (text === this.text) return;
+    this.text = text;
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.flush());
+  }
+
+  /** Renders now (at the end of a stream, or when first shown). */
+  flush() {
+    if (this.frame) cancelAnimationFrame(this.frame);
+    this.frame = 0;
+    const tokens = markdown.lexer(this.text);
+    let index = 0;
+    for (const token of tokens) {
+      if (token.type === "space" || token.type === "def") continue;
+      const block = this.blocks[index];
+      if (!block || block.raw !== token.raw) this._replace(index, token, tokens.links);
+      index++;
+    }
+    for (const block of this.blocks.splice(index)) block.node.remove();
+  }
+
+  _replace(index, token, links) {
+    const list = [token];
+    list.links = links;
+    const node = document.createElement("div");
+    node.className = "md-block";
+    node.append(sanitize(markdown.parser(list)));
+    const old = this.blocks[index];
+    if (old) old.node.replaceWith(node);
+    else this.element.append(node);
+    this.blocks[index] = { raw: token.raw, node };
+  }
+}

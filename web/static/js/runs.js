@@ -1,0 +1,222 @@
+// Generations in progress. A Run owns one assistant message while its answer streams:
+// it POSTs (with the message's client_id), follows the events, and writes the text and
+// the last event id into the conversation together, so a reload resumes exactly where
+// the stored text ends, from the same generation, without a second upstream request.
+
+import { ApiError, startChat, stopChat } from "./api.js";
+import { uuid4 } from "./ids.js";
+import { EventFollower } from "./stream.js";
+
+const SAVE_INTERVAL_MS = 1000;
+const STOP_FALLBACK_MS = 2000; // if the stream does not bring "done" after DELETE, finish from its answer
+
+const FINISH_STATUS = { stop: "done", length: "length", content_filter: "filtered", cancelled: "stopped" };
+
+export class Runs extends EventTarget {
+  constructor(store) {
+    super();
+    this.store = store;
+    this.active = new Map(); // message id -> Run
+    this._flushAll = () => {
+      for (const run of this.active.values()) run.save(true);
+    };
+    // The last chance to write the latest text before a reload or a closed tab.
+    window.addEventListener("pagehide", this._flushAll);
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "hidden") this._flushAll();
+    });
+  }
+
+  /** Starts a new generation for message (which must already be in conversation). */
+  start(conversation, message, body) {
+    message.status = "streaming";
+    message.error = null;
+    message.pending = { clientId: uuid4(), body: null, generation: null, lastEventId: 0, stopRequested: false };
+    message.pending.body = { ...body, client_id: message.pending.clientId };
+    message.stats = { started: Date.now(), firstToken: null, ended: null, deltas: 0 };
+    this._launch(conversation, message);
+  }
+
+  /** Picks up every answer that was streaming when the page was last closed. */
+  resumeAll() {
+    for (const { id } of this.store.list()) {
+      const conversation = this.store.get(id);
+      for (const message of conversation?.messages ?? []) {
+        if (message.pending) this._launch(conversation, message);
+      }
+    }
+  }
+
+  forConversation(conversationId) {
+    for (const run of this.active.values()) if (run.conversation.id === conversationId) return run;
+    return null;
+  }
+
+  _launch(conversation, message) {
+    const run = new Run(this, conversation, message);
+    this.active.set(message.id, run);
+    this.store.save(conversation);
+    this._changed(run);
+    run.begin();
+  }
+
+  _changed(run) {
+    this.dispatchEvent(new CustomEvent("update", { detail: { run } }));
+  }
+
+  _finished(run) {
+    this.active.delete(run.message.id);
+    this._changed(run);
+  }
+}
+
+class Run {
+  constructor(runs, conversation, message) {
+    this.runs = runs;
+    this.conversation = conversation;
+    this.message = message;
+    this.follower = null;
+    this.saveTimer = 0;
+    this.stopTimer = 0;
+    this.finished = false;
+  }
+
+  get pending() {
+    return this.message.pending;
+  }
+
+  async begin() {
+    if (!this.pending.generation) {
+      let created;
+      try {
+        // Same client_id on every attempt, including after a reload mid-POST.
+        created = await startChat(this.pending.body);
+      } catch (error) {
+        this._fail(error);
+        return;
+      }
+      if (this.finished) return;
+      this.pending.generation = created.id;
+      this.save(true);
+    }
+    if (this.pending.stopRequested) this.stop();
+    this.follower = new EventFollower(this.pending.generation, this.pending.lastEventId, {
+      onEvent: (name, data, id) => this._onEvent(name, data, id),
+      onReconnecting: () => this._setConnection("reconnecting"),
+      onLost: (error) => this._onLost(error),
+    });
+    this.follower.open();
+  }
+
+  /** Stop button or Esc: ends the upstream request; the stream then brings "done". */
+  stop() {
+    if (this.finished) return;
+    this.pending.stopRequested = true;
+    this.save(true);
+    if (!this.pending.generation) return; // begin() stops it as soon as the POST answers
+    const generation = this.pending.generation;
+    stopChat(generation).then(
+      (answer) => {
+        this.stopTimer = setTimeout(() => {
+          if (answer.usage && !this.message.usage) this.message.usage = answer.usage;
+          const reason = answer.result?.finish_reason;
+          if (answer.ended === "error") this._fail(new ApiError(answer.result.code, answer.result.message));
+          else this._finish(FINISH_STATUS[reason] ?? "stopped");
+        }, STOP_FALLBACK_MS);
+      },
+      (error) => {
+        if (error.code === "generation_not_found") this._finish("stopped");
+        else if (error.code !== "network") this._fail(error);
+      },
+    );
+  }
+
+  /** Drops the run without a trace (its conversation is being deleted): stops the upstream too. */
+  discard() {
+    if (this.pending?.generation && !this.finished) stopChat(this.pending.generation).catch(() => {});
+    this.finished = true;
+    this._close();
+    this.runs._finished(this);
+  }
+
+  _onEvent(name, data, id) {
+    if (this.finished) return;
+    const message = this.message;
+    this.pending.lastEventId = id;
+    message.connection = null;
+    switch (name) {
+      case "meta":
+        message.model = data.model;
+        message.modelLabel = data.label;
+        message.demo = Boolean(data.demo);
+        break;
+      case "reasoning":
+        message.stats.firstToken ??= Date.now();
+        message.reasoning = (message.reasoning ?? "") + data.text;
+        break;
+      case "delta":
+        message.stats.firstToken ??= Date.now();
+        message.stats.answerStarted ??= Date.now();
+        message.stats.deltas++;
+        message.content += data.text;
+        break;
+      case "usage":
+        message.usage = data;
+        break;
+      case "done":
+        this._finish(FINISH_STATUS[data.finish_reason] ?? "done");
+        return;
+      case "error":
+        this._fail(new ApiError(data.code, data.message, { retryable: Boolean(data.retryable) }));
+        return;
+    }
+    this.save(false);
+    this.runs._changed(this);
+  }
+
+  _setConnection(state) {
+    this.message.connection = state;
+    this.runs._changed(this);
+  }
+
+  _onLost(error) {
+    if (error.code === "delivered") this._finish(this.message.status === "streaming" ? "done" : this.message.status);
+    else this._fail(error);
+  }
+
+  _fail(error) {
+    this.message.error = { code: error.code, message: error.message, retryable: Boolean(error.retryable) };
+    this._finish("error");
+  }
+
+  _finish(status) {
+    if (this.finished) return;
+    this.finished = true;
+    const message = this.message;
+    message.status = status;
+    message.connection = null;
+    message.stats.ended = Date.now();
+    delete message.pending;
+    this._close();
+    this.save(true);
+    this.runs._finished(this);
+  }
+
+  _close() {
+    this.follower?.close();
+    clearTimeout(this.saveTimer);
+    clearTimeout(this.stopTimer);
+  }
+
+  /** Writes the conversation now, or within SAVE_INTERVAL_MS (text and event id together). */
+  save(now) {
+    if (this.runs.store.get(this.conversation.id) !== this.conversation) return; // deleted meanwhile
+    if (now) {
+      clearTimeout(this.saveTimer);
+      this.saveTimer = 0;
+      this.runs.store.save(this.conversation);
+    } else if (!this.saveTimer) {
+      this.saveTimer = setTimeout(() => this.save(true), SAVE_INTERVAL_MS);
+    }
+  }
+}

@@ -1,0 +1,95 @@
+// The list of conversations: open, rename in place, delete with a second click to
+// confirm (no window.confirm: dialogs block the page and the stream).
+
+import { t, translatePage } from "./i18n.js";
+import { TITLE_MAX_CHARS } from "./store.js";
+
+const CONFIRM_MS = 3000;
+
+export class Sidebar {
+  /** handlers: onOpen(id), onRename(id, title), onDelete(id) */
+  constructor(list, emptyNote, handlers) {
+    this.list = list;
+    this.emptyNote = emptyNote;
+    this.handlers = handlers;
+    this.template = document.getElementById("conversation-template");
+    this.currentId = null;
+    this.streamingIds = new Set();
+    list.addEventListener("click", (event) => this._onClick(event));
+  }
+
+  render(summaries, currentId, streamingIds) {
+    this.currentId = currentId;
+    this.streamingIds = streamingIds;
+    if (this.list.querySelector(".rename-input")) return; // do not destroy an edit in progress
+    this.list.replaceChildren(
+      ...summaries.map((summary) => {
+        const item = this.template.content.firstElementChild.cloneNode(true);
+        translatePage(item);
+        item.dataset.id = summary.id;
+        const open = item.querySelector(".conversation-open");
+        open.textContent = summary.title || t("app.untitled");
+        open.title = summary.title || t("app.untitled");
+        if (summary.id === currentId) {
+          item.classList.add("current");
+          open.setAttribute("aria-current", "page");
+        }
+        item.classList.toggle("streaming", streamingIds.has(summary.id));
+        return item;
+      }),
+    );
+    this.emptyNote.hidden = summaries.length > 0;
+  }
+
+  _onClick(event) {
+    const button = event.target.closest("button");
+    const item = button?.closest(".conversation");
+    if (!item) return;
+    const id = item.dataset.id;
+    if (button.classList.contains("conversation-open")) this.handlers.onOpen(id);
+    else if (button.dataset.action === "rename") this._rename(item, id);
+    else if (button.dataset.action === "delete") this._delete(button, id);
+  }
+
+  _rename(item, id) {
+    const open = item.querySelector(".conversation-open");
+    const input = document.createElement("input");
+    input.className = "rename-input";
+    input.maxLength = TITLE_MAX_CHARS;
+    input.value = open.textContent;
+    input.setAttribute("aria-label", t("app.rename"));
+    open.replaceWith(input);
+    input.focus();
+    input.select();
+    let done = false;
+    const finish = (save) => {
+      if (done) return;
+      done = true;
+      input.remove(); // lets render() rebuild the list again
+      if (save && input.value.trim()) this.handlers.onRename(id, input.value);
+      else this.handlers.onRename(id, null);
+    };
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.isComposing) finish(true);
+      else if (event.key === "Escape") {
+        event.stopPropagation();
+        finish(false);
+      }
+    });
+    input.addEventListener("blur", () => finish(true));
+  }
+
+  _delete(button, id) {
+    if (button.classList.contains("confirm")) {
+      this.handlers.onDelete(id);
+      return;
+    }
+    button.classList.add("confirm");
+    button.textContent = t("app.confirmDelete");
+    setTimeout(() => {
+      if (!button.isConnected) return;
+      button.classList.remove("confirm");
+      button.textContent = "×";
+    }, CONFIRM_MS);
+  }
+}

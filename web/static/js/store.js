@@ -1,0 +1,114 @@
+// Conversations and settings in localStorage: an index of conversations plus one key per
+// conversation, so saving the one being streamed does not rewrite all the others.
+
+import { newId } from "./ids.js";
+
+const PREFIX = "rill.v1.";
+const INDEX_KEY = `${PREFIX}conversations`;
+const SETTINGS_KEY = `${PREFIX}settings`;
+const conversationKey = (id) => `${PREFIX}conversation.${id}`;
+
+export const TITLE_MAX_CHARS = 60;
+
+function read(key, fallback) {
+  try {
+    const raw = localStorage.getItem(key);
+    return raw === null ? fallback : JSON.parse(raw);
+  } catch {
+    return fallback; // unreadable or corrupt: start clean rather than break the page
+  }
+}
+
+export class Store extends EventTarget {
+  constructor() {
+    super();
+    this.index = read(INDEX_KEY, []).filter((entry) => entry && typeof entry.id === "string");
+    this.cache = new Map();
+  }
+
+  /** Conversation summaries, most recently updated first. */
+  list() {
+    return [...this.index].sort((a, b) => b.updated - a.updated);
+  }
+
+  get(id) {
+    if (!this.cache.has(id)) {
+      const conversation = read(conversationKey(id), null);
+      if (!conversation || !Array.isArray(conversation.messages)) return null;
+      this.cache.set(id, conversation);
+    }
+    return this.cache.get(id);
+  }
+
+  create({ model = null, system = "" } = {}) {
+    const now = Date.now();
+    const conversation = { id: newId(), title: "", titled: false, created: now, updated: now, model, system, messages: [] };
+    this.cache.set(conversation.id, conversation);
+    this.save(conversation);
+    return conversation;
+  }
+
+  rename(id, title) {
+    const conversation = this.get(id);
+    if (!conversation) return;
+    conversation.title = title.trim().slice(0, TITLE_MAX_CHARS);
+    conversation.titled = conversation.title !== "";
+    this.save(conversation, { touch: false });
+  }
+
+  delete(id) {
+    this.cache.delete(id);
+    this.index = this.index.filter((entry) => entry.id !== id);
+    localStorage.removeItem(conversationKey(id));
+    this._writeIndex();
+    this.dispatchEvent(new CustomEvent("change"));
+  }
+
+  /** Writes a conversation and its index entry; touch moves it to the top of the list. */
+  save(conversation, { touch = true } = {}) {
+    if (touch) conversation.updated = Date.now();
+    if (!conversation.titled) conversation.title = autoTitle(conversation);
+    const ok = this._write(conversationKey(conversation.id), conversation);
+    const entry = { id: conversation.id, title: conversation.title, updated: conversation.updated };
+    const position = this.index.findIndex((item) => item.id === conversation.id);
+    const changed =
+      position < 0 || this.index[position].title !== entry.title || this.index[position].updated !== entry.updated;
+    if (position < 0) this.index.push(entry);
+    else this.index[position] = entry;
+    if (changed) {
+      this._writeIndex();
+      this.dispatchEvent(new CustomEvent("change"));
+    }
+    return ok;
+  }
+
+  settings() {
+    return read(SETTINGS_KEY, {});
+  }
+
+  updateSettings(changes) {
+    this._write(SETTINGS_KEY, { ...this.settings(), ...changes });
+  }
+
+  _writeIndex() {
+    this._write(INDEX_KEY, this.index);
+  }
+
+  _write(key, value) {
+    try {
+      localStorage.setItem(key, JSON.stringify(value));
+      return true;
+    } catch (error) {
+      // QuotaExceededError: keep working in memory and tell the user once per failure.
+      this.dispatchEvent(new CustomEvent("quota", { detail: error }));
+      return false;
+    }
+  }
+}
+
+function autoTitle(conversation) {
+  const first = conversation.messages.find((message) => message.role === "user");
+  if (!first) return "";
+  const line = first.content.trim().split("\n")[0].replace(/\s+/g, " ");
+  return line.length > TITLE_MAX_CHARS ? `${line.slice(0, TITLE_MAX_CHARS - 1)}…` : line;
+}
