@@ -40,8 +40,12 @@ document.addEventListener("securitypolicyviolation", (event) => {
 PHONE = {"width": 390, "height": 844}
 
 
+def chromium_missing() -> bool:
+    return not Path(CHROMIUM).exists() and shutil.which(CHROMIUM) is None
+
+
 async def launch(playwright: Playwright) -> Browser:
-    if not Path(CHROMIUM).exists() and shutil.which(CHROMIUM) is None:
+    if chromium_missing():
         raise RuntimeError(f"Chromium not found at {CHROMIUM}: install Debian's chromium (.ci/run does).")
     return await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 

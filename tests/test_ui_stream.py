@@ -29,7 +29,8 @@ async def test_tokens_appear_incrementally_and_the_final_text_is_exact(rill: Ril
     await page.wait_for_function(
         """() => {
           const last = [...document.querySelectorAll(".message.assistant")].pop();
-          return last && last.classList.contains("streaming") && last.querySelector(".message-body").innerText.length > 0;
+          const body = last?.querySelector(".message-body");
+          return last?.classList.contains("streaming") && body.innerText.length > 0;
         }"""
     )
     partial = await body.inner_text()
@@ -138,7 +139,12 @@ async def test_each_send_has_a_fresh_client_id_and_a_double_enter_sends_once(ril
     ui = await open_page(rill)
     page = ui.page
     posts: list[dict[str, object]] = []
-    page.on("request", lambda r: posts.append(r.post_data_json) if r.method == "POST" else None)
+
+    def on_request(request: Request) -> None:
+        if request.method == "POST":
+            posts.append(request.post_data_json)
+
+    page.on("request", on_request)
 
     await page.fill("#prompt", "First")
     await page.press("#prompt", "Enter")
