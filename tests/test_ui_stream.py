@@ -4,6 +4,7 @@ final text is exact, Stop ends the upstream request, a reload resumes the same a
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from playwright.async_api import Request
 
@@ -138,11 +139,11 @@ async def test_reload_mid_answer_resumes_the_same_answer(rill: Rill, open_page: 
 async def test_each_send_has_a_fresh_client_id_and_a_double_enter_sends_once(rill: Rill, open_page: OpenPage) -> None:
     ui = await open_page(rill)
     page = ui.page
-    posts: list[dict[str, object]] = []
+    posts: list[dict[str, Any]] = []
 
     def on_request(request: Request) -> None:
         if request.method == "POST":
-            posts.append(request.post_data_json)
+            posts.append(dict(request.post_data_json or {}))
 
     page.on("request", on_request)
 
