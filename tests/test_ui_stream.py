@@ -8,8 +8,10 @@ from typing import Any
 
 from playwright.async_api import Request
 
+from server.keys import OPEN_STREAMS
+
 from .browser import ANSWER, answer_text, send, wait_answer_ended
-from .conftest import OpenPage, Rill
+from .conftest import OpenPage, Rill, StartRill
 from .fakes import Reply, answer, chunk
 
 # Plain paragraphs with line breaks, CJK and emoji: Markdown shows them as they are.
@@ -159,4 +161,36 @@ async def test_each_send_has_a_fresh_client_id_and_a_double_enter_sends_once(ril
     client_ids = [post["client_id"] for post in posts]
     assert all(isinstance(c, str) and len(c) == 36 for c in client_ids)
     assert client_ids[0] != client_ids[1]
+    await ui.assert_clean()
+
+
+async def test_a_dropped_connection_resumes_the_same_answer(start_rill: StartRill, open_page: OpenPage) -> None:
+    rill = await start_rill(stream={"retry_ms": 200})
+    rill.fake.script(Reply(chunks=answer(pieces(TEXT, 2), delay=0.05)))
+    ui = await open_page(rill)
+    page = ui.page
+    resumes: list[str | None] = []
+
+    async def on_request(request: Request) -> None:
+        if "/events" in request.url:
+            resumes.append((await request.all_headers()).get("last-event-id"))
+
+    page.on("request", on_request)
+    await send(page, "Write something")
+    await page.wait_for_function(
+        "() => (document.querySelector('.message.assistant .message-body')?.innerText.length ?? 0) > 6"
+    )
+    # Cut the connection under the page, as a flaky network or a proxy restart would.
+    for stream in rill.app[OPEN_STREAMS]:
+        assert stream.request.transport is not None
+        stream.request.transport.close()
+    await wait_answer_ended(page)
+
+    assert await answer_text(page) == TEXT
+    assert len(rill.fake.requests) == 1
+    assert len(resumes) == 2
+    assert resumes[0] is None
+    assert resumes[1] is not None
+    assert int(resumes[1]) > 1  # EventSource resumed after the events it had
+    ui.allowed_console.append("net::ERR_")  # Chromium logs the dropped connection
     await ui.assert_clean()
