@@ -109,7 +109,7 @@ class ChatApp {
     this.cancelEdit();
     this.current = id ? this.store.get(id) : null;
     this.store.updateSettings({ current: this.current?.id ?? null });
-    $("chat-title").textContent = this.current?.title || t("app.untitled");
+    this._showTitle();
     $("system-prompt").value = this.current ? (this.current.system ?? "") : this.draftSystem;
     this._selectModel();
     this.list.show(this.current, Boolean(this._run()));
@@ -121,7 +121,7 @@ class ChatApp {
   rename(id, title) {
     if (title !== null) this.store.rename(id, title);
     this._renderSidebar();
-    if (this.current?.id === id) $("chat-title").textContent = this.current.title || t("app.untitled");
+    if (this.current?.id === id) this._showTitle();
   }
 
   remove(id) {
@@ -155,7 +155,7 @@ class ChatApp {
     const body = { model: this._modelFor(conversation), messages: requestMessages(conversation, -1) };
     this.runs.start(conversation, message, body);
     this.list.show(conversation, true);
-    $("chat-title").textContent = conversation.title || t("app.untitled");
+    this._showTitle();
     this._syncComposer();
   }
 
@@ -265,11 +265,22 @@ class ChatApp {
         this._syncComposer();
       }
     }
-    this._renderSidebar();
+    // The sidebar only shows which conversations stream: redraw it when that set changes.
+    const streaming = [...this.runs.active.keys()].join();
+    if (streaming !== this.streamingKey) {
+      this.streamingKey = streaming;
+      this._renderSidebar();
+    }
   }
 
   _run() {
     return this.current ? this.runs.forConversation(this.current.id) : null;
+  }
+
+  _showTitle() {
+    const title = this.current?.title || t("app.untitled");
+    $("chat-title").textContent = title;
+    document.title = this.current?.title ? `${title} · Rill` : "Rill";
   }
 
   _syncComposer() {

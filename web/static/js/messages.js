@@ -141,6 +141,7 @@ export class MessageList {
     const { element, view } = entry;
     const streaming = message.status === "streaming";
     element.classList.toggle("streaming", streaming);
+    element.setAttribute("aria-busy", String(streaming)); // screen readers read it once, when done
     element.dataset.status = message.status ?? "done";
     if (view) view.update(message.content);
     else element.querySelector(".message-body").textContent = message.content;

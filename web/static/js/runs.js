@@ -208,13 +208,17 @@ class Run {
     clearTimeout(this.stopTimer);
   }
 
-  /** Writes the conversation now, or within SAVE_INTERVAL_MS (text and event id together). */
+  /**
+   * Writes the conversation now, or within SAVE_INTERVAL_MS (text and event id together).
+   * Only the end of an answer moves its conversation to the top of the list: re-sorting
+   * the sidebar every second would pull buttons from under the user's pointer.
+   */
   save(now) {
     if (this.runs.store.get(this.conversation.id) !== this.conversation) return; // deleted meanwhile
     if (now) {
       clearTimeout(this.saveTimer);
       this.saveTimer = 0;
-      this.runs.store.save(this.conversation);
+      this.runs.store.save(this.conversation, { touch: this.finished });
     } else if (!this.saveTimer) {
       this.saveTimer = setTimeout(() => this.save(true), SAVE_INTERVAL_MS);
     }

@@ -14,14 +14,19 @@ export class Sidebar {
     this.handlers = handlers;
     this.template = document.getElementById("conversation-template");
     this.currentId = null;
-    this.streamingIds = new Set();
+    this.confirming = null; // id whose delete button waits for its second click
+    this.confirmTimer = 0;
+    this.signature = "";
     list.addEventListener("click", (event) => this._onClick(event));
   }
 
   render(summaries, currentId, streamingIds) {
     this.currentId = currentId;
-    this.streamingIds = streamingIds;
     if (this.list.querySelector(".rename-input")) return; // do not destroy an edit in progress
+    // Rebuild only when something visible changed, so a click is never lost to a rebuild.
+    const signature = JSON.stringify([summaries, currentId, [...streamingIds], this.confirming, t("app.untitled")]);
+    if (signature === this.signature) return;
+    this.signature = signature;
     this.list.replaceChildren(
       ...summaries.map((summary) => {
         const item = this.template.content.firstElementChild.cloneNode(true);
@@ -35,6 +40,7 @@ export class Sidebar {
           open.setAttribute("aria-current", "page");
         }
         item.classList.toggle("streaming", streamingIds.has(summary.id));
+        if (summary.id === this.confirming) this._showConfirm(item.querySelector('[data-action="delete"]'));
         return item;
       }),
     );
@@ -80,16 +86,31 @@ export class Sidebar {
   }
 
   _delete(button, id) {
-    if (button.classList.contains("confirm")) {
+    if (this.confirming === id) {
+      this._cancelConfirm();
       this.handlers.onDelete(id);
       return;
     }
+    this._cancelConfirm();
+    this.confirming = id;
+    this._showConfirm(button);
+    this.confirmTimer = setTimeout(() => {
+      this._cancelConfirm();
+      const again = this.list.querySelector(`.conversation[data-id="${CSS.escape(id)}"] [data-action="delete"]`);
+      if (again) {
+        again.classList.remove("confirm");
+        again.textContent = "×";
+      }
+    }, CONFIRM_MS);
+  }
+
+  _showConfirm(button) {
     button.classList.add("confirm");
     button.textContent = t("app.confirmDelete");
-    setTimeout(() => {
-      if (!button.isConnected) return;
-      button.classList.remove("confirm");
-      button.textContent = "×";
-    }, CONFIRM_MS);
+  }
+
+  _cancelConfirm() {
+    clearTimeout(this.confirmTimer);
+    this.confirming = null;
   }
 }
