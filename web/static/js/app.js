@@ -99,6 +99,7 @@ class ChatApp {
     $("menu").addEventListener("click", () => this._toggleSidebar());
     $("scrim").addEventListener("click", () => this._closeSidebar());
     this.store.addEventListener("change", () => this._renderSidebar());
+    this.store.addEventListener("external", (event) => this._onExternalChange(event.detail.id));
     this.store.addEventListener("quota", () => this._notice(t("app.storageFull")));
     this.runs.addEventListener("update", (event) => this._onRunUpdate(event.detail.run));
   }
@@ -271,6 +272,13 @@ class ChatApp {
       this.streamingKey = streaming;
       this._renderSidebar();
     }
+  }
+
+  /** Another tab saved conversation id: show its version unless this tab is streaming into it. */
+  _onExternalChange(id) {
+    if (this.runs.forConversation(id)) return;
+    this.store.reload(id);
+    if (this.current?.id === id && !this.editing) this.open(this.store.get(id) ? id : null);
   }
 
   _run() {

@@ -24,6 +24,22 @@ export class Store extends EventTarget {
     super();
     this.index = read(INDEX_KEY, []).filter((entry) => entry && typeof entry.id === "string");
     this.cache = new Map();
+    // Another tab changed something: take its version, so neither tab overwrites the other.
+    window.addEventListener("storage", (event) => {
+      if (event.storageArea !== localStorage || event.key === null) return;
+      if (event.key === INDEX_KEY) {
+        this.index = read(INDEX_KEY, []).filter((entry) => entry && typeof entry.id === "string");
+        this.dispatchEvent(new CustomEvent("change"));
+      } else if (event.key.startsWith(conversationKey(""))) {
+        const id = event.key.slice(conversationKey("").length);
+        this.dispatchEvent(new CustomEvent("external", { detail: { id } }));
+      }
+    });
+  }
+
+  /** Forgets the cached copy of a conversation, so the next get() reads storage. */
+  reload(id) {
+    this.cache.delete(id);
   }
 
   /** Conversation summaries, most recently updated first. */
