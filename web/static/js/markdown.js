@@ -5,9 +5,10 @@
 // piece of HTML goes through DOMPurify into a DOM fragment before it reaches the page.
 // Under the page's Trusted Types policy nothing else could write HTML anyway.
 //
-// Speed: the text is lexed into top-level blocks once per animation frame at most, and
-// only blocks whose source changed are rebuilt (while streaming, usually just the last
-// one), so long answers do not re-render, re-highlight or flicker.
+// Speed: the text is lexed into top-level blocks (the caller does this once per
+// animation frame at most) and only blocks whose source changed are rebuilt (while
+// streaming, usually just the last one), so long answers do not re-render,
+// re-highlight or flicker.
 
 import DOMPurify from "/static/vendor/purify.js";
 import hljs from "/static/vendor/highlight.js";
@@ -62,11 +63,6 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
-/** Sanitised DOM for a piece of Markdown (also used for whole messages outside streaming). */
-export function renderMarkdown(text) {
-  return sanitize(markdown.parser(markdown.lexer(text)));
-}
-
 function sanitize(html) {
   const fragment = DOMPurify.sanitize(html, PURIFY_OPTIONS);
   for (const pre of fragment.querySelectorAll("pre")) decorateCode(pre);
@@ -92,22 +88,14 @@ export class MarkdownView {
   constructor(element) {
     this.element = element;
     this.blocks = []; // {raw, node} per top-level token, in order
-    this.text = "";
-    this.frame = 0;
+    this.text = null;
   }
 
-  /** Shows text, rebuilding at most once per animation frame. */
-  update(text) {
+  /** Shows text; the caller throttles this to animation frames. */
+  render(text) {
     if (text === this.text) return;
     this.text = text;
-    if (!this.frame) this.frame = requestAnimationFrame(() => this.flush());
-  }
-
-  /** Renders now (at the end of a stream, or when first shown). */
-  flush() {
-    if (this.frame) cancelAnimationFrame(this.frame);
-    this.frame = 0;
-    const tokens = markdown.lexer(this.text);
+    const tokens = markdown.lexer(text);
     let index = 0;
     for (const token of tokens) {
       if (token.type === "space" || token.type === "def") continue;

@@ -17,6 +17,8 @@ export class MessageList {
     this.conversation = null;
     this.running = false;
     this.stick = true;
+    this.dirty = new Set(); // messages to redraw at the next animation frame
+    this.frame = 0;
     container.addEventListener("scroll", () => {
       this.stick = this._atBottom();
       this.jumpButton.hidden = this.stick;
@@ -26,6 +28,7 @@ export class MessageList {
 
   /** Shows conversation (or none) from scratch. */
   show(conversation, running) {
+    this.dirty.clear();
     this.conversation = conversation;
     this.running = running;
     for (const { element } of this.elements.values()) element.remove();
@@ -37,11 +40,23 @@ export class MessageList {
     this.scrollToEnd(true);
   }
 
-  /** Re-renders message (already shown) after a change. */
+  /**
+   * Redraws message at the next animation frame. Events arrive in bursts (many per
+   * network read); drawing and scrolling once per frame keeps long answers smooth.
+   */
   update(message) {
-    const entry = this.elements.get(message.id);
-    if (!entry) return;
-    this._fill(entry, message);
+    if (!this.elements.has(message.id)) return;
+    this.dirty.add(message);
+    if (!this.frame) this.frame = requestAnimationFrame(() => this._redraw());
+  }
+
+  _redraw() {
+    this.frame = 0;
+    for (const message of this.dirty) {
+      const entry = this.elements.get(message.id);
+      if (entry) this._fill(entry, message);
+    }
+    this.dirty.clear();
     if (this.stick) this.scrollToEnd(false);
   }
 
@@ -134,7 +149,6 @@ export class MessageList {
     this.elements.set(message.id, entry);
     this.container.append(element);
     this._fill(entry, message);
-    entry.view?.flush();
   }
 
   _fill(entry, message) {
@@ -143,7 +157,7 @@ export class MessageList {
     element.classList.toggle("streaming", streaming);
     element.setAttribute("aria-busy", String(streaming)); // screen readers read it once, when done
     element.dataset.status = message.status ?? "done";
-    if (view) view.update(message.content);
+    if (view) view.render(message.content);
     else element.querySelector(".message-body").textContent = message.content;
 
     if (message.role === "assistant") {
