@@ -25,6 +25,7 @@ class ChatApp {
     this.draftSystem = "";
     this.editing = null;
     this.tickTimer = 0;
+    this.copiedTimers = new WeakMap(); // button -> timer putting its label back
 
     const settings = this.store.settings();
     this.theme = settings.theme ?? "system";
@@ -251,11 +252,14 @@ class ChatApp {
 
   _flashCopied(button, ok) {
     if (!ok) return;
-    const label = button.textContent;
     button.textContent = t("msg.copied");
-    setTimeout(() => {
-      button.textContent = label;
-    }, COPIED_MS);
+    clearTimeout(this.copiedTimers.get(button));
+    this.copiedTimers.set(
+      button,
+      setTimeout(() => {
+        button.textContent = t(button.dataset.i18n);
+      }, COPIED_MS),
+    );
   }
 
   _onRunUpdate(run) {

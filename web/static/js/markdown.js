@@ -79,6 +79,7 @@ function decorateCode(pre) {
   copy.type = "button";
   copy.className = "code-copy";
   copy.dataset.action = "copy-code";
+  copy.dataset.i18n = "msg.copyCode";
   copy.textContent = t("msg.copyCode");
   bar.append(language, copy);
   pre.prepend(bar);

@@ -95,7 +95,11 @@ class Run {
         this._fail(error);
         return;
       }
-      if (this.finished) return;
+      if (this.finished) {
+        // Discarded (its conversation deleted) while the POST was on its way.
+        stopChat(created.id).catch(() => {});
+        return;
+      }
       this.pending.generation = created.id;
       this.save(true);
     }

@@ -40,7 +40,11 @@ export class Sidebar {
           open.setAttribute("aria-current", "page");
         }
         item.classList.toggle("streaming", streamingIds.has(summary.id));
-        if (summary.id === this.confirming) this._showConfirm(item.querySelector('[data-action="delete"]'));
+        if (summary.id === this.confirming) {
+          const remove = item.querySelector('[data-action="delete"]');
+          remove.classList.add("confirm");
+          remove.textContent = t("app.confirmDelete");
+        }
         return item;
       }),
     );
@@ -71,7 +75,8 @@ export class Sidebar {
     const finish = (save) => {
       if (done) return;
       done = true;
-      input.remove(); // lets render() rebuild the list again
+      input.remove(); // lets render() rebuild the list again...
+      this.signature = ""; // ...even if nothing changed, to put the title button back
       if (save && input.value.trim()) this.handlers.onRename(id, input.value);
       else this.handlers.onRename(id, null);
     };
@@ -87,30 +92,27 @@ export class Sidebar {
 
   _delete(button, id) {
     if (this.confirming === id) {
-      this._cancelConfirm();
+      this._disarm();
       this.handlers.onDelete(id);
       return;
     }
-    this._cancelConfirm();
+    this._disarm();
     this.confirming = id;
-    this._showConfirm(button);
-    this.confirmTimer = setTimeout(() => {
-      this._cancelConfirm();
-      const again = this.list.querySelector(`.conversation[data-id="${CSS.escape(id)}"] [data-action="delete"]`);
-      if (again) {
-        again.classList.remove("confirm");
-        again.textContent = "×";
-      }
-    }, CONFIRM_MS);
-  }
-
-  _showConfirm(button) {
     button.classList.add("confirm");
     button.textContent = t("app.confirmDelete");
+    this.confirmTimer = setTimeout(() => this._disarm(), CONFIRM_MS);
   }
 
-  _cancelConfirm() {
+  /** Puts the armed delete button (if any) back to its normal state. */
+  _disarm() {
     clearTimeout(this.confirmTimer);
+    const id = this.confirming;
     this.confirming = null;
+    if (id === null) return;
+    const button = this.list.querySelector(`.conversation[data-id="${CSS.escape(id)}"] [data-action="delete"]`);
+    if (button) {
+      button.classList.remove("confirm");
+      button.textContent = "×";
+    }
   }
 }
