@@ -81,7 +81,11 @@ export async function probeEvents(generationId, lastEventId) {
   try {
     const response = await fetch(eventsUrl(generationId, lastEventId), { signal: controller.signal, cache: "no-store" });
     if (response.status === 204) return new ApiError("delivered", "", { status: 204 });
-    if (response.ok) return null;
+    if (response.ok) {
+      // A captive portal or a misconfigured proxy answers 200 with a page of its own.
+      const type = response.headers.get("Content-Type") ?? "";
+      return type.startsWith("text/event-stream") ? null : new ApiError("bad_response", t("err.badResponse"));
+    }
     const payload = await response.json().catch(() => null);
     const error = payload?.error;
     if (error?.code === "generation_not_found") return new ApiError(error.code, t("err.expired"), { status: 404 });

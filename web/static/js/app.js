@@ -1,6 +1,6 @@
 // The chat page: wires the store, the running generations and the views together.
 
-import { listModels } from "./api.js";
+import { listModels, stopChat } from "./api.js";
 import { copyText, downloadText } from "./clipboard.js";
 import { conversationMarkdown, exportFilename } from "./export.js";
 import { detectLanguage, setLanguage, t, translatePage } from "./i18n.js";
@@ -13,6 +13,7 @@ import { applyTheme, nextTheme, themeLabel } from "./theme.js";
 
 const TICK_MS = 250;
 const COPIED_MS = 1500;
+const MODELS_RETRY_MS = [2000, 5000, 15000, 30000];
 
 const $ = (id) => document.getElementById(id);
 
@@ -26,6 +27,8 @@ class ChatApp {
     this.editing = null;
     this.tickTimer = 0;
     this.copiedTimers = new WeakMap(); // button -> timer putting its label back
+    this.running = false; // whether the open conversation has an answer streaming
+    this.streamingKey = ""; // which conversations stream, as last drawn in the sidebar
 
     const settings = this.store.settings();
     this.theme = settings.theme ?? "system";
@@ -63,11 +66,15 @@ class ChatApp {
       }
     });
     $("prompt").addEventListener("input", () => this._autosize());
-    $("stop").addEventListener("click", () => this.stop());
+    $("stop").addEventListener("click", () => {
+      this.stop();
+      $("prompt").focus(); // the Stop button hides itself: keep the focus where typing happens
+    });
     document.addEventListener("keydown", (event) => {
-      if (event.key !== "Escape" || event.defaultPrevented) return;
+      // isComposing: Esc then only cancels the input method's candidate.
+      if (event.key !== "Escape" || event.defaultPrevented || event.isComposing) return;
       if (this.editing) this.cancelEdit();
-      else if (this._run()) {
+      else if (this._busy()) {
         event.preventDefault();
         this.stop();
       } else this._closeSidebar();
@@ -101,6 +108,7 @@ class ChatApp {
     $("scrim").addEventListener("click", () => this._closeSidebar());
     this.store.addEventListener("change", () => this._renderSidebar());
     this.store.addEventListener("external", (event) => this._onExternalChange(event.detail.id));
+    this.store.addEventListener("removed", (event) => this._onExternalRemove(event.detail.ids));
     this.store.addEventListener("quota", () => this._notice(t("app.storageFull")));
     this.runs.addEventListener("update", (event) => this._onRunUpdate(event.detail.run));
   }
@@ -114,8 +122,8 @@ class ChatApp {
     this._showTitle();
     $("system-prompt").value = this.current ? (this.current.system ?? "") : this.draftSystem;
     this._selectModel();
-    this.list.show(this.current, Boolean(this._run()));
     this._syncComposer();
+    this.list.show(this.current, this.running);
     this._renderSidebar();
     this._closeSidebar();
   }
@@ -137,7 +145,7 @@ class ChatApp {
   send() {
     const prompt = $("prompt");
     const text = prompt.value;
-    if (!text.trim() || this._run()) return;
+    if (!text.trim() || this._busy()) return;
     if (!this.current) {
       this.current = this.store.create({ model: $("model").value || null, system: this.draftSystem });
       this.draftSystem = "";
@@ -156,35 +164,56 @@ class ChatApp {
     conversation.messages.push(message);
     const body = { model: this._modelFor(conversation), messages: requestMessages(conversation, -1) };
     this.runs.start(conversation, message, body);
+    this._syncComposer();
     this.list.show(conversation, true);
     this._showTitle();
-    this._syncComposer();
+    $("prompt").focus();
   }
 
   stop() {
-    this._run()?.stop();
+    const run = this._run();
+    if (run) {
+      run.stop();
+      return;
+    }
+    // Streaming in another tab of this browser: stop it from here; that tab gets "done".
+    const pending = this.current?.messages.find((message) => message.pending?.generation)?.pending;
+    if (pending) stopChat(pending.generation).catch((error) => this._notice(error.message));
   }
 
   regenerate(message) {
     const conversation = this.current;
-    if (conversation.messages.at(-1) !== message || this._run()) return;
+    if (conversation.messages.at(-1) !== message || this._busy()) return;
     conversation.messages.pop();
     this._answer();
   }
 
+  /** Redoes the failed request into the same message (keeping text from before it). */
+  retry(message) {
+    const conversation = this.current;
+    if (conversation.messages.at(-1) !== message || this._busy()) return;
+    if (!message.request) {
+      this.regenerate(message);
+      return;
+    }
+    this.runs.retry(conversation, message);
+    this._syncComposer();
+    this.list.show(conversation, true);
+  }
+
   continueAnswer(message) {
     const conversation = this.current;
-    if (conversation.messages.at(-1) !== message || this._run()) return;
+    if (conversation.messages.at(-1) !== message || this._busy()) return;
     const history = requestMessages(conversation, -1);
     history.push({ role: "assistant", content: message.content }, { role: "user", content: t("continue.prompt") });
     const body = { model: this._modelFor(conversation), messages: mergeSameRole(history) };
     this.runs.start(conversation, message, body);
-    this.list.show(conversation, true);
     this._syncComposer();
+    this.list.show(conversation, true);
   }
 
   startEdit(message) {
-    if (this._run()) return;
+    if (this._busy()) return;
     this.cancelEdit();
     const area = this.list.startEdit(message);
     this.editing = message;
@@ -198,7 +227,7 @@ class ChatApp {
 
   saveEdit(text) {
     const message = this.editing;
-    if (!message || !text.trim() || this._run()) return;
+    if (!message || !text.trim() || this._busy()) return;
     const conversation = this.current;
     const index = conversation.messages.indexOf(message);
     this.editing = null;
@@ -246,7 +275,8 @@ class ChatApp {
     if (!message) return;
     if (action === "copy") this._flashCopied(button, await copyText(message.content));
     else if (action === "edit") this.startEdit(message);
-    else if (action === "regenerate" || action === "retry") this.regenerate(message);
+    else if (action === "regenerate") this.regenerate(message);
+    else if (action === "retry") this.retry(message);
     else if (action === "continue") this.continueAnswer(message);
   }
 
@@ -265,9 +295,10 @@ class ChatApp {
   _onRunUpdate(run) {
     if (run.conversation === this.current) {
       this.list.update(run.message);
-      if (run.finished) {
-        this.list.setRunning(Boolean(this._run()));
+      // Covers answers resumed after a reload too, not only the ones sent from here.
+      if (this._busy() !== this.running) {
         this._syncComposer();
+        this.list.setRunning(this.running);
       }
     }
     // The sidebar only shows which conversations stream: redraw it when that set changes.
@@ -282,11 +313,31 @@ class ChatApp {
   _onExternalChange(id) {
     if (this.runs.forConversation(id)) return;
     this.store.reload(id);
-    if (this.current?.id === id && !this.editing) this.open(this.store.get(id) ? id : null);
+    if (this.current?.id !== id) return;
+    this.cancelEdit(); // its message object is stale now; saving it would undo the other tab
+    this.current = this.store.get(id);
+    if (!this.current) {
+      this.open(null);
+      return;
+    }
+    this._showTitle();
+    this._syncComposer();
+    this.list.show(this.current, this.running, { keepScroll: true });
+  }
+
+  /** Another tab deleted conversations: stop answering into them here too. */
+  _onExternalRemove(ids) {
+    for (const run of [...this.runs.active.values()]) if (ids.includes(run.conversation.id)) run.discard();
+    if (this.current && ids.includes(this.current.id)) this.open(null);
   }
 
   _run() {
     return this.current ? this.runs.forConversation(this.current.id) : null;
+  }
+
+  /** An answer streams in the open conversation, from this tab or another one. */
+  _busy() {
+    return Boolean(this._run() || this.current?.messages.some((message) => message.pending));
   }
 
   _showTitle() {
@@ -296,11 +347,11 @@ class ChatApp {
   }
 
   _syncComposer() {
-    const running = Boolean(this._run());
-    $("send").hidden = running;
-    $("stop").hidden = !running;
+    this.running = this._busy();
+    $("send").hidden = this.running;
+    $("stop").hidden = !this.running;
     clearInterval(this.tickTimer);
-    if (running) this.tickTimer = setInterval(() => this.list.tick(), TICK_MS);
+    if (this.running) this.tickTimer = setInterval(() => this.list.tick(), TICK_MS);
   }
 
   _autosize() {
@@ -311,14 +362,17 @@ class ChatApp {
 
   // Models and settings
 
-  async loadModels() {
+  async loadModels(attempt = 0) {
     try {
       this.models = await listModels();
     } catch (error) {
       $("model").replaceChildren(new Option(t("app.modelsFailed"), ""));
       this._notice(error.message);
+      const delay = MODELS_RETRY_MS[Math.min(attempt, MODELS_RETRY_MS.length - 1)];
+      setTimeout(() => this.loadModels(attempt + 1), delay);
       return;
     }
+    if (attempt > 0) this._notice("");
     this._fillModelPicker();
   }
 
@@ -420,7 +474,7 @@ class ChatApp {
 }
 
 /** The API messages for a conversation up to (not including) index `end` (negative: from the end). */
-export function requestMessages(conversation, end) {
+function requestMessages(conversation, end) {
   const messages = [];
   const system = (conversation.system ?? "").trim();
   if (system) messages.push({ role: "system", content: system });

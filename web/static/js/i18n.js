@@ -48,6 +48,7 @@ const MESSAGES = {
     "msg.waiting": "Waiting for the model…",
     "msg.reconnecting": "Connection lost; reconnecting…",
     "msg.stopped": "Stopped",
+    "msg.stopping": "Stopping…",
     "msg.truncated": "The answer reached its length limit.",
     "msg.filtered": "The provider withheld the rest of this answer (content filter).",
     "msg.demoAnswer": "Demo answer",
@@ -107,6 +108,7 @@ const MESSAGES = {
     "msg.waiting": "等待模型回复…",
     "msg.reconnecting": "连接中断，正在重连…",
     "msg.stopped": "已停止",
+    "msg.stopping": "正在停止…",
     "msg.truncated": "回答已达到长度上限。",
     "msg.filtered": "服务商拦截了回答的其余部分（内容过滤）。",
     "msg.demoAnswer": "演示回答",
@@ -141,10 +143,6 @@ export function detectLanguage(saved, browserLanguages) {
 export function setLanguage(language) {
   current = LANGUAGES.includes(language) ? language : "en";
   document.documentElement.lang = current;
-}
-
-export function language() {
-  return current;
 }
 
 /** The text for key, with {name} placeholders filled in from params. */

@@ -22,6 +22,10 @@ function escapeHtml(text) {
   return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
 
+// Off while a code block is still growing: highlighting all of it again every frame
+// would cost more than a frame for long code. It is highlighted once it is complete.
+let highlighting = true;
+
 const markdown = new Marked({ gfm: true, breaks: true });
 markdown.use({
   renderer: {
@@ -39,7 +43,7 @@ markdown.use({
       const language = (lang || "").trim().split(/\s+/)[0];
       const known = LANGUAGE_NAME.test(language) && hljs.getLanguage(language) ? language : "";
       const body =
-        known && text.length <= MAX_HIGHLIGHT_CHARS
+        known && highlighting && text.length <= MAX_HIGHLIGHT_CHARS
           ? hljs.highlight(text, { language: known, ignoreIllegals: true }).value
           : escapeHtml(text);
       const label = LANGUAGE_NAME.test(language) ? language : "";
@@ -88,34 +92,47 @@ function decorateCode(pre) {
 export class MarkdownView {
   constructor(element) {
     this.element = element;
-    this.blocks = []; // {raw, node} per top-level token, in order
+    this.blocks = []; // {raw, node, plain} per top-level block, in order
     this.text = null;
+    this.live = false;
+    this.links = "{}"; // the reference definitions the blocks were drawn with
   }
 
-  /** Shows text; the caller throttles this to animation frames. */
-  render(text) {
-    if (text === this.text) return;
+  /** Shows text; live: more is coming. The caller throttles this to animation frames. */
+  render(text, live = false) {
+    if (text === this.text && live === this.live) return;
     this.text = text;
-    const tokens = markdown.lexer(text);
-    let index = 0;
-    for (const token of tokens) {
-      if (token.type === "space" || token.type === "def") continue;
+    this.live = live;
+    const all = markdown.lexer(text);
+    const tokens = all.filter((token) => token.type !== "space" && token.type !== "def");
+    // A reference definition ([1]: https://...) can come after its use: redo every block then.
+    const links = JSON.stringify(all.links);
+    const relink = links !== this.links;
+    this.links = links;
+    tokens.forEach((token, index) => {
+      const plain = live && index === tokens.length - 1 && token.type === "code";
       const block = this.blocks[index];
-      if (!block || block.raw !== token.raw) this._replace(index, token, tokens.links);
-      index++;
-    }
-    for (const block of this.blocks.splice(index)) block.node.remove();
+      if (relink || !block || block.raw !== token.raw || block.plain !== plain) {
+        this._replace(index, token, all.links, plain);
+      }
+    });
+    for (const block of this.blocks.splice(tokens.length)) block.node.remove();
   }
 
-  _replace(index, token, links) {
+  _replace(index, token, links, plain) {
     const list = [token];
     list.links = links;
     const node = document.createElement("div");
     node.className = "md-block";
-    node.append(sanitize(markdown.parser(list)));
+    highlighting = !plain;
+    try {
+      node.append(sanitize(markdown.parser(list)));
+    } finally {
+      highlighting = true;
+    }
     const old = this.blocks[index];
     if (old) old.node.replaceWith(node);
     else this.element.append(node);
-    this.blocks[index] = { raw: token.raw, node };
+    this.blocks[index] = { raw: token.raw, node, plain };
   }
 }

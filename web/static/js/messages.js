@@ -26,8 +26,10 @@ export class MessageList {
     jumpButton.addEventListener("click", () => this.scrollToEnd(true));
   }
 
-  /** Shows conversation (or none) from scratch. */
-  show(conversation, running) {
+  /** Shows conversation (or none) from scratch; keepScroll: stay where the reader is. */
+  show(conversation, running, { keepScroll = false } = {}) {
+    const scrollTop = this.container.scrollTop;
+    const stick = this.stick;
     this.dirty.clear();
     this.conversation = conversation;
     this.running = running;
@@ -36,8 +38,12 @@ export class MessageList {
     for (const message of conversation?.messages ?? []) this._add(message);
     this.empty.hidden = (conversation?.messages.length ?? 0) > 0;
     this.refreshActions();
-    this.stick = true;
-    this.scrollToEnd(true);
+    if (keepScroll && !stick) {
+      this.container.scrollTop = scrollTop;
+    } else {
+      this.stick = true;
+      this.scrollToEnd(true);
+    }
   }
 
   /**
@@ -157,7 +163,7 @@ export class MessageList {
     element.classList.toggle("streaming", streaming);
     element.setAttribute("aria-busy", String(streaming)); // screen readers read it once, when done
     element.dataset.status = message.status ?? "done";
-    if (view) view.render(message.content);
+    if (view) view.render(message.content, streaming);
     else element.querySelector(".message-body").textContent = message.content;
 
     if (message.role === "assistant") {
@@ -181,9 +187,10 @@ export class MessageList {
     const answering = Boolean(message.content) || message.status !== "streaming";
     const label = details.querySelector(".reasoning-label");
     const { firstToken, answerStarted } = message.stats ?? {};
+    const thoughtUntil = answerStarted ?? message.stats?.ended;
     label.textContent =
-      answering && firstToken && answerStarted
-        ? t("msg.thoughtFor", { seconds: ((answerStarted - firstToken) / 1000).toFixed(1) })
+      answering && firstToken && thoughtUntil
+        ? t("msg.thoughtFor", { seconds: ((thoughtUntil - firstToken) / 1000).toFixed(1) })
         : t("msg.thinking");
     // Open while thinking; closed once the answer starts (the user can reopen it).
     if (!answering && !entry.reasoningOpened) {
@@ -199,7 +206,8 @@ export class MessageList {
     const status = element.querySelector(".message-status");
     let text = "";
     if (message.status === "streaming") {
-      if (message.connection === "reconnecting") text = t("msg.reconnecting");
+      if (message.pending?.stopRequested) text = t("msg.stopping");
+      else if (message.connection === "reconnecting") text = t("msg.reconnecting");
       else if (!message.content && !message.reasoning) text = t("msg.waiting");
     } else if (message.status === "stopped") text = t("msg.stopped");
     else if (message.status === "length") text = t("msg.truncated");
@@ -210,7 +218,7 @@ export class MessageList {
 }
 
 /** "42.0 tokens/s · 3.1 s · 12 in · 130 out" (or an estimate when usage is unknown). */
-export function statsLine(message) {
+function statsLine(message) {
   const stats = message.stats;
   if (!stats?.started) return "";
   const end = stats.ended ?? Date.now();

@@ -9,6 +9,7 @@ import { EventFollower } from "./stream.js";
 
 const SAVE_INTERVAL_MS = 1000;
 const STOP_FALLBACK_MS = 2000; // if the stream does not bring "done" after DELETE, finish from its answer
+const STOP_ATTEMPTS = 4; // a DELETE lost in the network is sent again, 1 s, 2 s, 3 s later
 
 const FINISH_STATUS = { stop: "done", length: "length", content_filter: "filtered", cancelled: "stopped" };
 
@@ -27,14 +28,31 @@ export class Runs extends EventTarget {
     });
   }
 
-  /** Starts a new generation for message (which must already be in conversation). */
-  start(conversation, message, body) {
+  /**
+   * Starts a generation for message (already in conversation), appending to its text.
+   * clientId is new for each send; a retry of a POST whose answer never arrived passes
+   * the same one, so the server returns the generation it may already have started.
+   */
+  start(conversation, message, body, { clientId = uuid4() } = {}) {
+    const request = { body: { ...body, client_id: clientId }, prefix: message.content, reasoning: message.reasoning ?? "" };
+    for (const other of conversation.messages) delete other.request; // only the last answer can be retried
+    message.request = { ...request, acknowledged: false };
     message.status = "streaming";
     message.error = null;
-    message.pending = { clientId: uuid4(), body: null, generation: null, lastEventId: 0, stopRequested: false };
-    message.pending.body = { ...body, client_id: message.pending.clientId };
+    message.usage = null;
+    message.pending = { body: request.body, generation: null, lastEventId: 0, stopRequested: false };
     message.stats = { started: Date.now(), firstToken: null, ended: null, deltas: 0 };
-    this._launch(conversation, message);
+    this._launch(conversation, message, { touch: true });
+  }
+
+  /** Sends the last request of message again, into the same message (the Retry button). */
+  retry(conversation, message) {
+    const request = message.request;
+    message.content = request.prefix;
+    message.reasoning = request.reasoning;
+    // Same client_id only if the server never confirmed the first POST: then it may exist.
+    const clientId = request.acknowledged ? uuid4() : request.body.client_id;
+    this.start(conversation, message, request.body, { clientId });
   }
 
   /** Picks up every answer that was streaming when the page was last closed. */
@@ -42,7 +60,7 @@ export class Runs extends EventTarget {
     for (const { id } of this.store.list()) {
       const conversation = this.store.get(id);
       for (const message of conversation?.messages ?? []) {
-        if (message.pending) this._launch(conversation, message);
+        if (message.pending) this._launch(conversation, message, { touch: false });
       }
     }
   }
@@ -52,10 +70,10 @@ export class Runs extends EventTarget {
     return null;
   }
 
-  _launch(conversation, message) {
+  _launch(conversation, message, { touch }) {
     const run = new Run(this, conversation, message);
     this.active.set(message.id, run);
-    this.store.save(conversation);
+    this.store.save(conversation, { touch });
     this._changed(run);
     run.begin();
   }
@@ -101,38 +119,53 @@ class Run {
         return;
       }
       this.pending.generation = created.id;
+      if (this.message.request) this.message.request.acknowledged = true;
       this.save(true);
     }
-    if (this.pending.stopRequested) this.stop();
     this.follower = new EventFollower(this.pending.generation, this.pending.lastEventId, {
       onEvent: (name, data, id) => this._onEvent(name, data, id),
+      onOpen: () => this._setConnection(null),
       onReconnecting: () => this._setConnection("reconnecting"),
       onLost: (error) => this._onLost(error),
     });
     this.follower.open();
+    if (this.pending.stopRequested) this._sendStop(1);
   }
 
   /** Stop button or Esc: ends the upstream request; the stream then brings "done". */
   stop() {
-    if (this.finished) return;
+    if (this.finished || this.pending.stopRequested) return;
     this.pending.stopRequested = true;
     this.save(true);
-    if (!this.pending.generation) return; // begin() stops it as soon as the POST answers
-    const generation = this.pending.generation;
-    stopChat(generation).then(
+    this.runs._changed(this);
+    if (this.pending.generation) this._sendStop(1); // else begin() sends it once the POST answers
+  }
+
+  _sendStop(attempt) {
+    stopChat(this.pending.generation).then(
       (answer) => {
-        this.stopTimer = setTimeout(() => {
-          if (answer.usage && !this.message.usage) this.message.usage = answer.usage;
-          const reason = answer.result?.finish_reason;
-          if (answer.ended === "error") this._fail(new ApiError(answer.result.code, answer.result.message));
-          else this._finish(FINISH_STATUS[reason] ?? "stopped");
-        }, STOP_FALLBACK_MS);
+        if (this.finished) return;
+        // The upstream request is closed. A stream that is reconnecting would only come
+        // back after the retry delay: reopen it now, so the last text and "done" arrive.
+        if (!this.follower.connected) this.follower.reopen();
+        clearTimeout(this.stopTimer);
+        this.stopTimer = setTimeout(() => this._finishFromStopAnswer(answer), STOP_FALLBACK_MS);
       },
       (error) => {
+        if (this.finished) return;
         if (error.code === "generation_not_found") this._finish("stopped");
-        else if (error.code !== "network") this._fail(error);
+        else if (error.code === "network" && attempt < STOP_ATTEMPTS) {
+          this.stopTimer = setTimeout(() => this._sendStop(attempt + 1), 1000 * attempt);
+        } else this._fail(error);
       },
     );
+  }
+
+  _finishFromStopAnswer(answer) {
+    if (this.finished) return;
+    if (answer.usage && !this.message.usage) this.message.usage = answer.usage;
+    if (answer.ended === "error") this._fail(new ApiError(answer.result.code, answer.result.message));
+    else this._finish(FINISH_STATUS[answer.result?.finish_reason] ?? "stopped");
   }
 
   /** Drops the run without a trace (its conversation is being deleted): stops the upstream too. */
@@ -184,7 +217,8 @@ class Run {
   }
 
   _onLost(error) {
-    if (error.code === "delivered") this._finish(this.message.status === "streaming" ? "done" : this.message.status);
+    // "delivered": the server says the end was already sent; nothing is missing.
+    if (error.code === "delivered") this._finish("done");
     else this._fail(error);
   }
 
@@ -214,8 +248,8 @@ class Run {
 
   /**
    * Writes the conversation now, or within SAVE_INTERVAL_MS (text and event id together).
-   * Only the end of an answer moves its conversation to the top of the list: re-sorting
-   * the sidebar every second would pull buttons from under the user's pointer.
+   * Saves while streaming do not move the conversation in the list (only its start and
+   * end do): re-sorting the sidebar every second would pull buttons from under the pointer.
    */
   save(now) {
     if (this.runs.store.get(this.conversation.id) !== this.conversation) return; // deleted meanwhile

@@ -81,7 +81,7 @@ export class Sidebar {
       else this.handlers.onRename(id, null);
     };
     input.addEventListener("keydown", (event) => {
-      if (event.key === "Enter" && !event.isComposing) finish(true);
+      if (event.key === "Enter" && !event.isComposing && event.keyCode !== 229) finish(true);
       else if (event.key === "Escape") {
         event.stopPropagation();
         finish(false);

@@ -28,7 +28,11 @@ export class Store extends EventTarget {
     window.addEventListener("storage", (event) => {
       if (event.storageArea !== localStorage || event.key === null) return;
       if (event.key === INDEX_KEY) {
+        const known = new Set(this.index.map((entry) => entry.id));
         this.index = read(INDEX_KEY, []).filter((entry) => entry && typeof entry.id === "string");
+        for (const entry of this.index) known.delete(entry.id);
+        for (const id of known) this.cache.delete(id);
+        if (known.size) this.dispatchEvent(new CustomEvent("removed", { detail: { ids: [...known] } }));
         this.dispatchEvent(new CustomEvent("change"));
       } else if (event.key.startsWith(conversationKey(""))) {
         const id = event.key.slice(conversationKey("").length);

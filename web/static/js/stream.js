@@ -3,14 +3,16 @@
 // When the browser gives up (the stream is gone, or the answer was not an event stream),
 // the server is asked why, so the user sees its message rather than a silent stop.
 
-import { eventsUrl, probeEvents } from "./api.js";
+import { ApiError, eventsUrl, probeEvents } from "./api.js";
+import { t } from "./i18n.js";
 
 const EVENT_NAMES = ["meta", "reasoning", "delta", "usage", "done"];
 const OFFLINE_RETRY_MS = 3000;
+const MAX_REOPENS = 6; // in a row without an event: the server keeps answering with something else
 
 export class EventFollower {
   /**
-   * handlers: onEvent(name, data, id), onReconnecting(), onLost(apiError)
+   * handlers: onEvent(name, data, id), onOpen(), onReconnecting(), onLost(apiError)
    */
   constructor(generationId, lastEventId, handlers) {
     this.generationId = generationId;
@@ -18,6 +20,7 @@ export class EventFollower {
     this.handlers = handlers;
     this.source = null;
     this.closed = false;
+    this.reopens = 0;
     this._onOnline = () => this.reopen();
   }
 
@@ -32,13 +35,22 @@ export class EventFollower {
       if (event instanceof MessageEvent && typeof event.data === "string") this._dispatch("error", event);
       else this._connectionError(source);
     });
+    source.addEventListener("open", () => {
+      if (source === this.source && !this.closed) this.handlers.onOpen();
+    });
     window.addEventListener("online", this._onOnline);
+  }
+
+  get connected() {
+    return this.source?.readyState === EventSource.OPEN;
   }
 
   /** Drops the current connection and opens a new one from the last event seen. */
   reopen() {
     if (this.closed) return;
+    clearTimeout(this._retryTimer);
     this.source?.close();
+    window.removeEventListener("online", this._onOnline);
     this.open();
   }
 
@@ -52,6 +64,7 @@ export class EventFollower {
   _dispatch(name, event) {
     if (this.closed) return;
     const id = Number(event.lastEventId);
+    this.reopens = 0;
     if (Number.isInteger(id) && id > 0) {
       if (id <= this.lastEventId) return; // already applied (never expected; cheap to guard)
       this.lastEventId = id;
@@ -76,7 +89,14 @@ export class EventFollower {
     const problem = await probeEvents(this.generationId, this.lastEventId);
     if (this.closed || source !== this.source) return;
     if (problem === null) {
-      this.reopen(); // a transient failure: the stream is there again
+      // A transient failure: the stream is there again. Back off in case it fails at once.
+      if (++this.reopens > MAX_REOPENS) {
+        this.close();
+        this.handlers.onLost(new ApiError("lost", t("err.lost")));
+        return;
+      }
+      clearTimeout(this._retryTimer);
+      this._retryTimer = setTimeout(() => this.reopen(), 250 * 2 ** (this.reopens - 1));
     } else if (problem.code === "network") {
       this.handlers.onReconnecting(); // unreachable: try again later, or as soon as "online" fires
       clearTimeout(this._retryTimer);
