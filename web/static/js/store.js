@@ -24,19 +24,21 @@ export class Store extends EventTarget {
     super();
     this.index = read(INDEX_KEY, []).filter((entry) => entry && typeof entry.id === "string");
     this.cache = new Map();
+    this.deleted = new Set(); // never written again, even by an answer still arriving
     // Another tab changed something: take its version, so neither tab overwrites the other.
     window.addEventListener("storage", (event) => {
       if (event.storageArea !== localStorage || event.key === null) return;
       if (event.key === INDEX_KEY) {
-        const known = new Set(this.index.map((entry) => entry.id));
         this.index = read(INDEX_KEY, []).filter((entry) => entry && typeof entry.id === "string");
-        for (const entry of this.index) known.delete(entry.id);
-        for (const id of known) this.cache.delete(id);
-        if (known.size) this.dispatchEvent(new CustomEvent("removed", { detail: { ids: [...known] } }));
         this.dispatchEvent(new CustomEvent("change"));
       } else if (event.key.startsWith(conversationKey(""))) {
         const id = event.key.slice(conversationKey("").length);
-        this.dispatchEvent(new CustomEvent("external", { detail: { id } }));
+        if (event.newValue === null) {
+          this._forget(id);
+          this.dispatchEvent(new CustomEvent("removed", { detail: { ids: [id] } }));
+        } else {
+          this.dispatchEvent(new CustomEvent("external", { detail: { id } }));
+        }
       }
     });
   }
@@ -77,15 +79,21 @@ export class Store extends EventTarget {
   }
 
   delete(id) {
-    this.cache.delete(id);
-    this.index = this.index.filter((entry) => entry.id !== id);
+    this._forget(id);
     localStorage.removeItem(conversationKey(id));
     this._writeIndex();
     this.dispatchEvent(new CustomEvent("change"));
   }
 
+  _forget(id) {
+    this.deleted.add(id);
+    this.cache.delete(id);
+    this.index = this.index.filter((entry) => entry.id !== id);
+  }
+
   /** Writes a conversation and its index entry; touch moves it to the top of the list. */
   save(conversation, { touch = true } = {}) {
+    if (this.deleted.has(conversation.id)) return false;
     if (touch) conversation.updated = Date.now();
     if (!conversation.titled) conversation.title = autoTitle(conversation);
     const ok = this._write(conversationKey(conversation.id), conversation);
