@@ -41,6 +41,7 @@ CORPUS = [
     "[data](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
     '<a href="https://example.com/" onclick="window.__pwned=\'onclick\'">ok link</a>',
     "[fine](https://example.com/docs)",
+    "[inside](/api/chat/0123456789abcdef0123456789abcdef) [relative](healthz) [proto](//evil.example/x)",
 ]
 PAYLOAD = "\n\n".join(CORPUS)
 
@@ -93,6 +94,7 @@ async def test_xss_corpus_streamed_as_an_answer_is_inert(rill: Rill, open_page: 
     hrefs = await body.locator("a").evaluate_all("(links) => links.map((a) => a.getAttribute('href'))")
     assert hrefs, "the safe links should still be links"
     assert all(href is None or href.startswith(("https://", "http://")) for href in hrefs), hrefs
+    assert "https://example.com/docs" in hrefs
     rels = await body.locator("a[href]").evaluate_all("(links) => links.map((a) => a.rel + ' ' + a.target)")
     assert all("noopener" in rel and "_blank" in rel for rel in rels)
 

@@ -60,11 +60,17 @@ const PURIFY_OPTIONS = {
   ADD_ATTR: ["data-language"],
 };
 
+const LINK_SCHEME = /^(https?:|mailto:)/i;
+
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
-  if (node.tagName === "A" && node.hasAttribute("href")) {
-    node.setAttribute("target", "_blank");
-    node.setAttribute("rel", "noopener noreferrer nofollow");
+  if (node.tagName !== "A" || !node.hasAttribute("href")) return;
+  // Only links out: a relative link from model output would point into Rill's own API.
+  if (!LINK_SCHEME.test(node.getAttribute("href").trim())) {
+    node.removeAttribute("href");
+    return;
   }
+  node.setAttribute("target", "_blank");
+  node.setAttribute("rel", "noopener noreferrer nofollow");
 });
 
 function sanitize(html) {
