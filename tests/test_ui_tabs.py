@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from .browser import send, wait_answer_ended, watch
+from playwright.async_api import Request
+
+from .browser import ANSWER, answer_text, send, wait_answer_ended, watch
 from .conftest import OpenPage, Rill
+from .fakes import Reply, answer
 
 
 async def test_a_second_tab_sees_new_conversations_and_does_not_overwrite_them(rill: Rill, open_page: OpenPage) -> None:
@@ -26,4 +29,33 @@ async def test_a_second_tab_sees_new_conversations_and_does_not_overwrite_them(r
     assert [m["content"] for m in stored if m["role"] == "user"] == ["From the first tab", "From the second tab"]
     assert len(await first.stored_conversations()) == 1
     await first.assert_clean()
+    await second.assert_clean()
+
+
+async def test_one_tab_follows_an_answer_and_another_takes_over_when_it_closes(rill: Rill, open_page: OpenPage) -> None:
+    text = "".join(f"word{i} " for i in range(60))
+    rill.fake.script(Reply(chunks=answer([f"word{i} " for i in range(60)], delay=0.05)))
+    first = await open_page(rill)
+    await send(first.page, "Long one")
+    await first.page.locator(ANSWER).get_by_text("word3").wait_for()
+
+    second = await watch(await first.page.context.new_page())
+    streams: list[str] = []
+
+    def on_request(request: Request) -> None:
+        if "/events" in request.url:
+            streams.append(request.url)
+
+    second.page.on("request", on_request)
+    await second.page.goto(str(rill.url))
+    await second.page.locator(ANSWER).get_by_text("word3").wait_for()  # from the first tab's saves
+    assert await second.page.locator("#stop").is_visible()
+    assert streams == [], "the second tab opened its own stream while the first followed"
+
+    await first.page.close()  # the second tab takes over where the first one's saves ended
+    await wait_answer_ended(second.page)
+    assert (await answer_text(second.page)).strip() == text.strip()
+    assert len(streams) == 1
+    assert "last_event_id=" in streams[0]
+    assert len(rill.fake.requests) == 1
     await second.assert_clean()

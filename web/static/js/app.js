@@ -293,6 +293,12 @@ class ChatApp {
   }
 
   _onRunUpdate(run) {
+    if (this.current && run.conversation !== this.current && run.conversation.id === this.current.id) {
+      // This tab took over an answer from a closed tab: show the copy it now writes to.
+      this.cancelEdit();
+      this.current = run.conversation;
+      this.list.show(this.current, this._busy(), { keepScroll: true });
+    }
     if (run.conversation === this.current) {
       this.list.update(run.message);
       // Covers answers resumed after a reload too, not only the ones sent from here.

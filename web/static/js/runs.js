@@ -70,12 +70,42 @@ export class Runs extends EventTarget {
     return null;
   }
 
+  /**
+   * Follows the answer unless another tab of this browser already does: browsers allow
+   * six connections per server, and tabs all following the same answers would use
+   * them up. A waiting tab shows the follower's progress through localStorage, and
+   * takes over if that tab closes first. (Web Locks need a secure context: over plain
+   * http every tab follows.)
+   */
   _launch(conversation, message, { touch }) {
+    this.store.save(conversation, { touch });
+    if (!navigator.locks) {
+      this._follow(conversation, message);
+      return;
+    }
+    const name = `rill.answer.${message.id}`;
+    navigator.locks.request(name, { ifAvailable: true }, (lock) => {
+      if (lock) return this._follow(conversation, message).ended;
+      navigator.locks.request(name, () => this._takeOver(conversation.id, message.id));
+      return undefined;
+    });
+  }
+
+  /** The tab that followed this answer closed or finished: follow it here if it still runs. */
+  _takeOver(conversationId, messageId) {
+    this.store.reload(conversationId); // the other tab's latest text and event id
+    const conversation = this.store.get(conversationId);
+    const message = conversation?.messages.find((item) => item.id === messageId);
+    if (!message?.pending) return undefined;
+    return this._follow(conversation, message).ended;
+  }
+
+  _follow(conversation, message) {
     const run = new Run(this, conversation, message);
     this.active.set(message.id, run);
-    this.store.save(conversation, { touch });
     this._changed(run);
     run.begin();
+    return run;
   }
 
   _changed(run) {
@@ -97,6 +127,9 @@ class Run {
     this.saveTimer = 0;
     this.stopTimer = 0;
     this.finished = false;
+    this.ended = new Promise((resolve) => {
+      this._ended = resolve;
+    });
   }
 
   get pending() {
@@ -241,6 +274,7 @@ class Run {
   }
 
   _close() {
+    this._ended();
     this.follower?.close();
     clearTimeout(this.saveTimer);
     clearTimeout(this.stopTimer);

@@ -43,9 +43,16 @@ export class Store extends EventTarget {
     });
   }
 
-  /** Forgets the cached copy of a conversation, so the next get() reads storage. */
+  /**
+   * Takes the stored version of a conversation (another tab wrote it). The object is
+   * updated in place, so every holder of it (the open view, the app) sees the new one.
+   */
   reload(id) {
-    this.cache.delete(id);
+    const cached = this.cache.get(id);
+    const fresh = read(conversationKey(id), null);
+    if (!cached) return;
+    if (!fresh || !Array.isArray(fresh.messages)) this.cache.delete(id);
+    else Object.assign(cached, fresh);
   }
 
   /** Conversation summaries, most recently updated first. */
