@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from playwright.async_api import Request
 
 from .browser import ANSWER, answer_text, send, wait_answer_ended, watch
 from .conftest import OpenPage, Rill
-from .fakes import Reply, answer
+from .fakes import Reply, answer, chunk
 
 
 async def test_a_second_tab_sees_new_conversations_and_does_not_overwrite_them(rill: Rill, open_page: OpenPage) -> None:
@@ -59,3 +61,42 @@ async def test_one_tab_follows_an_answer_and_another_takes_over_when_it_closes(r
     assert "last_event_id=" in streams[0]
     assert len(rill.fake.requests) == 1
     await second.assert_clean()
+
+
+async def test_a_tab_open_before_the_answer_started_takes_over_when_the_sender_closes(
+    rill: Rill, open_page: OpenPage
+) -> None:
+    words = [f"word{i} " for i in range(60)]
+    rill.fake.script(Reply(chunks=answer(words, delay=0.05)))
+    first = await open_page(rill)
+    second = await watch(await first.page.context.new_page())
+    await second.page.goto(str(rill.url))
+    await second.page.locator("#model option[value]:not([value=''])").first.wait_for(state="attached")
+
+    await send(first.page, "Long one")
+    await second.page.locator("#conversations .conversation-open", has_text="Long one").click()
+    await second.page.locator(ANSWER).get_by_text("word3").wait_for()
+    await first.page.close()
+
+    await wait_answer_ended(second.page)
+    assert (await answer_text(second.page)).strip() == "".join(words).strip()
+    assert (await second.stored_conversations())[0]["messages"][1]["status"] == "done"
+    assert len(rill.fake.requests) == 1
+    await second.assert_clean()
+
+
+async def test_stop_in_a_tab_that_does_not_follow_the_answer_stops_it(rill: Rill, open_page: OpenPage) -> None:
+    rill.fake.script(Reply(chunks=[chunk("Going on")], end="hang"))
+    first = await open_page(rill)
+    await send(first.page, "Talk forever")
+    await first.page.locator(ANSWER).get_by_text("Going on").wait_for()
+    second = await watch(await first.page.context.new_page())
+    await second.page.goto(str(rill.url))
+    await second.page.locator(ANSWER).get_by_text("Going on").wait_for()
+
+    await second.page.click("#stop")
+    await asyncio.wait_for(rill.fake.requests[0].closed.wait(), 3)
+    for ui in (first, second):
+        await ui.page.locator(f"{ANSWER} >> .message-status").get_by_text("Stopped").wait_for()
+        assert await ui.page.locator("#send").is_visible()
+        await ui.assert_clean()

@@ -1,6 +1,6 @@
 // The chat page: wires the store, the running generations and the views together.
 
-import { listModels, stopChat } from "./api.js";
+import { listModels } from "./api.js";
 import { copyText, downloadText } from "./clipboard.js";
 import { conversationMarkdown, exportFilename } from "./export.js";
 import { detectLanguage, setLanguage, t, translatePage } from "./i18n.js";
@@ -8,7 +8,7 @@ import { newId } from "./ids.js";
 import { MessageList } from "./messages.js";
 import { Runs } from "./runs.js";
 import { Sidebar } from "./sidebar.js";
-import { Store } from "./store.js";
+import { Store, titleOf } from "./store.js";
 import { applyTheme, nextTheme, themeLabel } from "./theme.js";
 
 const TICK_MS = 250;
@@ -176,9 +176,9 @@ class ChatApp {
       run.stop();
       return;
     }
-    // Streaming in another tab of this browser: stop it from here; that tab gets "done".
-    const pending = this.current?.messages.find((message) => message.pending?.generation)?.pending;
-    if (pending) stopChat(pending.generation).catch((error) => this._notice(error.message));
+    // Streaming in another tab of this browser: that tab stops it.
+    const message = this.current?.messages.find((item) => item.pending);
+    if (message) this.runs.requestStop(message.id);
   }
 
   regenerate(message) {
@@ -244,13 +244,14 @@ class ChatApp {
 
   exportConversation() {
     if (!this.current) return;
-    const text = conversationMarkdown(this.current, {
+    const title = titleOf(this.current);
+    const text = conversationMarkdown({ ...this.current, title }, {
       untitled: t("app.untitled"),
       system: t("app.systemPrompt"),
       user: t("msg.you"),
       assistant: t("msg.assistant"),
     });
-    downloadText(exportFilename(this.current.title), text);
+    downloadText(exportFilename(title), text);
   }
 
   async _onMessageAction(event) {
@@ -293,12 +294,6 @@ class ChatApp {
   }
 
   _onRunUpdate(run) {
-    if (this.current && run.conversation !== this.current && run.conversation.id === this.current.id) {
-      // This tab took over an answer from a closed tab: show the copy it now writes to.
-      this.cancelEdit();
-      this.current = run.conversation;
-      this.list.show(this.current, this._busy(), { keepScroll: true });
-    }
     if (run.conversation === this.current) {
       this.list.update(run.message);
       // Covers answers resumed after a reload too, not only the ones sent from here.
@@ -317,8 +312,18 @@ class ChatApp {
 
   /** Another tab saved conversation id: show its version unless this tab is streaming into it. */
   _onExternalChange(id) {
-    if (this.runs.forConversation(id)) return;
+    if (this.runs.owns(id)) {
+      // This tab writes the messages; take only what the other tab may have changed.
+      this.store.mergeSettings(id);
+      if (this.current?.id === id) {
+        this._showTitle();
+        if (document.activeElement !== $("system-prompt")) $("system-prompt").value = this.current.system ?? "";
+        this._selectModel();
+      }
+      return;
+    }
     this.store.reload(id);
+    this.runs.watch(this.store.get(id)); // an answer another tab started: follow it if that tab goes
     if (this.current?.id !== id) return;
     this.cancelEdit(); // its message object is stale now; saving it would undo the other tab
     this.current = this.store.get(id);
@@ -347,9 +352,10 @@ class ChatApp {
   }
 
   _showTitle() {
-    const title = this.current?.title || t("app.untitled");
-    $("chat-title").textContent = title;
-    document.title = this.current?.title ? `${title} · Rill` : "Rill";
+    // Derived, not read from the stored title: a new answer is saved only once it has its lock.
+    const given = this.current ? titleOf(this.current) : "";
+    $("chat-title").textContent = given || t("app.untitled");
+    document.title = given ? `${given} · Rill` : "Rill";
   }
 
   _syncComposer() {

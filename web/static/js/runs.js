@@ -9,6 +9,7 @@ import { EventFollower } from "./stream.js";
 
 const SAVE_INTERVAL_MS = 1000;
 const STOP_FALLBACK_MS = 2000; // if the stream does not bring "done" after DELETE, finish from its answer
+const STOP_PATIENCE_MS = 20_000; // how long a reconnecting stream may take to bring "done" after Stop
 const STOP_ATTEMPTS = 4; // a DELETE lost in the network is sent again, 1 s, 2 s, 3 s later
 
 const FINISH_STATUS = { stop: "done", length: "length", content_filter: "filtered", cancelled: "stopped" };
@@ -18,6 +19,11 @@ export class Runs extends EventTarget {
     super();
     this.store = store;
     this.active = new Map(); // message id -> Run
+    this.starting = new Set(); // conversation ids with a new answer waiting for its lock
+    this.waiting = new Set(); // message ids another tab follows, that this tab would take over
+    // Stop pressed in a tab that does not follow the answer reaches the one that does.
+    this.channel = typeof BroadcastChannel === "function" ? new BroadcastChannel("rill.runs") : null;
+    if (this.channel) this.channel.onmessage = (event) => this.active.get(event.data?.stop)?.stop();
     this._flushAll = () => {
       for (const run of this.active.values()) run.save(true);
     };
@@ -42,7 +48,7 @@ export class Runs extends EventTarget {
     message.usage = null;
     message.pending = { body: request.body, generation: null, lastEventId: 0, stopRequested: false };
     message.stats = { started: Date.now(), firstToken: null, ended: null, deltas: 0 };
-    this._launch(conversation, message, { touch: true });
+    this._launch(conversation, message, { fresh: true });
   }
 
   /** Sends the last request of message again, into the same message (the Retry button). */
@@ -57,17 +63,37 @@ export class Runs extends EventTarget {
 
   /** Picks up every answer that was streaming when the page was last closed. */
   resumeAll() {
-    for (const { id } of this.store.list()) {
-      const conversation = this.store.get(id);
-      for (const message of conversation?.messages ?? []) {
-        if (message.pending) this._launch(conversation, message, { touch: false });
+    for (const { id } of this.store.list()) this.watch(this.store.get(id));
+  }
+
+  /**
+   * Makes sure someone follows each answer streaming in conversation (this tab or
+   * another one): called at load and whenever another tab saves the conversation.
+   */
+  watch(conversation) {
+    for (const message of conversation?.messages ?? []) {
+      if (message.pending && !this.active.has(message.id) && !this.waiting.has(message.id)) {
+        this._launch(conversation, message, { fresh: false });
       }
     }
   }
 
+  /** The run following conversation in this tab, or a run about to start here. */
   forConversation(conversationId) {
     for (const run of this.active.values()) if (run.conversation.id === conversationId) return run;
     return null;
+  }
+
+  /** Whether this tab writes conversation (so it must not take another tab's copy of it). */
+  owns(conversationId) {
+    return this.starting.has(conversationId) || Boolean(this.forConversation(conversationId));
+  }
+
+  /** Stop, from any tab: the one that follows the answer stops it. */
+  requestStop(messageId) {
+    const run = this.active.get(messageId);
+    if (run) run.stop();
+    else this.channel?.postMessage({ stop: messageId });
   }
 
   /**
@@ -75,24 +101,37 @@ export class Runs extends EventTarget {
    * six connections per server, and tabs all following the same answers would use
    * them up. A waiting tab shows the follower's progress through localStorage, and
    * takes over if that tab closes first. (Web Locks need a secure context: over plain
-   * http every tab follows.)
+   * http every tab follows.) fresh: a new answer from this tab, not yet saved.
    */
-  _launch(conversation, message, { touch }) {
-    this.store.save(conversation, { touch });
+  _launch(conversation, message, { fresh }) {
+    const conversationId = conversation.id;
+    const messageId = message.id;
     if (!navigator.locks) {
+      if (fresh) this.store.save(conversation);
       this._follow(conversation, message);
       return;
     }
-    const name = `rill.answer.${message.id}`;
+    const name = `rill.answer.${messageId}`;
+    if (fresh) this.starting.add(conversationId);
+    else this.waiting.add(messageId);
     navigator.locks.request(name, { ifAvailable: true }, (lock) => {
-      if (lock) return this._follow(conversation, message).ended;
-      navigator.locks.request(name, () => this._takeOver(conversation.id, message.id));
+      if (fresh) {
+        // Saved only now that this tab holds the lock: no other tab can see it earlier.
+        this.starting.delete(conversationId);
+        if (this.store.deleted.has(conversationId)) return undefined; // deleted meanwhile
+        this.store.save(conversation);
+        return this._follow(conversation, message).ended;
+      }
+      if (lock) return this._takeOver(conversationId, messageId);
+      navigator.locks.request(name, () => this._takeOver(conversationId, messageId));
       return undefined;
     });
   }
 
-  /** The tab that followed this answer closed or finished: follow it here if it still runs. */
+  /** Follows an answer another tab started, if it still runs, from the latest stored state. */
   _takeOver(conversationId, messageId) {
+    this.waiting.delete(messageId);
+    if (this.active.has(messageId)) return undefined;
     this.store.reload(conversationId); // the other tab's latest text and event id
     const conversation = this.store.get(conversationId);
     const message = conversation?.messages.find((item) => item.id === messageId);
@@ -143,7 +182,8 @@ class Run {
         // Same client_id on every attempt, including after a reload mid-POST.
         created = await startChat(this.pending.body);
       } catch (error) {
-        this._fail(error);
+        if (this.pending.stopRequested) this._finish("stopped");
+        else this._fail(error);
         return;
       }
       if (this.finished) {
@@ -194,8 +234,13 @@ class Run {
     );
   }
 
-  _finishFromStopAnswer(answer) {
+  _finishFromStopAnswer(answer, waited = STOP_FALLBACK_MS) {
     if (this.finished) return;
+    if (!this.follower.connected && waited < STOP_PATIENCE_MS) {
+      // Still reconnecting: the text the model wrote before Stop is on its way.
+      this.stopTimer = setTimeout(() => this._finishFromStopAnswer(answer, waited + STOP_FALLBACK_MS), STOP_FALLBACK_MS);
+      return;
+    }
     if (answer.usage && !this.message.usage) this.message.usage = answer.usage;
     if (answer.ended === "error") this._fail(new ApiError(answer.result.code, answer.result.message));
     else this._finish(FINISH_STATUS[answer.result?.finish_reason] ?? "stopped");

@@ -43,6 +43,14 @@ export class Store extends EventTarget {
     });
   }
 
+  /** Takes the settings another tab changed (title, system prompt, model), keeping the messages. */
+  mergeSettings(id) {
+    const cached = this.cache.get(id);
+    const fresh = read(conversationKey(id), null);
+    if (!cached || !fresh) return;
+    for (const field of ["title", "titled", "system", "model"]) if (field in fresh) cached[field] = fresh[field];
+  }
+
   /**
    * Takes the stored version of a conversation (another tab wrote it). The object is
    * updated in place, so every holder of it (the open view, the app) sees the new one.
@@ -101,6 +109,13 @@ export class Store extends EventTarget {
   /** Writes a conversation and its index entry; touch moves it to the top of the list. */
   save(conversation, { touch = true } = {}) {
     if (this.deleted.has(conversation.id)) return false;
+    const listed = this.index.some((entry) => entry.id === conversation.id);
+    if (listed && localStorage.getItem(conversationKey(conversation.id)) === null) {
+      // Deleted by another tab a moment ago (its storage event is still on the way).
+      this._forget(conversation.id);
+      this.dispatchEvent(new CustomEvent("removed", { detail: { ids: [conversation.id] } }));
+      return false;
+    }
     if (touch) conversation.updated = Date.now();
     if (!conversation.titled) conversation.title = autoTitle(conversation);
     const ok = this._write(conversationKey(conversation.id), conversation);
@@ -139,6 +154,11 @@ export class Store extends EventTarget {
       return false;
     }
   }
+}
+
+/** A conversation's title: the one given, or its first question's first line. */
+export function titleOf(conversation) {
+  return conversation.titled ? conversation.title : autoTitle(conversation);
 }
 
 function autoTitle(conversation) {
