@@ -135,7 +135,7 @@ class ChatApp {
   }
 
   remove(id) {
-    for (const run of [...this.runs.active.values()]) if (run.conversation.id === id) run.discard();
+    this._discardAnswers([id]);
     this.store.delete(id);
     if (this.current?.id === id) this.open(null);
   }
@@ -171,14 +171,8 @@ class ChatApp {
   }
 
   stop() {
-    const run = this._run();
-    if (run) {
-      run.stop();
-      return;
-    }
-    // Streaming in another tab of this browser: that tab stops it.
     const message = this.current?.messages.find((item) => item.pending);
-    if (message) this.runs.requestStop(message.id);
+    if (message) this.runs.requestStop(message);
   }
 
   regenerate(message) {
@@ -338,8 +332,15 @@ class ChatApp {
 
   /** Another tab deleted conversations: stop answering into them here too. */
   _onExternalRemove(ids) {
-    for (const run of [...this.runs.active.values()]) if (ids.includes(run.conversation.id)) run.discard();
+    this._discardAnswers(ids);
     if (this.current && ids.includes(this.current.id)) this.open(null);
+  }
+
+  /** Stops the answers streaming into conversations that are going away. */
+  _discardAnswers(conversationIds) {
+    for (const run of [...this.runs.active.values()]) {
+      if (conversationIds.includes(run.conversation.id)) run.discard();
+    }
   }
 
   _run() {

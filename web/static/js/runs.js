@@ -78,7 +78,7 @@ export class Runs extends EventTarget {
     }
   }
 
-  /** The run following conversation in this tab, or a run about to start here. */
+  /** The run following an answer of conversation in this tab, if any. */
   forConversation(conversationId) {
     for (const run of this.active.values()) if (run.conversation.id === conversationId) return run;
     return null;
@@ -90,10 +90,16 @@ export class Runs extends EventTarget {
   }
 
   /** Stop, from any tab: the one that follows the answer stops it. */
-  requestStop(messageId) {
-    const run = this.active.get(messageId);
-    if (run) run.stop();
-    else this.channel?.postMessage({ stop: messageId });
+  requestStop(message) {
+    const run = this.active.get(message.id);
+    if (run) {
+      run.stop();
+      return;
+    }
+    // Not followed here (yet): an answer of this tab still waiting for its lock stops as
+    // soon as it starts; one that another tab follows is stopped there.
+    message.pending.stopRequested = true;
+    this.channel?.postMessage({ stop: message.id });
   }
 
   /**
