@@ -104,6 +104,13 @@ async def watch(page: Page) -> WatchedPage:
     return watched
 
 
+async def another_tab(ui: WatchedPage, url: str) -> WatchedPage:
+    """A second tab of the same browser (same localStorage), watched like the first."""
+    tab = await watch(await ui.page.context.new_page())
+    await tab.page.goto(url)
+    return tab
+
+
 async def screenshot(page: Page, name: str) -> Path:
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOT_DIR / f"{name}.png"

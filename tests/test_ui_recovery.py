@@ -1,6 +1,6 @@
 """The chat page recovering from the awkward moments: a reload mid-answer, Stop while
 the stream is reconnecting, a POST whose answer was lost, a proxy answering with a
-page of its own, and a conversation deleted in another tab."""
+page of its own."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from playwright.async_api import Request, Route
 
 from server.keys import OPEN_STREAMS
 
-from .browser import ANSWER, answer_text, send, wait_answer_ended, watch
+from .browser import ANSWER, answer_text, send, wait_answer_ended
 from .conftest import OpenPage, Rill, StartRill
 from .fakes import Reply, chunk
 
@@ -135,28 +135,3 @@ async def test_a_proxy_page_instead_of_the_stream_is_an_error_not_a_loop(rill: R
     assert hits <= 3
     ui.allowed_console.append("EventSource's response has a MIME type")
     await ui.assert_clean()
-
-
-async def test_deleting_in_another_tab_stops_the_answer_streaming_in_this_one(rill: Rill, open_page: OpenPage) -> None:
-    rill.fake.script(Reply(chunks=[chunk("Going on")], end="hang"))
-    first = await open_page(rill)
-    await send(first.page, "Talk forever")
-    await first.page.locator(ANSWER).get_by_text("Going on").wait_for()
-
-    # A second tab opened meanwhile follows the same answer without asking the model again.
-    second = await watch(await first.page.context.new_page())
-    await second.page.goto(str(rill.url))
-    await second.page.locator(ANSWER).get_by_text("Going on").wait_for()
-    assert await second.page.locator("#stop").is_visible()
-    assert len(rill.fake.requests) == 1
-
-    delete = first.page.locator("#conversations [data-action=delete]")
-    await delete.click()
-    await delete.click()
-    await asyncio.wait_for(rill.fake.requests[0].closed.wait(), 3)
-    await second.page.locator("#empty-chat").wait_for()
-    assert await second.stored_conversations() == []
-    keys = await second.page.evaluate("() => Object.keys(localStorage)")
-    assert not [key for key in keys if key.startswith("rill.v1.conversation.")], "a deleted conversation came back"
-    await first.assert_clean()
-    await second.assert_clean()
