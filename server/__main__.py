@@ -11,6 +11,7 @@ from aiohttp import web
 from . import __version__
 from .app import create_app, runner_options
 from .config import ConfigError, load_config
+from .systemd import notify
 
 log = logging.getLogger("server")
 
@@ -28,10 +29,17 @@ def main() -> int:
     host, port = config.server.host, config.server.port
 
     def announce(*_: object) -> None:
+        # run_app calls this once the sockets listen: the moment to tell systemd.
         shown = f"[{host}]" if ":" in host else host
         log.info("Rill %s listening on http://%s:%d", __version__, shown, port)
+        notify("READY=1")
 
-    web.run_app(create_app(config), host=host, port=port, print=announce, **runner_options(config))
+    async def stopping(_: web.Application) -> None:
+        notify("STOPPING=1")
+
+    app = create_app(config)
+    app.on_shutdown.insert(0, stopping)
+    web.run_app(app, host=host, port=port, print=announce, **runner_options(config))
     return 0
 
 

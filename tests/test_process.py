@@ -7,7 +7,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -48,14 +49,31 @@ def _free_port() -> int:
 
 
 @pytest.fixture
+def notify_socket() -> Iterator[tuple[str, socket.socket]]:
+    """Stands in for systemd's $NOTIFY_SOCKET (abstract, so no path length limit)."""
+    name = f"@rill-test-notify-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name[1:])
+        sock.setblocking(False)
+        yield name, sock
+
+
+async def next_notification(sock: socket.socket) -> str:
+    async with asyncio.timeout(5):
+        return (await asyncio.get_running_loop().sock_recv(sock, 4096)).decode()
+
+
+@pytest.fixture
 async def process_url(
-    fake_upstream: FakeUpstream, tmp_path: Path
+    fake_upstream: FakeUpstream, tmp_path: Path, notify_socket: tuple[str, socket.socket]
 ) -> AsyncIterator[tuple[URL, asyncio.subprocess.Process]]:
     config = tmp_path / "config.toml"
     config.write_text(CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env.update({"RILL_CONFIG": str(config), "RILL_PORT": str(port), KEY_ENV: SENTINEL_KEY})
+    env.update(
+        {"RILL_CONFIG": str(config), "RILL_PORT": str(port), KEY_ENV: SENTINEL_KEY, "NOTIFY_SOCKET": notify_socket[0]}
+    )
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -84,9 +102,13 @@ async def process_url(
 
 
 async def test_sigterm_delivers_server_shutdown_and_exits_zero(
-    process_url: tuple[URL, asyncio.subprocess.Process], fake_upstream: FakeUpstream
+    process_url: tuple[URL, asyncio.subprocess.Process],
+    fake_upstream: FakeUpstream,
+    notify_socket: tuple[str, socket.socket],
 ) -> None:
     url, process = process_url
+    # systemd (Type=notify) hears READY=1 once Rill listens, and STOPPING=1 at SIGTERM.
+    assert await next_notification(notify_socket[1]) == "READY=1"
     for _ in range(3):
         fake_upstream.script(Reply(chunks=[chunk("so far")], end="hang"))
     async with aiohttp.ClientSession() as session:
@@ -104,6 +126,7 @@ async def test_sigterm_delivers_server_shutdown_and_exits_zero(
         loop = asyncio.get_running_loop()
         started = loop.time()
         process.send_signal(signal.SIGTERM)
+        assert await next_notification(notify_socket[1]) == "STOPPING=1"
         for reader in readers:
             events = await reader.read_all()
             error = terminal(events)
