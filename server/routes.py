@@ -14,5 +14,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_delete("/api/chat/{id}", views_api.stop_chat)
     app.router.add_get("/api/models", views_api.list_models)
     app.router.add_get("/healthz", views_api.health)
+    app.router.add_get("/readyz", views_api.ready)
     app.router.add_get("/stream", views_compat.legacy_stream)
     app.router.add_get("/static/{path:.+}", views_pages.static_file, name="static")

@@ -102,6 +102,13 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response(request.app[CATALOG].as_json())
 
 
+async def ready(request: web.Request) -> web.Response:
+    """For load balancers and deploy scripts: 503 once shutdown has begun (healthz stays 200)."""
+    if not request.app[REGISTRY].accepting:
+        return web.json_response({"ready": False, "status": "shutting_down"}, status=503)
+    return web.json_response({"ready": True, "status": "ok"})
+
+
 async def health(request: web.Request) -> web.Response:
     app = request.app
     loop = asyncio.get_running_loop()

@@ -288,12 +288,17 @@ async def test_shutdown_ends_every_live_stream_and_closes_every_upstream(start_r
 
 
 async def test_new_chats_are_refused_once_shutdown_begins(rill: Rill) -> None:
+    async with rill.session.get(rill.url / "readyz") as response:
+        assert (response.status, await response.json()) == (200, {"ready": True, "status": "ok"})
     await rill.app.shutdown()  # on_shutdown hooks; the site still listens in this test
     status, body = await rill.post_chat()
     assert status == 503
     assert body["error"]["code"] == "shutting_down"
     async with rill.session.get(rill.url / "healthz") as response:
+        assert response.status == 200  # alive: still answering while it drains
         assert (await response.json())["status"] == "shutting_down"
+    async with rill.session.get(rill.url / "readyz") as response:
+        assert (response.status, await response.json()) == (503, {"ready": False, "status": "shutting_down"})
     await asyncio.sleep(0.05)
     assert rill.fake.requests == []
 
