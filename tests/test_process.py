@@ -38,6 +38,10 @@ api_key_env = "{key_env}"
 
 [stream]
 liveness_interval = 0.1
+
+[limits]
+max_concurrent_per_client = 300
+max_concurrent_total = 300
 """
 
 
@@ -144,3 +148,46 @@ async def test_sigterm_delivers_server_shutdown_and_exits_zero(
     output = (await process.stdout.read()).decode()
     assert SENTINEL_KEY not in output
     assert "Traceback" not in output
+
+
+LIVE_STREAMS = 200
+
+
+async def test_sigterm_under_load_ends_every_stream_and_closes_every_upstream_request(
+    process_url: tuple[URL, asyncio.subprocess.Process], fake_upstream: FakeUpstream
+) -> None:
+    url, process = process_url
+    for _ in range(LIVE_STREAMS):
+        fake_upstream.script(Reply(chunks=[chunk("so far"), 0.2, chunk(" and"), 30.0], end="hang"))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def open_one(i: int) -> StreamReader:
+            body = {"messages": [{"role": "user", "content": f"q{i}"}]}
+            async with session.post(url / "api/chat", json=body) as response:
+                assert response.status == 201, await response.text()
+                generation_id = (await response.json())["id"]
+            reader = StreamReader(await session.get(url / f"api/chat/{generation_id}/events"))
+            await reader.read_until("delta", timeout=20)
+            return reader
+
+        readers = await asyncio.gather(*(open_one(i) for i in range(LIVE_STREAMS)))
+        assert fake_upstream.open == LIVE_STREAMS
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        process.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*(reader.read_all(timeout=10) for reader in readers))
+        for events in results:
+            assert terminal(events).data["code"] == "server_shutdown"
+            assert text_of(events).startswith("so far")
+        for reader in readers:
+            reader.response.close()
+        async with asyncio.timeout(10):
+            code = await process.wait()
+        elapsed = loop.time() - started
+    assert code == 0
+    assert elapsed < 3.0  # the config's shutdown_timeout: streams end at once, not at the deadline
+    await asyncio.sleep(0.2)  # the fake upstream's handlers see their connections close
+    assert all(seen.closed.is_set() for seen in fake_upstream.requests)
+    assert fake_upstream.open == 0
