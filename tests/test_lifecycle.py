@@ -9,12 +9,13 @@ import logging
 import socket
 import uuid
 
+import aiohttp
 import pytest
 
 from server.keys import OPEN_STREAMS, SESSION
 
 from .conftest import Rill, StartRill, wait_for
-from .fakes import Reply, answer, chunk, sse, terminal, text_of
+from .fakes import Reply, StreamReader, answer, chunk, sse, terminal, text_of
 
 TOKENS = [f"t{i} " for i in range(30)]
 
@@ -336,3 +337,40 @@ async def test_clients_leaving_before_the_headers_are_not_logged_as_errors(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     status, _ = await rill.post_chat()
     assert status == 201  # and the server keeps serving
+
+
+ABORT_STORM = 300
+
+
+async def test_abort_storm_leaves_no_upstream_connection_open(start_rill: StartRill) -> None:
+    # 300 readers vanish mid-answer (closed tabs): within resume_grace + 1 s nobody pays.
+    grace = 1.0
+    rill = await start_rill(
+        stream={"resume_grace": grace, "liveness_interval": 0.1},
+        limits={"max_concurrent_per_client": ABORT_STORM, "max_concurrent_total": ABORT_STORM},
+    )
+    for _ in range(ABORT_STORM):
+        rill.fake.script(Reply(chunks=[chunk("tok "), 0.05, chunk("tok "), 60.0], end="hang"))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def open_one(i: int) -> StreamReader:
+            body = {"messages": [{"role": "user", "content": f"q{i}"}]}
+            async with session.post(rill.url / "api/chat", json=body) as response:
+                assert response.status == 201
+                generation_id = (await response.json())["id"]
+            reader = StreamReader(await session.get(rill.url / f"api/chat/{generation_id}/events"))
+            await reader.read_until("delta", timeout=20)
+            return reader
+
+        readers = await asyncio.gather(*(open_one(i) for i in range(ABORT_STORM)))
+        assert rill.fake.open == ABORT_STORM
+
+        loop = asyncio.get_running_loop()
+        dropped = loop.time()
+        for reader in readers:
+            reader.response.close()
+    await wait_for(lambda: rill.fake.open == 0, timeout=grace + 1.0)
+    assert loop.time() - dropped >= grace * 0.9, "closed before the grace period a reload gets"
+    assert all(seen.closed.is_set() for seen in rill.fake.requests)
+    assert not rill.registry.live()
+    assert len(rill.app[OPEN_STREAMS]) == 0
