@@ -20,7 +20,8 @@ from .config import Config
 from .demo import DemoServer
 from .errors import error_middleware
 from .generation import SHUTDOWN_ERROR
-from .keys import CATALOG, CONFIG, MONITOR_TASK, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from .keys import CATALOG, CONFIG, METRICS, MONITOR_TASK, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from .metrics import Metrics
 from .monitor import run_monitor
 from .registry import GenerationRegistry
 from .routes import setup_routes
@@ -37,8 +38,11 @@ def create_app(config: Config) -> web.Application:
     """Build the app from its config; nothing starts until the app does."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
     app[CONFIG] = config
-    app[REGISTRY] = GenerationRegistry(config)
+    metrics = app[METRICS] = Metrics()
+    app[REGISTRY] = GenerationRegistry(config, on_end=metrics.generation_ended)
     app[OPEN_STREAMS] = OpenStreams()
+    metrics.live_generations.set_function(lambda: len(app[REGISTRY].live()))
+    metrics.subscribers.set_function(lambda: len(app[OPEN_STREAMS]))
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
@@ -96,7 +100,9 @@ async def _catalog(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _monitor(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(run_monitor(app[OPEN_STREAMS], app[REGISTRY], app[CONFIG].stream), name="rill-monitor")
+    task = asyncio.create_task(
+        run_monitor(app[OPEN_STREAMS], app[REGISTRY], app[CONFIG].stream, app[METRICS]), name="rill-monitor"
+    )
     app[MONITOR_TASK] = task
     yield
     task.cancel()

@@ -85,6 +85,8 @@ class Generation:
         self.fingerprint = fingerprint
         self.created_at = time.time()
         self.ended_at: float | None = None  # loop time
+        self.started_at: float | None = None  # loop time of the upstream request
+        self.first_token_after: float | None = None  # seconds from started_at to the first token
         self.events: list[Event] = []
         self.size_bytes = 0
         self.terminal: Event | None = None
@@ -111,6 +113,7 @@ class Generation:
                 "created": round(self.created_at, 3),
             },
         )
+        self.started_at = asyncio.get_running_loop().time()
         self._task = asyncio.create_task(self._run(session), name=f"generation-{self.id}")
         self._arm_grace_timer()  # nobody subscribed yet: the grace period starts now
 
@@ -177,11 +180,17 @@ class Generation:
 
     def on_reasoning(self, text: str) -> None:
         if self.terminal is None:
+            self._note_first_token()
             self._append("reasoning", {"text": text})
 
     def on_content(self, text: str) -> None:
         if self.terminal is None:
+            self._note_first_token()
             self._append("delta", {"text": text})
+
+    def _note_first_token(self) -> None:
+        if self.first_token_after is None and self.started_at is not None:
+            self.first_token_after = asyncio.get_running_loop().time() - self.started_at
 
     def on_usage(self, usage: Mapping[str, Any]) -> None:
         self.usage = dict(usage)  # the last figures win: some APIs repeat them per chunk

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from .catalog import Catalog
 from .config import Config
+from .metrics import Metrics
 from .registry import GenerationRegistry
 from .streaming import OpenStreams
 
@@ -19,3 +20,4 @@ REGISTRY = web.AppKey("registry", GenerationRegistry)
 OPEN_STREAMS = web.AppKey("open_streams", OpenStreams)
 MONITOR_TASK = web.AppKey("monitor_task", asyncio.Task[None])
 STARTED_AT = web.AppKey("started_at", float)
+METRICS = web.AppKey("metrics", Metrics)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 from .config import StreamConfig
+from .metrics import Metrics
 from .registry import GenerationRegistry
 from .streaming import OpenStreams
 
@@ -27,10 +28,15 @@ def tick(streams: OpenStreams, registry: GenerationRegistry, config: StreamConfi
     registry.evict()
 
 
-async def run_monitor(streams: OpenStreams, registry: GenerationRegistry, config: StreamConfig) -> None:
+async def run_monitor(
+    streams: OpenStreams, registry: GenerationRegistry, config: StreamConfig, metrics: Metrics
+) -> None:
     interval = min(config.liveness_interval, config.heartbeat_interval)
+    loop = asyncio.get_running_loop()
     while True:
+        due = loop.time() + interval
         await asyncio.sleep(interval)
+        metrics.heartbeat_lag.observe(max(0.0, loop.time() - due))  # a busy loop delays every stream
         try:
             tick(streams, registry, config)
         except Exception:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import uuid
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 import aiohttp
 
@@ -19,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class GenerationRegistry:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_end: Callable[[Generation], None] | None = None) -> None:
         self._config = config
+        self._on_end = on_end  # e.g. the metrics, told once per ended generation
         self._by_id: dict[str, Generation] = {}
         self._by_client_id: dict[str, Generation] = {}
         self._live: set[Generation] = set()
@@ -91,6 +93,8 @@ class GenerationRegistry:
         return generation
 
     def _ended_callback(self, generation: Generation) -> None:
+        if self._on_end is not None:
+            self._on_end(generation)
         self._live.discard(generation)
         self._live_per_client[generation.client_key] -= 1
         if self._live_per_client[generation.client_key] <= 0:

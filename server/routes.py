@@ -15,5 +15,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/models", views_api.list_models)
     app.router.add_get("/healthz", views_api.health)
     app.router.add_get("/readyz", views_api.ready)
+    app.router.add_get("/metrics", views_api.metrics)
     app.router.add_get("/stream", views_compat.legacy_stream)
     app.router.add_get("/static/{path:.+}", views_pages.static_file, name="static")

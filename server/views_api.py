@@ -12,7 +12,7 @@ from aiohttp import web
 from . import __version__
 from .errors import ApiError
 from .generation import Generation
-from .keys import CATALOG, CONFIG, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from .keys import CATALOG, CONFIG, METRICS, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
 from .streaming import serve
 from .validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
 
@@ -71,7 +71,9 @@ async def chat_events(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
     terminal = generation.terminal
     if terminal is not None and after >= terminal.id:
-        return web.Response(status=204)  # all delivered: tells EventSource to stop reconnecting
+        return web.Response(status=204)
+    if after > 0:
+        request.app[METRICS].resumes.inc()  # all delivered: tells EventSource to stop reconnecting
 
     response, outcome = await serve(
         request, generation, after=after, streams=request.app[OPEN_STREAMS], config=request.app[CONFIG].stream
@@ -100,6 +102,10 @@ async def stop_chat(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     return web.json_response(request.app[CATALOG].as_json())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return request.app[METRICS].response()
 
 
 async def ready(request: web.Request) -> web.Response:

@@ -374,3 +374,8 @@ async def test_abort_storm_leaves_no_upstream_connection_open(start_rill: StartR
     assert all(seen.closed.is_set() for seen in rill.fake.requests)
     assert not rill.registry.live()
     assert len(rill.app[OPEN_STREAMS]) == 0
+    async with rill.session.get(rill.url / "metrics") as response:
+        text = await response.text()
+    assert "rill_live_generations 0.0" in text
+    assert "rill_subscribers 0.0" in text
+    assert f'rill_cancellations_total{{reason="abandoned"}} {float(ABORT_STORM)}' in text
