@@ -10,6 +10,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,6 +113,9 @@ class LimitsConfig:
     max_tokens: int = 32_768
     max_concurrent_per_client: int = 4
     max_concurrent_total: int = 64
+    generations_per_minute: int = 20  # new answers per client per minute
+    # Whose X-Forwarded-For is believed: the reverse proxy in front of Rill.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = (ip_network("127.0.0.1/32"), ip_network("::1/128"))
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,22 @@ def _positive_int(section: _Section, name: str, default: int) -> int:
     return value
 
 
+def _networks(
+    section: _Section, name: str, default: tuple[IPv4Network | IPv6Network, ...]
+) -> tuple[IPv4Network | IPv6Network, ...]:
+    items = section.get(name, list, [str(n) for n in default])
+    networks = []
+    for index, item in enumerate(items):
+        key = f"{section.key(name)}[{index}]"
+        if not isinstance(item, str):
+            raise ConfigError(f'{key}: must be an address or network such as "10.0.0.0/8", got {item!r}')
+        try:
+            networks.append(ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}: not an IP address or network: {item!r}") from None
+    return tuple(networks)
+
+
 def _base_url(text: str, key: str) -> URL:
     try:
         url = URL(text)
@@ -320,6 +340,8 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
             lim, "max_concurrent_per_client", LimitsConfig.max_concurrent_per_client
         ),
         max_concurrent_total=_positive_int(lim, "max_concurrent_total", LimitsConfig.max_concurrent_total),
+        generations_per_minute=_positive_int(lim, "generations_per_minute", LimitsConfig.generations_per_minute),
+        trusted_proxies=_networks(lim, "trusted_proxies", LimitsConfig.trusted_proxies),
     )
     lim.finish()
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import aiohttp
 
+from .clients import RateWindow
 from .config import Config
 from .errors import ApiError
 from .generation import Generation
@@ -30,6 +31,7 @@ class GenerationRegistry:
         self._live_per_client: Counter[str] = Counter()
         self.ended_bytes = 0  # what ended generations' buffers hold; live ones are bounded by the limits
         self.accepting = True  # False once shutdown has begun
+        self._new_per_client = RateWindow(config.limits.generations_per_minute)
 
     @property
     def max_bytes(self) -> int:
@@ -75,6 +77,15 @@ class GenerationRegistry:
                 "Wait for one to finish or stop one.",
                 headers={"Retry-After": "5"},
             )
+        wait = self._new_per_client.hit(client_key, asyncio.get_running_loop().time())
+        if wait:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"You started {limits.generations_per_minute} answers in the last minute, the limit. "
+                f"Try again in {wait} s.",
+                headers={"Retry-After": str(wait)},
+            )
         generation = Generation(
             generation_id=uuid.uuid4().hex,
             request=request,
@@ -111,6 +122,7 @@ class GenerationRegistry:
         """
         stream = self._config.stream
         now = asyncio.get_running_loop().time()
+        self._new_per_client.forget_idle(now)
         while self._ended:
             oldest = next(iter(self._ended.values()))
             assert oldest.ended_at is not None

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
+from .clients import client_address
 from .errors import ApiError
 from .generation import Generation
 from .keys import CATALOG, CONFIG, METRICS, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
@@ -54,7 +55,7 @@ async def create_chat(request: web.Request) -> web.Response:
     generation = registry.start(
         app[SESSION],
         chat.request,
-        client_key=request.remote or "unknown",
+        client_key=client_address(request, app[CONFIG].limits.trusted_proxies),
         client_id=chat.client_id,
         fingerprint=fingerprint,
     )

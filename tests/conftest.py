@@ -57,6 +57,7 @@ BASE_DOCUMENT: dict[str, Any] = {
         "send_timeout": 5.0,
     },
     "upstream": {"retries": 2, "retry_backoff": 0.01},
+    "limits": {"generations_per_minute": 10_000},  # the rate limit has its own tests
     "demo": {"tokens_per_second": 2000.0, "reasoning_tokens_per_second": 2000.0},
 }
 

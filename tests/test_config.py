@@ -383,6 +383,13 @@ def test_config_repr_and_str_never_show_the_key(tmp_path: Path) -> None:
         pytest.param("[server]\nshutdown_timeout = 0\n" + PROVIDERS, "server.shutdown_timeout", id="shutdown-zero"),
         pytest.param("[stream]\nretry_ms = 0\n" + PROVIDERS, "stream.retry_ms", id="retry-zero"),
         pytest.param("[upstream]\nretries = -1\n" + PROVIDERS, "upstream.retries", id="retries-negative"),
+        pytest.param(
+            '[limits]\ntrusted_proxies = ["nginx"]\n' + PROVIDERS, "limits.trusted_proxies[0]", id="proxy-name"
+        ),
+        pytest.param("[limits]\ntrusted_proxies = [10]\n" + PROVIDERS, "limits.trusted_proxies[0]", id="proxy-int"),
+        pytest.param(
+            "[limits]\ngenerations_per_minute = 0\n" + PROVIDERS, "limits.generations_per_minute", id="rate-0"
+        ),
         pytest.param('default_model = "m1"\n', "providers", id="no-providers"),
         pytest.param(
             '[[providers]]\nname = "p"\nbase_url = "https://x.example"\n', "providers[0].models", id="no-models"
@@ -516,3 +523,8 @@ def test_server_exits_2_with_one_line_naming_the_key(tmp_path: Path) -> None:
     assert "server.prot" in lines[0]
     assert lines[0].startswith("rill: invalid configuration: server.prot:")
     assert result.stdout == ""
+
+
+def test_trusted_proxies_take_networks(tmp_path: Path) -> None:
+    config = load(tmp_path, '[limits]\ntrusted_proxies = ["10.0.0.0/8", "192.168.1.7", "fd00::/8"]\n' + PROVIDERS)
+    assert [str(n) for n in config.limits.trusted_proxies] == ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]

@@ -42,6 +42,7 @@ liveness_interval = 0.1
 [limits]
 max_concurrent_per_client = 300
 max_concurrent_total = 300
+generations_per_minute = 1000
 """
 
 
