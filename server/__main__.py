@@ -11,16 +11,14 @@ from aiohttp import web
 from . import __version__
 from .app import create_app, runner_options
 from .config import ConfigError, load_config
+from .logs import configure_logging
 from .systemd import notify
 
 log = logging.getLogger("server")
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=os.environ.get("RILL_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(os.environ.get("RILL_LOG_LEVEL", "INFO"), os.environ.get("RILL_LOG_FORMAT") == "json")
     try:
         config = load_config()
     except ConfigError as exc:

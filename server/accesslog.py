@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
+from .logs import REQUEST_ID_KEY
+
 
 class PathOnlyAccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
@@ -16,4 +18,5 @@ class PathOnlyAccessLogger(AbstractAccessLogger):
             response.status,
             response.body_length,
             time,
+            extra={"request_id": request.get(REQUEST_ID_KEY, "-")},  # the handler's id, now out of context
         )

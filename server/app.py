@@ -21,6 +21,7 @@ from .demo import DemoServer
 from .errors import error_middleware
 from .generation import SHUTDOWN_ERROR
 from .keys import CATALOG, CONFIG, METRICS, MONITOR_TASK, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from .logs import add_request_id_header, request_id_middleware
 from .metrics import Metrics
 from .monitor import run_monitor
 from .registry import GenerationRegistry
@@ -36,7 +37,9 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "web" / "templates"
 
 def create_app(config: Config) -> web.Application:
     """Build the app from its config; nothing starts until the app does."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware], client_max_size=config.limits.max_body_bytes
+    )
     app[CONFIG] = config
     metrics = app[METRICS] = Metrics()
     app[REGISTRY] = GenerationRegistry(config, on_end=metrics.generation_ended)
@@ -50,6 +53,7 @@ def create_app(config: Config) -> web.Application:
     )
     setup_routes(app)
     app.on_response_prepare.append(add_security_headers)
+    app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_catalog)
     app.cleanup_ctx.append(_monitor)
