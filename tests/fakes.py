@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from server.sse import SSEParser
 
@@ -195,3 +197,26 @@ def terminal(events: Sequence[ReadEvent]) -> ReadEvent:
     assert len(ends) == 1, f"expected exactly one terminal event, got {ends}"
     assert events[-1] is ends[0], "the terminal event must be the last one"
     return ends[0]
+
+
+async def open_live_streams(session: aiohttp.ClientSession, url: URL, count: int) -> list[StreamReader]:
+    """Starts count generations at once and follows each until its first token arrives."""
+
+    async def open_one(i: int) -> StreamReader:
+        body = {"messages": [{"role": "user", "content": f"q{i}"}]}
+        async with session.post(url / "api/chat", json=body) as response:
+            assert response.status == 201, await response.text()
+            generation_id = (await response.json())["id"]
+        reader = StreamReader(await session.get(url / f"api/chat/{generation_id}/events"))
+        await reader.read_until("delta", timeout=20)
+        return reader
+
+    return list(await asyncio.gather(*(open_one(i) for i in range(count))))
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -15,7 +15,7 @@ import pytest
 from server.keys import OPEN_STREAMS, SESSION
 
 from .conftest import Rill, StartRill, wait_for
-from .fakes import Reply, StreamReader, answer, chunk, sse, terminal, text_of
+from .fakes import Reply, answer, chunk, open_live_streams, sse, terminal, text_of
 
 TOKENS = [f"t{i} " for i in range(30)]
 
@@ -352,17 +352,7 @@ async def test_abort_storm_leaves_no_upstream_connection_open(start_rill: StartR
     for _ in range(ABORT_STORM):
         rill.fake.script(Reply(chunks=[chunk("tok "), 0.05, chunk("tok "), 60.0], end="hang"))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-
-        async def open_one(i: int) -> StreamReader:
-            body = {"messages": [{"role": "user", "content": f"q{i}"}]}
-            async with session.post(rill.url / "api/chat", json=body) as response:
-                assert response.status == 201
-                generation_id = (await response.json())["id"]
-            reader = StreamReader(await session.get(rill.url / f"api/chat/{generation_id}/events"))
-            await reader.read_until("delta", timeout=20)
-            return reader
-
-        readers = await asyncio.gather(*(open_one(i) for i in range(ABORT_STORM)))
+        readers = await open_live_streams(session, rill.url, ABORT_STORM)
         assert rill.fake.open == ABORT_STORM
 
         loop = asyncio.get_running_loop()

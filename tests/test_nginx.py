@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from yarl import URL
 
 from .conftest import Rill, StartRill
-from .fakes import Reply, StreamReader, answer, text_of
+from .fakes import Reply, StreamReader, answer, free_port, text_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "deploy" / "nginx" / "rill.conf"
@@ -40,13 +39,6 @@ http {{
     include {dir}/site.conf;
 }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 StartProxy = Callable[[Rill], Awaitable[URL]]

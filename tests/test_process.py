@@ -16,7 +16,7 @@ import pytest
 from yarl import URL
 
 from .conftest import KEY_ENV, SENTINEL_KEY
-from .fakes import FakeUpstream, Reply, StreamReader, chunk, terminal, text_of
+from .fakes import FakeUpstream, Reply, StreamReader, chunk, free_port, open_live_streams, terminal, text_of
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_NAME = "rill.log"  # the process's output, in the test's tmp_path
@@ -47,13 +47,6 @@ generations_per_minute = 1000
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def notify_socket() -> Iterator[tuple[str, socket.socket]]:
     """Stands in for systemd's $NOTIFY_SOCKET (abstract, so no path length limit)."""
@@ -75,7 +68,7 @@ async def process_url(
 ) -> AsyncIterator[tuple[URL, asyncio.subprocess.Process]]:
     config = tmp_path / "config.toml"
     config.write_text(CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV))
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env.update(
         {"RILL_CONFIG": str(config), "RILL_PORT": str(port), KEY_ENV: SENTINEL_KEY, "NOTIFY_SOCKET": notify_socket[0]}
@@ -166,17 +159,7 @@ async def test_sigterm_under_load_ends_every_stream_and_closes_every_upstream_re
         fake_upstream.script(Reply(chunks=[chunk("so far"), 0.2, chunk(" and"), 30.0], end="hang"))
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def open_one(i: int) -> StreamReader:
-            body = {"messages": [{"role": "user", "content": f"q{i}"}]}
-            async with session.post(url / "api/chat", json=body) as response:
-                assert response.status == 201, await response.text()
-                generation_id = (await response.json())["id"]
-            reader = StreamReader(await session.get(url / f"api/chat/{generation_id}/events"))
-            await reader.read_until("delta", timeout=20)
-            return reader
-
-        readers = await asyncio.gather(*(open_one(i) for i in range(LIVE_STREAMS)))
+        readers = await open_live_streams(session, url, LIVE_STREAMS)
         assert fake_upstream.open == LIVE_STREAMS
 
         loop = asyncio.get_running_loop()
