@@ -122,8 +122,7 @@ class ChatApp {
     this._showTitle();
     $("system-prompt").value = this.current ? (this.current.system ?? "") : this.draftSystem;
     this._selectModel();
-    this._syncComposer();
-    this.list.show(this.current, this.running);
+    this._redraw();
     this._renderSidebar();
     this._closeSidebar();
   }
@@ -164,8 +163,7 @@ class ChatApp {
     conversation.messages.push(message);
     const body = { model: this._modelFor(conversation), messages: requestMessages(conversation, -1) };
     this.runs.start(conversation, message, body);
-    this._syncComposer();
-    this.list.show(conversation, true);
+    this._redraw();
     this._showTitle();
     $("prompt").focus();
   }
@@ -191,8 +189,7 @@ class ChatApp {
       return;
     }
     this.runs.retry(conversation, message);
-    this._syncComposer();
-    this.list.show(conversation, true);
+    this._redraw();
   }
 
   continueAnswer(message) {
@@ -202,8 +199,7 @@ class ChatApp {
     history.push({ role: "assistant", content: message.content }, { role: "user", content: t("continue.prompt") });
     const body = { model: this._modelFor(conversation), messages: mergeSameRole(history) };
     this.runs.start(conversation, message, body);
-    this._syncComposer();
-    this.list.show(conversation, true);
+    this._redraw();
   }
 
   startEdit(message) {
@@ -326,8 +322,7 @@ class ChatApp {
       return;
     }
     this._showTitle();
-    this._syncComposer();
-    this.list.show(this.current, this.running, { keepScroll: true });
+    this._redraw({ keepScroll: true });
   }
 
   /** Another tab deleted conversations: stop answering into them here too. */
@@ -357,6 +352,12 @@ class ChatApp {
     const given = this.current ? titleOf(this.current) : "";
     $("chat-title").textContent = given || t("app.untitled");
     document.title = given ? `${given} · Rill` : "Rill";
+  }
+
+  /** Redraws the open conversation from scratch, with the composer in the matching state. */
+  _redraw({ keepScroll = false } = {}) {
+    this._syncComposer();
+    this.list.show(this.current, this.running, { keepScroll });
   }
 
   _syncComposer() {

@@ -41,9 +41,7 @@ export class Sidebar {
         }
         item.classList.toggle("streaming", streamingIds.has(summary.id));
         if (summary.id === this.confirming) {
-          const remove = item.querySelector('[data-action="delete"]');
-          remove.classList.add("confirm");
-          remove.textContent = t("app.confirmDelete");
+          showArmed(item.querySelector('[data-action="delete"]'), true);
         }
         return item;
       }),
@@ -98,8 +96,7 @@ export class Sidebar {
     }
     this._disarm();
     this.confirming = id;
-    button.classList.add("confirm");
-    button.textContent = t("app.confirmDelete");
+    showArmed(button, true);
     this.confirmTimer = setTimeout(() => this._disarm(), CONFIRM_MS);
   }
 
@@ -110,9 +107,12 @@ export class Sidebar {
     this.confirming = null;
     if (id === null) return;
     const button = this.list.querySelector(`.conversation[data-id="${CSS.escape(id)}"] [data-action="delete"]`);
-    if (button) {
-      button.classList.remove("confirm");
-      button.textContent = "×";
-    }
+    if (button) showArmed(button, false);
   }
+}
+
+/** A delete button waiting for its confirming second click, or back to normal. */
+function showArmed(button, armed) {
+  button.classList.toggle("confirm", armed);
+  button.textContent = armed ? t("app.confirmDelete") : "×";
 }

@@ -10,6 +10,8 @@ const conversationKey = (id) => `${PREFIX}conversation.${id}`;
 
 export const TITLE_MAX_CHARS = 60;
 
+const readIndex = () => read(INDEX_KEY, []).filter((entry) => entry && typeof entry.id === "string");
+
 function read(key, fallback) {
   try {
     const raw = localStorage.getItem(key);
@@ -22,14 +24,14 @@ function read(key, fallback) {
 export class Store extends EventTarget {
   constructor() {
     super();
-    this.index = read(INDEX_KEY, []).filter((entry) => entry && typeof entry.id === "string");
+    this.index = readIndex();
     this.cache = new Map();
     this.deleted = new Set(); // never written again, even by an answer still arriving
     // Another tab changed something: take its version, so neither tab overwrites the other.
     window.addEventListener("storage", (event) => {
       if (event.storageArea !== localStorage || event.key === null) return;
       if (event.key === INDEX_KEY) {
-        this.index = read(INDEX_KEY, []).filter((entry) => entry && typeof entry.id === "string");
+        this.index = readIndex();
         this.dispatchEvent(new CustomEvent("change"));
       } else if (event.key.startsWith(conversationKey(""))) {
         const id = event.key.slice(conversationKey("").length);
