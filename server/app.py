@@ -14,13 +14,16 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from .access import access_middleware, add_cors_headers
 from .accesslog import PathOnlyAccessLogger
+from .budget import DailyBudget
 from .catalog import build_catalog
 from .config import Config
 from .demo import DemoServer
 from .errors import error_middleware
-from .generation import SHUTDOWN_ERROR
-from .keys import CATALOG, CONFIG, METRICS, MONITOR_TASK, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from .gate import Gate
+from .generation import SHUTDOWN_ERROR, Generation
+from .keys import BUDGET, CATALOG, CONFIG, GATE, METRICS, MONITOR_TASK, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
 from .logs import add_request_id_header, request_id_middleware
 from .metrics import Metrics
 from .monitor import run_monitor
@@ -38,11 +41,19 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "web" / "templates"
 def create_app(config: Config) -> web.Application:
     """Build the app from its config; nothing starts until the app does."""
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware], client_max_size=config.limits.max_body_bytes
+        middlewares=[request_id_middleware, error_middleware, access_middleware],
+        client_max_size=config.limits.max_body_bytes,
     )
     app[CONFIG] = config
+    app[GATE] = Gate(config.access)
     metrics = app[METRICS] = Metrics()
-    app[REGISTRY] = GenerationRegistry(config, on_end=metrics.generation_ended)
+    budget = app[BUDGET] = DailyBudget(config.access.daily_token_budget, config.access.state_dir)
+
+    def generation_ended(generation: Generation) -> None:
+        metrics.generation_ended(generation)
+        budget.generation_ended(generation)
+
+    app[REGISTRY] = GenerationRegistry(config, on_end=generation_ended)
     app[OPEN_STREAMS] = OpenStreams()
     metrics.live_generations.set_function(lambda: len(app[REGISTRY].live()))
     metrics.subscribers.set_function(lambda: len(app[OPEN_STREAMS]))
@@ -54,6 +65,7 @@ def create_app(config: Config) -> web.Application:
     setup_routes(app)
     app.on_response_prepare.append(add_security_headers)
     app.on_response_prepare.append(add_request_id_header)
+    app.on_response_prepare.append(add_cors_headers)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_catalog)
     app.cleanup_ctx.append(_monitor)

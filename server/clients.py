@@ -13,7 +13,7 @@ from aiohttp import web
 Networks = Sequence[IPv4Network | IPv6Network]
 
 
-def _trusted(address: str, proxies: Networks) -> bool:
+def is_trusted_proxy(address: str, proxies: Networks) -> bool:
     try:
         parsed = ip_address(address.strip())
     except ValueError:
@@ -24,11 +24,11 @@ def _trusted(address: str, proxies: Networks) -> bool:
 def client_address(request: web.Request, proxies: Networks) -> str:
     """The rightmost address that is not a trusted proxy (the leftmost ones can be forged)."""
     peer = request.remote or "unknown"
-    if not _trusted(peer, proxies):
+    if not is_trusted_proxy(peer, proxies):
         return peer
     hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", []) for hop in header.split(",")]
     for hop in reversed(hops):
-        if hop and not _trusted(hop, proxies):
+        if hop and not is_trusted_proxy(hop, proxies):
             try:
                 return str(ip_address(hop))
             except ValueError:
@@ -43,18 +43,33 @@ class RateWindow:
         self.limit = limit
         self.period = period
         self._seen: defaultdict[str, deque[float]] = defaultdict(deque)
+        self._swept_at = 0.0
 
     def hit(self, client: str, now: float) -> int:
         """Counts one event; 0 if allowed, else the seconds to wait before the next one."""
-        seen = self._seen[client]
+        wait = self.wait(client, now)
+        if not wait:
+            self.add(client, now)
+        return wait
+
+    def wait(self, client: str, now: float) -> int:
+        """Seconds until `client` may have another event (0: now), counting nothing."""
+        seen = self._seen.get(client)
+        if not seen:
+            return 0
         while seen and seen[0] <= now - self.period:
             seen.popleft()
         if len(seen) >= self.limit:
             return max(1, math.ceil(seen[0] + self.period - now))
-        seen.append(now)
         return 0
 
+    def add(self, client: str, now: float) -> None:
+        self._seen[client].append(now)
+        if now - self._swept_at >= self.period:
+            self.forget_idle(now)
+
     def forget_idle(self, now: float) -> None:
-        """Drops clients with nothing in the window (called by the monitor now and then)."""
+        """Drops clients with nothing in the window (done by `add` at most once a period)."""
+        self._swept_at = now
         for client in [c for c, seen in self._seen.items() if not seen or seen[-1] <= now - self.period]:
             del self._seen[client]

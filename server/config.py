@@ -7,10 +7,11 @@ code never reads the environment or the file system for settings.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -113,9 +114,32 @@ class LimitsConfig:
     max_tokens: int = 32_768
     max_concurrent_per_client: int = 4
     max_concurrent_total: int = 64
+    max_streams_per_client: int = 16  # open event streams per client
     generations_per_minute: int = 20  # new answers per client per minute
     # Whose X-Forwarded-For is believed: the reverse proxy in front of Rill.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = (ip_network("127.0.0.1/32"), ip_network("::1/128"))
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    name: str  # shown in logs and used for limits and budgets; the secret never is
+    secret: Secret
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    tokens: tuple[AccessToken, ...] = ()  # none: open to anyone who can reach the port
+    tokens_env: str = "RILL_ACCESS_TOKENS"
+    session_days: float = 30.0
+    failed_sign_ins_per_minute: int = 5
+    daily_token_budget: int = 0  # model tokens per access token per UTC day; 0: no budget
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host names served without tokens besides loopback ones
+    state_dir: Path | None = None  # where the budget ledger survives restarts
+
+    @property
+    def required(self) -> bool:
+        return bool(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -148,11 +172,13 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     demo: DemoConfig = DemoConfig()
     compat: CompatConfig = CompatConfig()
+    access: AccessConfig = AccessConfig()
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for scrubbing text that came from outside."""
-        return tuple(p.api_key.reveal() for p in self.providers if p.api_key)
+        keys = tuple(p.api_key.reveal() for p in self.providers if p.api_key)
+        return keys + tuple(token.secret.reveal() for token in self.access.tokens)
 
 
 # --- reading the TOML document -------------------------------------------------------
@@ -340,6 +366,7 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
             lim, "max_concurrent_per_client", LimitsConfig.max_concurrent_per_client
         ),
         max_concurrent_total=_positive_int(lim, "max_concurrent_total", LimitsConfig.max_concurrent_total),
+        max_streams_per_client=_positive_int(lim, "max_streams_per_client", LimitsConfig.max_streams_per_client),
         generations_per_minute=_positive_int(lim, "generations_per_minute", LimitsConfig.generations_per_minute),
         trusted_proxies=_networks(lim, "trusted_proxies", LimitsConfig.trusted_proxies),
     )
@@ -368,6 +395,13 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
     compat = CompatConfig(get_stream=c.get("get_stream", bool, CompatConfig.get_stream))
     c.finish()
 
+    access = _parse_access(root.table("access"), environ)
+    if not access.required and not is_loopback_host(server.host):
+        raise ConfigError(
+            f"server.host: {server.host!r} can be reached from other machines, so Rill needs access tokens: "
+            f"put one or more in {access.tokens_env} (see the README, 'Access tokens'), or listen on 127.0.0.1"
+        )
+
     providers = [_parse_provider(p) for p in root.tables("providers")]
     if not providers:
         raise ConfigError("providers: at least one [[providers]] table is required")
@@ -392,7 +426,87 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
         upstream=upstream,
         demo=demo,
         compat=compat,
+        access=access,
     )
+
+
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_TOKEN_SECRET = re.compile(r"[!-~]{16,256}")  # printable ASCII, no spaces
+_ORIGIN = re.compile(r"https?://[^/?#\s]+")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether only this machine can reach `host` (a name or an address to listen on)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_access(section: _Section, environ: Mapping[str, str]) -> AccessConfig:
+    tokens_env = section.get("tokens_env", str, AccessConfig.tokens_env)
+    origins = section.get("cors_origins", list, [])
+    for index, origin in enumerate(origins):
+        if not isinstance(origin, str) or not _ORIGIN.fullmatch(origin):
+            raise ConfigError(
+                f'{section.key("cors_origins")}[{index}]: must be an origin such as "https://app.example.com" '
+                f"(scheme and host, no path), got {origin!r}"
+            )
+    hosts = section.get("allowed_hosts", list, [])
+    for index, host in enumerate(hosts):
+        if not isinstance(host, str) or not host or any(c in host for c in "/: "):
+            raise ConfigError(f'{section.key("allowed_hosts")}[{index}]: must be a host name such as "rill.lan"')
+    access = AccessConfig(
+        tokens=parse_access_tokens(environ.get(tokens_env, ""), tokens_env) if tokens_env else (),
+        tokens_env=tokens_env,
+        session_days=_positive(section, "session_days", AccessConfig.session_days),
+        failed_sign_ins_per_minute=_positive_int(
+            section, "failed_sign_ins_per_minute", AccessConfig.failed_sign_ins_per_minute
+        ),
+        daily_token_budget=section.get("daily_token_budget", int, AccessConfig.daily_token_budget),
+        cors_origins=tuple(o.rstrip("/").lower() for o in origins),
+        allowed_hosts=tuple(h.lower() for h in hosts),
+        state_dir=_state_dir(environ),
+    )
+    if access.daily_token_budget < 0:
+        raise ConfigError(f"{section.key('daily_token_budget')}: must be 0 (no budget) or more")
+    section.finish()
+    return access
+
+
+def parse_access_tokens(text: str, source: str) -> tuple[AccessToken, ...]:
+    """One token per line or comma-separated, each `name:token` or a bare `token`.
+
+    Error messages name the entry, never its secret."""
+    entries = [e.strip() for e in re.split(r"[,\n]", text)]
+    entries = [e for e in entries if e and not e.startswith("#")]
+    tokens: list[AccessToken] = []
+    for number, entry in enumerate(entries, 1):
+        name, colon, secret = entry.partition(":")
+        if not colon:
+            name, secret = f"token{number}", entry
+        where = f"{source}: entry {number}"
+        if not _TOKEN_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: a name is 1 to 32 letters, digits, '_' or '-' (written name:token)")
+        if not _TOKEN_SECRET.fullmatch(secret) or ":" in secret:
+            raise ConfigError(
+                f"{where} ({name}): a token is 16 to 256 printable characters without spaces, commas or colons"
+            )
+        if any(t.name == name for t in tokens):
+            raise ConfigError(f"{where}: the name {name!r} is used twice")
+        if any(t.secret.reveal() == secret for t in tokens):
+            raise ConfigError(f"{where} ({name}): the same token is listed twice")
+        tokens.append(AccessToken(name, Secret(secret)))
+    return tuple(tokens)
+
+
+def _state_dir(environ: Mapping[str, str]) -> Path | None:
+    # systemd's StateDirectory= sets STATE_DIRECTORY (colon-separated when several).
+    value = environ.get("RILL_STATE_DIR") or environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(value) if value else None
 
 
 def _host(env_value: str | None, section: _Section) -> str:

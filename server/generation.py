@@ -77,10 +77,12 @@ class Generation:
         client_id: str | None,
         fingerprint: str,
         on_end: Callable[[Generation], None],
+        owner: str | None = None,
     ) -> None:
         self.id = generation_id
         self.request = request
         self.client_key = client_key
+        self.owner = owner  # the access token's name; only its holder may follow or stop it
         self.client_id = client_id
         self.fingerprint = fingerprint
         self.created_at = time.time()

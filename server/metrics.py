@@ -49,6 +49,12 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.token_checks = Counter(
+            "rill_access_token_checks",
+            "Access tokens checked (sign-in or Bearer), by outcome: ok, bad_token, limited.",
+            ["outcome"],
+            registry=registry,
+        )
         self.heartbeat_lag = Histogram(
             "rill_heartbeat_lag_seconds",
             "How late the monitor task (heartbeats, closed-tab detection) ran: event loop lag.",

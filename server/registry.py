@@ -57,6 +57,7 @@ class GenerationRegistry:
         client_key: str,
         client_id: str | None,
         fingerprint: str,
+        owner: str | None = None,
     ) -> Generation:
         """Check the limits, then create and start a generation (the upstream call begins now)."""
         if not self.accepting:
@@ -94,6 +95,7 @@ class GenerationRegistry:
             client_id=client_id,
             fingerprint=fingerprint,
             on_end=self._ended_callback,
+            owner=owner,
         )
         self._by_id[generation.id] = generation
         if client_id is not None:
@@ -122,7 +124,6 @@ class GenerationRegistry:
         """
         stream = self._config.stream
         now = asyncio.get_running_loop().time()
-        self._new_per_client.forget_idle(now)
         while self._ended:
             oldest = next(iter(self._ended.values()))
             assert oldest.ended_at is not None

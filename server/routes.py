@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import views_api, views_compat, views_pages
+from . import views_api, views_compat, views_pages, views_session
 
 
 def setup_routes(app: web.Application) -> None:
@@ -13,6 +13,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/chat/{id}/events", views_api.chat_events)
     app.router.add_delete("/api/chat/{id}", views_api.stop_chat)
     app.router.add_get("/api/models", views_api.list_models)
+    app.router.add_get("/api/session", views_session.session_state)
+    app.router.add_post("/api/session", views_session.sign_in)
+    app.router.add_delete("/api/session", views_session.sign_out)
     app.router.add_get("/healthz", views_api.health)
     app.router.add_get("/readyz", views_api.ready)
     app.router.add_get("/metrics", views_api.metrics)

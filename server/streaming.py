@@ -10,12 +10,14 @@ import asyncio
 import enum
 import logging
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from .config import StreamConfig
+from .errors import ApiError
 from .generation import Event, Generation, Subscriber
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,12 @@ class Outcome(enum.Enum):
 class OpenStream:
     """A live SSE connection; the monitor task reads `last_write` and `request`."""
 
-    __slots__ = ("last_write", "request", "subscriber")
+    __slots__ = ("client_key", "last_write", "request", "subscriber")
 
-    def __init__(self, request: web.Request, subscriber: Subscriber) -> None:
+    def __init__(self, request: web.Request, subscriber: Subscriber, client_key: str) -> None:
         self.request = request
         self.subscriber = subscriber
+        self.client_key = client_key
         self.last_write = asyncio.get_running_loop().time()
 
     def connection_closed(self) -> bool:
@@ -52,17 +55,27 @@ class OpenStreams:
 
     def __init__(self) -> None:
         self._streams: set[OpenStream] = set()
+        self._per_client: Counter[str] = Counter()
         self._empty = asyncio.Event()
         self._empty.set()
 
     def add(self, stream: OpenStream) -> None:
         self._streams.add(stream)
+        self._per_client[stream.client_key] += 1
         self._empty.clear()
 
     def discard(self, stream: OpenStream) -> None:
+        if stream not in self._streams:
+            return
         self._streams.discard(stream)
+        self._per_client[stream.client_key] -= 1
+        if self._per_client[stream.client_key] <= 0:
+            del self._per_client[stream.client_key]
         if not self._streams:
             self._empty.set()
+
+    def count(self, client_key: str) -> int:
+        return self._per_client[client_key]
 
     def __iter__(self) -> Iterator[OpenStream]:
         return iter(self._streams)
@@ -72,6 +85,16 @@ class OpenStreams:
 
     async def wait_empty(self) -> None:
         await self._empty.wait()
+
+
+def check_stream_limit(streams: OpenStreams, reader: str, limit: int) -> None:
+    if streams.count(reader) >= limit:
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"You already have {limit} answer streams open, the limit. Close some tabs and try again.",
+            headers={"Retry-After": "5"},
+        )
 
 
 async def write_json_event(response: EventSourceResponse, event: Event) -> None:
@@ -85,6 +108,7 @@ async def serve(
     after: int,
     streams: OpenStreams,
     config: StreamConfig,
+    client_key: str,
     write_event: EventWriter = write_json_event,
     retry_hint: bool = True,
 ) -> tuple[EventSourceResponse, Outcome]:
@@ -96,7 +120,7 @@ async def serve(
     await response.prepare(request)
     async with response:
         subscriber = generation.subscribe()
-        stream = OpenStream(request, subscriber)
+        stream = OpenStream(request, subscriber, client_key)
         streams.add(stream)
         try:
             if retry_hint:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
 from . import __version__
-from .clients import client_address
+from .access import PRINCIPAL, client_key
 from .errors import ApiError
 from .generation import Generation
-from .keys import CATALOG, CONFIG, METRICS, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
-from .streaming import serve
+from .keys import BUDGET, CATALOG, CONFIG, METRICS, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from .streaming import check_stream_limit, serve
+from .upstream import ChatRequest
 from .validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,29 @@ def _created(generation: Generation) -> dict[str, Any]:
 
 def _generation(request: web.Request) -> Generation:
     generation = request.app[REGISTRY].get(parse_generation_id(request))
-    if generation is None:
+    # Another token's answer is as good as absent: its id proves nothing.
+    if generation is None or (generation.owner is not None and generation.owner != request.get(PRINCIPAL)):
         raise ApiError(404, "generation_not_found", "No such generation (it may have expired).")
     return generation
+
+
+def _within_budget(request: web.Request, owner: str | None, chat: ChatRequest) -> ChatRequest:
+    """Refuses a token whose daily budget is spent, and caps an answer at what is left."""
+    budget = request.app[BUDGET]
+    if owner is None or not budget.enabled:
+        return chat
+    left = budget.remaining(owner)
+    if left <= 0:
+        wait = budget.seconds_to_reset()
+        raise ApiError(
+            429,
+            "budget_exhausted",
+            f"This access token has used its {budget.limit} tokens for today. "
+            f"The budget renews at 00:00 UTC, in {wait // 3600} h {wait % 3600 // 60} min.",
+            headers={"Retry-After": str(wait)},
+        )
+    ceiling = chat.max_tokens or request.app[CONFIG].limits.max_tokens
+    return replace(chat, max_tokens=left) if left < ceiling else chat
 
 
 async def create_chat(request: web.Request) -> web.Response:
@@ -43,7 +65,10 @@ async def create_chat(request: web.Request) -> web.Response:
     chat = parse_chat(body, app[CATALOG], app[CONFIG].limits)
     fingerprint = chat.fingerprint()
     registry = app[REGISTRY]
-    if chat.client_id is not None and (existing := registry.find_by_client_id(chat.client_id)):
+    owner = request.get(PRINCIPAL)
+    # client_ids are per token: one token's ids can neither find nor block another's.
+    client_id = chat.client_id if owner is None or chat.client_id is None else f"{owner}/{chat.client_id}"
+    if client_id is not None and (existing := registry.find_by_client_id(client_id)):
         if existing.fingerprint != fingerprint:
             raise ApiError(
                 409,
@@ -54,10 +79,11 @@ async def create_chat(request: web.Request) -> web.Response:
         return web.json_response(_created(existing), status=200)
     generation = registry.start(
         app[SESSION],
-        chat.request,
-        client_key=client_address(request, app[CONFIG].limits.trusted_proxies),
-        client_id=chat.client_id,
+        _within_budget(request, owner, chat.request),
+        client_key=client_key(request),
+        client_id=client_id,
         fingerprint=fingerprint,
+        owner=owner,
     )
     log.info(
         "generation %s started: model=%s messages=%d", generation.id, chat.request.model.id, len(chat.request.messages)
@@ -75,9 +101,10 @@ async def chat_events(request: web.Request) -> web.StreamResponse:
         return web.Response(status=204)
     if after > 0:
         request.app[METRICS].resumes.inc()  # all delivered: tells EventSource to stop reconnecting
-
+    config, streams, reader = request.app[CONFIG], request.app[OPEN_STREAMS], client_key(request)
+    check_stream_limit(streams, reader, config.limits.max_streams_per_client)
     response, outcome = await serve(
-        request, generation, after=after, streams=request.app[OPEN_STREAMS], config=request.app[CONFIG].stream
+        request, generation, after=after, streams=streams, config=config.stream, client_key=reader
     )
     log.info("generation %s: stream from event %d ended: %s", generation.id, after, outcome.value)
     return response

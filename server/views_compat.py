@@ -11,10 +11,11 @@ import logging
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
+from .access import PRINCIPAL, client_key
 from .errors import ApiError
 from .generation import Event
 from .keys import CATALOG, CONFIG, OPEN_STREAMS, REGISTRY, SESSION
-from .streaming import serve
+from .streaming import check_stream_limit, serve
 from .upstream import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ async def legacy_stream(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             400, "message_too_long", f"The prompt is longer than {config.limits.max_message_chars} characters."
         )
+    reader = client_key(request)
+    check_stream_limit(app[OPEN_STREAMS], reader, config.limits.max_streams_per_client)
     catalog = app[CATALOG]
     resolved = catalog.resolve(catalog.default_model)
     assert resolved is not None
@@ -52,9 +55,10 @@ async def legacy_stream(request: web.Request) -> web.StreamResponse:
     generation = app[REGISTRY].start(
         app[SESSION],
         ChatRequest(provider=provider, model=model, messages=({"role": "user", "content": prompt},)),
-        client_key=request.remote or "unknown",
+        client_key=reader,
         client_id=None,
         fingerprint="",
+        owner=request.get(PRINCIPAL),
     )
     try:
         response, outcome = await serve(
@@ -63,6 +67,7 @@ async def legacy_stream(request: web.Request) -> web.StreamResponse:
             after=0,
             streams=app[OPEN_STREAMS],
             config=config.stream,
+            client_key=reader,
             write_event=write_plain_text,
             retry_hint=False,
         )

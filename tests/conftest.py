@@ -57,7 +57,8 @@ BASE_DOCUMENT: dict[str, Any] = {
         "send_timeout": 5.0,
     },
     "upstream": {"retries": 2, "retry_backoff": 0.01},
-    "limits": {"generations_per_minute": 10_000},  # the rate limit has its own tests
+    # The rate and stream limits have their own tests.
+    "limits": {"generations_per_minute": 10_000, "max_streams_per_client": 10_000},
     "demo": {"tokens_per_second": 2000.0, "reasoning_tokens_per_second": 2000.0},
 }
 
@@ -72,10 +73,12 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def make_config(upstream_url: str, *, key: bool = True, **sections: Any) -> Config:
+def make_config(
+    upstream_url: str, *, key: bool = True, environ: dict[str, str] | None = None, **sections: Any
+) -> Config:
     document = _merge(BASE_DOCUMENT, sections)
     document["providers"][0]["base_url"] = upstream_url
-    return parse_config(document, {KEY_ENV: SENTINEL_KEY} if key else {})
+    return parse_config(document, ({KEY_ENV: SENTINEL_KEY} if key else {}) | (environ or {}))
 
 
 @dataclass
@@ -151,8 +154,10 @@ async def fake_upstream(aiohttp_server: AiohttpServer) -> FakeUpstream:
 async def start_rill(fake_upstream: FakeUpstream) -> AsyncIterator[StartRill]:
     started: list[Rill] = []
 
-    async def start(*, key: bool = True, upstream_url: str | None = None, **sections: Any) -> Rill:
-        config = make_config(upstream_url or fake_upstream.url, key=key, **sections)
+    async def start(
+        *, key: bool = True, upstream_url: str | None = None, environ: dict[str, str] | None = None, **sections: Any
+    ) -> Rill:
+        config = make_config(upstream_url or fake_upstream.url, key=key, environ=environ, **sections)
         app = create_app(config)
         runner, url = await serve(app, config)
         rill = Rill(app, runner, url, aiohttp.ClientSession(), fake_upstream)

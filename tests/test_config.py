@@ -121,7 +121,8 @@ def test_integers_are_accepted_where_numbers_are_expected(tmp_path: Path) -> Non
 
 def test_rill_host_overrides_the_bundled_host(tmp_path: Path) -> None:
     # config.toml sets `host = "127.0.0.1"`; the variable must win over it.
-    assert load(tmp_path, RILL_HOST="0.0.0.0").server.host == "0.0.0.0"
+    token = "t" * 20
+    assert load(tmp_path, RILL_HOST="0.0.0.0", RILL_ACCESS_TOKENS=token).server.host == "0.0.0.0"
 
 
 def test_rill_host_when_the_file_sets_no_host(tmp_path: Path) -> None:

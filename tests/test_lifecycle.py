@@ -161,7 +161,7 @@ async def _stalled_reader(rill: Rill, generation_id: str) -> socket.socket:
     loop = asyncio.get_running_loop()
     assert rill.url.port is not None
     await loop.sock_connect(sock, ("127.0.0.1", rill.url.port))
-    request = f"GET /api/chat/{generation_id}/events HTTP/1.1\r\nHost: rill\r\n\r\n"
+    request = f"GET /api/chat/{generation_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     await loop.sock_sendall(sock, request.encode())
     return sock
 
@@ -328,7 +328,7 @@ async def test_clients_leaving_before_the_headers_are_not_logged_as_errors(
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", rill.url.port))
-        request = f"GET /api/chat/{generation_id}/events HTTP/1.1\r\nHost: rill\r\n\r\n"
+        request = f"GET /api/chat/{generation_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         await loop.sock_sendall(sock, request.encode())
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
         sock.close()

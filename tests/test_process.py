@@ -44,6 +44,7 @@ liveness_interval = 0.1
 max_concurrent_per_client = 300
 max_concurrent_total = 300
 generations_per_minute = 1000
+max_streams_per_client = 1000
 """
 
 

@@ -1,0 +1,56 @@
+"""Signing in with an access token: the page's session cookie."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from .access import check_access_token, clear_session_cookie, current_session, set_session_cookie
+from .clients import client_address
+from .errors import ApiError
+from .keys import CONFIG, GATE
+from .validation import invalid, read_json_object
+
+log = logging.getLogger(__name__)
+
+
+async def session_state(request: web.Request) -> web.Response:
+    """Whether this server wants a token, and whether this browser has signed in."""
+    gate = request.app[GATE]
+    if not gate.required:
+        return web.json_response({"required": False, "signed_in": True, "name": None})
+    session = current_session(request)
+    return web.json_response(
+        {"required": True, "signed_in": session is not None, "name": session.name if session else None}
+    )
+
+
+async def sign_in(request: web.Request) -> web.Response:
+    gate = request.app[GATE]
+    if not gate.required:
+        raise ApiError(404, "access_not_configured", "This Rill has no access tokens: there is nothing to sign in to.")
+    body = await read_json_object(request)
+    token = body.get("token")
+    if not isinstance(token, str) or not token:
+        raise invalid("invalid_token_field", 'Send the access token as {"token": "..."}.')
+    if set(body) != {"token"}:
+        raise invalid("unknown_field", f"Unknown field {sorted(set(body) - {'token'})[0]!r} in the request body.")
+    name = check_access_token(request, token.strip())
+    session = gate.issue(name, time.time())
+    response = web.json_response({"required": True, "signed_in": True, "name": name})
+    set_session_cookie(request, response, session)
+    log.info(
+        "signed in with access token %s from %s",
+        name,
+        client_address(request, request.app[CONFIG].limits.trusted_proxies),
+    )
+    return response
+
+
+async def sign_out(request: web.Request) -> web.Response:
+    required = request.app[GATE].required
+    response = web.json_response({"required": required, "signed_in": not required, "name": None})
+    clear_session_cookie(request, response)
+    return response
