@@ -4,18 +4,26 @@
 import { t } from "./i18n.js";
 
 export class ApiError extends Error {
-  constructor(code, message, { status = 0, retryable = false } = {}) {
+  constructor(code, message, { status = 0, retryable = false, retryAfter = null } = {}) {
     super(message);
     this.code = code;
     this.status = status;
     this.retryable = retryable;
+    this.retryAfter = retryAfter; // seconds, from a 429's Retry-After
   }
+}
+
+/** Fired on window when the server wants a (new) sign-in: the session ended or was never made. */
+export const AUTH_REQUIRED_EVENT = "rill:auth-required";
+
+function noteAuthRequired(code) {
+  if (code === "auth_required") window.dispatchEvent(new Event(AUTH_REQUIRED_EVENT));
 }
 
 const POST_ATTEMPTS = 3;
 const POST_RETRY_DELAY_MS = 700;
 
-async function request(method, url, body) {
+export async function request(method, url, body) {
   let response;
   try {
     response = await fetch(url, {
@@ -36,9 +44,13 @@ async function request(method, url, body) {
   if (!response.ok) {
     const error = payload?.error;
     if (error && typeof error.code === "string" && typeof error.message === "string") {
-      throw new ApiError(error.code, error.message, {
+      noteAuthRequired(error.code);
+      const message = error.code === "auth_required" ? t("err.signedOut") : error.message;
+      const retryAfter = Number.parseInt(response.headers.get("Retry-After") ?? "", 10);
+      throw new ApiError(error.code, message, {
         status: response.status,
         retryable: response.status === 429 || response.status >= 500,
+        retryAfter: Number.isFinite(retryAfter) ? retryAfter : null,
       });
     }
     throw new ApiError("http_error", t("err.unexpected", { detail: `HTTP ${response.status}` }), {
@@ -89,6 +101,10 @@ export async function probeEvents(generationId, lastEventId) {
     const payload = await response.json().catch(() => null);
     const error = payload?.error;
     if (error?.code === "generation_not_found") return new ApiError(error.code, t("err.expired"), { status: 404 });
+    if (error?.code === "auth_required") {
+      noteAuthRequired(error.code);
+      return new ApiError(error.code, t("err.signedOut"), { status: 401 });
+    }
     if (error) return new ApiError(error.code, error.message, { status: response.status });
     return new ApiError("http_error", t("err.unexpected", { detail: `HTTP ${response.status}` }), {
       status: response.status,

@@ -1,12 +1,13 @@
 // The chat page: wires the store, the running generations and the views together.
 
-import { listModels } from "./api.js";
+import { AUTH_REQUIRED_EVENT, listModels } from "./api.js";
 import { copyText, downloadText } from "./clipboard.js";
 import { conversationMarkdown, exportFilename } from "./export.js";
 import { detectLanguage, setLanguage, t, translatePage } from "./i18n.js";
 import { newId } from "./ids.js";
 import { MessageList } from "./messages.js";
 import { Runs } from "./runs.js";
+import { SignInDialog, sessionState, signOut } from "./session.js";
 import { Sidebar } from "./sidebar.js";
 import { Store, titleOf } from "./store.js";
 import { applyTheme, nextTheme, themeLabel } from "./theme.js";
@@ -38,6 +39,7 @@ class ChatApp {
     $("language").value = settings.language ?? "auto";
     $("theme-toggle").textContent = themeLabel(this.theme);
 
+    this.signIn = new SignInDialog($("signin"));
     this.list = new MessageList($("messages"), $("jump"));
     this.sidebar = new Sidebar($("conversations"), $("no-conversations"), {
       onOpen: (id) => this.open(id),
@@ -48,8 +50,32 @@ class ChatApp {
 
     const last = settings.current && this.store.get(settings.current);
     this.open(last ? last.id : null);
+    $("prompt").focus();
+    this._start();
+  }
+
+  /** Signs in first if this Rill wants a token; then resumes answers and loads models. */
+  async _start() {
+    let state = null;
+    try {
+      state = await sessionState();
+    } catch {
+      // Unreachable for now: carry on; the calls below report it and retry.
+    }
+    if (state?.required) $("sign-out").hidden = false;
+    if (state?.required && !state.signed_in) await this.signIn.ask();
     this.runs.resumeAll();
     this.loadModels();
+    $("prompt").focus();
+  }
+
+  /** The session ended while the page was open (expired, or its token was removed). */
+  async _signInAgain() {
+    if (this.signIn.open) return;
+    $("sign-out").hidden = false;
+    await this.signIn.ask();
+    this._notice("");
+    if (!this.models.models.length) this.loadModels();
     $("prompt").focus();
   }
 
@@ -105,6 +131,16 @@ class ChatApp {
       this.open(this.current?.id ?? null);
     });
     $("menu").addEventListener("click", () => this._toggleSidebar());
+    $("sign-out").addEventListener("click", async () => {
+      try {
+        await signOut();
+      } catch (error) {
+        this._notice(error.message);
+        return;
+      }
+      location.reload(); // the page comes back asking for a token
+    });
+    window.addEventListener(AUTH_REQUIRED_EVENT, () => this._signInAgain());
     $("scrim").addEventListener("click", () => this._closeSidebar());
     this.store.addEventListener("change", () => this._renderSidebar());
     this.store.addEventListener("external", (event) => this._onExternalChange(event.detail.id));
