@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: run test lint fmt clean vendor vendor-check
+.PHONY: run test lint fmt clean vendor vendor-check install-service
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ vendor:
 
 vendor-check:
 	cd web/vendor && npm ci --no-audit --no-fund && node vendor.mjs --check
+
+# Install or upgrade Rill as a systemd service behind nginx (Debian 12/13); see README.md:
+#   make install-service INSTALL_ARGS="--domain chat.example.com --email you@example.com"
+# (sudo only when not already root: a fresh VPS often has no sudo).
+install-service:
+	$(if $(filter 0,$(shell id -u)),,sudo) deploy/install.sh $(INSTALL_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

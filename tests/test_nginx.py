@@ -124,3 +124,25 @@ async def test_resume_by_last_event_id_through_nginx(start_rill: StartRill, ngin
     assert int(rest[0].id) == int(seen[-1].id) + 1
     assert text_of(seen) + text_of(rest) == "".join(TOKENS)
     assert len(rill.fake.requests) == 1
+
+
+async def test_sign_in_and_same_origin_checks_work_through_nginx(start_rill: StartRill, nginx: StartProxy) -> None:
+    # nginx must pass the browser's Host with its port, or no Origin would ever match.
+    token = "alice-0123456789abcdefghij"
+    rill = await start_rill(environ={"RILL_ACCESS_TOKENS": f"alice:{token}"})
+    proxy = await nginx(rill)
+    browser = {"Origin": str(proxy.origin())}
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+        async with session.post(proxy / "api/session", json={"token": token}, headers=browser) as r:
+            assert r.status == 200, await r.text()
+        async with session.post(proxy / "api/chat", json=chat, headers=browser) as r:
+            assert r.status == 201, await r.text()
+            generation_id = (await r.json())["id"]
+        reader = StreamReader(await session.get(proxy / f"api/chat/{generation_id}/events"))
+        assert text_of(await reader.read_all()) == "Hello world"
+        reader.response.close()
+        other_port = {"Origin": str(proxy.with_port(proxy.port + 1 if proxy.port else 1).origin())}
+        async with session.post(proxy / "api/chat", json=chat, headers=other_port) as r:
+            assert r.status == 403
+    assert len(rill.fake.requests) == 1

@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# Install (or upgrade) Rill as a systemd service behind nginx on Debian 12/13.
+# Run as root from a git checkout:  sudo deploy/install.sh --domain chat.example.com
+# Running it again upgrades the code and restarts Rill; /etc/rill is never overwritten.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: sudo deploy/install.sh --domain NAME [options]
+
+Installs Rill as a systemd service behind nginx (Debian 12/13). Run it again to upgrade:
+the code is replaced, the files in /etc/rill (config, key, access tokens) are kept.
+
+  --domain NAME    the DNS name that points at this server (required)
+  --email ADDR     get a Let's Encrypt certificate with certbot (HTTPS); without it
+                   the certbot command to run later is printed
+  --prefix DIR     where the code and its virtualenv go (default /opt/rill)
+  --no-apt         do not apt-get install python3-venv, nginx, curl (and certbot)
+  --no-venv        do not create PREFIX/.venv or pip install the requirements
+  --no-start       do not call systemctl, nginx, certbot or curl
+  --root DIR       write every file under DIR instead of / (for tests and images;
+                   needs --no-apt and --no-start, and then runs without root)
+  -h, --help       show this help
+
+Example:
+  sudo deploy/install.sh --domain chat.example.com --email you@example.com
+EOF
+}
+
+die_usage() {
+    echo "install.sh: $1" >&2
+    echo "Try 'deploy/install.sh --help'." >&2
+    exit 2
+}
+
+die() {
+    echo "install.sh: error: $1" >&2
+    exit 1
+}
+
+step() { printf '==> %s\n' "$1"; }
+
+domain=""
+email=""
+prefix="/opt/rill"
+root=""
+do_apt=1
+do_venv=1
+do_start=1
+
+while (($# > 0)); do
+    case "$1" in
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    --domain | --email | --prefix | --root)
+        (($# >= 2)) || die_usage "option $1 needs a value"
+        case "$1" in
+        --domain) domain="$2" ;;
+        --email) email="$2" ;;
+        --prefix) prefix="$2" ;;
+        --root) root="$2" ;;
+        esac
+        shift 2
+        ;;
+    --domain=* | --email=* | --prefix=* | --root=*)
+        value="${1#*=}"
+        case "$1" in
+        --domain=*) domain="$value" ;;
+        --email=*) email="$value" ;;
+        --prefix=*) prefix="$value" ;;
+        --root=*) root="$value" ;;
+        esac
+        shift
+        ;;
+    --no-apt) do_apt=0 && shift ;;
+    --no-venv) do_venv=0 && shift ;;
+    --no-start) do_start=0 && shift ;;
+    *) die_usage "unknown option: $1" ;;
+    esac
+done
+
+[[ -n "$domain" ]] || die_usage "--domain is required (the DNS name that points at this server)"
+[[ "$domain" =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]] || die_usage "--domain: not a host name: $domain"
+if [[ -n "$email" && ! "$email" =~ ^[^[:space:]@]+@[^[:space:]@]+$ ]]; then
+    die_usage "--email: not an email address: $email"
+fi
+# The prefix is written into the unit file and sed expressions: keep it to plain characters.
+[[ "$prefix" =~ ^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$ ]] || die_usage "--prefix: must be an absolute path of letters, digits and . _ - / (got: $prefix)"
+if [[ -n "$root" ]]; then
+    ((do_apt == 0 && do_start == 0)) || die_usage "--root needs --no-apt and --no-start (apt, systemctl and nginx would act on this machine, not on $root)"
+    mkdir -p -- "$root"
+    root="$(cd -- "$root" && pwd)"
+    [[ "$root" != "/" ]] || root=""
+elif ((EUID != 0)); then
+    echo "install.sh: run it as root: sudo deploy/install.sh --domain $domain ..." >&2
+    echo "(or pass --root DIR --no-apt --no-start to install into a directory as yourself)" >&2
+    exit 1
+fi
+
+src="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
+[[ -f "$src/server/__main__.py" && -f "$src/deploy/rill.service" ]] || die "run it from a Rill checkout ($src has no server/ or deploy/)"
+
+etc="$root/etc/rill"
+dest="$root$prefix"
+unit_path="$root/etc/systemd/system/rill.service"
+site_path="$root/etc/nginx/sites-available/rill"
+site_link="$root/etc/nginx/sites-enabled/rill"
+owner=()
+((EUID == 0)) && owner=(-o root -g root)
+umask 022
+
+# --- packages --------------------------------------------------------------------------
+if ((do_apt)); then
+    packages=(python3 python3-venv nginx curl ca-certificates)
+    [[ -n "$email" ]] && packages+=(certbot python3-certbot-nginx)
+    step "Installing ${packages[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${packages[@]}"
+fi
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Rill needs Python 3.11 or newer (Debian 12 or 13)"
+
+# --- the code --------------------------------------------------------------------------
+items=(server web deploy requirements.txt config.toml)
+if [[ "$(cd -- "$src" && pwd -P)" == "$(mkdir -p -- "$dest" && cd -- "$dest" && pwd -P)" ]]; then
+    step "Code: already in $prefix (running the installed copy), not copied"
+else
+    step "Copying the code to $prefix"
+    staging="$dest/.install-staging"
+    rm -rf -- "$staging"
+    mkdir -p -- "$staging"
+    tar -C "$src" --exclude=__pycache__ --exclude=node_modules --exclude='*.pyc' -cf - "${items[@]}" |
+        tar -C "$staging" --no-same-owner --no-same-permissions -xf -
+    # Read-only for the service (DynamicUser): owned by root, writable by nobody else.
+    chmod -R u+rwX,go+rX,go-w -- "$staging"
+    ((EUID == 0)) && chown -R root:root -- "$staging"
+    for item in "${items[@]}"; do
+        rm -rf -- "${dest:?}/$item"
+        mv -- "$staging/$item" "$dest/$item"
+    done
+    rmdir -- "$staging"
+fi
+chmod 755 -- "$dest"
+
+if ((do_venv)); then
+    venv="$dest/.venv"
+    if [[ -x "$venv/bin/python" ]] && ! "$venv/bin/python" -c '' 2>/dev/null; then
+        step "The virtualenv's Python is gone (a Debian upgrade?): recreating it"
+        rm -rf -- "$venv"
+    fi
+    if [[ ! -x "$venv/bin/python" ]]; then
+        step "Creating $prefix/.venv"
+        python3 -m venv -- "$venv"
+    fi
+    step "Installing the Python requirements"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$dest/requirements.txt"
+    # The service cannot write here, so compile now rather than on every start.
+    "$venv/bin/python" -m compileall -q "$dest/server" >/dev/null
+fi
+
+# --- /etc/rill: config and secrets, created once and never overwritten ------------------
+step "Configuration in /etc/rill"
+# 0755: the service runs as a dynamic user and reads config.toml itself (RILL_CONFIG);
+# the two secrets are 0600 root and reach it only as systemd credentials.
+install -d -m 0755 "${owner[@]}" -- "$etc"
+if [[ ! -e "$etc/config.toml" ]]; then
+    install -m 0644 "${owner[@]}" -- "$src/config.toml" "$etc/config.toml"
+    echo "    created /etc/rill/config.toml (edit it, then: systemctl restart rill)"
+else
+    chmod 0644 -- "$etc/config.toml"
+    echo "    kept /etc/rill/config.toml"
+fi
+
+if [[ ! -e "$etc/deepseek.key" ]]; then
+    install -m 0600 "${owner[@]}" /dev/null "$etc/deepseek.key"
+    echo "    created /etc/rill/deepseek.key (empty: Rill runs its offline demo until you add a key)"
+fi
+chmod 0600 -- "$etc/deepseek.key"
+
+new_token=""
+if [[ ! -e "$etc/access-tokens" ]]; then
+    new_token="$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+    tmp="$(mktemp -- "$etc/.access-tokens.XXXXXX")"
+    printf 'admin:%s\n' "$new_token" >"$tmp"
+    chmod 0600 -- "$tmp"
+    mv -- "$tmp" "$etc/access-tokens"
+    echo "    created /etc/rill/access-tokens with one token, 'admin' (printed at the end)"
+fi
+chmod 0600 -- "$etc/access-tokens"
+
+# The port Rill listens on, for nginx and the readiness check.
+port="$(python3 - "$etc/config.toml" <<'EOF' 2>/dev/null || echo 8080
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    port = tomllib.load(f).get("server", {}).get("port", 8080)
+print(int(port))
+EOF
+)"
+[[ "$port" =~ ^[0-9]+$ ]] || port=8080
+
+# --- systemd ---------------------------------------------------------------------------
+step "systemd unit /etc/systemd/system/rill.service"
+install -d -m 0755 -- "$(dirname -- "$unit_path")"
+sed "s#/opt/rill#$prefix#g" "$src/deploy/rill.service" >"$unit_path.tmp"
+chmod 0644 -- "$unit_path.tmp"
+mv -- "$unit_path.tmp" "$unit_path"
+
+# --- nginx -----------------------------------------------------------------------------
+step "nginx site /etc/nginx/sites-available/rill for $domain"
+install -d -m 0755 -- "$(dirname -- "$site_path")" "$(dirname -- "$site_link")"
+sed -e "s/chat\.example\.com/$domain/g" -e "s/127\.0\.0\.1:8080/127.0.0.1:$port/g" \
+    "$src/deploy/nginx/rill.conf" >"$site_path.tmp"
+chmod 0644 -- "$site_path.tmp"
+mv -- "$site_path.tmp" "$site_path"
+ln -sfn ../sites-available/rill "$site_link"
+
+certbot_cmd=(certbot --nginx -d "$domain" --redirect --keep-until-expiring -n)
+if [[ -n "$email" ]]; then
+    certbot_cmd+=(-m "$email" --agree-tos)
+fi
+
+status=0
+if ((do_start)); then
+    step "Starting Rill"
+    systemctl daemon-reload
+    systemctl enable --quiet rill
+    if systemctl is-active --quiet rill; then
+        echo "    restarting (answers in flight end with a retryable \"server restarting\" error)"
+        systemctl restart rill
+    else
+        systemctl start rill
+    fi
+
+    nginx -t
+    # Rewriting the site drops what certbot added to it: put the certificate back.
+    if [[ -n "$email" || -d /etc/letsencrypt/live/$domain ]]; then
+        step "HTTPS certificate for $domain (certbot)"
+        if ! "${certbot_cmd[@]}"; then
+            systemctl reload-or-restart nginx
+            echo "install.sh: certbot failed (is $domain's DNS pointing here, port 80 open?); retry with:" >&2
+            echo "    sudo ${certbot_cmd[*]}" >&2
+            status=1
+        fi
+    else
+        systemctl reload-or-restart nginx
+    fi
+
+    step "Waiting for http://127.0.0.1:$port/readyz"
+    ready=0
+    for _ in $(seq 15); do
+        if curl -fsS --max-time 2 "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then
+            ready=1
+            break
+        fi
+        sleep 1
+    done
+    if ((ready)); then
+        echo "    Rill is ready."
+    else
+        echo "install.sh: Rill did not answer /readyz within 15 s; see: journalctl -u rill -n 50 --no-pager" >&2
+        status=1
+    fi
+fi
+
+# --- what next -------------------------------------------------------------------------
+echo
+if ((do_start)); then
+    if [[ -n "$email" || -d /etc/letsencrypt/live/$domain ]]; then
+        echo "Rill: https://$domain/"
+    else
+        echo "Rill: http://$domain/   For HTTPS (needs DNS pointing here and port 80 open):"
+        echo "    sudo apt-get install certbot python3-certbot-nginx"
+        echo "    sudo certbot --nginx -d $domain -m you@example.com --agree-tos --redirect"
+    fi
+else
+    echo "Installed into ${root:-/} without starting anything (--no-start)."
+fi
+if [[ ! -s "$etc/deepseek.key" ]]; then
+    echo
+    echo "No DeepSeek key yet: Rill answers with its offline demo. To add the key:"
+    echo "    read -rsp 'DeepSeek key: ' k; echo; sudo install -m 600 /dev/stdin /etc/rill/deepseek.key <<<\"\$k\"; unset k"
+    echo "    sudo systemctl restart rill"
+fi
+if [[ -n "$new_token" ]]; then
+    echo
+    echo "Access token for 'admin' (sign in with it; it is shown only this once, kept in /etc/rill/access-tokens):"
+    echo
+    echo "    $new_token"
+fi
+exit "$status"
