@@ -30,6 +30,11 @@ def main() -> int:
         # run_app calls this once the sockets listen: the moment to tell systemd.
         shown = f"[{host}]" if ":" in host else host
         log.info("Rill %s listening on http://%s:%d", __version__, shown, port)
+        tokens = config.access.tokens
+        if tokens:
+            log.info("access: %d token(s) (%s)", len(tokens), ", ".join(t.name for t in tokens))
+        else:
+            log.info("access: open to this machine only (no access tokens)")
         notify("READY=1")
 
     async def stopping(_: web.Application) -> None:
