@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from ipaddress import IPv6Address, ip_address, ip_network
 
 from aiohttp import web
 
@@ -19,9 +21,13 @@ from .keys import CONFIG, GATE, METRICS
 log = logging.getLogger(__name__)
 
 PRINCIPAL = web.RequestKey("principal", str)  # the access token's name, once authenticated
-_RENEWED = web.RequestKey("renewed_session", Session)
 
 SESSION_COOKIE = "rill_session"
+# Over https the __Host- prefix: the browser then refuses the cookie from a sibling
+# subdomain or over plain http, so nobody can plant a session of their own.
+SECURE_SESSION_COOKIE = "__Host-rill_session"
+_FORWARDING_HEADERS = ("X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded")
+_HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?\.?")
 # The page and its files carry nothing secret; the page asks for the token itself.
 _PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/api/session"})
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -54,11 +60,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         _check_origin(request, origin)
     if gate.required and not _is_public(request.path):
         request[PRINCIPAL] = authenticate(request)
-    response = await handler(request)
-    renewed = request.get(_RENEWED)
-    if renewed is not None and not response.prepared:
-        set_session_cookie(request, response, renewed)
-    return response
+    return await handler(request)
 
 
 def _is_public(path: str) -> bool:
@@ -80,22 +82,23 @@ def authenticate(request: web.Request) -> str:
             "Authorization: Bearer <token>.",
             headers=_CHALLENGE,
         )
-    gate = request.app[GATE]
-    if gate.needs_renewal(session, time.time()):
-        request[_RENEWED] = gate.issue(session.name, time.time())
     return session.name
 
 
 def current_session(request: web.Request) -> Session | None:
-    cookie = request.cookies.get(SESSION_COOKIE)
+    cookie = request.cookies.get(_cookie_name(request))
     return request.app[GATE].verify(cookie, time.time()) if cookie else None
+
+
+def _cookie_name(request: web.Request) -> str:
+    return SECURE_SESSION_COOKIE if is_https(request) else SESSION_COOKIE
 
 
 def check_access_token(request: web.Request, given: str) -> str:
     """The name of the token, after the per-client limit on wrong guesses."""
     app = request.app
     gate, metrics = app[GATE], app[METRICS]
-    client = client_address(request, app[CONFIG].limits.trusted_proxies)
+    client = rate_key(client_address(request, app[CONFIG].limits.trusted_proxies))
     now = asyncio.get_running_loop().time()
     wait = gate.failures.wait(client, now)
     if wait:
@@ -119,9 +122,9 @@ def check_access_token(request: web.Request, given: str) -> str:
 def set_session_cookie(request: web.Request, response: web.StreamResponse, session: Session) -> None:
     gate = request.app[GATE]
     response.set_cookie(
-        SESSION_COOKIE,
+        _cookie_name(request),
         gate.cookie_value(session),
-        max_age=gate.session_seconds,
+        max_age=max(0, session.expires - int(time.time())),
         path="/",
         httponly=True,  # page scripts (and so any injected one) cannot read it
         samesite="Strict",  # never sent with a request another site starts
@@ -130,7 +133,7 @@ def set_session_cookie(request: web.Request, response: web.StreamResponse, sessi
 
 
 def clear_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
-    response.del_cookie(SESSION_COOKIE, path="/", secure=is_https(request), httponly=True, samesite="Strict")
+    response.del_cookie(_cookie_name(request), path="/", secure=is_https(request), httponly=True, samesite="Strict")
 
 
 def is_https(request: web.Request) -> bool:
@@ -183,26 +186,70 @@ def _check_origin(request: web.Request, origin: str | None) -> None:
 
 
 def _check_host(request: web.Request) -> None:
-    """Without tokens, answer only to loopback names: a web page whose DNS name was
-    rebound to 127.0.0.1 could otherwise use this Rill from the visitor's browser."""
-    host = request.headers.get("Host")
-    if host is None:
+    """Without tokens, answer only to this machine: a web page whose DNS name was
+    rebound to 127.0.0.1 could otherwise use this Rill from the visitor's browser, and
+    a proxy in front would pass the whole internet through (with any Host it likes)."""
+    allowed = request.app[CONFIG].access.allowed_hosts
+    name = host_name(request.headers.get("Host", ""))
+    if name is not None and name in allowed:
         return
-    name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
-    name = name.lower()
-    if is_loopback_host(name) or name in request.app[CONFIG].access.allowed_hosts:
+    proxied = any(header in request.headers for header in _FORWARDING_HEADERS)
+    if name is not None and is_loopback_host(name) and not proxied:
         return
-    raise ApiError(
-        403,
-        "host_not_allowed",
-        f"This Rill has no access tokens, so it only answers to localhost, not to {name[:100]!r}. "
-        "Set access tokens, or add the name to [access] allowed_hosts.",
-    )
+    if proxied:
+        message = (
+            "This Rill has no access tokens, so it does not serve requests that came through a proxy. "
+            "Set access tokens (or, if the proxy guards access itself, list its host name in [access] allowed_hosts)."
+        )
+    else:
+        message = (
+            f"This Rill has no access tokens, so it only answers to localhost, not to {str(name)[:100]!r}. "
+            "Set access tokens, or add the name to [access] allowed_hosts."
+        )
+    raise ApiError(403, "host_not_allowed", message)
+
+
+def host_name(host: str) -> str | None:
+    """The name in a Host header without its port, lowercased; None if it is malformed."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        rest = host[end + 1 :]
+        if end < 0 or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return None
+        return host[1:end] if _is_ip(host[1:end]) else None
+    name, _, port = host.partition(":")
+    if port and not (port.isascii() and port.isdigit()):
+        return None
+    return name.rstrip(".") if _HOST_NAME.fullmatch(name) else None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def rate_key(address: str) -> str:
+    """Whom wrong guesses count against: an IPv6 client gets a whole /64 (its own
+    network), or it could guess from 2^64 addresses, one limit each."""
+    try:
+        parsed = ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, IPv6Address) and parsed.ipv4_mapped is None:
+        return str(ip_network(f"{parsed}/64", strict=False))
+    return address
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if not request.app[CONFIG].access.cors_origins:
+        return
+    # Every answer depends on Origin, so caches must not hand one origin's to another.
+    response.headers.add("Vary", "Origin")
     origin = request.headers.get("Origin")
     if origin is not None and _cors_allowed(request, origin):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
-        response.headers.add("Vary", "Origin")

@@ -3,20 +3,30 @@ when Rill has a state directory (systemd's StateDirectory= gives it one)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from .errors import ApiError
 from .generation import Generation
+from .state import load_state, save_state
+from .upstream import ChatRequest
 
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "usage.json"
-_CHARS_PER_TOKEN = 4  # the usual rough figure, for answers that ended without usage
+# A generous guess of tokens per UTF-8 byte: English runs about 4 bytes a token and
+# Chinese about 3, so a third over-counts English rather than under-count Chinese.
+_BYTES_PER_TOKEN = 3
+
+
+def prompt_tokens_estimate(messages: Sequence[Mapping[str, str]]) -> int:
+    return math.ceil(
+        sum(len(m.get("content", "").encode("utf-8", "surrogatepass")) for m in messages) / _BYTES_PER_TOKEN
+    )
 
 
 def tokens_used(generation: Generation) -> int:
@@ -26,9 +36,12 @@ def tokens_used(generation: Generation) -> int:
     total = usage.get("total_tokens")
     if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
         return total
-    prompt_chars = sum(len(m.get("content", "")) for m in generation.request.messages)
     pieces = sum(1 for event in generation.events if event.name in ("delta", "reasoning"))
-    return math.ceil(prompt_chars / _CHARS_PER_TOKEN) + pieces
+    return prompt_tokens_estimate(generation.request.messages) + pieces
+
+
+def _exhausted(message: str, retry_after: int) -> ApiError:
+    return ApiError(429, "budget_exhausted", message, headers={"Retry-After": str(retry_after)})
 
 
 class DailyBudget:
@@ -42,6 +55,8 @@ class DailyBudget:
         self._clock = clock
         self._day = ""
         self._used: dict[str, int] = {}
+        # What answers still running may cost: their prompt plus their max_tokens.
+        self._holds: dict[str, tuple[str, int]] = {}  # generation id -> (token name, tokens)
         if self.enabled:
             self._load()
 
@@ -62,7 +77,44 @@ class DailyBudget:
         midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
         return max(1, math.ceil((midnight - now).total_seconds()))
 
+    def held(self, name: str) -> int:
+        return sum(tokens for holder, tokens in self._holds.values() if holder == name)
+
+    def plan(self, name: str, chat: ChatRequest, ceiling: int) -> tuple[ChatRequest, int]:
+        """The request capped to what is left of today's budget, and what to hold for it.
+
+        What is left counts the answers still running at their worst (prompt + max_tokens),
+        so answers started together cannot pass the budget either."""
+        spent_left = self.remaining(name)
+        left = spent_left - self.held(name)
+        prompt = prompt_tokens_estimate(chat.messages)
+        if left - prompt >= 1:
+            answer = min(chat.max_tokens or ceiling, left - prompt)
+            capped = replace(chat, max_tokens=answer) if answer < (chat.max_tokens or ceiling) else chat
+            return capped, prompt + answer
+        reset = self.seconds_to_reset()
+        when = f"00:00 UTC, in {reset // 3600} h {reset % 3600 // 60} min"
+        if spent_left <= 0:
+            raise _exhausted(
+                f"This access token has used its {self.limit} tokens for today. The budget renews at {when}.", reset
+            )
+        if spent_left - prompt >= 1:
+            raise _exhausted(
+                "The answers this access token has running may use the rest of today's budget. "
+                "Wait for one to finish, or stop one.",
+                5,
+            )
+        raise _exhausted(
+            f"This conversation needs about {prompt} tokens, more than the {spent_left} left of today's budget. "
+            f"Start a shorter one, or wait until {when}.",
+            reset,
+        )
+
+    def hold(self, generation_id: str, name: str, tokens: int) -> None:
+        self._holds[generation_id] = (name, tokens)
+
     def generation_ended(self, generation: Generation) -> None:
+        self._holds.pop(generation.id, None)
         if self.enabled and generation.owner is not None:
             self.charge(generation.owner, tokens_used(generation))
 
@@ -77,25 +129,21 @@ class DailyBudget:
             self._day, self._used = day, {}
 
     def _load(self) -> None:
-        if self._path is None or not self._path.exists():
+        ledger = load_state(self._path)
+        if ledger is None:
             return
         try:
-            ledger = json.loads(self._path.read_text(encoding="utf-8"))
             day, used = ledger["day"], ledger["used"]
-            if not isinstance(day, str) or not all(isinstance(v, int) for v in used.values()):
-                raise ValueError("unexpected contents")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("budget ledger %s is unreadable (%s): today's usage starts from zero", self._path, exc)
+            valid = isinstance(day, str) and all(isinstance(k, str) and type(v) is int for k, v in used.items())
+        except (KeyError, TypeError, AttributeError):
+            valid = False
+        if not valid:
+            log.warning(
+                "budget ledger %s is unreadable (unexpected contents): today's usage starts from zero", self._path
+            )
             return
         self._day, self._used = day, dict(used)
         self._roll()  # a ledger from an earlier day counts for nothing
 
     def _save(self) -> None:
-        if self._path is None:
-            return
-        partial = self._path.with_suffix(".tmp")
-        try:
-            partial.write_text(json.dumps({"day": self._day, "used": self._used}), encoding="utf-8")
-            os.replace(partial, self._path)  # never a half-written ledger, even on a crash
-        except OSError as exc:
-            log.warning("cannot save the budget ledger %s: %s", self._path, exc)
+        save_state(self._path, {"day": self._day, "used": self._used})

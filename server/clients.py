@@ -4,7 +4,6 @@ named in X-Forwarded-For when the peer is a trusted proxy."""
 from __future__ import annotations
 
 import math
-from collections import defaultdict, deque
 from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
@@ -37,12 +36,16 @@ def client_address(request: web.Request, proxies: Networks) -> str:
 
 
 class RateWindow:
-    """At most `limit` events per client in any `period` seconds (a sliding window)."""
+    """At most `limit` events per client in any `period` seconds (a sliding window).
 
-    def __init__(self, limit: int, period: float = 60.0) -> None:
+    Remembers at most `max_clients` clients (the least recently seen go first), so a
+    flood of addresses costs bounded memory; a forgotten client simply starts afresh."""
+
+    def __init__(self, limit: int, period: float = 60.0, max_clients: int = 100_000) -> None:
         self.limit = limit
         self.period = period
-        self._seen: defaultdict[str, deque[float]] = defaultdict(deque)
+        self.max_clients = max_clients
+        self._seen: dict[str, list[float]] = {}  # lists: a deque reserves ~600 bytes each
         self._swept_at = 0.0
 
     def hit(self, client: str, now: float) -> int:
@@ -57,14 +60,19 @@ class RateWindow:
         seen = self._seen.get(client)
         if not seen:
             return 0
-        while seen and seen[0] <= now - self.period:
-            seen.popleft()
-        if len(seen) >= self.limit:
-            return max(1, math.ceil(seen[0] + self.period - now))
+        recent = [t for t in seen if t > now - self.period]
+        if len(recent) != len(seen):
+            self._seen[client] = recent
+        if len(recent) >= self.limit:
+            return max(1, math.ceil(recent[0] + self.period - now))
         return 0
 
     def add(self, client: str, now: float) -> None:
-        self._seen[client].append(now)
+        seen = self._seen.pop(client, [])  # re-inserted last: the dict stays in order of use
+        seen.append(now)
+        self._seen[client] = seen[-self.limit :]
+        while len(self._seen) > self.max_clients:
+            del self._seen[next(iter(self._seen))]
         if now - self._swept_at >= self.period:
             self.forget_idle(now)
 
@@ -73,3 +81,6 @@ class RateWindow:
         self._swept_at = now
         for client in [c for c, seen in self._seen.items() if not seen or seen[-1] <= now - self.period]:
             del self._seen[client]
+
+    def __len__(self) -> int:
+        return len(self._seen)

@@ -396,6 +396,11 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
     c.finish()
 
     access = _parse_access(root.table("access"), environ)
+    if not access.required and environ.get("RILL_REQUIRE_ACCESS_TOKENS", "") not in ("", "0"):
+        raise ConfigError(
+            f"{access.tokens_env}: no access tokens, and RILL_REQUIRE_ACCESS_TOKENS says this Rill needs them "
+            "(it is set by the systemd unit: behind a proxy an open Rill would serve everyone)"
+        )
     if not access.required and not is_loopback_host(server.host):
         raise ConfigError(
             f"server.host: {server.host!r} can be reached from other machines, so Rill needs access tokens: "
@@ -432,6 +437,7 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
 
 _TOKEN_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _TOKEN_SECRET = re.compile(r"[!-~]{16,256}")  # printable ASCII, no spaces
+_TOKEN_MIN_DISTINCT = 8
 _ORIGIN = re.compile(r"https?://[^/?#\s]+")
 
 
@@ -491,14 +497,18 @@ def parse_access_tokens(text: str, source: str) -> tuple[AccessToken, ...]:
         where = f"{source}: entry {number}"
         if not _TOKEN_NAME.fullmatch(name):
             raise ConfigError(f"{where}: a name is 1 to 32 letters, digits, '_' or '-' (written name:token)")
+        # Errors name the entry by its number only: a mistyped line may be all secret.
         if not _TOKEN_SECRET.fullmatch(secret) or ":" in secret:
+            raise ConfigError(f"{where}: a token is 16 to 256 printable characters without spaces, commas or colons")
+        if len(set(secret)) < _TOKEN_MIN_DISTINCT:
             raise ConfigError(
-                f"{where} ({name}): a token is 16 to 256 printable characters without spaces, commas or colons"
+                f"{where}: the token is too easy to guess (fewer than {_TOKEN_MIN_DISTINCT} different characters); "
+                "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
         if any(t.name == name for t in tokens):
             raise ConfigError(f"{where}: the name {name!r} is used twice")
         if any(t.secret.reveal() == secret for t in tokens):
-            raise ConfigError(f"{where} ({name}): the same token is listed twice")
+            raise ConfigError(f"{where}: the same token is listed twice")
         tokens.append(AccessToken(name, Secret(secret)))
     return tuple(tokens)
 

@@ -1,9 +1,11 @@
 """Access tokens and the session cookies made from them.
 
 A token is checked against every configured token in constant time. A session cookie
-is `v1.<name>.<expires>.<signature>`, signed with a key derived from that token: there
-is no extra secret to keep, a restart keeps everyone signed in, and removing a token
-from the config signs out every browser that used it.
+is `v1.<name>.<expires>.<session id>.<signature>`, signed with a key derived (scrypt)
+from that token: there is no extra secret to keep, a restart keeps everyone signed in,
+and removing a token from the config signs out every browser that used it. The slow
+derivation makes guessing a token offline from a stolen cookie expensive. Sessions end
+at a fixed time (no renewal), or earlier by signing out, which revokes that session id.
 """
 
 from __future__ import annotations
@@ -11,18 +13,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 from dataclasses import dataclass
 
 from .clients import RateWindow
 from .config import AccessConfig
+from .state import load_state, save_state
 
-_COOKIE_KEY_LABEL = b"rill session cookie v1"
+_COOKIE_KEY_SALT = b"rill session cookie v1:"
+REVOKED_FILE = "revoked-sessions.json"
+MAX_REVOKED = 100_000  # sign-outs remembered until their cookies expire; the oldest go first
+_MAX_EXPIRES_DIGITS = 12  # Unix time; longer is forged (and int() of huge strings is slow)
 
 
 @dataclass(frozen=True, slots=True)
 class Session:
     name: str  # the access token's name
     expires: int  # Unix time
+    session_id: str
 
 
 def _bytes(text: str) -> bytes:
@@ -30,16 +38,22 @@ def _bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+def _cookie_key(name: str, secret: str) -> bytes:
+    return hashlib.scrypt(_bytes(secret), salt=_COOKIE_KEY_SALT + name.encode(), n=2**14, r=8, p=1, dklen=32)
+
+
 class Gate:
     def __init__(self, config: AccessConfig) -> None:
         self.config = config
         self._digests = [(t.name, hashlib.sha256(_bytes(t.secret.reveal())).digest()) for t in config.tokens]
-        self._cookie_keys = {
-            t.name: hmac.new(_bytes(t.secret.reveal()), _COOKIE_KEY_LABEL, hashlib.sha256).digest()
-            for t in config.tokens
-        }
+        self._cookie_keys = {t.name: _cookie_key(t.name, t.secret.reveal()) for t in config.tokens}
         self.session_seconds = max(60, int(config.session_days * 86400))
         self.failures = RateWindow(config.failed_sign_ins_per_minute)  # wrong tokens per client
+        self._revoked_path = config.state_dir / REVOKED_FILE if config.state_dir and config.tokens else None
+        self._revoked: dict[str, int] = {}  # session id -> when its cookie expires anyway
+        saved = load_state(self._revoked_path)
+        if isinstance(saved, dict):
+            self._revoked = {k: v for k, v in saved.items() if isinstance(k, str) and type(v) is int}
 
     @property
     def required(self) -> bool:
@@ -58,31 +72,44 @@ class Gate:
         return found
 
     def issue(self, name: str, now: float) -> Session:
-        return Session(name, int(now) + self.session_seconds)
+        return Session(name, int(now) + self.session_seconds, secrets.token_urlsafe(12))
 
     def cookie_value(self, session: Session) -> str:
-        return f"v1.{session.name}.{session.expires}.{self._signature(session.name, session.expires)}"
+        payload = f"v1.{session.name}.{session.expires}.{session.session_id}"
+        return f"{payload}.{self._signature(session.name, payload)}"
 
     def verify(self, value: str, now: float) -> Session | None:
-        """The session a cookie stands for, or None if it is forged, expired or its token is gone."""
+        """The session a cookie stands for, or None if it is forged, expired, signed
+        out, or its token is gone."""
         parts = value.split(".")
-        if len(parts) != 4 or parts[0] != "v1":
+        if len(parts) != 5 or parts[0] != "v1":
             return None
-        _, name, expires_text, signature = parts
-        if name not in self._cookie_keys or not (expires_text.isascii() and expires_text.isdigit()):
+        _, name, expires_text, session_id, signature = parts
+        if name not in self._cookie_keys or not _is_number(expires_text):
             return None
         expires = int(expires_text)
         # The second test ends sessions made under a longer session_days at once.
         if expires <= now or expires > now + self.session_seconds + 60:
             return None
-        if not hmac.compare_digest(_bytes(signature), _bytes(self._signature(name, expires))):
+        payload = f"v1.{name}.{expires_text}.{session_id}"
+        if not hmac.compare_digest(_bytes(signature), _bytes(self._signature(name, payload))):
             return None
-        return Session(name, expires)
+        if session_id in self._revoked:
+            return None
+        return Session(name, expires, session_id)
 
-    def needs_renewal(self, session: Session, now: float) -> bool:
-        """Past half its life: a browser in use stays signed in without asking again."""
-        return session.expires - now < self.session_seconds / 2
+    def revoke(self, session: Session, now: float) -> None:
+        """Signs a session out for good, even if a copy of its cookie is still around."""
+        self._revoked = {sid: expires for sid, expires in self._revoked.items() if expires > now}
+        self._revoked[session.session_id] = session.expires
+        while len(self._revoked) > MAX_REVOKED:
+            del self._revoked[next(iter(self._revoked))]
+        save_state(self._revoked_path, self._revoked)
 
-    def _signature(self, name: str, expires: int) -> str:
-        mac = hmac.new(self._cookie_keys[name], f"v1.{name}.{expires}".encode(), hashlib.sha256).digest()
+    def _signature(self, name: str, payload: str) -> str:
+        mac = hmac.new(self._cookie_keys[name], payload.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
+
+def _is_number(text: str) -> bool:
+    return 0 < len(text) <= _MAX_EXPIRES_DIGITS and text.isascii() and text.isdigit()

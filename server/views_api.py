@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -14,7 +13,7 @@ from . import __version__
 from .access import PRINCIPAL, client_key
 from .errors import ApiError
 from .generation import Generation
-from .keys import BUDGET, CATALOG, CONFIG, METRICS, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from .keys import BUDGET, CATALOG, CONFIG, GATE, METRICS, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
 from .streaming import check_stream_limit, serve
 from .upstream import ChatRequest
 from .validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
@@ -40,23 +39,20 @@ def _generation(request: web.Request) -> Generation:
     return generation
 
 
-def _within_budget(request: web.Request, owner: str | None, chat: ChatRequest) -> ChatRequest:
-    """Refuses a token whose daily budget is spent, and caps an answer at what is left."""
-    budget = request.app[BUDGET]
-    if owner is None or not budget.enabled:
-        return chat
-    left = budget.remaining(owner)
-    if left <= 0:
-        wait = budget.seconds_to_reset()
-        raise ApiError(
-            429,
-            "budget_exhausted",
-            f"This access token has used its {budget.limit} tokens for today. "
-            f"The budget renews at 00:00 UTC, in {wait // 3600} h {wait % 3600 // 60} min.",
-            headers={"Retry-After": str(wait)},
-        )
-    ceiling = chat.max_tokens or request.app[CONFIG].limits.max_tokens
-    return replace(chat, max_tokens=left) if left < ceiling else chat
+def start_generation(request: web.Request, chat: ChatRequest, *, client_id: str | None, fingerprint: str) -> Generation:
+    """Starts an answer for this request's client, within its token's daily budget."""
+    app = request.app
+    owner = request.get(PRINCIPAL)
+    budget = app[BUDGET]
+    hold = 0
+    if owner is not None and budget.enabled:
+        chat, hold = budget.plan(owner, chat, app[CONFIG].limits.max_tokens)
+    generation = app[REGISTRY].start(
+        app[SESSION], chat, client_key=client_key(request), client_id=client_id, fingerprint=fingerprint, owner=owner
+    )
+    if owner is not None and hold:
+        budget.hold(generation.id, owner, hold)
+    return generation
 
 
 async def create_chat(request: web.Request) -> web.Response:
@@ -77,14 +73,7 @@ async def create_chat(request: web.Request) -> web.Response:
             )
         log.info("generation %s: repeated client_id, no new upstream request", existing.id)
         return web.json_response(_created(existing), status=200)
-    generation = registry.start(
-        app[SESSION],
-        _within_budget(request, owner, chat.request),
-        client_key=client_key(request),
-        client_id=client_id,
-        fingerprint=fingerprint,
-        owner=owner,
-    )
+    generation = start_generation(request, chat.request, client_id=client_id, fingerprint=fingerprint)
     log.info(
         "generation %s started: model=%s messages=%d", generation.id, chat.request.model.id, len(chat.request.messages)
     )
@@ -147,9 +136,13 @@ async def health(request: web.Request) -> web.Response:
     app = request.app
     loop = asyncio.get_running_loop()
     registry = app[REGISTRY]
+    status = "ok" if registry.accepting else "shutting_down"
+    if app[GATE].required:
+        # Public for health checkers, so it tells strangers no more than that it lives.
+        return web.json_response({"status": status})
     return web.json_response(
         {
-            "status": "ok" if registry.accepting else "shutting_down",
+            "status": status,
             "version": __version__,
             "uptime_s": round(loop.time() - app[STARTED_AT], 3),
             "live_generations": len(registry.live()),

@@ -11,12 +11,13 @@ import logging
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from .access import PRINCIPAL, client_key
+from .access import client_key
 from .errors import ApiError
 from .generation import Event
-from .keys import CATALOG, CONFIG, OPEN_STREAMS, REGISTRY, SESSION
+from .keys import CATALOG, CONFIG, OPEN_STREAMS
 from .streaming import check_stream_limit, serve
 from .upstream import ChatRequest
+from .views_api import start_generation
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ async def legacy_stream(request: web.Request) -> web.StreamResponse:
     config = app[CONFIG]
     if not config.compat.get_stream:
         raise ApiError(404, "not_found", "There is nothing at this address.")
+    # A GET carries no Origin to check, but the browser says who started it.
+    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+        raise ApiError(403, "cross_site_request", "Requests started by another web site are not accepted.")
     prompt = request.query.get("prompt", "")
     if not prompt.strip():
         raise ApiError(400, "missing_prompt", "Add ?prompt=... with the question to ask.")
@@ -52,13 +56,11 @@ async def legacy_stream(request: web.Request) -> web.StreamResponse:
     resolved = catalog.resolve(catalog.default_model)
     assert resolved is not None
     provider, model = resolved
-    generation = app[REGISTRY].start(
-        app[SESSION],
+    generation = start_generation(
+        request,
         ChatRequest(provider=provider, model=model, messages=({"role": "user", "content": prompt},)),
-        client_key=reader,
         client_id=None,
         fingerprint="",
-        owner=request.get(PRINCIPAL),
     )
     try:
         response, outcome = await serve(

@@ -50,7 +50,12 @@ async def sign_in(request: web.Request) -> web.Response:
 
 
 async def sign_out(request: web.Request) -> web.Response:
-    required = request.app[GATE].required
+    """Ends this browser's session for good: a copy of the cookie stops working too."""
+    gate = request.app[GATE]
+    required = gate.required
+    if required and (session := current_session(request)) is not None:
+        gate.revoke(session, time.time())
+        log.info("signed out a session of access token %s", session.name)
     response = web.json_response({"required": required, "signed_in": not required, "name": None})
     clear_session_cookie(request, response)
     return response

@@ -3,9 +3,10 @@ wrong guesses, Origin (CSRF) and Host checks, CORS, per-token isolation and budg
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,18 +14,20 @@ from typing import Any
 
 import aiohttp
 import pytest
-from yarl import URL
 
+from server.access import host_name, rate_key
 from server.budget import DailyBudget
+from server.clients import RateWindow
 from server.config import AccessConfig, ConfigError, load_config, parse_access_tokens
 from server.gate import Gate
-from server.keys import BUDGET, GATE, OPEN_STREAMS
+from server.keys import BUDGET, OPEN_STREAMS
 
 from .conftest import BASE_DOCUMENT, Rill, StartRill, make_config, wait_for
 from .fakes import answer
 
 ALICE = "alice-0123456789abcdefghij"
 BOB = "bob-0123456789abcdefghijkl"
+CAROL = "carol-0123456789abcdefghijk"
 TOKENS = {"RILL_ACCESS_TOKENS": f"alice:{ALICE}\nbob:{BOB}"}
 SAME_ID = "3f1c0d2e-8a41-4c55-9b1e-7d2f6a0c9e11"
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -60,14 +63,16 @@ async def status_and_body(response: aiohttp.ClientResponse) -> tuple[int, Any]:
 
 
 def test_tokens_are_read_named_or_bare_by_line_or_comma() -> None:
-    tokens = parse_access_tokens(f"# the team\nalice:{ALICE}\n  {BOB} , carol:{'c' * 16}\n", "RILL_ACCESS_TOKENS")
-    assert [(t.name, t.secret.reveal()) for t in tokens] == [("alice", ALICE), ("token2", BOB), ("carol", "c" * 16)]
+    tokens = parse_access_tokens(f"# the team\nalice:{ALICE}\n  {BOB} , carol:{CAROL}\n", "RILL_ACCESS_TOKENS")
+    assert [(t.name, t.secret.reveal()) for t in tokens] == [("alice", ALICE), ("token2", BOB), ("carol", CAROL)]
 
 
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
         ("short-token", "16 to 256 printable characters"),
+        ("Sup3rS3cretPrefix:tail", "16 to 256 printable characters"),
+        ("aaaaaaaabbbbbbbbcccccc", "too easy to guess"),
         ("alice:has space in it 123", "16 to 256 printable characters"),
         ("bad.name:0123456789abcdefgh", "a name is 1 to 32"),
         (f"alice:{ALICE}\nalice:{BOB}", "'alice' is used twice"),
@@ -79,7 +84,7 @@ def test_bad_tokens_are_refused_without_showing_them(text: str, problem: str) ->
         parse_access_tokens(text, "RILL_ACCESS_TOKENS")
     message = str(caught.value)
     assert "RILL_ACCESS_TOKENS: entry" in message
-    for secret in ("short-token", "has space", "0123456789abcdefgh", ALICE, BOB):
+    for secret in ("short-token", "has space", "0123456789abcdefgh", "Sup3rS3cretPrefix", "aaaa", ALICE, BOB):
         assert secret not in message
 
 
@@ -142,28 +147,45 @@ def test_session_cookie_round_trip_and_forgeries() -> None:
     session = keeper.issue("alice", 1_000_000.0)
     value = keeper.cookie_value(session)
     assert keeper.verify(value, 1_000_001.0) == session
-    version, name, expires, signature = value.split(".")
+    version, name, expires, session_id, signature = value.split(".")
     forged = [
-        f"{version}.bob.{expires}.{signature}",  # someone else's name
-        f"{version}.{name}.{int(expires) + 60}.{signature}",  # a longer life
-        f"{version}.{name}.{expires}.{signature[:-2]}AA",
-        f"v2.{name}.{expires}.{signature}",
-        f"{version}.{name}.{expires}",
-        f"{version}.{name}.{expires}.{signature}.x",
+        f"{version}.bob.{expires}.{session_id}.{signature}",  # someone else's name
+        f"{version}.{name}.{int(expires) + 60}.{session_id}.{signature}",  # a longer life
+        f"{version}.{name}.{expires}.other-id.{signature}",
+        f"{version}.{name}.{expires}.{session_id}.{signature[:-2]}AA",
+        f"v2.{name}.{expires}.{session_id}.{signature}",
+        f"{version}.{name}.{expires}.{session_id}",
+        f"{version}.{name}.{expires}.{session_id}.{signature}.x",
+        f"{version}.{name}.{'9' * 5000}.{session_id}.{signature}",  # int() of it alone would raise
+        f"{version}.{name}.{expires}.{session_id}.{signature}\udc80",
         "",
     ]
     assert [keeper.verify(v, 1_000_001.0) for v in forged] == [None] * len(forged)
     assert keeper.verify(value, float(session.expires)) is None  # expired
     # A cookie from a much longer session_days than configured now is refused too.
     assert keeper.verify(value, session.expires - keeper.session_seconds - 120.0) is None
+    # Every sign-in is its own session.
+    assert keeper.issue("alice", 1_000_000.0).session_id != session.session_id
 
 
 def test_a_cookie_dies_with_its_token_and_survives_a_restart() -> None:
     keeper = gate()
     value = keeper.cookie_value(keeper.issue("alice", 1_000_000.0))
-    assert gate(f"alice:{ALICE}\ncarol:{'c' * 20}").verify(value, 1_000_001.0) is not None  # restart
-    assert gate(f"alice:{'n' * 20}\nbob:{BOB}").verify(value, 1_000_001.0) is None  # alice's token changed
+    assert gate(f"alice:{ALICE}\ncarol:{CAROL}").verify(value, 1_000_001.0) is not None  # restart
+    assert gate(f"alice:{CAROL}\nbob:{BOB}").verify(value, 1_000_001.0) is None  # alice's token changed
     assert gate(f"bob:{BOB}").verify(value, 1_000_001.0) is None  # removed
+
+
+def test_signed_out_sessions_stay_signed_out_across_restarts(tmp_path: Path) -> None:
+    keeper = gate(state_dir=tmp_path)
+    signed_out, other = keeper.issue("alice", 1_000_000.0), keeper.issue("alice", 1_000_000.0)
+    keeper.revoke(signed_out, 1_000_001.0)
+    for current in (keeper, gate(state_dir=tmp_path)):
+        assert current.verify(current.cookie_value(signed_out), 1_000_002.0) is None
+        assert current.verify(current.cookie_value(other), 1_000_002.0) == other
+    # Revocations are forgotten once their cookies would have expired anyway.
+    keeper.revoke(other, float(signed_out.expires) + 1)
+    assert json.loads((tmp_path / "revoked-sessions.json").read_text()) == {other.session_id: other.expires}
 
 
 # --- the HTTP API with tokens ---------------------------------------------------------------
@@ -264,7 +286,16 @@ async def test_cookie_is_secure_behind_a_trusted_https_proxy(start_rill: StartRi
     https = {"X-Forwarded-Proto": "https", "Host": "chat.example.com", "Origin": "https://chat.example.com"}
     async with rill.session.post(rill.url / "api/session", json={"token": ALICE}, headers=https) as response:
         assert response.status == 200
-        assert response.cookies["rill_session"]["secure"] is True
+        cookie = response.cookies["__Host-rill_session"]  # the prefix: no planting from a subdomain
+        assert cookie["secure"] is True
+        assert "rill_session" not in response.cookies
+    with_cookie = https | {"Cookie": f"__Host-rill_session={cookie.value}"}
+    async with rill.session.get(rill.url / "api/models", headers=with_cookie) as response:
+        assert response.status == 200
+    # Over https only the prefixed cookie counts.
+    unprefixed = https | {"Cookie": f"rill_session={cookie.value}"}
+    async with rill.session.get(rill.url / "api/models", headers=unprefixed) as response:
+        assert response.status == 401
     # The header means nothing from a peer that is not a trusted proxy.
     untrusted = await start_rill(environ=TOKENS, limits={"trusted_proxies": ["10.0.0.0/8"]})
     plain = https | {"Origin": "http://chat.example.com"}
@@ -298,16 +329,23 @@ async def test_sign_in_without_tokens_configured(rill: Rill) -> None:
         assert (await response.json())["error"]["code"] == "access_not_configured"
 
 
-async def test_an_old_session_is_renewed(locked: Rill, browser_session: aiohttp.ClientSession) -> None:
-    keeper = locked.app[GATE]
-    old = keeper.issue("alice", time.time() - keeper.session_seconds * 0.75)
-    browser_session.cookie_jar.update_cookies({"rill_session": keeper.cookie_value(old)}, URL(str(locked.url)))
-    async with browser_session.get(locked.url / "api/models") as response:
-        assert response.status == 200
-        renewed = keeper.verify(response.cookies["rill_session"].value, time.time())
-    assert renewed is not None
-    assert renewed.name == "alice"
-    assert renewed.expires > old.expires
+async def test_sign_out_ends_every_copy_of_the_cookie(locked: Rill, browser_session: aiohttp.ClientSession) -> None:
+    response = await sign_in(browser_session, locked, ALICE)
+    stolen = {"Cookie": f"rill_session={response.cookies['rill_session'].value}"}
+    async with locked.session.get(locked.url / "api/models", headers=stolen) as check:
+        assert check.status == 200
+    async with browser_session.delete(locked.url / "api/session", headers=origin_of(locked)) as out:
+        assert out.status == 200
+    async with locked.session.get(locked.url / "api/models", headers=stolen) as check:
+        assert check.status == 401
+    async with locked.session.get(locked.url / "api/session", headers=stolen) as state:
+        assert (await state.json())["signed_in"] is False
+
+
+async def test_a_forged_cookie_is_a_401_not_a_500(locked: Rill) -> None:
+    cookie = {"Cookie": f"rill_session=v1.alice.{'9' * 4400}.id.AAAA"}
+    async with locked.session.get(locked.url / "api/models", headers=cookie) as response:
+        assert response.status == 401
 
 
 async def test_answers_belong_to_their_token(locked: Rill) -> None:
@@ -458,7 +496,7 @@ async def test_open_streams_are_limited_per_client(start_rill: StartRill) -> Non
 async def test_daily_budget_per_token(start_rill: StartRill, tmp_path: Path) -> None:
     # Each fake answer is billed 10 tokens (its usage chunk).
     rill = await start_rill(environ=TOKENS | {"RILL_STATE_DIR": str(tmp_path)}, access={"daily_token_budget": 15})
-    for expected_cap in (15, 5):
+    for expected_cap in (14, 4):  # the budget left, less "Hi" (about 1 token)
         response = await rill.session.post(rill.url / "api/chat", json=CHAT, headers=bearer(ALICE))
         status, body = await status_and_body(response)
         assert status == 201
@@ -507,3 +545,157 @@ async def test_answers_without_usage_are_charged_an_estimate(start_rill: StartRi
     _, body = await status_and_body(response)
     await wait_for(lambda: rill.registry.get(body["id"]).terminal is not None)  # type: ignore[union-attr]
     assert rill.app[BUDGET].used("alice") == 1 + 2  # "Hi" is about 1 token, plus 2 pieces of answer
+
+
+async def test_answers_running_at_once_cannot_pass_the_budget(start_rill: StartRill) -> None:
+    rill = await start_rill(environ=TOKENS, access={"daily_token_budget": 100})
+    rill.fake.default.chunks = [*rill.fake.default.chunks[:2], 30.0]  # answers that stay live
+    response = await rill.session.post(
+        rill.url / "api/chat", json=CHAT | {"options": {"max_tokens": 60}}, headers=bearer(ALICE)
+    )
+    assert (await status_and_body(response))[0] == 201
+    # 100 - (1 + 60) held by the first: the second gets what is left, the third nothing.
+    response = await rill.session.post(rill.url / "api/chat", json=CHAT, headers=bearer(ALICE))
+    assert (await status_and_body(response))[0] == 201
+    await wait_for(lambda: len(rill.fake.requests) == 2)
+    assert sorted(r.body["max_tokens"] for r in rill.fake.requests) == [100 - 61 - 1, 60]
+    response = await rill.session.post(rill.url / "api/chat", json=CHAT, headers=bearer(ALICE))
+    assert response.headers["Retry-After"] == "5"
+    status, body = await status_and_body(response)
+    assert (status, body["error"]["code"]) == (429, "budget_exhausted")
+    assert "answers this access token has running" in body["error"]["message"]
+    await asyncio.sleep(0.05)
+    assert len(rill.fake.requests) == 2
+    # Stopping one gives its hold back (charged what it used instead).
+    first = rill.registry.live()[0]
+    async with rill.session.delete(rill.url / f"api/chat/{first.id}", headers=bearer(ALICE)) as stopped:
+        assert stopped.status == 200
+    response = await rill.session.post(rill.url / "api/chat", json=CHAT, headers=bearer(ALICE))
+    assert (await status_and_body(response))[0] == 201
+
+
+async def test_a_prompt_larger_than_the_budget_left_is_refused(start_rill: StartRill) -> None:
+    rill = await start_rill(environ=TOKENS, access={"daily_token_budget": 100})
+    big = {"messages": [{"role": "user", "content": "长" * 200}]}  # about 200 tokens
+    response = await rill.session.post(rill.url / "api/chat", json=big, headers=bearer(ALICE))
+    status, body = await status_and_body(response)
+    assert (status, body["error"]["code"]) == (429, "budget_exhausted")
+    assert "needs about 200 tokens" in body["error"]["message"]
+    assert rill.fake.requests == []
+
+
+async def test_the_compat_stream_keeps_to_the_budget(start_rill: StartRill) -> None:
+    rill = await start_rill(environ=TOKENS, access={"daily_token_budget": 15}, compat={"get_stream": True})
+    async with rill.session.get(rill.url / "stream", params={"prompt": "Hi"}, headers=bearer(ALICE)) as response:
+        assert b"[STREAM_END]" in await response.read()
+    await wait_for(lambda: len(rill.fake.requests) == 1)
+    assert rill.fake.requests[-1].body["max_tokens"] == 14
+    await wait_for(lambda: rill.app[BUDGET].used("alice") == 10)
+    async with rill.session.get(rill.url / "stream", params={"prompt": "Hi"}, headers=bearer(ALICE)) as response:
+        assert response.status == 200  # the tutorial format: the error comes as an event
+    async with rill.session.get(rill.url / "stream", params={"prompt": "Hi"}, headers=bearer(ALICE)) as response:
+        assert response.status == 429
+    assert len(rill.fake.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "status"),
+    [("GET", {"Sec-Fetch-Site": "cross-site"}, 403), ("GET", {"Sec-Fetch-Site": "same-site"}, 403), ("HEAD", {}, 405)],
+)
+async def test_the_compat_stream_starts_nothing_for_other_sites_or_head(
+    start_rill: StartRill, method: str, headers: dict[str, str], status: int
+) -> None:
+    rill = await start_rill(compat={"get_stream": True})
+    url = rill.url.with_path("/stream").with_query(prompt="spend")
+    async with rill.session.request(method, url, headers=headers) as response:
+        assert response.status == status
+    await asyncio.sleep(0.1)
+    assert rill.fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Forwarded-For": "198.51.100.7"},
+        {"X-Forwarded-Proto": "https"},
+        {"Forwarded": "for=198.51.100.7"},
+        {"X-Forwarded-Host": "localhost"},
+        {"Host": "localhost:80@evil.com"},
+        {"Host": "[::1]evil.com"},
+        {"Host": "localhost:abc"},
+    ],
+)
+async def test_an_open_rill_refuses_proxied_and_malformed_requests(rill: Rill, headers: dict[str, str]) -> None:
+    async with rill.session.get(rill.url / "api/models", headers=headers) as response:
+        assert response.status == 403
+        assert (await response.json())["error"]["code"] == "host_not_allowed"
+
+
+async def test_a_proxy_guarded_open_rill_serves_its_allowed_host(start_rill: StartRill) -> None:
+    rill = await start_rill(access={"allowed_hosts": ["rill.lan"]})
+    proxied = {"Host": "rill.lan", "X-Forwarded-For": "198.51.100.7"}
+    async with rill.session.get(rill.url / "api/models", headers=proxied) as response:
+        assert response.status == 200
+    async with rill.session.get(rill.url / "api/models", headers=proxied | {"Host": "localhost"}) as response:
+        assert response.status == 403
+
+
+@pytest.mark.parametrize(
+    ("host", "name"),
+    [
+        ("LocalHost:8080", "localhost"),
+        ("chat.example.com.", "chat.example.com"),
+        ("[::1]:8080", "::1"),
+        ("[::1]", "::1"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("[nonsense]", None),
+        ("a b", None),
+        ("x:80:80", None),
+        ("", None),
+    ],
+)
+def test_host_names_are_parsed_strictly(host: str, name: str | None) -> None:
+    assert host_name(host) == name
+
+
+def test_the_service_unit_requires_tokens() -> None:
+    with pytest.raises(ConfigError, match="RILL_REQUIRE_ACCESS_TOKENS"):
+        make_config("http://127.0.0.1:9/v1", environ={"RILL_REQUIRE_ACCESS_TOKENS": "1"})
+    assert make_config("http://127.0.0.1:9/v1", environ={"RILL_REQUIRE_ACCESS_TOKENS": "1"} | TOKENS).access.required
+
+
+def test_wrong_guesses_from_ipv6_count_per_network() -> None:
+    assert rate_key("2001:db8::1") == rate_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert rate_key("2001:db8:0:1::1") != rate_key("2001:db8::1")
+    assert rate_key("198.51.100.7") == "198.51.100.7"
+
+
+async def test_wrong_guesses_from_one_ipv6_network_share_a_limit(locked: Rill) -> None:
+    for host in range(1, 6):
+        headers = bearer(f"guess-{host:020d}") | {"X-Forwarded-For": f"2001:db8::{host}"}
+        async with locked.session.get(locked.url / "api/models", headers=headers) as response:
+            assert response.status == 401
+    headers = bearer(f"guess-{6:020d}") | {"X-Forwarded-For": "2001:db8::6"}
+    async with locked.session.get(locked.url / "api/models", headers=headers) as response:
+        assert response.status == 429
+
+
+def test_the_rate_window_remembers_a_bounded_number_of_clients() -> None:
+    window = RateWindow(limit=1, period=60.0, max_clients=3)
+    for client in ("a", "b", "c", "d"):
+        assert window.hit(client, 0.0) == 0
+    assert len(window) == 3
+    assert window.hit("d", 1.0) > 0  # still limited
+    assert window.hit("a", 1.0) == 0  # the least recently seen was forgotten
+
+
+async def test_health_tells_strangers_only_that_it_lives(locked: Rill) -> None:
+    async with locked.session.get(locked.url / "healthz") as response:
+        assert await response.json() == {"status": "ok"}
+
+
+async def test_vary_origin_on_every_answer_when_cors_is_configured(start_rill: StartRill) -> None:
+    rill = await start_rill(access={"cors_origins": ["https://app.example.com"]})
+    async with rill.session.get(rill.url / "api/models") as response:
+        assert "Origin" in response.headers.getall("Vary")
+        assert "Access-Control-Allow-Origin" not in response.headers

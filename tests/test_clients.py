@@ -52,7 +52,10 @@ def test_rate_window_slides() -> None:
 
 
 async def test_new_answers_per_minute_are_limited_per_forwarded_client(start_rill: StartRill) -> None:
-    rill = await start_rill(limits={"generations_per_minute": 2, "max_concurrent_per_client": 50})
+    # An open Rill behind a proxy that guards access itself must name its host.
+    rill = await start_rill(
+        limits={"generations_per_minute": 2, "max_concurrent_per_client": 50}, access={"allowed_hosts": ["127.0.0.1"]}
+    )
 
     async def post(client: str) -> tuple[int, dict[str, object], str | None]:
         async with rill.session.post(

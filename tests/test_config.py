@@ -121,7 +121,7 @@ def test_integers_are_accepted_where_numbers_are_expected(tmp_path: Path) -> Non
 
 def test_rill_host_overrides_the_bundled_host(tmp_path: Path) -> None:
     # config.toml sets `host = "127.0.0.1"`; the variable must win over it.
-    token = "t" * 20
+    token = "a-token-0123456789"
     assert load(tmp_path, RILL_HOST="0.0.0.0", RILL_ACCESS_TOKENS=token).server.host == "0.0.0.0"
 
 

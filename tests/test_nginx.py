@@ -82,12 +82,14 @@ async def nginx(tmp_path: Path) -> AsyncIterator[StartProxy]:
 
 
 TOKENS = [f"tok{i} " for i in range(12)]
+# Without access tokens Rill refuses proxied requests unless told the host is guarded.
+PROXY_GUARDED = {"allowed_hosts": ["127.0.0.1"]}
 
 
 async def test_the_first_token_passes_nginx_before_the_upstream_has_sent_the_last(
     start_rill: StartRill, nginx: StartProxy
 ) -> None:
-    rill = await start_rill()
+    rill = await start_rill(access=PROXY_GUARDED)
     proxy = await nginx(rill)
     rill.fake.script(Reply(chunks=answer(TOKENS, delay=0.15)))
     async with aiohttp.ClientSession(auto_decompress=False) as session:
@@ -107,7 +109,7 @@ async def test_the_first_token_passes_nginx_before_the_upstream_has_sent_the_las
 
 
 async def test_resume_by_last_event_id_through_nginx(start_rill: StartRill, nginx: StartProxy) -> None:
-    rill = await start_rill()
+    rill = await start_rill(access=PROXY_GUARDED)
     proxy = await nginx(rill)
     rill.fake.script(Reply(chunks=answer(TOKENS, delay=0.05)))
     async with aiohttp.ClientSession() as session:
@@ -146,3 +148,15 @@ async def test_sign_in_and_same_origin_checks_work_through_nginx(start_rill: Sta
         async with session.post(proxy / "api/chat", json=chat, headers=other_port) as r:
             assert r.status == 403
     assert len(rill.fake.requests) == 1
+
+
+async def test_an_open_rill_refuses_requests_through_nginx(start_rill: StartRill, nginx: StartProxy) -> None:
+    # Without tokens, a proxy would hand Rill to the internet, with whatever Host it likes.
+    rill = await start_rill()
+    proxy = await nginx(rill)
+    async with aiohttp.ClientSession() as session:
+        for host in (None, "localhost", "127.0.0.1"):
+            headers = {"Host": host} if host else {}
+            async with session.get(proxy / "api/models", headers=headers) as r:
+                assert r.status == 403
+                assert (await r.json())["error"]["code"] == "host_not_allowed"
