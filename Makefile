@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: run test lint fmt clean vendor vendor-check install-service
+.PHONY: run test lint fmt bench clean vendor vendor-check install-service
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,18 @@ test: $(DEV)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(DEV)
-	$(BIN)/ruff check server tests
-	$(BIN)/ruff format --check server tests
+	$(BIN)/ruff check server tests bench
+	$(BIN)/ruff format --check server tests bench
 	$(BIN)/mypy
 
 fmt: $(DEV)
-	$(BIN)/ruff format server tests
-	$(BIN)/ruff check --fix server tests
+	$(BIN)/ruff format server tests bench
+	$(BIN)/ruff check --fix server tests bench
+
+# Rill against `direct` and a naive relay, same run; prints a Markdown table, writes
+# bench/results/latest.json. About 6 minutes on 2 cores. BENCH_ARGS="--quick" for a smoke run.
+bench: $(DEV)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Browser libraries: pinned in web/vendor/package-lock.json, copied into web/static/vendor/ (committed).
 # Needs Node/npm only when updating them; see web/vendor/README.md.

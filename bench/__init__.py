@@ -1,0 +1,1 @@
+"""Rill's benchmark: `python -m bench` (or `make bench`). See bench/README.md."""

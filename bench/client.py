@@ -1,0 +1,243 @@
+"""The load client: opens many streams through a target and records every token.
+
+`python -m bench.client '<json job>'` prints a JSON result. Targets: `direct` (the
+fake upstream itself: the physical limit), `naive` (the baseline relay) and `rill`
+(POST /api/chat, then its event stream). Per token it checks delivered, lost,
+duplicated and reordered, and how long after the upstream wrote it the token arrived.
+It also reports its own CPU time and event-loop lag, to show it was not the bottleneck."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from .loops import install_fast_loop
+from .wire import TOKEN, SSELines
+
+
+@dataclass
+class Job:
+    target: str  # direct | naive | rill
+    url: str  # the target's base URL
+    streams: int
+    scenario: dict[str, Any]  # what the fake upstream should send: tokens, interval, split, seed
+    ramp: float = 0.0  # seconds over which the streams start
+    resume_after: tuple[int, int] | None = None  # drop and resume after a random token in this range
+    abort_after: tuple[int, int] | None = None  # vanish after a random token in this range
+    seed: int = 1
+
+
+@dataclass
+class Stream:
+    expected: int
+    seen: bytearray = field(init=False)
+    latencies_ns: list[int] = field(default_factory=list)
+    duplicated: int = 0
+    reordered: int = 0
+    highest: int = -1
+    setup_ns: int | None = None
+    first_token_ns: int | None = None
+    error: str | None = None
+    reconnects: int = 0
+    carry: str = ""
+
+    def __post_init__(self) -> None:
+        self.seen = bytearray(self.expected)
+
+    @property
+    def delivered(self) -> int:
+        return sum(self.seen)
+
+    def take(self, text: str, arrived_ns: int, started_ns: int) -> int:
+        """Records the tokens in a piece of text; returns how many were new."""
+        text = self.carry + text
+        new = 0
+        end = 0
+        for match in TOKEN.finditer(text):
+            end = match.end()
+            index, stamp = int(match.group(1)), int(match.group(2))
+            if self.first_token_ns is None:
+                self.first_token_ns = arrived_ns - started_ns
+            if index >= self.expected:
+                self.duplicated += 1  # nothing past the end was ever sent: count it as extra
+                continue
+            if self.seen[index]:
+                self.duplicated += 1
+                continue
+            if index < self.highest:
+                self.reordered += 1
+            self.highest = max(self.highest, index)
+            self.seen[index] = 1
+            self.latencies_ns.append(arrived_ns - stamp)
+            new += 1
+        self.carry = text[end:]
+        return new
+
+
+def _body(job: Job) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": json.dumps(job.scenario)}]}
+
+
+async def _read(
+    response: aiohttp.ClientResponse, stream: Stream, started: int, target: str, stop_at: int | None
+) -> tuple[bool, str | None]:
+    """Reads until the end (True) or until `stop_at` tokens have arrived (False).
+    Returns whether it ended, and the last event id seen (Rill)."""
+    parser = SSELines()
+    last_id: str | None = None
+    async for chunk in response.content.iter_any():
+        arrived = time.monotonic_ns()
+        for event in parser.feed(chunk):
+            if target == "rill":
+                last_id = event.id or last_id
+                if event.name == "delta":
+                    stream.take(json.loads(event.data)["text"], arrived, started)
+                elif event.name == "error":
+                    stream.error = json.loads(event.data).get("code", "error")
+                    return True, last_id
+                elif event.name == "done":
+                    return True, last_id
+            else:
+                if event.data == "[DONE]":
+                    return True, last_id
+                choices = json.loads(event.data).get("choices") or [{}]
+                text = choices[0].get("delta", {}).get("content")
+                if text:
+                    stream.take(text, arrived, started)
+        if stop_at is not None and stream.delivered >= stop_at:
+            return False, last_id
+    return True, last_id
+
+
+async def _one(session: aiohttp.ClientSession, job: Job, number: int, rng: random.Random) -> Stream:
+    stream = Stream(expected=int(job.scenario["tokens"]))
+    stop_at = None
+    if job.resume_after or job.abort_after:
+        low, high = job.resume_after or job.abort_after  # type: ignore[misc]
+        stop_at = rng.randint(low, high)
+    await asyncio.sleep(job.ramp * number / max(1, job.streams))
+    started = time.monotonic_ns()
+    try:
+        if job.target == "direct":
+            response = await session.post(
+                f"{job.url}/v1/chat/completions", json={"model": "bench", "stream": True, **_body(job)}
+            )
+        elif job.target == "naive":
+            response = await session.get(f"{job.url}/relay", params={"scenario": json.dumps(job.scenario)})
+        else:
+            async with session.post(f"{job.url}/api/chat", json=_body(job)) as created:
+                if created.status != 201:
+                    stream.error = f"POST {created.status}"
+                    return stream
+                events = (await created.json())["events"]
+            response = await session.get(f"{job.url}{events}")
+        stream.setup_ns = time.monotonic_ns() - started
+        if response.status != 200:
+            stream.error = f"GET {response.status}"
+            response.close()
+            return stream
+        ended, last_id = await _read(response, stream, started, job.target, stop_at)
+        response.close()
+        if ended or job.abort_after:
+            return stream
+        # The resume storm: the connection drops mid-answer; come back from the last id.
+        stream.reconnects += 1
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        async with session.get(f"{job.url}{events}", headers=headers) as resumed:
+            if resumed.status != 200:
+                stream.error = f"resume {resumed.status}"
+                return stream
+            await _read(resumed, stream, started, job.target, None)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        stream.error = type(exc).__name__
+    return stream
+
+
+class LagMonitor:
+    """How late a 10 ms timer fires: the client's own event-loop lag."""
+
+    def __init__(self) -> None:
+        self.lags_ms: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + 0.01
+            await asyncio.sleep(0.01)
+            self.lags_ms.append(max(0.0, (loop.time() - due) * 1000))
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.wait({self._task})
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def run(job: Job) -> dict[str, Any]:
+    rng = random.Random(job.seed)
+    rngs = [random.Random(rng.random()) for _ in range(job.streams)]
+    lag = LagMonitor()
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        lag.start()
+        started = time.monotonic()
+        streams = await asyncio.gather(*(_one(session, job, i, rngs[i]) for i in range(job.streams)))
+        wall = time.monotonic() - started
+        await lag.stop()
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    latencies = [ns / 1e6 for s in streams for ns in s.latencies_ns]
+    expected = sum(s.expected for s in streams)
+    delivered = sum(s.delivered for s in streams)
+    ended_early = job.abort_after is not None
+    return {
+        "streams": job.streams,
+        "expected": expected,
+        "delivered": delivered,
+        "lost": 0 if ended_early else expected - delivered,
+        "duplicated": sum(s.duplicated for s in streams),
+        "reordered": sum(s.reordered for s in streams),
+        "errors": sorted({s.error for s in streams if s.error}),
+        "failed_streams": sum(1 for s in streams if s.error),
+        "reconnects": sum(s.reconnects for s in streams),
+        "latency_ms": {f"p{int(q * 100)}": percentile(latencies, q) for q in (0.5, 0.9, 0.99)}
+        | {"max": max(latencies, default=None)},
+        "first_token_ms": percentile([s.first_token_ns / 1e6 for s in streams if s.first_token_ns is not None], 0.5),
+        "setup_ms": percentile([s.setup_ns / 1e6 for s in streams if s.setup_ns is not None], 0.5),
+        "wall_s": wall,
+        "tokens_per_s": delivered / wall if wall else None,
+        "client_cpu_s": cpu,
+        "client_lag_ms": {"p99": percentile(lag.lags_ms, 0.99), "max": max(lag.lags_ms, default=None)},
+    }
+
+
+def main() -> None:
+    raw = json.loads(sys.argv[1])
+    for key in ("resume_after", "abort_after"):
+        if raw.get(key) is not None:
+            raw[key] = tuple(raw[key])
+    install_fast_loop()
+    print(json.dumps(asyncio.run(run(Job(**raw)))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Runs every scenario against `direct`, the naive relay and Rill in one go, prints a
+Markdown table and the targets, and writes the figures as JSON.
+
+Each run gets fresh processes: the fake upstream and the load client on one core, the
+relay under test alone on the other (when the machine has two), so the relay's CPU
+time and peak RSS are its own and nothing else competes with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+RESUME_GRACE = 3.0  # Rill's [stream] resume_grace here: how long an unread answer goes on
+
+
+@dataclass
+class Scenario:
+    name: str
+    streams: int
+    tokens: int
+    interval: float  # seconds between tokens; 0: as fast as possible
+    targets: tuple[str, ...] = ("direct", "naive", "rill")
+    split: float = 0.0
+    ramp: float = 0.0
+    resume_after: tuple[int, int] | None = None
+    abort_after: tuple[int, int] | None = None
+    note: str = ""
+
+
+FULL = [
+    Scenario("latency", 1, 2000, 0.001, note="1 stream, 2,000 tokens at 1 ms"),
+    Scenario("capacity-100", 100, 300, 1 / 30, ramp=1.0, note="100 streams × 300 tokens at 30/s"),
+    Scenario("capacity-500", 500, 300, 1 / 30, ramp=2.0, note="500 streams × 300 tokens at 30/s"),
+    Scenario("capacity-1000", 1000, 300, 1 / 30, ramp=3.0, note="1,000 streams × 300 tokens at 30/s"),
+    Scenario("throughput", 20, 5000, 0.0, note="20 streams × 5,000 tokens, as fast as possible"),
+    Scenario("split", 100, 300, 0.01, split=0.1, ramp=0.5, note="10 % of upstream events in two pieces"),
+    Scenario(
+        "resume-storm",
+        100,
+        300,
+        1 / 30,
+        ("rill",),
+        ramp=1.0,
+        resume_after=(50, 250),
+        note="every client drops once mid-answer and resumes",
+    ),
+    Scenario(
+        "abort-storm",
+        100,
+        300,
+        1 / 30,
+        ("naive", "rill"),
+        ramp=1.0,
+        abort_after=(30, 150),
+        note="every client vanishes mid-answer",
+    ),
+]
+
+QUICK = [
+    Scenario("latency", 1, 200, 0.001),
+    Scenario("capacity-20", 20, 60, 0.01, ramp=0.2),
+    Scenario("split", 10, 100, 0.002, split=0.3),
+    Scenario("resume-storm", 10, 100, 0.01, ("rill",), resume_after=(20, 60)),
+    Scenario("abort-storm", 10, 200, 0.01, ("naive", "rill"), abort_after=(10, 40)),
+]
+
+
+@dataclass
+class Row:
+    scenario: str
+    target: str
+    client: dict[str, Any]
+    server_cpu_s: float | None = None
+    server_peak_rss_mb: float | None = None
+    upstream_requests: int | None = None
+    upstream_open_after: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu_us_per_token(self) -> float | None:
+        delivered = self.client["delivered"]
+        return None if self.server_cpu_s is None or not delivered else self.server_cpu_s / delivered * 1e6
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pin(pid: int, core: int | None) -> None:
+    if core is not None:
+        os.sched_setaffinity(pid, {core})
+
+
+def cores() -> tuple[int | None, int | None]:
+    """(server core, bench core): different ones when there are two."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return None, None
+    return available[0], available[1]
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited {process.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-2000:]}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+class Processes:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, name: str, args: list[str], env: dict[str, str], core: int | None
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.work / f"{name}.log"
+        process = subprocess.Popen(
+            args, cwd=self.work, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        pin(process.pid, core)
+        self.running.append(process)
+        return process, log
+
+    def stop_all(self) -> None:
+        for process in self.running:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.running:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.running.clear()
+
+
+def rill_config(work: Path) -> Path:
+    """The bundled config with limits opened up for the load, and a short resume grace."""
+    text = (ROOT / "config.toml").read_text()
+    document = tomllib.loads(text)  # check that it parses before editing
+    assert "limits" in document
+    overrides = {
+        "max_concurrent_per_client = 4": "max_concurrent_per_client = 5000",
+        "max_concurrent_total = 64": "max_concurrent_total = 5000",
+        "max_streams_per_client = 16": "max_streams_per_client = 5000",
+        "generations_per_minute = 20": "generations_per_minute = 100000",
+        "resume_grace = 15.0": f"resume_grace = {RESUME_GRACE}",
+    }
+    for old, new in overrides.items():
+        if old not in text:
+            raise RuntimeError(f"config.toml no longer has {old!r}: update bench/run.py")
+        text = text.replace(old, new)
+    path = work / "rill.toml"
+    path.write_text(text)
+    return path
+
+
+def run_one(scenario: Scenario, target: str, work: Path) -> Row:
+    server_core, bench_core = cores()
+    processes = Processes(work)
+    base_env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("RILL_")}
+    base_env["PYTHONPATH"] = str(ROOT)
+    try:
+        up_port = free_port()
+        upstream, up_log = processes.start(
+            "upstream", [sys.executable, "-m", "bench.upstream", "--port", str(up_port)], base_env, bench_core
+        )
+        wait_ready(f"http://127.0.0.1:{up_port}/stats", upstream, up_log)
+        server = None
+        if target == "direct":
+            url = f"http://127.0.0.1:{up_port}"
+        elif target == "naive":
+            port = free_port()
+            upstream_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+            server, log = processes.start(
+                "naive",
+                [sys.executable, "-m", "bench.naive", "--port", str(port), "--upstream", upstream_url],
+                base_env,
+                server_core,
+            )
+            url = f"http://127.0.0.1:{port}"
+            _wait_port(port, server, log)
+        else:
+            port = free_port()
+            env = base_env | {
+                "RILL_CONFIG": str(rill_config(work)),
+                "RILL_UPSTREAM_URL": f"http://127.0.0.1:{up_port}/v1",
+                "RILL_MODEL": "bench",
+                "RILL_PORT": str(port),
+            }
+            server, log = processes.start("rill", [sys.executable, "-m", "server"], env, server_core)
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(f"{url}/readyz", server, log)
+        job = {
+            "target": target,
+            "url": url,
+            "streams": scenario.streams,
+            "scenario": {"tokens": scenario.tokens, "interval": scenario.interval, "split": scenario.split, "seed": 7},
+            "ramp": scenario.ramp,
+            "resume_after": scenario.resume_after,
+            "abort_after": scenario.abort_after,
+        }
+        cpu_before = cpu_seconds(server.pid) if server else None
+        client = subprocess.run(
+            [sys.executable, "-m", "bench.client", json.dumps(job)],
+            cwd=work,
+            env=base_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=(lambda: pin(0, bench_core)) if bench_core is not None else None,
+        )
+        if client.returncode != 0:
+            raise RuntimeError(f"client failed:\n{client.stderr[-3000:]}")
+        row = Row(scenario.name, target, json.loads(client.stdout))
+        if server is not None and cpu_before is not None:
+            row.server_cpu_s = cpu_seconds(server.pid) - cpu_before
+            row.server_peak_rss_mb = peak_rss_mb(server.pid)
+        if scenario.abort_after is not None:
+            time.sleep(RESUME_GRACE + 1.0)  # Rill keeps an unread answer going this long, then stops it
+        stats = get_json(f"http://127.0.0.1:{up_port}/stats")
+        row.upstream_requests, row.upstream_open_after = stats["requests"], stats["open"]
+        return row
+    finally:
+        processes.stop_all()
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited:\n{log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")

@@ -1,0 +1,111 @@
+"""The benchmark's instrument: its client must count every token a relay loses,
+duplicates or reorders, and must read Rill (and its resume) correctly. A faulty relay
+built here, in front of the bench's own fake upstream, proves the first."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from bench.client import Job, Stream, run
+from bench.upstream import Upstream
+from bench.wire import SSELines, token_text
+from server.app import create_app
+from server.config import parse_config
+
+from .conftest import BASE_DOCUMENT
+
+AiohttpServer = Callable[[web.Application], Awaitable[TestServer]]
+SCENARIO = {"tokens": 120, "interval": 0.0, "seed": 3}
+
+
+def faulty_relay(upstream_url: str, fault: str) -> web.Application:
+    """A relay that re-emits upstream events, except for one planted fault."""
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        body = {"messages": [{"role": "user", "content": request.query["scenario"]}]}
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        held = b""
+        async with aiohttp.ClientSession() as session, session.post(upstream_url, json=body) as upstream:
+            parser = SSELines()
+            number = 0
+            async for chunk in upstream.content.iter_any():
+                for event in parser.feed(chunk):
+                    out = f"data: {event.data}\n\n".encode()
+                    number += 1
+                    if number == 50 and fault == "lose":
+                        continue
+                    if number == 50 and fault == "duplicate":
+                        await response.write(out)
+                    if number == 50 and fault == "reorder":
+                        held = out  # sent after the next one
+                        continue
+                    await response.write(out)
+                    if held and number == 51:
+                        await response.write(held)
+                        held = b""
+        return response
+
+    app = web.Application()
+    app.router.add_get("/relay", relay)
+    return app
+
+
+@pytest.fixture
+async def upstream_url(aiohttp_server: AiohttpServer) -> str:
+    server = await aiohttp_server(Upstream().app)
+    return str(server.make_url(""))
+
+
+@pytest.mark.parametrize(
+    ("fault", "lost", "duplicated", "reordered"),
+    [("none", 0, 0, 0), ("lose", 1, 0, 0), ("duplicate", 0, 1, 0), ("reorder", 0, 0, 1)],
+)
+async def test_the_client_counts_every_fault_of_a_relay(
+    aiohttp_server: AiohttpServer, upstream_url: str, fault: str, lost: int, duplicated: int, reordered: int
+) -> None:
+    relay = await aiohttp_server(faulty_relay(f"{upstream_url}/v1/chat/completions", fault))
+    result = await run(Job(target="naive", url=str(relay.make_url("")).rstrip("/"), streams=3, scenario=SCENARIO))
+    assert (result["lost"], result["duplicated"], result["reordered"]) == (3 * lost, 3 * duplicated, 3 * reordered)
+    assert result["delivered"] == 3 * (120 - lost)
+    assert result["latency_ms"]["p50"] is not None
+    assert result["latency_ms"]["p50"] >= 0
+
+
+async def test_the_client_reads_the_upstream_directly(upstream_url: str) -> None:
+    result = await run(Job(target="direct", url=upstream_url.rstrip("/"), streams=5, scenario=SCENARIO))
+    assert (result["delivered"], result["lost"], result["failed_streams"]) == (600, 0, 0)
+
+
+async def test_the_client_reads_rill_and_resumes_it(aiohttp_server: AiohttpServer) -> None:
+    upstream = Upstream()
+    upstream_server = await aiohttp_server(upstream.app)
+    document = BASE_DOCUMENT | {"default_model": "bench", "limits": {"max_concurrent_per_client": 50}}
+    environ = {"RILL_UPSTREAM_URL": str(upstream_server.make_url("/v1")), "RILL_MODEL": "bench"}
+    rill = await aiohttp_server(create_app(parse_config(document, environ)))
+    job = Job(
+        target="rill",
+        url=str(rill.make_url("")).rstrip("/"),
+        streams=5,
+        scenario={"tokens": 200, "interval": 0.002, "seed": 1},
+        resume_after=(40, 120),
+    )
+    result = await run(job)
+    assert (result["delivered"], result["lost"], result["duplicated"], result["reordered"]) == (1000, 0, 0, 0)
+    assert result["reconnects"] == 5
+    assert upstream.requests == 5  # resumed from Rill's buffer, not asked again
+
+
+def test_tokens_split_across_pieces_are_still_counted_once() -> None:
+    stream = Stream(expected=3)
+    text = token_text(0, 10) + token_text(1, 20) + token_text(2, 30)
+    for cut in (5, 17, 30):
+        stream.take(text[:cut], 100, 0)
+        stream.take(text[cut:], 100, 0)
+    assert stream.delivered == 3
+    assert stream.duplicated == 6  # the second and third passes repeat all three
