@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from .loops import install_fast_loop
-from .wire import TOKEN, SSELines
+from .wire import EVENT_ID, TOKEN_BYTES
 
 
 @dataclass
@@ -47,71 +47,63 @@ class Stream:
     first_token_ns: int | None = None
     error: str | None = None
     reconnects: int = 0
-    carry: str = ""
+    delivered: int = 0
 
     def __post_init__(self) -> None:
         self.seen = bytearray(self.expected)
 
-    @property
-    def delivered(self) -> int:
-        return sum(self.seen)
-
-    def take(self, text: str, arrived_ns: int, started_ns: int) -> int:
-        """Records the tokens in a piece of text; returns how many were new."""
-        text = self.carry + text
-        new = 0
-        end = 0
-        for match in TOKEN.finditer(text):
-            end = match.end()
+    def take(self, data: bytes, arrived_ns: int, started_ns: int) -> None:
+        """Records the tokens in complete events (whatever their format: the stamped
+        text appears verbatim in the JSON of both Rill's and the upstream's events)."""
+        for match in TOKEN_BYTES.finditer(data):
             index, stamp = int(match.group(1)), int(match.group(2))
             if self.first_token_ns is None:
                 self.first_token_ns = arrived_ns - started_ns
-            if index >= self.expected:
+            if index >= self.expected or self.seen[index]:
                 self.duplicated += 1  # nothing past the end was ever sent: count it as extra
-                continue
-            if self.seen[index]:
-                self.duplicated += 1
                 continue
             if index < self.highest:
                 self.reordered += 1
             self.highest = max(self.highest, index)
             self.seen[index] = 1
+            self.delivered += 1
             self.latencies_ns.append(arrived_ns - stamp)
-            new += 1
-        self.carry = text[end:]
-        return new
 
 
 def _body(job: Job) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": json.dumps(job.scenario)}]}
 
 
+def _complete_events(data: bytes) -> int:
+    """Where the last complete event in `data` ends (0: none yet)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
 async def _read(
     response: aiohttp.ClientResponse, stream: Stream, started: int, target: str, stop_at: int | None
 ) -> tuple[bool, str | None]:
     """Reads until the end (True) or until `stop_at` tokens have arrived (False).
-    Returns whether it ended, and the last event id seen (Rill)."""
-    parser = SSELines()
+    Returns whether it ended, and the id of the last complete event (Rill).
+
+    Only complete events count, so a token (or an id) is never seen half-written. No
+    JSON is parsed: at 30,000 tokens a second the client must stay cheap."""
+    pending = b""
     last_id: str | None = None
     async for chunk in response.content.iter_any():
         arrived = time.monotonic_ns()
-        for event in parser.feed(chunk):
-            if target == "rill":
-                last_id = event.id or last_id
-                if event.name == "delta":
-                    stream.take(json.loads(event.data)["text"], arrived, started)
-                elif event.name == "error":
-                    stream.error = json.loads(event.data).get("code", "error")
-                    return True, last_id
-                elif event.name == "done":
-                    return True, last_id
-            else:
-                if event.data == "[DONE]":
-                    return True, last_id
-                choices = json.loads(event.data).get("choices") or [{}]
-                text = choices[0].get("delta", {}).get("content")
-                if text:
-                    stream.take(text, arrived, started)
+        pending += chunk
+        end = _complete_events(pending)
+        if not end:
+            continue
+        complete, pending = pending[:end], pending[end:]
+        stream.take(complete, arrived, started)
+        if target == "rill":
+            if ids := EVENT_ID.findall(complete):
+                last_id = ids[-1].decode()
+            if b"event: error" in complete:
+                stream.error = "error event"
+                return True, last_id
         if stop_at is not None and stream.delivered >= stop_at:
             return False, last_id
     return True, last_id

@@ -101,11 +101,17 @@ async def test_the_client_reads_rill_and_resumes_it(aiohttp_server: AiohttpServe
     assert upstream.requests == 5  # resumed from Rill's buffer, not asked again
 
 
-def test_tokens_split_across_pieces_are_still_counted_once() -> None:
+def test_only_complete_events_are_read() -> None:
+    from bench.client import _complete_events
+
+    data = b"id: 1\r\nevent: delta\r\ndata: x\r\n\r\nid: 2\r\nevent: del"
+    assert data[: _complete_events(data)].endswith(b"data: x\r\n\r\n")
+    assert _complete_events(b"data: [1:2] \n\ndata: [2") == len(b"data: [1:2] \n\n")
+    assert _complete_events(b"data: [1:2") == 0
+
+
+def test_a_repeated_or_unknown_token_is_a_duplicate() -> None:
     stream = Stream(expected=3)
-    text = token_text(0, 10) + token_text(1, 20) + token_text(2, 30)
-    for cut in (5, 17, 30):
-        stream.take(text[:cut], 100, 0)
-        stream.take(text[cut:], 100, 0)
-    assert stream.delivered == 3
-    assert stream.duplicated == 6  # the second and third passes repeat all three
+    stream.take((token_text(0, 10) + token_text(2, 30) + token_text(1, 20)).encode(), 100, 0)
+    stream.take((token_text(2, 30) + token_text(7, 30)).encode(), 100, 0)
+    assert (stream.delivered, stream.duplicated, stream.reordered) == (3, 2, 1)
