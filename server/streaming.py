@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = b": hb\r\n\r\n"
 
-# Writes one event in the wire format of a particular endpoint.
+# Writes one event in the wire format of a particular endpoint (None: the events'
+# own wire bytes, written as they are, as many as are pending in one write).
 EventWriter = Callable[[EventSourceResponse, Event], Awaitable[None]]
 
 
@@ -37,17 +38,33 @@ class Outcome(enum.Enum):
 class OpenStream:
     """A live SSE connection; the monitor task reads `last_write` and `request`."""
 
-    __slots__ = ("client_key", "last_write", "request", "subscriber")
+    __slots__ = ("_high_water", "client_key", "last_write", "request", "subscriber")
 
     def __init__(self, request: web.Request, subscriber: Subscriber, client_key: str) -> None:
         self.request = request
         self.subscriber = subscriber
         self.client_key = client_key
         self.last_write = asyncio.get_running_loop().time()
+        transport = request.transport
+        self._high_water = transport.get_write_buffer_limits()[1] if transport is not None else 0
 
     def connection_closed(self) -> bool:
         transport = self.request.transport
         return transport is None or transport.is_closing()
+
+    def write_may_wait(self, size: int) -> bool:
+        """False when writing `size` bytes surely returns without waiting for the client.
+
+        aiohttp's write only waits while the transport is paused (its buffer above the
+        high-water mark), so a write that cannot get it there needs no timeout. The
+        chunk header and trailer add a few bytes to `size`.
+        """
+        transport = self.request.transport
+        if transport is None:
+            return False  # the write fails at once
+        return self.request.protocol.writing_paused or (
+            transport.get_write_buffer_size() + size + 16 > self._high_water
+        )
 
 
 class OpenStreams:
@@ -97,10 +114,6 @@ def check_stream_limit(streams: OpenStreams, reader: str, limit: int) -> None:
         )
 
 
-async def write_json_event(response: EventSourceResponse, event: Event) -> None:
-    await response.send(event.data, id=str(event.id), event=event.name)
-
-
 async def serve(
     request: web.Request,
     generation: Generation,
@@ -109,7 +122,7 @@ async def serve(
     streams: OpenStreams,
     config: StreamConfig,
     client_key: str,
-    write_event: EventWriter = write_json_event,
+    write_event: EventWriter | None = None,
     retry_hint: bool = True,
 ) -> tuple[EventSourceResponse, Outcome]:
     """Send the SSE headers, write the events after id `after`, then follow live ones
@@ -123,9 +136,15 @@ async def serve(
         stream = OpenStream(request, subscriber, client_key)
         streams.add(stream)
         try:
-            if retry_hint:
-                await response.write(f"retry: {config.retry_ms}\r\n\r\n".encode())
-            return response, await _follow(response, generation, stream, after, config, write_event)
+            # The retry hint goes out in the same write as the first events.
+            hint = f"retry: {config.retry_ms}\r\n\r\n".encode() if retry_hint else b""
+            if write_event is None:
+                outcome = await _follow_wire(response, generation, stream, after, config, hint)
+            else:
+                if hint:
+                    await response.write(hint)
+                outcome = await _follow(response, generation, stream, after, config, write_event)
+            return response, outcome
         except ConnectionResetError:
             return response, Outcome.GONE
         except TimeoutError:
@@ -139,24 +158,29 @@ async def serve(
             generation.unsubscribe(subscriber)
 
 
-async def _follow(
+async def _follow_wire(
     response: EventSourceResponse,
     generation: Generation,
     stream: OpenStream,
     cursor: int,
     config: StreamConfig,
-    write_event: EventWriter,
+    prefix: bytes,
 ) -> Outcome:
+    """Writes every pending event in one write, as the bytes the generation encoded once
+    for all its readers; waits for a notification only when there is nothing to do."""
     subscriber = stream.subscriber
     loop = asyncio.get_running_loop()
+    pending = prefix
     while True:
-        subscriber.wake.clear()
-        pending = generation.events_after(cursor)
-        for event in pending:
-            await write_event(response, event)
-            cursor = event.id
+        if cursor < generation.last_event_id:
+            wires = generation.wire_after(cursor)
+            cursor += len(wires)
+            pending = pending + b"".join(wires) if pending else b"".join(wires)
         if pending:
+            await _write(response, stream, pending, config.send_timeout)
+            pending = b""
             stream.last_write = loop.time()
+            continue  # more may have arrived while the write waited
         terminal = generation.terminal
         if terminal is not None and cursor >= terminal.id:
             return Outcome.COMPLETE
@@ -168,4 +192,47 @@ async def _follow(
                 await response.write(HEARTBEAT)
             stream.last_write = loop.time()
             continue
-        await subscriber.wake.wait()
+        await subscriber.wait()
+
+
+async def _write(response: EventSourceResponse, stream: OpenStream, data: bytes, send_timeout: float) -> None:
+    """response.write bounded by `send_timeout` (a client that stopped reading), as aiohttp-sse's
+    send does; the timer is only set when the write could wait at all."""
+    if stream.write_may_wait(len(data)):
+        async with asyncio.timeout(send_timeout):
+            await response.write(data)
+    else:
+        await response.write(data)
+
+
+async def _follow(
+    response: EventSourceResponse,
+    generation: Generation,
+    stream: OpenStream,
+    cursor: int,
+    config: StreamConfig,
+    write_event: EventWriter,
+) -> Outcome:
+    """The same loop for an endpoint with its own wire format, one event at a time."""
+    subscriber = stream.subscriber
+    loop = asyncio.get_running_loop()
+    while True:
+        pending = generation.events_after(cursor)
+        for event in pending:
+            await write_event(response, event)
+            cursor = event.id
+        if pending:
+            stream.last_write = loop.time()
+            continue  # more may have arrived while the writes waited
+        terminal = generation.terminal
+        if terminal is not None and cursor >= terminal.id:
+            return Outcome.COMPLETE
+        if subscriber.gone or stream.connection_closed():
+            return Outcome.GONE
+        if subscriber.heartbeat_due:
+            subscriber.heartbeat_due = False
+            async with asyncio.timeout(config.send_timeout):
+                await response.write(HEARTBEAT)
+            stream.last_write = loop.time()
+            continue
+        await subscriber.wait()
