@@ -67,17 +67,26 @@ def event_from_wire(event_id: int, wire: bytes) -> Event:
     return Event(event_id, name.decode(), rest[:-4].decode())
 
 
+# Writes the next event (its id, its wire bytes) to a reader straight away if it can
+# do so without waiting; False when it cannot (the reader's task must then be woken).
+Push = Callable[[int, bytes], bool]
+
+
 class Subscriber:
     """A reader of a generation; woken whenever something happens that it must act on.
 
     Cheaper than an asyncio.Event per reader: one future, made only while it waits.
     The reader checks for work before it waits and nothing runs in between, so a
-    notification is never missed."""
+    notification is never missed. While it waits it may offer a `push`: new events
+    then go to its client from the generation's own task, with no wake-up at all.
+    """
 
-    __slots__ = ("_waiter", "gone", "heartbeat_due")
+    __slots__ = ("_loop", "_waiter", "gone", "heartbeat_due", "push")
 
     def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
+        self.push: Push | None = None
         self.gone = False  # the client's connection is closed
         self.heartbeat_due = False
 
@@ -88,13 +97,15 @@ class Subscriber:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def wait(self) -> None:
+    async def wait(self, push: Push | None = None) -> None:
         """Until the next notify() (the caller has checked that nothing is pending)."""
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter = self._waiter = self._loop.create_future()
+        self.push = push
         try:
             await waiter
         finally:
             self._waiter = None
+            self.push = None
 
     def mark_gone(self) -> None:
         self.gone = True
@@ -215,6 +226,8 @@ class Generation:
         if self.usage is not None:
             self._append("usage", self.usage)
         self.terminal = self._append(name, data)
+        for subscriber in self.subscribers:
+            subscriber.notify()  # even those the terminal event was pushed to: they are done
         self.ended_at = asyncio.get_running_loop().time()
         self._disarm_grace_timer()
         log.info("generation %s ended: %s %s", self.id, name, data.get("finish_reason") or data.get("code"))
@@ -259,8 +272,11 @@ class Generation:
     def _push(self, wire: bytes) -> None:
         self._wire.append(wire)
         self.size_bytes += len(wire) + EVENT_OVERHEAD_BYTES
+        event_id = len(self._wire)
         for subscriber in self.subscribers:
-            subscriber.notify()
+            push = subscriber.push
+            if push is None or not push(event_id, wire):
+                subscriber.notify()
 
     def wire_after(self, event_id: int) -> list[bytes]:
         """The wire bytes of the events after `event_id`, in order."""

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from .config import StreamConfig
@@ -36,35 +37,77 @@ class Outcome(enum.Enum):
 
 
 class OpenStream:
-    """A live SSE connection; the monitor task reads `last_write` and `request`."""
+    """A live SSE connection; the monitor task reads `last_write` and `request`.
 
-    __slots__ = ("_high_water", "client_key", "last_write", "request", "subscriber")
+    `cursor` is the id of the last event written to it, by its own task or pushed by
+    the generation's task (see Subscriber.push)."""
 
-    def __init__(self, request: web.Request, subscriber: Subscriber, client_key: str) -> None:
+    __slots__ = (
+        "_chunked",
+        "_high_water",
+        "_loop",
+        "_transport",
+        "_writer",
+        "client_key",
+        "cursor",
+        "last_write",
+        "request",
+        "subscriber",
+    )
+
+    def __init__(
+        self, request: web.Request, subscriber: Subscriber, client_key: str, writer: AbstractStreamWriter, cursor: int
+    ) -> None:
         self.request = request
         self.subscriber = subscriber
         self.client_key = client_key
-        self.last_write = asyncio.get_running_loop().time()
-        transport = request.transport
-        self._high_water = transport.get_write_buffer_limits()[1] if transport is not None else 0
+        self.cursor = cursor
+        self._loop = asyncio.get_running_loop()
+        self.last_write = self._loop.time()
+        self._writer = writer
+        self._chunked = bool(getattr(writer, "chunked", False))  # HTTP/1.1; HTTP/1.0 streams unframed
+        self._transport = request.transport
+        self._high_water = self._transport.get_write_buffer_limits()[1] if self._transport is not None else 0
 
     def connection_closed(self) -> bool:
         transport = self.request.transport
         return transport is None or transport.is_closing()
 
-    def write_may_wait(self, size: int) -> bool:
-        """False when writing `size` bytes surely returns without waiting for the client.
+    def write_now(self, data: bytes) -> bool:
+        """Writes `data` if that surely returns without waiting for the client; False, and
+        nothing written, otherwise (the connection is closing, or its buffer is nearly full:
+        the caller then awaits response.write under a timeout, which also reports errors).
 
-        aiohttp's write only waits while the transport is paused (its buffer above the
-        high-water mark), so a write that cannot get it there needs no timeout. The
-        chunk header and trailer add a few bytes to `size`.
+        The bytes go to the transport as aiohttp's writer frames them (an HTTP/1.1 chunk),
+        without a coroutine and a drain check per event. aiohttp's write only waits while
+        the transport is paused (above its high-water mark), so no timeout is needed here.
         """
-        transport = self.request.transport
-        if transport is None:
-            return False  # the write fails at once
-        return self.request.protocol.writing_paused or (
-            transport.get_write_buffer_size() + size + 16 > self._high_water
-        )
+        transport = self._transport
+        if transport is None or transport.is_closing() or self.request.protocol.writing_paused:
+            return False
+        if transport.get_write_buffer_size() + len(data) + 16 > self._high_water:
+            return False
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        transport.write(data)
+        self._writer.output_size += len(data)  # the access log's byte count
+        self.last_write = self._loop.time()
+        return True
+
+    def push(self, event_id: int, wire: bytes) -> bool:
+        """Subscriber.push: the generation's next event, written at once if this reader
+        is caught up and its client can take it."""
+        if event_id != self.cursor + 1:
+            return False
+        try:
+            written = self.write_now(wire)
+        except (OSError, RuntimeError):
+            # This runs in the generation's task: one reader's broken connection must not
+            # end the answer for everyone. Its own task meets the error on its next write.
+            return False
+        if written:
+            self.cursor = event_id
+        return written
 
 
 class OpenStreams:
@@ -130,20 +173,21 @@ async def serve(
     an outcome, not an exception."""
     # The library's own ping task is replaced by one app-wide heartbeat (inf = never).
     response = EventSourceResponse(ping_interval=math.inf, send_timeout=config.send_timeout)
-    await response.prepare(request)
+    writer = await response.prepare(request)
+    assert writer is not None
     async with response:
         subscriber = generation.subscribe()
-        stream = OpenStream(request, subscriber, client_key)
+        stream = OpenStream(request, subscriber, client_key, writer, after)
         streams.add(stream)
         try:
             # The retry hint goes out in the same write as the first events.
             hint = f"retry: {config.retry_ms}\r\n\r\n".encode() if retry_hint else b""
             if write_event is None:
-                outcome = await _follow_wire(response, generation, stream, after, config, hint)
+                outcome = await _follow_wire(response, generation, stream, config, hint)
             else:
                 if hint:
                     await response.write(hint)
-                outcome = await _follow(response, generation, stream, after, config, write_event)
+                outcome = await _follow(response, generation, stream, config, write_event)
             return response, outcome
         except ConnectionResetError:
             return response, Outcome.GONE
@@ -162,27 +206,30 @@ async def _follow_wire(
     response: EventSourceResponse,
     generation: Generation,
     stream: OpenStream,
-    cursor: int,
     config: StreamConfig,
     prefix: bytes,
 ) -> Outcome:
     """Writes every pending event in one write, as the bytes the generation encoded once
-    for all its readers; waits for a notification only when there is nothing to do."""
+    for all its readers. While it waits, new events are pushed to the client from the
+    generation's task; it is woken only when a push could not be done, at the end, or
+    for the monitor (heartbeat, closed connection)."""
     subscriber = stream.subscriber
     loop = asyncio.get_running_loop()
     pending = prefix
     while True:
-        if cursor < generation.last_event_id:
-            wires = generation.wire_after(cursor)
-            cursor += len(wires)
+        if stream.cursor < generation.last_event_id:
+            wires = generation.wire_after(stream.cursor)
+            stream.cursor += len(wires)
             pending = pending + b"".join(wires) if pending else b"".join(wires)
         if pending:
-            await _write(response, stream, pending, config.send_timeout)
+            if not stream.write_now(pending):
+                async with asyncio.timeout(config.send_timeout):  # as aiohttp-sse's send does
+                    await response.write(pending)
+                stream.last_write = loop.time()
             pending = b""
-            stream.last_write = loop.time()
             continue  # more may have arrived while the write waited
         terminal = generation.terminal
-        if terminal is not None and cursor >= terminal.id:
+        if terminal is not None and stream.cursor >= terminal.id:
             return Outcome.COMPLETE
         if subscriber.gone or stream.connection_closed():
             return Outcome.GONE
@@ -192,24 +239,13 @@ async def _follow_wire(
                 await response.write(HEARTBEAT)
             stream.last_write = loop.time()
             continue
-        await subscriber.wait()
-
-
-async def _write(response: EventSourceResponse, stream: OpenStream, data: bytes, send_timeout: float) -> None:
-    """response.write bounded by `send_timeout` (a client that stopped reading), as aiohttp-sse's
-    send does; the timer is only set when the write could wait at all."""
-    if stream.write_may_wait(len(data)):
-        async with asyncio.timeout(send_timeout):
-            await response.write(data)
-    else:
-        await response.write(data)
+        await subscriber.wait(stream.push)
 
 
 async def _follow(
     response: EventSourceResponse,
     generation: Generation,
     stream: OpenStream,
-    cursor: int,
     config: StreamConfig,
     write_event: EventWriter,
 ) -> Outcome:
@@ -217,15 +253,15 @@ async def _follow(
     subscriber = stream.subscriber
     loop = asyncio.get_running_loop()
     while True:
-        pending = generation.events_after(cursor)
+        pending = generation.events_after(stream.cursor)
         for event in pending:
             await write_event(response, event)
-            cursor = event.id
+            stream.cursor = event.id
         if pending:
             stream.last_write = loop.time()
             continue  # more may have arrived while the writes waited
         terminal = generation.terminal
-        if terminal is not None and cursor >= terminal.id:
+        if terminal is not None and stream.cursor >= terminal.id:
             return Outcome.COMPLETE
         if subscriber.gone or stream.connection_closed():
             return Outcome.GONE
