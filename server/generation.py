@@ -14,6 +14,8 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _encode_string
+from json.encoder import encode_basestring_ascii as _encode_string_ascii
 from typing import Any
 
 import aiohttp
@@ -23,8 +25,9 @@ from .upstream import ChatRequest, UpstreamError, stream_chat
 
 log = logging.getLogger(__name__)
 
-# What a buffered event costs beyond its JSON text (object headers, list slot, id).
-EVENT_OVERHEAD_BYTES = 120
+# What a buffered event costs beyond its wire bytes (the bytes object's header and
+# allocator rounding, its list slot); measured with tracemalloc on CPython 3.11.
+EVENT_OVERHEAD_BYTES = 48
 
 FINISH_CANCELLED = "cancelled"
 SHUTDOWN_ERROR: Mapping[str, Any] = {
@@ -38,30 +41,79 @@ SHUTDOWN_ERROR: Mapping[str, Any] = {
 class Event:
     id: int
     name: str
-    data: str  # JSON text, one line: json.dumps escapes every line break
+    data: str  # JSON text, one line: JSON escapes every line break
 
 
 def _json(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (an upstream may split an emoji's escaped pair across two
+        # chunks) cannot be UTF-8: escaped, the JSON still holds exactly the same text.
+        text = json.dumps(value, separators=(",", ":"))
+    return text
+
+
+def wire_bytes(event_id: int, name: str, data: str) -> bytes:
+    """The event as aiohttp-sse's send(data, id=, event=) frames it: id, event, one data
+    line (the JSON has no line break), blank line. Built once, written to every reader."""
+    return f"id: {event_id}\r\nevent: {name}\r\ndata: {data}\r\n\r\n".encode()
+
+
+def event_from_wire(event_id: int, wire: bytes) -> Event:
+    _, _, rest = wire.partition(b"\r\nevent: ")
+    name, _, rest = rest.partition(b"\r\ndata: ")
+    return Event(event_id, name.decode(), rest[:-4].decode())
+
+
+# Writes the next event (its id, its wire bytes) to a reader straight away if it can
+# do so without waiting; False when it cannot (the reader's task must then be woken).
+Push = Callable[[int, bytes], bool]
 
 
 class Subscriber:
-    """A reader of a generation; woken whenever something happens that it must act on."""
+    """A reader of a generation; woken whenever something happens that it must act on.
 
-    __slots__ = ("gone", "heartbeat_due", "wake")
+    Cheaper than an asyncio.Event per reader: one future, made only while it waits.
+    The reader checks for work before it waits and nothing runs in between, so a
+    notification is never missed. While it waits it may offer a `push`: new events
+    then go to its client from the generation's own task, with no wake-up at all.
+    """
+
+    __slots__ = ("_loop", "_waiter", "gone", "heartbeat_due", "push")
 
     def __init__(self) -> None:
-        self.wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        self.push: Push | None = None
         self.gone = False  # the client's connection is closed
         self.heartbeat_due = False
 
+    def notify(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self, push: Push | None = None) -> None:
+        """Until the next notify() (the caller has checked that nothing is pending)."""
+        waiter = self._waiter = self._loop.create_future()
+        self.push = push
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            self.push = None
+
     def mark_gone(self) -> None:
         self.gone = True
-        self.wake.set()
+        self.notify()
 
     def request_heartbeat(self) -> None:
         self.heartbeat_due = True
-        self.wake.set()
+        self.notify()
 
 
 class Generation:
@@ -89,7 +141,8 @@ class Generation:
         self.ended_at: float | None = None  # loop time
         self.started_at: float | None = None  # loop time of the upstream request
         self.first_token_after: float | None = None  # seconds from started_at to the first token
-        self.events: list[Event] = []
+        self._wire: list[bytes] = []  # every event as written to readers; event id = index + 1
+        self.tokens = 0  # delta and reasoning events
         self.size_bytes = 0
         self.terminal: Event | None = None
         self.usage: dict[str, Any] | None = None
@@ -173,6 +226,8 @@ class Generation:
         if self.usage is not None:
             self._append("usage", self.usage)
         self.terminal = self._append(name, data)
+        for subscriber in self.subscribers:
+            subscriber.notify()  # even those the terminal event was pushed to: they are done
         self.ended_at = asyncio.get_running_loop().time()
         self._disarm_grace_timer()
         log.info("generation %s ended: %s %s", self.id, name, data.get("finish_reason") or data.get("code"))
@@ -183,12 +238,12 @@ class Generation:
     def on_reasoning(self, text: str) -> None:
         if self.terminal is None:
             self._note_first_token()
-            self._append("reasoning", {"text": text})
+            self._append_text("reasoning", text)
 
     def on_content(self, text: str) -> None:
         if self.terminal is None:
             self._note_first_token()
-            self._append("delta", {"text": text})
+            self._append_text("delta", text)
 
     def _note_first_token(self) -> None:
         if self.first_token_after is None and self.started_at is not None:
@@ -200,19 +255,43 @@ class Generation:
     # --- the buffer -------------------------------------------------------------------
 
     def _append(self, name: str, data: Mapping[str, Any]) -> Event:
-        event = Event(len(self.events) + 1, name, _json(data))
-        self.events.append(event)
-        self.size_bytes += len(event.data) + EVENT_OVERHEAD_BYTES
-        for subscriber in self.subscribers:
-            subscriber.wake.set()
+        event = Event(len(self._wire) + 1, name, _json(data))
+        self._push(wire_bytes(event.id, name, event.data))
         return event
 
+    def _append_text(self, name: str, text: str) -> None:
+        """A piece of the answer: `_append(name, {"text": text})` for a fraction of the cost."""
+        self.tokens += 1
+        event_id = len(self._wire) + 1
+        try:
+            wire = f'id: {event_id}\r\nevent: {name}\r\ndata: {{"text":{_encode_string(text)}}}\r\n\r\n'.encode()
+        except UnicodeEncodeError:  # a lone surrogate: see _json
+            wire = wire_bytes(event_id, name, '{"text":' + _encode_string_ascii(text) + "}")
+        self._push(wire)
+
+    def _push(self, wire: bytes) -> None:
+        self._wire.append(wire)
+        self.size_bytes += len(wire) + EVENT_OVERHEAD_BYTES
+        event_id = len(self._wire)
+        for subscriber in self.subscribers:
+            push = subscriber.push
+            if push is None or not push(event_id, wire):
+                subscriber.notify()
+
+    def wire_after(self, event_id: int) -> list[bytes]:
+        """The wire bytes of the events after `event_id`, in order."""
+        return self._wire[event_id:]  # ids are 1-based and contiguous
+
     def events_after(self, event_id: int) -> list[Event]:
-        return self.events[event_id:]  # ids are 1-based and contiguous
+        return [event_from_wire(i, wire) for i, wire in enumerate(self._wire[event_id:], event_id + 1)]
+
+    @property
+    def events(self) -> list[Event]:
+        return self.events_after(0)
 
     @property
     def last_event_id(self) -> int:
-        return len(self.events)
+        return len(self._wire)
 
     # --- subscribers and the grace period ----------------------------------------------
 

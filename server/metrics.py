@@ -80,7 +80,7 @@ class Metrics:
             self.cancellations.labels(reason=cancelled).inc()
         if generation.first_token_after is not None:
             self.first_token.observe(generation.first_token_after)
-        self.tokens.inc(sum(1 for event in generation.events if event.name in ("delta", "reasoning")))
+        self.tokens.inc(generation.tokens)
 
     def response(self) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

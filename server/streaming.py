@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from .config import StreamConfig
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = b": hb\r\n\r\n"
 
-# Writes one event in the wire format of a particular endpoint.
+# Writes one event in the wire format of a particular endpoint (None: the events'
+# own wire bytes, written as they are, as many as are pending in one write).
 EventWriter = Callable[[EventSourceResponse, Event], Awaitable[None]]
 
 
@@ -35,19 +37,77 @@ class Outcome(enum.Enum):
 
 
 class OpenStream:
-    """A live SSE connection; the monitor task reads `last_write` and `request`."""
+    """A live SSE connection; the monitor task reads `last_write` and `request`.
 
-    __slots__ = ("client_key", "last_write", "request", "subscriber")
+    `cursor` is the id of the last event written to it, by its own task or pushed by
+    the generation's task (see Subscriber.push)."""
 
-    def __init__(self, request: web.Request, subscriber: Subscriber, client_key: str) -> None:
+    __slots__ = (
+        "_chunked",
+        "_high_water",
+        "_loop",
+        "_transport",
+        "_writer",
+        "client_key",
+        "cursor",
+        "last_write",
+        "request",
+        "subscriber",
+    )
+
+    def __init__(
+        self, request: web.Request, subscriber: Subscriber, client_key: str, writer: AbstractStreamWriter, cursor: int
+    ) -> None:
         self.request = request
         self.subscriber = subscriber
         self.client_key = client_key
-        self.last_write = asyncio.get_running_loop().time()
+        self.cursor = cursor
+        self._loop = asyncio.get_running_loop()
+        self.last_write = self._loop.time()
+        self._writer = writer
+        self._chunked = bool(getattr(writer, "chunked", False))  # HTTP/1.1; HTTP/1.0 streams unframed
+        self._transport = request.transport
+        self._high_water = self._transport.get_write_buffer_limits()[1] if self._transport is not None else 0
 
     def connection_closed(self) -> bool:
         transport = self.request.transport
         return transport is None or transport.is_closing()
+
+    def write_now(self, data: bytes) -> bool:
+        """Writes `data` if that surely returns without waiting for the client; False, and
+        nothing written, otherwise (the connection is closing, or its buffer is nearly full:
+        the caller then awaits response.write under a timeout, which also reports errors).
+
+        The bytes go to the transport as aiohttp's writer frames them (an HTTP/1.1 chunk),
+        without a coroutine and a drain check per event. aiohttp's write only waits while
+        the transport is paused (above its high-water mark), so no timeout is needed here.
+        """
+        transport = self._transport
+        if transport is None or transport.is_closing() or self.request.protocol.writing_paused:
+            return False
+        if transport.get_write_buffer_size() + len(data) + 16 > self._high_water:
+            return False
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        transport.write(data)
+        self._writer.output_size += len(data)  # the access log's byte count
+        self.last_write = self._loop.time()
+        return True
+
+    def push(self, event_id: int, wire: bytes) -> bool:
+        """Subscriber.push: the generation's next event, written at once if this reader
+        is caught up and its client can take it."""
+        if event_id != self.cursor + 1:
+            return False
+        try:
+            written = self.write_now(wire)
+        except (OSError, RuntimeError):
+            # This runs in the generation's task: one reader's broken connection must not
+            # end the answer for everyone. Its own task meets the error on its next write.
+            return False
+        if written:
+            self.cursor = event_id
+        return written
 
 
 class OpenStreams:
@@ -97,10 +157,6 @@ def check_stream_limit(streams: OpenStreams, reader: str, limit: int) -> None:
         )
 
 
-async def write_json_event(response: EventSourceResponse, event: Event) -> None:
-    await response.send(event.data, id=str(event.id), event=event.name)
-
-
 async def serve(
     request: web.Request,
     generation: Generation,
@@ -109,7 +165,7 @@ async def serve(
     streams: OpenStreams,
     config: StreamConfig,
     client_key: str,
-    write_event: EventWriter = write_json_event,
+    write_event: EventWriter | None = None,
     retry_hint: bool = True,
 ) -> tuple[EventSourceResponse, Outcome]:
     """Send the SSE headers, write the events after id `after`, then follow live ones
@@ -117,15 +173,22 @@ async def serve(
     an outcome, not an exception."""
     # The library's own ping task is replaced by one app-wide heartbeat (inf = never).
     response = EventSourceResponse(ping_interval=math.inf, send_timeout=config.send_timeout)
-    await response.prepare(request)
+    writer = await response.prepare(request)
+    assert writer is not None
     async with response:
         subscriber = generation.subscribe()
-        stream = OpenStream(request, subscriber, client_key)
+        stream = OpenStream(request, subscriber, client_key, writer, after)
         streams.add(stream)
         try:
-            if retry_hint:
-                await response.write(f"retry: {config.retry_ms}\r\n\r\n".encode())
-            return response, await _follow(response, generation, stream, after, config, write_event)
+            # The retry hint goes out in the same write as the first events.
+            hint = f"retry: {config.retry_ms}\r\n\r\n".encode() if retry_hint else b""
+            if write_event is None:
+                outcome = await _follow_wire(response, generation, stream, config, hint)
+            else:
+                if hint:
+                    await response.write(hint)
+                outcome = await _follow(response, generation, stream, config, write_event)
+            return response, outcome
         except ConnectionResetError:
             return response, Outcome.GONE
         except TimeoutError:
@@ -139,26 +202,34 @@ async def serve(
             generation.unsubscribe(subscriber)
 
 
-async def _follow(
+async def _follow_wire(
     response: EventSourceResponse,
     generation: Generation,
     stream: OpenStream,
-    cursor: int,
     config: StreamConfig,
-    write_event: EventWriter,
+    prefix: bytes,
 ) -> Outcome:
+    """Writes every pending event in one write, as the bytes the generation encoded once
+    for all its readers. While it waits, new events are pushed to the client from the
+    generation's task; it is woken only when a push could not be done, at the end, or
+    for the monitor (heartbeat, closed connection)."""
     subscriber = stream.subscriber
     loop = asyncio.get_running_loop()
+    pending = prefix
     while True:
-        subscriber.wake.clear()
-        pending = generation.events_after(cursor)
-        for event in pending:
-            await write_event(response, event)
-            cursor = event.id
+        if stream.cursor < generation.last_event_id:
+            wires = generation.wire_after(stream.cursor)
+            stream.cursor += len(wires)
+            pending = pending + b"".join(wires) if pending else b"".join(wires)
         if pending:
-            stream.last_write = loop.time()
+            if not stream.write_now(pending):
+                async with asyncio.timeout(config.send_timeout):  # as aiohttp-sse's send does
+                    await response.write(pending)
+                stream.last_write = loop.time()
+            pending = b""
+            continue  # more may have arrived while the write waited
         terminal = generation.terminal
-        if terminal is not None and cursor >= terminal.id:
+        if terminal is not None and stream.cursor >= terminal.id:
             return Outcome.COMPLETE
         if subscriber.gone or stream.connection_closed():
             return Outcome.GONE
@@ -168,4 +239,36 @@ async def _follow(
                 await response.write(HEARTBEAT)
             stream.last_write = loop.time()
             continue
-        await subscriber.wake.wait()
+        await subscriber.wait(stream.push)
+
+
+async def _follow(
+    response: EventSourceResponse,
+    generation: Generation,
+    stream: OpenStream,
+    config: StreamConfig,
+    write_event: EventWriter,
+) -> Outcome:
+    """The same loop for an endpoint with its own wire format, one event at a time."""
+    subscriber = stream.subscriber
+    loop = asyncio.get_running_loop()
+    while True:
+        pending = generation.events_after(stream.cursor)
+        for event in pending:
+            await write_event(response, event)
+            stream.cursor = event.id
+        if pending:
+            stream.last_write = loop.time()
+            continue  # more may have arrived while the writes waited
+        terminal = generation.terminal
+        if terminal is not None and stream.cursor >= terminal.id:
+            return Outcome.COMPLETE
+        if subscriber.gone or stream.connection_closed():
+            return Outcome.GONE
+        if subscriber.heartbeat_due:
+            subscriber.heartbeat_due = False
+            async with asyncio.timeout(config.send_timeout):
+                await response.write(HEARTBEAT)
+            stream.last_write = loop.time()
+            continue
+        await subscriber.wait()

@@ -14,6 +14,11 @@ from typing import Any, Protocol
 
 import aiohttp
 
+try:
+    import orjson
+except ImportError:  # optional: a faster parser for the model API's chunks
+    orjson = None  # type: ignore[assignment]
+
 from .config import Config, ModelConfig, ProviderConfig
 from .sse import SSEEvent, SSEParser, SSEProtocolError
 
@@ -349,8 +354,9 @@ async def _read_stream(response: aiohttp.ClientResponse, sink: ChatSink, config:
         )
     parser = SSEParser(max_line_chars=config.upstream.max_line_chars)
     answer = _AnswerState(sink, config)
+    content = response.content
     try:
-        async for chunk in response.content.iter_any():
+        while chunk := await content.readany():  # iter_any() without its iterator's frames
             if answer.take(parser.feed(chunk)):
                 return _finish(answer.finish_reason or "stop")
         if answer.take(parser.feed_eof()):
@@ -402,9 +408,20 @@ def _finish(reason: str) -> str:
     return "stop"  # tool_calls and vendor-specific reasons end a plain chat normally
 
 
+def _loads(data: str) -> Any:
+    """json.loads, by orjson when it is installed (a quarter of the time per chunk). What
+    orjson refuses and json accepts (NaN, escaped lone surrogates) goes to json as before."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
 def _handle_chunk(data: str, sink: ChatSink, config: Config) -> str | None:
     try:
-        chunk = json.loads(data)
+        chunk = _loads(data)
     except ValueError:
         raise UpstreamError("upstream_bad_data", "The model API sent a chunk that is not valid JSON.") from None
     if not isinstance(chunk, dict):

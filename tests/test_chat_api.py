@@ -45,6 +45,21 @@ async def test_exact_bytes_on_the_wire_for_multiline_cjk_emoji(rill: Rill) -> No
     assert text_of(reader.events) == MULTILINE
 
 
+async def test_emoji_split_into_escaped_surrogate_halves_arrives_whole(rill: Rill) -> None:
+    # Some APIs cut a token between the two halves of an escaped UTF-16 pair. Neither half
+    # is UTF-8 on its own: each is relayed escaped, and the browser's text joins them.
+    halves = [b'data: {"choices":[{"index":0,"delta":{"content":"smile \\ud83d"}}]}\n\n']
+    halves.append(b'data: {"choices":[{"index":0,"delta":{"content":"\\ude00!"}}]}\n\n')
+    rill.fake.script(Reply(chunks=[*halves, *answer([], usage=None)]))
+    generation_id = await rill.start_chat()
+    reader = await rill.open_stream(generation_id)
+    events = await reader.read_all()
+
+    assert b'data: {"text":"smile \\ud83d"}' in reader.raw
+    assert terminal(events).data == {"finish_reason": "stop"}
+    assert text_of(events).encode("utf-16", "surrogatepass").decode("utf-16") == "smile 😀!"
+
+
 async def test_request_sent_upstream(rill: Rill) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},

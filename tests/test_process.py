@@ -15,6 +15,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from server.__main__ import new_event_loop
+from server.config import ConfigError
+
 from .conftest import KEY_ENV, SENTINEL_KEY
 from .fakes import FakeUpstream, Reply, StreamReader, chunk, free_port, open_live_streams, terminal, text_of
 
@@ -63,16 +66,28 @@ async def next_notification(sock: socket.socket) -> str:
         return (await asyncio.get_running_loop().sock_recv(sock, 4096)).decode()
 
 
-@pytest.fixture
+@pytest.fixture(params=["asyncio", "uvloop"])
 async def process_url(
-    fake_upstream: FakeUpstream, tmp_path: Path, notify_socket: tuple[str, socket.socket]
+    request: pytest.FixtureRequest,
+    fake_upstream: FakeUpstream,
+    tmp_path: Path,
+    notify_socket: tuple[str, socket.socket],
 ) -> AsyncIterator[tuple[URL, asyncio.subprocess.Process]]:
+    """The real process, on each event loop it can run on (RILL_EVENT_LOOP)."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
     config = tmp_path / "config.toml"
     config.write_text(CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env.update(
-        {"RILL_CONFIG": str(config), "RILL_PORT": str(port), KEY_ENV: SENTINEL_KEY, "NOTIFY_SOCKET": notify_socket[0]}
+        {
+            "RILL_CONFIG": str(config),
+            "RILL_PORT": str(port),
+            KEY_ENV: SENTINEL_KEY,
+            "NOTIFY_SOCKET": notify_socket[0],
+            "RILL_EVENT_LOOP": request.param,
+        }
     )
     log_file = (tmp_path / LOG_NAME).open("wb")
     process = await asyncio.create_subprocess_exec(
@@ -180,3 +195,28 @@ async def test_sigterm_under_load_ends_every_stream_and_closes_every_upstream_re
     await asyncio.sleep(0.2)  # the fake upstream's handlers see their connections close
     assert all(seen.closed.is_set() for seen in fake_upstream.requests)
     assert fake_upstream.open == 0
+
+
+def test_event_loop_choice() -> None:
+    loop, name = new_event_loop("asyncio")
+    try:
+        assert name == "asyncio"
+        assert type(loop).__module__.startswith("asyncio.")
+    finally:
+        loop.close()
+    with pytest.raises(ConfigError, match="RILL_EVENT_LOOP"):
+        new_event_loop("trio")
+    try:
+        import uvloop
+    except ImportError:
+        loop, name = new_event_loop(None)
+        loop.close()
+        assert name == "asyncio"  # the default without uvloop
+        return
+    for choice in ("uvloop", "", None):
+        loop, name = new_event_loop(choice)
+        try:
+            assert name == "uvloop"
+            assert isinstance(loop, uvloop.Loop)
+        finally:
+            loop.close()

@@ -753,3 +753,16 @@ async def test_server_keeps_serving_after_each_kind_of_failure(start_rill: Start
         health = await response.json()
     assert health["live_generations"] == 0
     assert rill.fake.open == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"choices":[{"delta":{"content":"a\\nb 世界 🎉"}}],"usage":{"total_tokens":3}}',
+        '{"choices":[{"delta":{"content":"\\ud83d"}}]}',  # half an emoji: orjson refuses it
+        '{"usage":{"total_tokens":NaN}}',  # not JSON, but json.loads takes it
+        '{"a":1,"a":2}',
+    ],
+)
+def test_chunks_are_read_as_json_loads_reads_them(text: str) -> None:
+    assert repr(upstream_module._loads(text)) == repr(json.loads(text))
