@@ -4,6 +4,7 @@ named in X-Forwarded-For when the peer is a trusted proxy."""
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
@@ -60,17 +61,18 @@ class RateWindow:
         seen = self._seen.get(client)
         if not seen:
             return 0
-        recent = [t for t in seen if t > now - self.period]
-        if len(recent) != len(seen):
-            self._seen[client] = recent
-        if len(recent) >= self.limit:
-            return max(1, math.ceil(recent[0] + self.period - now))
+        # Times are in order: find the first one still in the window without a scan.
+        del seen[: bisect_right(seen, now - self.period)]
+        if len(seen) >= self.limit:
+            return max(1, math.ceil(seen[0] + self.period - now))
         return 0
 
     def add(self, client: str, now: float) -> None:
         seen = self._seen.pop(client, [])  # re-inserted last: the dict stays in order of use
         seen.append(now)
-        self._seen[client] = seen[-self.limit :]
+        if len(seen) > self.limit:
+            del seen[: -self.limit]  # older ones can never matter again
+        self._seen[client] = seen
         while len(self._seen) > self.max_clients:
             del self._seen[next(iter(self._seen))]
         if now - self._swept_at >= self.period:
