@@ -15,6 +15,7 @@ import sys
 import time
 import tomllib
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,17 +119,26 @@ def get_json(url: str) -> Any:
         return json.loads(response.read())
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+def wait_ready(probe: Callable[[], object], process: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    """Until `probe` stops raising OSError (the process answers), or fail with its log."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args!r} exited {process.returncode}:\n{log.read_text()[-2000:]}")
         try:
-            urllib.request.urlopen(url, timeout=1).close()
+            probe()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-2000:]}")
+    raise RuntimeError(f"{what} did not come up:\n{log.read_text()[-2000:]}")
+
+
+def http_probe(url: str) -> Callable[[], object]:
+    return lambda: urllib.request.urlopen(url, timeout=1).close()
+
+
+def port_probe(port: int) -> Callable[[], object]:
+    return lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -203,7 +213,7 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
         upstream, up_log = processes.start(
             "upstream", [sys.executable, "-m", "bench.upstream", "--port", str(up_port)], base_env, bench_core
         )
-        wait_ready(f"http://127.0.0.1:{up_port}/stats", upstream, up_log)
+        wait_ready(http_probe(f"http://127.0.0.1:{up_port}/stats"), upstream, up_log, "the fake upstream")
         server = None
         if target == "direct":
             url = f"http://127.0.0.1:{up_port}"
@@ -217,7 +227,7 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
                 server_core,
             )
             url = f"http://127.0.0.1:{port}"
-            _wait_port(port, server, log)
+            wait_ready(port_probe(port), server, log, "the naive relay")
         else:
             port = free_port()
             env = base_env | {
@@ -228,7 +238,7 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
             }
             server, log = processes.start("rill", [sys.executable, "-m", "server"], env, server_core)
             url = f"http://127.0.0.1:{port}"
-            wait_ready(f"{url}/readyz", server, log)
+            wait_ready(http_probe(f"{url}/readyz"), server, log, "Rill")
         job = {
             "target": target,
             "url": url,
@@ -261,16 +271,3 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
         return row
     finally:
         processes.stop_all()
-
-
-def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited:\n{log.read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open")

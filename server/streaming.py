@@ -202,6 +202,30 @@ async def serve(
             generation.unsubscribe(subscriber)
 
 
+class _Idle(enum.Enum):
+    WAIT = "wait"  # nothing to do until the subscriber is notified
+    LOOK_AGAIN = "look_again"  # a heartbeat was written: events may have come meanwhile
+
+
+async def _between_events(
+    response: EventSourceResponse, generation: Generation, stream: OpenStream, config: StreamConfig
+) -> Outcome | _Idle:
+    """With every event written: how the stream ends, or what to do next."""
+    terminal = generation.terminal
+    if terminal is not None and stream.cursor >= terminal.id:
+        return Outcome.COMPLETE
+    subscriber = stream.subscriber
+    if subscriber.gone or stream.connection_closed():
+        return Outcome.GONE
+    if subscriber.heartbeat_due:
+        subscriber.heartbeat_due = False
+        async with asyncio.timeout(config.send_timeout):
+            await response.write(HEARTBEAT)
+        stream.last_write = asyncio.get_running_loop().time()
+        return _Idle.LOOK_AGAIN
+    return _Idle.WAIT
+
+
 async def _follow_wire(
     response: EventSourceResponse,
     generation: Generation,
@@ -228,18 +252,11 @@ async def _follow_wire(
                 stream.last_write = loop.time()
             pending = b""
             continue  # more may have arrived while the write waited
-        terminal = generation.terminal
-        if terminal is not None and stream.cursor >= terminal.id:
-            return Outcome.COMPLETE
-        if subscriber.gone or stream.connection_closed():
-            return Outcome.GONE
-        if subscriber.heartbeat_due:
-            subscriber.heartbeat_due = False
-            async with asyncio.timeout(config.send_timeout):
-                await response.write(HEARTBEAT)
-            stream.last_write = loop.time()
-            continue
-        await subscriber.wait(stream.push)
+        outcome = await _between_events(response, generation, stream, config)
+        if isinstance(outcome, Outcome):
+            return outcome
+        if outcome is _Idle.WAIT:
+            await subscriber.wait(stream.push)
 
 
 async def _follow(
@@ -260,15 +277,8 @@ async def _follow(
         if pending:
             stream.last_write = loop.time()
             continue  # more may have arrived while the writes waited
-        terminal = generation.terminal
-        if terminal is not None and stream.cursor >= terminal.id:
-            return Outcome.COMPLETE
-        if subscriber.gone or stream.connection_closed():
-            return Outcome.GONE
-        if subscriber.heartbeat_due:
-            subscriber.heartbeat_due = False
-            async with asyncio.timeout(config.send_timeout):
-                await response.write(HEARTBEAT)
-            stream.last_write = loop.time()
-            continue
-        await subscriber.wait()
+        outcome = await _between_events(response, generation, stream, config)
+        if isinstance(outcome, Outcome):
+            return outcome
+        if outcome is _Idle.WAIT:
+            await subscriber.wait()
