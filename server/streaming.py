@@ -242,9 +242,9 @@ async def _follow_wire(
     pending = prefix
     while True:
         if stream.cursor < generation.last_event_id:
-            wires = generation.wire_after(stream.cursor)
-            stream.cursor += len(wires)
-            pending = pending + b"".join(wires) if pending else b"".join(wires)
+            wire = generation.wire_after(stream.cursor)
+            stream.cursor = generation.last_event_id
+            pending = pending + wire if pending else wire
         if pending:
             if not stream.write_now(pending):
                 async with asyncio.timeout(config.send_timeout):  # as aiohttp-sse's send does
