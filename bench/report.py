@@ -6,6 +6,10 @@ from typing import Any
 
 from .run import Row
 
+# Reading the upstream directly should take well under a millisecond; more means the
+# core running the upstream and the client is the bottleneck.
+SATURATED_DIRECT_P50_MS = 5.0
+
 
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
@@ -87,8 +91,17 @@ def targets(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
         checks.append(("1,000 streams: all delivered, p99 within 20 ms of direct", None, "not run"))
     else:
         over = added_over_direct(rows, cap1000, "p99")
-        ok = cap1000.client["lost"] == 0 and cap1000.client["failed_streams"] == 0 and over is not None and over <= 20
-        checks.append(("1,000 streams: all delivered, p99 within 20 ms of direct", ok, f"p99 +{_ms(over)} ms"))
+        ok: bool | None = (
+            cap1000.client["lost"] == 0 and cap1000.client["failed_streams"] == 0 and over is not None and over <= 20
+        )
+        figure = f"p99 {over:+.2f} ms" if over is not None else "–"
+        direct = _direct(rows, "capacity-1000")
+        direct_p50 = direct.client["latency_ms"]["p50"] if direct else None
+        if ok and direct_p50 is not None and direct_p50 > SATURATED_DIRECT_P50_MS:
+            # The bench core could not keep up even without a relay: the comparison proves nothing.
+            ok = None
+            figure += f", inconclusive: direct itself is {direct_p50:.0f} ms late at p50 (bench core saturated)"
+        checks.append(("1,000 streams: all delivered, p99 within 20 ms of direct", ok, figure))
         checks.append(
             (
                 "peak RSS ≤ 60 MB at 1,000 streams",
