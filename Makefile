@@ -35,7 +35,7 @@ fmt: $(DEV)
 	$(BIN)/ruff check --fix server tests bench
 
 # Rill against `direct` and a naive relay, same run; prints a Markdown table, writes
-# bench/results/latest.json. About 6 minutes on 2 cores. BENCH_ARGS="--quick" for a smoke run.
+# bench/results/latest.json. About 3 minutes on 2 cores. BENCH_ARGS="--quick" for a smoke run.
 bench: $(DEV)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
