@@ -16,15 +16,16 @@ from .validation import invalid, read_json_object
 log = logging.getLogger(__name__)
 
 
+def _state(required: bool, name: str | None) -> web.Response:
+    """The answer of every /api/session method: without tokens everyone counts as signed in."""
+    return web.json_response({"required": required, "signed_in": not required or name is not None, "name": name})
+
+
 async def session_state(request: web.Request) -> web.Response:
     """Whether this server wants a token, and whether this browser has signed in."""
-    gate = request.app[GATE]
-    if not gate.required:
-        return web.json_response({"required": False, "signed_in": True, "name": None})
-    session = current_session(request)
-    return web.json_response(
-        {"required": True, "signed_in": session is not None, "name": session.name if session else None}
-    )
+    required = request.app[GATE].required
+    session = current_session(request) if required else None
+    return _state(required, session.name if session else None)
 
 
 async def sign_in(request: web.Request) -> web.Response:
@@ -39,7 +40,7 @@ async def sign_in(request: web.Request) -> web.Response:
         raise invalid("unknown_field", f"Unknown field {sorted(set(body) - {'token'})[0]!r} in the request body.")
     name = check_access_token(request, token.strip())
     session = gate.issue(name, time.time())
-    response = web.json_response({"required": True, "signed_in": True, "name": name})
+    response = _state(True, name)
     set_session_cookie(request, response, session)
     log.info(
         "signed in with access token %s from %s",
@@ -56,6 +57,6 @@ async def sign_out(request: web.Request) -> web.Response:
     if required and (session := current_session(request)) is not None:
         gate.revoke(session, time.time())
         log.info("signed out a session of access token %s", session.name)
-    response = web.json_response({"required": required, "signed_in": not required, "name": None})
+    response = _state(required, None)
     clear_session_cookie(request, response)
     return response
