@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ try:
 except ImportError:  # optional: a faster parser for the model API's chunks
     orjson = None  # type: ignore[assignment]
 
+from .bodytap import pipe_body
 from .config import Config, ModelConfig, ProviderConfig
 from .sse import SSEEvent, SSEParser, SSEProtocolError
 
@@ -352,29 +353,60 @@ async def _read_stream(response: aiohttp.ClientResponse, sink: ChatSink, config:
             f"The model API answered with {_clean_detail(content_type, config) or 'no content type'} instead of "
             "an event stream. Check base_url in config.toml.",
         )
-    parser = SSEParser(max_line_chars=config.upstream.max_line_chars)
-    answer = _AnswerState(sink, config)
-    content = response.content
-    try:
-        while chunk := await content.readany():  # iter_any() without its iterator's frames
-            if answer.take(parser.feed(chunk)):
-                return _finish(answer.finish_reason or "stop")
-        if answer.take(parser.feed_eof()):
-            return _finish(answer.finish_reason or "stop")
-    except SSEProtocolError as exc:
-        if answer.take(exc.events):  # what came intact before the bad line still counts
-            return _finish(answer.finish_reason or "stop")
-        raise UpstreamError("upstream_bad_data", f"The model API sent a malformed stream ({exc}).") from None
-    except aiohttp.ClientPayloadError:
-        pass  # the body was cut: judged below like a plain EOF
-    if answer.finish_reason is not None:
-        return _finish(answer.finish_reason)  # ended without [DONE], but the answer was complete
+    body = _AnswerBody(_AnswerState(sink, config), SSEParser(max_line_chars=config.upstream.max_line_chars))
+    if await pipe_body(response.content, body):
+        return _finish(body.answer.finish_reason or "stop")
+    if body.answer.finish_reason is not None:
+        return _finish(body.answer.finish_reason)  # ended without [DONE], but the answer was complete
     raise UpstreamError(
         "upstream_cut",
         "The connection to the model API ended before the answer was complete. "
         "The text so far is kept; you can continue or regenerate.",
         retryable=True,
     )
+
+
+class _AnswerBody:
+    """The upstream's event stream, parsed as its bytes arrive (a BodySink).
+
+    `finished` is True once `[DONE]` is seen, False when the body ended without it,
+    or holds the failure: a bad chunk, a malformed stream, a dropped connection."""
+
+    __slots__ = ("_parser", "answer", "finished")
+
+    def __init__(self, answer: _AnswerState, parser: SSEParser) -> None:
+        self.answer = answer
+        self._parser = parser
+        self.finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def body_data(self, data: bytes) -> None:
+        if not self.finished.done():
+            self._take(self._parser.feed, data)
+
+    def body_end(self, error: BaseException | None) -> None:
+        if self.finished.done():
+            return
+        if error is None or isinstance(error, aiohttp.ClientPayloadError):
+            # A cut body is judged like a plain end: complete only if [DONE] or a finish reason came.
+            self._take(lambda _: self._parser.feed_eof(), b"")
+            if not self.finished.done():
+                self.finished.set_result(False)
+        else:
+            self.finished.set_exception(error)
+
+    def _take(self, parse: Callable[[bytes], list[SSEEvent]], data: bytes) -> None:
+        try:
+            try:
+                events = parse(data)
+            except SSEProtocolError as exc:
+                if self.answer.take(exc.events):  # what came intact before the bad line still counts
+                    self.finished.set_result(True)
+                    return
+                raise UpstreamError("upstream_bad_data", f"The model API sent a malformed stream ({exc}).") from None
+            if self.answer.take(events):
+                self.finished.set_result(True)
+        except Exception as exc:  # raised in the task awaiting `finished`, as if read there
+            self.finished.set_exception(exc)
 
 
 class _AnswerState:

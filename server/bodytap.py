@@ -1,0 +1,95 @@
+"""Hands a streaming aiohttp response body to a sink in the connection's own callback.
+
+aiohttp puts body bytes in a StreamReader, which buffers them and wakes the task that
+awaits it: a task step per chunk, the costliest part of relaying a token when every
+token arrives on its own. While tapped, the reader passes each piece straight to a
+BodySink instead, so a token goes from the upstream's socket to the readers' sockets
+in one callback, with nothing buffered.
+
+This leans on aiohttp internals (the version is pinned in requirements.txt): its HTTP
+parser calls the reader's feed_data / feed_eof / set_exception, and StreamReader has
+__slots__, so a subclass without slots of its own can take over a reader in place.
+A reader of any other class is read the ordinary way, with the same result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar, Protocol
+
+from aiohttp import StreamReader
+
+
+class BodySink(Protocol):
+    """Receives the body; completes `finished` once it needs nothing more."""
+
+    finished: asyncio.Future[Any]
+
+    def body_data(self, data: bytes) -> None: ...
+
+    def body_end(self, error: BaseException | None) -> None:
+        """The body ended: cleanly (None) or with the reader's exception."""
+
+
+class _TappedReader(StreamReader):
+    __slots__ = ()
+
+    # Only readers tapped right now are here: each is removed when its tap ends.
+    sinks: ClassVar[dict[StreamReader, BodySink]] = {}
+
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        if data:
+            self.total_bytes += len(data)
+            self.sinks[self].body_data(data)
+        return False  # nothing buffered: never a reason to pause reading
+
+    def begin_http_chunk_receiving(self) -> None:
+        pass  # chunk boundaries only matter to readchunk(), which a tapped body skips
+
+    def end_http_chunk_receiving(self) -> None:
+        pass
+
+    def feed_eof(self) -> None:
+        super().feed_eof()  # runs aiohttp's own end-of-body callbacks (connection release)
+        self.sinks[self].body_end(None)
+
+    def set_exception(self, exc: BaseException, *args: Any, **kwargs: Any) -> None:
+        super().set_exception(exc, *args, **kwargs)
+        self.sinks[self].body_end(exc)
+
+
+async def pipe_body(reader: StreamReader, sink: BodySink) -> Any:
+    """Feeds the rest of the body to `sink` until it is finished; returns its result."""
+    if type(reader) is not StreamReader:
+        return await _read_in_task(reader, sink)
+    error = reader.exception()
+    buffered = reader.read_nowait() if error is None else b""  # what came with the headers
+    _TappedReader.sinks[reader] = sink
+    reader.__class__ = _TappedReader
+    try:
+        if buffered:
+            sink.body_data(buffered)
+        if not sink.finished.done():
+            if error is not None:
+                sink.body_end(error)
+            elif reader.is_eof():
+                sink.body_end(None)
+        return await sink.finished
+    finally:
+        # Whatever comes after (a body past [DONE]) is buffered as usual, for release().
+        reader.__class__ = StreamReader
+        del _TappedReader.sinks[reader]
+        if sink.finished.done() and not sink.finished.cancelled():
+            sink.finished.exception()  # seen: a cancelled reader must not log it as lost
+
+
+async def _read_in_task(reader: StreamReader, sink: BodySink) -> Any:
+    try:
+        while not sink.finished.done() and (chunk := await reader.readany()):
+            sink.body_data(chunk)
+    except Exception as exc:  # the reader's failure is the sink's to judge, as when tapped
+        sink.body_end(exc)
+    else:
+        if not sink.finished.done():
+            sink.body_end(None)
+    return await sink.finished
