@@ -242,12 +242,14 @@ class Generation:
 
     def on_reasoning(self, text: str) -> None:
         if self.terminal is None:
-            self._note_first_token()
+            if self.first_token_after is None:
+                self._note_first_token()
             self._append_text("reasoning", text)
 
     def on_content(self, text: str) -> None:
         if self.terminal is None:
-            self._note_first_token()
+            if self.first_token_after is None:
+                self._note_first_token()
             self._append_text("delta", text)
 
     def _note_first_token(self) -> None:

@@ -65,6 +65,34 @@ class SSEParser:
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         return self._collect(self._decoder.decode(chunk))
 
+    @property
+    def last_event_id(self) -> str:
+        """The id an event dispatched now would carry (the spec's last event ID buffer)."""
+        return self._last_id
+
+    def single_data(self, chunk: bytes) -> bytes | None:
+        """The usual chunk from a model API, `data: <one line>` and a blank line, seen
+        without parsing: its data, undecoded, or None (then call feed()). Only when the
+        parser holds nothing, so it stands for the one event feed() would give, named
+        `message` with `last_event_id`, and feed() would leave the parser as it is.
+        """
+        if (
+            chunk.startswith(b"data: ")
+            and chunk.endswith(b"\n\n")
+            and chunk.count(b"\n") == 2
+            and b"\r" not in chunk
+            and self._started
+            and not self._partial
+            and not self._has_data
+            and not self._event
+            and not self._skip_lf
+            and len(chunk) <= self._max_line
+        ):
+            state, _ = self._decoder.getstate()
+            if not state:  # no half of a character held back from the previous chunk
+                return chunk[6:-2]
+        return None
+
     def _collect(self, text: str) -> list[SSEEvent]:
         events: list[SSEEvent] = []
         try:

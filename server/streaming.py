@@ -46,6 +46,7 @@ class OpenStream:
         "_chunked",
         "_high_water",
         "_loop",
+        "_protocol",
         "_transport",
         "_writer",
         "client_key",
@@ -67,6 +68,7 @@ class OpenStream:
         self._writer = writer
         self._chunked = bool(getattr(writer, "chunked", False))  # HTTP/1.1; HTTP/1.0 streams unframed
         self._transport = request.transport
+        self._protocol = request.protocol
         self._high_water = self._transport.get_write_buffer_limits()[1] if self._transport is not None else 0
 
     def connection_closed(self) -> bool:
@@ -83,7 +85,7 @@ class OpenStream:
         the transport is paused (above its high-water mark), so no timeout is needed here.
         """
         transport = self._transport
-        if transport is None or transport.is_closing() or self.request.protocol.writing_paused:
+        if transport is None or transport.is_closing() or self._protocol.writing_paused:
             return False
         if transport.get_write_buffer_size() + len(data) + 16 > self._high_water:
             return False

@@ -118,31 +118,16 @@ async def stream_chat(
     first_token_end = loop.time() + config.timeouts.first_token
     got_token = False
 
-    class _FirstTokenWatch:
-        """Wraps the sink so the first token moves the deadline out."""
-
-        def on_reasoning(self, text: str) -> None:
-            first_token()
-            sink.on_reasoning(text)
-
-        def on_content(self, text: str) -> None:
-            first_token()
-            sink.on_content(text)
-
-        def on_usage(self, usage: Mapping[str, Any]) -> None:
-            sink.on_usage(usage)
-
     def first_token() -> None:
         nonlocal got_token
-        if not got_token:
-            got_token = True
-            deadline.reschedule(max_end)
+        got_token = True
+        deadline.reschedule(max_end)
 
     try:
         async with asyncio.timeout_at(min(max_end, first_token_end)) as deadline:
             response = await _open_with_retries(session, request, config)
             try:
-                finish_reason = await _read_stream(response, _FirstTokenWatch(), config)
+                finish_reason = await _read_stream(response, sink, config, first_token)
             except BaseException:
                 response.close()  # drop the connection now: nobody pays for unread tokens
                 raise
@@ -345,7 +330,9 @@ def _retry_after(value: str | None) -> float | None:
     return seconds if seconds >= 0 else None
 
 
-async def _read_stream(response: aiohttp.ClientResponse, sink: ChatSink, config: Config) -> str:
+async def _read_stream(
+    response: aiohttp.ClientResponse, sink: ChatSink, config: Config, on_first_token: Callable[[], None]
+) -> str:
     content_type = response.headers.get("Content-Type", "")
     if "text/event-stream" not in content_type:
         raise UpstreamError(
@@ -353,11 +340,16 @@ async def _read_stream(response: aiohttp.ClientResponse, sink: ChatSink, config:
             f"The model API answered with {_clean_detail(content_type, config) or 'no content type'} instead of "
             "an event stream. Check base_url in config.toml.",
         )
-    body = _AnswerBody(_AnswerState(sink, config), SSEParser(max_line_chars=config.upstream.max_line_chars))
-    if await pipe_body(response.content, body):
-        return _finish(body.answer.finish_reason or "stop")
-    if body.answer.finish_reason is not None:
-        return _finish(body.answer.finish_reason)  # ended without [DONE], but the answer was complete
+    body = _AnswerBody(sink, config, on_first_token)
+    body.watch_idle(response)
+    try:
+        saw_done = await pipe_body(response.content, body)
+    finally:
+        body.stop_watching()
+    if saw_done:
+        return _finish(body.finish_reason or "stop")
+    if body.finish_reason is not None:
+        return _finish(body.finish_reason)  # ended without [DONE], but the answer was complete
     raise UpstreamError(
         "upstream_cut",
         "The connection to the model API ended before the answer was complete. "
@@ -367,65 +359,151 @@ async def _read_stream(response: aiohttp.ClientResponse, sink: ChatSink, config:
 
 
 class _AnswerBody:
-    """The upstream's event stream, parsed as its bytes arrive (a BodySink).
+    """The upstream's event stream, handled as its bytes arrive (a BodySink).
 
-    `finished` is True once `[DONE]` is seen, False when the body ended without it,
-    or holds the failure: a bad chunk, a malformed stream, a dropped connection."""
+    `finished` becomes True at `[DONE]`, False when the body ends without it, or holds
+    the failure: a bad chunk, a malformed stream, a dropped or idle connection."""
 
-    __slots__ = ("_parser", "answer", "finished")
+    __slots__ = (
+        "_config",
+        "_idle_timer",
+        "_last_data",
+        "_loop",
+        "_on_first_token",
+        "_parser",
+        "_sink",
+        "finish_reason",
+        "finished",
+    )
 
-    def __init__(self, answer: _AnswerState, parser: SSEParser) -> None:
-        self.answer = answer
-        self._parser = parser
-        self.finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    def __init__(self, sink: ChatSink, config: Config, on_first_token: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sink = sink
+        self._config = config
+        self._on_first_token: Callable[[], None] | None = on_first_token
+        self._parser = SSEParser(max_line_chars=config.upstream.max_line_chars)
+        self._last_data = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.finish_reason: str | None = None
+        self.finished: asyncio.Future[bool] = self._loop.create_future()
+
+    # --- the idle limit ----------------------------------------------------------------
+
+    def watch_idle(self, response: aiohttp.ClientResponse) -> None:
+        """Takes over sock_read for the body: aiohttp moves a timer on every chunk, this
+        one timer wakes at most once per idle_read and re-arms from the last data."""
+        connection = response.connection
+        if connection is None or connection.protocol is None:
+            return  # the body has already ended
+        connection.protocol.read_timeout = None  # set again for the connection's next request
+        self._idle_timer = self._loop.call_at(self._last_data + self._config.timeouts.idle_read, self._check_idle)
+
+    def stop_watching(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        if self.finished.done():
+            return
+        due = self._last_data + self._config.timeouts.idle_read
+        if self._loop.time() >= due:
+            self.finished.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
+        else:
+            self._idle_timer = self._loop.call_at(due, self._check_idle)
+
+    # --- BodySink ----------------------------------------------------------------------
 
     def body_data(self, data: bytes) -> None:
-        if not self.finished.done():
+        if self.finished.done():
+            return
+        self._last_data = self._loop.time()
+        try:
+            # The usual chunk, one complete `data:` line, skips the general parser.
+            line = self._parser.single_data(data)
+            if line is not None:
+                if line == b"[DONE]":
+                    self.finished.set_result(True)
+                    return
+                if (chunk := _loads_fast(line)) is not None:
+                    self._handle(chunk)
+                    return
             self._take(self._parser.feed, data)
+        except Exception as exc:  # raised in the task awaiting `finished`, as if read there
+            self.finished.set_exception(exc)
 
     def body_end(self, error: BaseException | None) -> None:
         if self.finished.done():
             return
-        if error is None or isinstance(error, aiohttp.ClientPayloadError):
-            # A cut body is judged like a plain end: complete only if [DONE] or a finish reason came.
+        if error is not None and not isinstance(error, aiohttp.ClientPayloadError):
+            self.finished.set_exception(error)
+            return
+        # A cut body is judged like a plain end: complete only if [DONE] or a finish reason came.
+        try:
             self._take(lambda _: self._parser.feed_eof(), b"")
+        except Exception as exc:
+            self.finished.set_exception(exc)
+        else:
             if not self.finished.done():
                 self.finished.set_result(False)
-        else:
-            self.finished.set_exception(error)
+
+    # --- parsing ------------------------------------------------------------------------
 
     def _take(self, parse: Callable[[bytes], list[SSEEvent]], data: bytes) -> None:
         try:
-            try:
-                events = parse(data)
-            except SSEProtocolError as exc:
-                if self.answer.take(exc.events):  # what came intact before the bad line still counts
-                    self.finished.set_result(True)
-                    return
+            events = parse(data)
+        except SSEProtocolError as exc:
+            if not self._take_events(exc.events):  # what came intact before the bad line still counts
                 raise UpstreamError("upstream_bad_data", f"The model API sent a malformed stream ({exc}).") from None
-            if self.answer.take(events):
-                self.finished.set_result(True)
-        except Exception as exc:  # raised in the task awaiting `finished`, as if read there
-            self.finished.set_exception(exc)
+            return
+        self._take_events(events)
 
-
-class _AnswerState:
-    """Feeds parsed upstream events to the sink and remembers the finish reason."""
-
-    __slots__ = ("_config", "_sink", "finish_reason")
-
-    def __init__(self, sink: ChatSink, config: Config) -> None:
-        self._sink = sink
-        self._config = config
-        self.finish_reason: str | None = None
-
-    def take(self, events: list[SSEEvent]) -> bool:
-        """Handle events in order; True once `[DONE]` is seen."""
+    def _take_events(self, events: list[SSEEvent]) -> bool:
+        """Handles events in order; True (and finished) once `[DONE]` is seen."""
         for event in events:
             if event.data == "[DONE]":
+                self.finished.set_result(True)
                 return True
-            self.finish_reason = _handle_chunk(event.data, self._sink, self._config) or self.finish_reason
+            try:
+                chunk = _loads(event.data)
+            except ValueError:
+                raise UpstreamError("upstream_bad_data", "The model API sent a chunk that is not valid JSON.") from None
+            self._handle(chunk)
         return False
+
+    def _handle(self, chunk: Any) -> None:
+        if not isinstance(chunk, dict):
+            raise UpstreamError("upstream_bad_data", "The model API sent a chunk that is not an object.")
+        if error := chunk.get("error"):
+            raise _stream_error(error, self._config)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._sink.on_usage(usage)
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            return
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                self._first_token()
+                self._sink.on_reasoning(reasoning)
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                self._first_token()
+                self._sink.on_content(content)
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str) and finish:
+            self.finish_reason = finish
+
+    def _first_token(self) -> None:
+        if self._on_first_token is not None:
+            self._on_first_token()
+            self._on_first_token = None
 
 
 def _finish(reason: str) -> str:
@@ -451,34 +529,15 @@ def _loads(data: str) -> Any:
     return json.loads(data)
 
 
-def _handle_chunk(data: str, sink: ChatSink, config: Config) -> str | None:
-    try:
-        chunk = _loads(data)
-    except ValueError:
-        raise UpstreamError("upstream_bad_data", "The model API sent a chunk that is not valid JSON.") from None
-    if not isinstance(chunk, dict):
-        raise UpstreamError("upstream_bad_data", "The model API sent a chunk that is not an object.")
-    if error := chunk.get("error"):
-        raise _stream_error(error, config)
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        sink.on_usage(usage)
-    choices = chunk.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return None
-    choice = choices[0]
-    if not isinstance(choice, dict):
-        return None
-    delta = choice.get("delta")
-    if isinstance(delta, dict):
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            sink.on_reasoning(reasoning)
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            sink.on_content(content)
-    finish = choice.get("finish_reason")
-    return finish if isinstance(finish, str) and finish else None
+def _loads_fast(data: bytes) -> Any:
+    """orjson straight from the wire bytes; None when it is missing or refuses them (also
+    bytes that are not UTF-8): the general path then gives the answer json would."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return None
 
 
 def _stream_error(error: Any, config: Config) -> UpstreamError:

@@ -501,3 +501,68 @@ def test_property_any_split_gives_the_same_events(stream: Stream, data: st.DataO
 @given(sse_streams())
 def test_property_byte_by_byte_gives_the_same_events(stream: Stream) -> None:
     _check(stream, byte_by_byte(stream.raw))
+
+
+# --- the fast path for a chunk that is one plain `data:` event ----------------------------------
+
+
+def fast_or_full(chunks: list[bytes]) -> list[SSEEvent]:
+    """How the upstream reader consumes a stream: single_data() when it applies, else feed()."""
+    parser = SSEParser()
+    events: list[SSEEvent] = []
+    for chunk in chunks:
+        data = parser.single_data(chunk)
+        if data is None:
+            events.extend(parser.feed(chunk))
+        else:
+            events.append(SSEEvent(data=data.decode("utf-8", errors="replace"), id=parser.last_event_id))
+    events.extend(parser.feed_eof())
+    return events
+
+
+def test_single_data_takes_a_plain_data_event_once_the_stream_has_started() -> None:
+    parser = SSEParser()
+    assert parser.single_data(b'data: {"a":1}\n\n') is None  # a first chunk may start with a BOM
+    assert parser.feed(b'id: 7\ndata: {"a":1}\n\n') == [SSEEvent(data='{"a":1}', id="7")]
+    assert parser.single_data('data: {"b":"é"}\n\n'.encode()) == '{"b":"é"}'.encode()
+    assert parser.last_event_id == "7"
+
+
+@pytest.mark.parametrize(
+    ("before", "chunk"),
+    [
+        pytest.param(b"", b"data: a\n\ndata: b\n\n", id="two-events"),
+        pytest.param(b"", b"data: a\ndata: b\n\n", id="two-data-lines"),
+        pytest.param(b"", b"data: a\r\n\r\n", id="crlf"),
+        pytest.param(b"", b"data:a\n\n", id="no-space"),
+        pytest.param(b"", b"event: x\ndata: a\n\n", id="named"),
+        pytest.param(b"", b"data: a\n", id="no-blank-line"),
+        pytest.param(b"data: par", b"data: a\n\n", id="partial-line-held"),
+        pytest.param(b"data: a\n", b"data: b\n\n", id="data-line-held"),
+        pytest.param(b"event: x\n", b"data: a\n\n", id="event-name-held"),
+        pytest.param(b"data: a\n\r", b"data: b\n\n", id="cr-held"),
+        pytest.param(b"data: a\n\n:\xc3", b"data: b\n\n", id="half-character-held"),
+    ],
+)
+def test_single_data_declines_anything_else(before: bytes, chunk: bytes) -> None:
+    parser = SSEParser()
+    parser.feed(b": start\n" + before)
+    assert parser.single_data(chunk) is None
+    assert fast_or_full([b": start\n" + before, chunk]) == events_of(b": start\n" + before, chunk)
+
+
+def test_single_data_declines_a_line_over_the_limit() -> None:
+    parser = SSEParser(max_line_chars=10)
+    parser.feed(b": start\n")
+    assert parser.single_data(b"data: 12345\n\n") is None  # 11 characters: feed() must refuse it
+
+
+@settings(max_examples=300, deadline=None)
+@given(sse_streams(), st.data())
+def test_property_fast_path_gives_the_same_events(stream: Stream, data: st.DataObject) -> None:
+    """Cut at every event boundary (so most chunks are whole events) and anywhere else."""
+    bounds = {0, len(stream.raw)}
+    bounds.update(match.end() for match in re.finditer(rb"\n\n", stream.raw))
+    bounds.update(data.draw(st.lists(st.integers(0, len(stream.raw)), max_size=6), label="cuts"))
+    chunks = [stream.raw[start:end] for start, end in itertools.pairwise(sorted(bounds))]
+    assert fast_or_full(chunks) == stream.events

@@ -404,6 +404,26 @@ async def test_connect_timeout(start_rill: StartRill, fake_upstream: FakeUpstrea
 # --- deadlines -------------------------------------------------------------------------------------
 
 
+async def test_idle_limit_counts_from_the_last_byte(start_rill: StartRill) -> None:
+    """Tokens 0.2 s apart never trip a 0.3 s idle limit, however long the answer goes on;
+    the silence after the last one does. (Rill keeps one lazy timer for the body instead
+    of aiohttp's, which it moves on every chunk.)"""
+    rill = await start_rill(timeouts={"idle_read": 0.3})
+    pieces: list[Chunk] = [chunk("a")]
+    for text in "bcdef":
+        pieces += [0.2, chunk(text)]
+    rill.fake.script(Reply(chunks=pieces, end="hang"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    events = await run_chat(rill)
+    elapsed = loop.time() - started
+
+    assert text_of(events) == "abcdef"
+    assert error_of(events)["code"] == "upstream_idle_timeout"
+    assert 1.0 + 0.3 <= elapsed < 3.0  # five gaps of 0.2 s, then the limit
+    await asyncio.wait_for(rill.fake.requests[0].closed.wait(), 2.0)
+
+
 async def test_idle_timeout_keeps_the_text(start_rill: StartRill) -> None:
     rill = await start_rill(timeouts={"idle_read": 0.3})
     rill.fake.script(Reply(chunks=[b": keep-alive\n\n", chunk("One"), chunk(" token")], end="hang"))
