@@ -5,6 +5,7 @@ keeps an open (token-less) Rill out of reach of DNS rebinding."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -209,6 +210,7 @@ def _check_host(request: web.Request) -> None:
     raise ApiError(403, "host_not_allowed", message)
 
 
+@functools.lru_cache(maxsize=64)  # the same few Host values on every request
 def host_name(host: str) -> str | None:
     """The name in a Host header without its port, lowercased; None if it is malformed."""
     host = host.strip().lower()

@@ -133,8 +133,10 @@ async def _end_streams(app: web.Application) -> None:
     live = registry.live()
     for generation in live:
         generation.fail(str(SHUTDOWN_ERROR["code"]), str(SHUTDOWN_ERROR["message"]), retryable=True)
-    if live:
-        await asyncio.wait([asyncio.ensure_future(g.wait_closed()) for g in live])
+    if open_upstream := registry.upstream_open():
+        for generation in open_upstream:
+            generation.close_upstream()
+        await asyncio.wait([asyncio.ensure_future(g.wait_closed()) for g in open_upstream])
     streams = app[OPEN_STREAMS]
     try:
         async with asyncio.timeout(app[CONFIG].server.shutdown_timeout / 2):

@@ -6,6 +6,7 @@ code never reads the environment or the file system for settings.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -441,6 +442,7 @@ _TOKEN_MIN_DISTINCT = 8
 _ORIGIN = re.compile(r"https?://[^/?#\s]+")
 
 
+@functools.lru_cache(maxsize=64)  # asked per request, of the same few Host values
 def is_loopback_host(host: str) -> bool:
     """Whether only this machine can reach `host` (a name or an address to listen on)."""
     host = host.strip("[]").lower()

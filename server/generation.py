@@ -195,19 +195,19 @@ class Generation:
                 {"code": "internal_error", "message": "Something went wrong inside Rill.", "retryable": True},
             )
         else:
-            self._end("done", {"finish_reason": finish_reason})
+            self.on_finish(finish_reason)
 
     def stop(self) -> None:
         """The user pressed Stop: end with `cancelled` and close the upstream now."""
         if self.terminal is None:
             self._end("done", {"finish_reason": FINISH_CANCELLED})
-        self._cancel_task()
+        self.close_upstream()
 
     def fail(self, code: str, message: str, *, retryable: bool) -> None:
         """End with an error we decided on (shutdown, abandonment) and close the upstream."""
         if self.terminal is None:
             self._end("error", {"code": code, "message": message, "retryable": retryable})
-        self._cancel_task()
+        self.close_upstream()
 
     async def wait_closed(self) -> None:
         """Until the upstream request is closed (returns at once if it already is)."""
@@ -222,7 +222,8 @@ class Generation:
     def upstream_open(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def _cancel_task(self) -> None:
+    def close_upstream(self) -> None:
+        """Cancels the upstream request, or the wait for a finished body's last bytes."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
@@ -255,6 +256,10 @@ class Generation:
     def _note_first_token(self) -> None:
         if self.first_token_after is None and self.started_at is not None:
             self.first_token_after = asyncio.get_running_loop().time() - self.started_at
+
+    def on_finish(self, finish_reason: str) -> None:
+        if self.terminal is None:
+            self._end("done", {"finish_reason": finish_reason})
 
     def on_usage(self, usage: Mapping[str, Any]) -> None:
         self.usage = dict(usage)  # the last figures win: some APIs repeat them per chunk

@@ -62,6 +62,12 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str, json_lines: bool) -> None:
     """Once, in __main__: text lines (the default) or one JSON object per line."""
+    # Fields no line shows, not gathered per record (the logging HOWTO's "Optimization"):
+    # a few lines per answer otherwise cost a stack walk and thread and process lookups.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
     if json_lines:

@@ -46,6 +46,10 @@ class GenerationRegistry:
     def live(self) -> list[Generation]:
         return list(self._live)
 
+    def upstream_open(self) -> list[Generation]:
+        """Live ones, and ended ones still settling their upstream connection."""
+        return [generation for generation in self._by_id.values() if generation.upstream_open]
+
     def __len__(self) -> int:
         return len(self._by_id)
 

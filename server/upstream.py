@@ -56,6 +56,8 @@ class ChatSink(Protocol):
     def on_reasoning(self, text: str) -> None: ...
     def on_content(self, text: str) -> None: ...
     def on_usage(self, usage: Mapping[str, Any]) -> None: ...
+    def on_finish(self, finish_reason: str) -> None:
+        """The answer is complete (stream_chat still settles the connection, then returns)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +130,11 @@ async def stream_chat(
             response = await _open_with_retries(session, request, config)
             try:
                 finish_reason = await _read_stream(response, sink, config, first_token)
+                sink.on_finish(finish_reason)  # readers hear of the end before the connection is settled
+                await _settle_connection(response)
             except BaseException:
                 response.close()  # drop the connection now: nobody pays for unread tokens
                 raise
-            response.release()
             return finish_reason
     except TimeoutError as exc:
         if isinstance(exc, aiohttp.ServerTimeoutError):
@@ -150,6 +153,25 @@ async def stream_chat(
         ) from None
     finally:
         log.debug("upstream request ended after %.3f s", time.monotonic() - started)
+
+
+# How long the end of a body may come after [DONE] for its connection to be kept.
+BODY_END_WAIT = 1.0
+
+
+async def _settle_connection(response: aiohttp.ClientResponse) -> None:
+    """The answer is complete, but the end of the body (a last chunk) may still be on its
+    way: waiting for it puts the connection back in the pool, which spares the next answer
+    a TCP and TLS handshake. An upstream that keeps the body open is cut off."""
+    content = response.content
+    try:
+        async with asyncio.timeout(BODY_END_WAIT):
+            while await content.readany():
+                pass  # whatever follows [DONE] is of no use
+    except (TimeoutError, aiohttp.ClientError):
+        response.close()
+    else:
+        response.release()
 
 
 async def _open_with_retries(

@@ -88,6 +88,7 @@ class Seen:
 
     body: dict[str, Any]
     headers: dict[str, str]
+    peer: Any = None  # the client's address and port: which connection the request came on
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     closed_at: float | None = None
 
@@ -106,7 +107,8 @@ class FakeUpstream:
         self.replies.extend(replies)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        seen = Seen(body=await request.json(), headers=dict(request.headers))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        seen = Seen(body=await request.json(), headers=dict(request.headers), peer=peer)
         self.requests.append(seen)
         reply = self.replies.pop(0) if self.replies else self.default
         self.open += 1

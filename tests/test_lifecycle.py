@@ -288,6 +288,21 @@ async def test_shutdown_ends_every_live_stream_and_closes_every_upstream(start_r
     assert all(seen.closed.is_set() for seen in rill.fake.requests)
 
 
+async def test_shutdown_closes_an_answer_still_settling_its_connection(start_rill: StartRill) -> None:
+    """A complete answer whose upstream body stays open after [DONE] (Rill waits a
+    moment for its end, to keep the connection) is closed at shutdown, not waited for."""
+    rill = await start_rill()
+    rill.fake.script(Reply(chunks=answer(["done"]), end="hang"))
+    events = await (await rill.open_stream(await rill.start_chat())).read_all(timeout=2.0)
+    assert terminal(events).data == {"finish_reason": "stop"}
+    assert rill.fake.open == 1  # the body is still open: Rill is waiting for its end
+
+    started = asyncio.get_running_loop().time()
+    await rill.runner.cleanup()
+    assert asyncio.get_running_loop().time() - started < 0.5  # not the settle wait, nor shutdown_timeout
+    await wait_for(lambda: rill.fake.open == 0, timeout=2.0)
+
+
 async def test_new_chats_are_refused_once_shutdown_begins(rill: Rill) -> None:
     async with rill.session.get(rill.url / "readyz") as response:
         assert (response.status, await response.json()) == (200, {"ready": True, "status": "ok"})

@@ -401,6 +401,39 @@ async def test_connect_timeout(start_rill: StartRill, fake_upstream: FakeUpstrea
     await assert_still_serves(rill, model="good-chat")
 
 
+# --- connections ---------------------------------------------------------------------------------
+
+
+async def test_a_complete_answer_leaves_its_connection_for_the_next(start_rill: StartRill) -> None:
+    """After [DONE] the body's end follows at once; Rill waits for it, so the connection
+    goes back to the pool (no new TCP and TLS handshake for the next answer), while the
+    readers get `done` without waiting for it."""
+    rill = await start_rill()
+    for _ in range(3):
+        rill.fake.script(Reply(chunks=[*answer(["again"]), 0.1]))  # the body's end comes 0.1 s after [DONE]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        events = await run_chat(rill)
+        assert loop.time() - started < 0.1
+        assert terminal(events).data == {"finish_reason": "stop"}
+        await asyncio.wait_for(rill.fake.requests[-1].closed.wait(), 2.0)
+    assert len({seen.peer for seen in rill.fake.requests}) == 1
+
+
+async def test_a_body_that_goes_on_after_done_is_not_waited_for(start_rill: StartRill) -> None:
+    """An upstream that keeps the body open after [DONE] still ends the answer at once;
+    its connection is closed (it cannot be reused) and the next answer gets a new one."""
+    rill = await start_rill()
+    rill.fake.script(Reply(chunks=[*answer(["kept"]), b": more\n\n"], end="hang"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    events = await run_chat(rill)
+    assert terminal(events).data == {"finish_reason": "stop"}
+    assert loop.time() - started < 1.0
+    await asyncio.wait_for(rill.fake.requests[0].closed.wait(), 3.0)
+    await assert_still_serves(rill)
+
+
 # --- deadlines -------------------------------------------------------------------------------------
 
 
