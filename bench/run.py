@@ -32,7 +32,7 @@ class Scenario:
     streams: int
     tokens: int
     interval: float  # seconds between tokens; 0: as fast as possible
-    targets: tuple[str, ...] = ("direct", "naive", "rill")
+    targets: tuple[str, ...] = ("direct", "pipe", "naive", "rill")
     split: float = 0.0
     ramp: float = 0.0
     resume_after: tuple[int, int] | None = None
@@ -217,6 +217,16 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
         server = None
         if target == "direct":
             url = f"http://127.0.0.1:{up_port}"
+        elif target == "pipe":
+            port = free_port()
+            server, log = processes.start(
+                "pipe",
+                [sys.executable, "-m", "bench.pipe", "--port", str(port), "--upstream-port", str(up_port)],
+                base_env,
+                server_core,
+            )
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(port_probe(port), server, log, "the byte pipe")
         elif target == "naive":
             port = free_port()
             upstream_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
@@ -240,7 +250,7 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
             url = f"http://127.0.0.1:{port}"
             wait_ready(http_probe(f"{url}/readyz"), server, log, "Rill")
         job = {
-            "target": target,
+            "target": "direct" if target == "pipe" else target,  # the pipe is read as the upstream is
             "url": url,
             "streams": scenario.streams,
             "scenario": {"tokens": scenario.tokens, "interval": scenario.interval, "split": scenario.split, "seed": 7},

@@ -3,7 +3,12 @@
 The scenario travels in the request itself (the last user message is JSON), so Rill
 relays it unchanged: {"tokens": 300, "interval": 0.033, "split": 0.1, "seed": 7}.
 Each token is stamped with the time it is written. GET /stats tells how many requests
-came and how many are still open (the abort and resume storms read it)."""
+came and how many are still open (the abort and resume storms read it).
+
+It shares a core with the load client and must stay far from saturating it at 30,000
+tokens a second, so it speaks just enough HTTP/1.1 itself (keep-alive, Content-Length
+request bodies, a chunked response) over asyncio protocols: a paced token is one timer
+callback and one write, with no task, no aiohttp writer and no drain per token."""
 
 from __future__ import annotations
 
@@ -12,65 +17,216 @@ import asyncio
 import json
 import random
 import time
-
-from aiohttp import web
+from typing import Any, cast
 
 from .loops import install_fast_loop
 from .wire import openai_chunk, openai_finish, token_text
+
+SPLIT_GAP = 0.001  # between the two halves of a split event: each its own TCP segment
+BATCH = 16  # tokens written back to back by a stream that goes as fast as possible
 
 
 class Upstream:
     def __init__(self) -> None:
         self.requests = 0
         self.open = 0
-        self.app = web.Application()
-        self.app.router.add_post("/v1/chat/completions", self.completions)
-        self.app.router.add_get("/stats", self.stats)
-        self.app.router.add_post("/stats/reset", self.reset)
 
-    async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"requests": self.requests, "open": self.open})
+    def handle(self, connection: Connection, method: str, path: str, body: bytes) -> None:
+        if method == "GET" and path == "/stats":
+            connection.respond_json({"requests": self.requests, "open": self.open})
+        elif method == "POST" and path == "/stats/reset":
+            self.requests = 0
+            connection.respond_json({"requests": 0, "open": self.open})
+        elif method == "POST" and path == "/v1/chat/completions":
+            scenario = json.loads(json.loads(body)["messages"][-1]["content"])
+            self.requests += 1
+            self.open += 1
+            connection.answer = answer = Answer(self, connection, scenario)
+            answer.begin()
+        else:
+            connection.respond_json({"error": f"no {method} {path}"}, status="404 Not Found")
 
-    async def reset(self, request: web.Request) -> web.Response:
-        self.requests = 0
-        return web.json_response({"requests": 0, "open": self.open})
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        scenario = json.loads(body["messages"][-1]["content"])
-        tokens, interval = int(scenario["tokens"]), float(scenario.get("interval", 0.0))
-        split = float(scenario.get("split", 0.0))
-        rng = random.Random(scenario.get("seed", 0))
-        self.requests += 1
-        self.open += 1
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        try:
-            await response.prepare(request)
-            loop = asyncio.get_running_loop()
-            # A random phase, so that many streams do not tick in step.
-            start = loop.time() + (rng.random() * interval if interval else 0.0)
-            for index in range(tokens):
-                if interval:
-                    delay = start + index * interval - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                data = openai_chunk(token_text(index, time.monotonic_ns()))
-                if split and rng.random() < split:
-                    cut = rng.randrange(1, len(data))
-                    await response.write(data[:cut])
-                    await asyncio.sleep(0.001)  # its own TCP segment: the reader sees half an event
-                    await response.write(data[cut:])
-                else:
-                    await response.write(data)
-                    if not interval and index % 16 == 15:
-                        await asyncio.sleep(0)  # as fast as possible, but let the other streams write too
-            await response.write(openai_finish(tokens))
-            await response.write_eof()
-        except ConnectionError:
-            pass  # the reader went away: that is what the abort storm looks at
-        finally:
-            self.open -= 1
-        return response
+class Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: requests one after another (keep-alive), no pipelining."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self.answer: Answer | None = None
+        self.close_after = False
+        self.resumed: asyncio.Future[None] | None = None  # set while the client is not reading
+        self._buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._next_request()
+
+    def _next_request(self) -> None:
+        if self.answer is not None or self.transport is None:
+            return  # the next request waits for this answer to end
+        head_end = self._buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            return
+        request_line, *lines = self._buffer[:head_end].decode("latin-1").split("\r\n")
+        method, path, _ = request_line.split(" ", 2)
+        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+        if "chunked" in headers.get("transfer-encoding", ""):
+            self.close_after = True
+            self.respond_json({"error": "send a Content-Length"}, status="411 Length Required")
+            return
+        end = head_end + 4 + int(headers.get("content-length", "0"))
+        if len(self._buffer) < end:
+            return
+        body, self._buffer = self._buffer[head_end + 4 : end], self._buffer[end:]
+        self.close_after = headers.get("connection", "").lower() == "close"
+        self.upstream.handle(self, method, path.partition("?")[0], body)
+
+    def respond_json(self, value: Any, status: str = "200 OK") -> None:
+        body = json.dumps(value).encode()
+        self.write(
+            b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (status.encode(), len(body), body)
+        )
+        self.done()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def write_chunk(self, data: bytes) -> None:
+        self.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def done(self) -> None:
+        """The response is complete: close, or serve the next request on this connection."""
+        self.answer = None
+        if self.close_after and self.transport is not None:
+            self.transport.close()
+        else:
+            self._next_request()
+
+    def pause_writing(self) -> None:
+        self.resumed = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.resumed is not None and not self.resumed.done():
+            self.resumed.set_result(None)
+        self.resumed = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.resume_writing()
+        if self.answer is not None:
+            self.answer.end()  # the reader went away: that is what the abort storm looks at
+
+
+class Answer:
+    """One streamed answer. Paced tokens are timer callbacks at their due times (with a
+    random phase, so that many streams do not tick in step); an answer as fast as
+    possible is a task writing batches while the client keeps up."""
+
+    def __init__(self, upstream: Upstream, connection: Connection, scenario: dict[str, Any]) -> None:
+        self.upstream = upstream
+        self.connection = connection
+        self.tokens = int(scenario["tokens"])
+        self.interval = float(scenario.get("interval", 0.0))
+        self.split = float(scenario.get("split", 0.0))
+        self.rng = random.Random(scenario.get("seed", 0))
+        self.index = 0
+        self.ended = False
+        self.loop = asyncio.get_running_loop()
+        self.start = self.loop.time() + self.rng.random() * self.interval
+        self.task: asyncio.Task[None] | None = None
+
+    def begin(self) -> None:
+        self.connection.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        if not self.tokens:
+            self._finish()
+        elif self.interval:
+            self.loop.call_at(self.start, self._paced)
+        else:
+            self.task = asyncio.ensure_future(self._fast())
+
+    def _next(self) -> tuple[bytes, int]:
+        """The next token's chunk, stamped now, and where to split it (0: not split)."""
+        data = openai_chunk(token_text(self.index, time.monotonic_ns()))
+        self.index += 1
+        cut = self.rng.randrange(1, len(data)) if self.split and self.rng.random() < self.split else 0
+        return data, cut
+
+    def _paced(self) -> None:
+        """A timer callback per token. A split token's second half is due SPLIT_GAP later,
+        well before the next token (the split scenario's interval is 10 ms)."""
+        if self.ended:
+            return
+        data, cut = self._next()
+        last = self.index == self.tokens
+        if cut:
+            self.connection.write_chunk(data[:cut])
+            self.loop.call_later(SPLIT_GAP, self._second_half, data[cut:], last)
+            return
+        self.connection.write_chunk(data)
+        if last:
+            self._finish()
+        else:
+            self.loop.call_at(self.start + self.index * self.interval, self._paced)
+
+    async def _fast(self) -> None:
+        while not self.ended and self.index < self.tokens:
+            if (resumed := self.connection.resumed) is not None:
+                await resumed  # the client's buffer is full: wait until it reads
+            for _ in range(min(BATCH, self.tokens - self.index)):
+                data, cut = self._next()
+                if cut:
+                    self.connection.write_chunk(data[:cut])
+                    await asyncio.sleep(SPLIT_GAP)
+                    data = data[cut:]
+                    if self.gone():
+                        return
+                self.connection.write_chunk(data)
+            await asyncio.sleep(0)  # let the other streams write too
+        if not self.ended:
+            self._finish()
+
+    def _second_half(self, data: bytes, last: bool) -> None:
+        if self.ended:
+            return
+        self.connection.write_chunk(data)
+        if last:
+            self._finish()
+        else:
+            self.loop.call_at(self.start + self.index * self.interval, self._paced)
+
+    def _finish(self) -> None:
+        self.connection.write_chunk(openai_finish(self.tokens))
+        self.connection.write(b"0\r\n\r\n")
+        self.end()
+        self.connection.done()
+
+    def gone(self) -> bool:
+        """Ended meanwhile (a method, so a check after an await is not taken as settled)."""
+        return self.ended
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.upstream.open -= 1
+
+
+async def listen(upstream: Upstream, port: int = 0) -> asyncio.Server:
+    """Serves `upstream` on loopback (port 0: any free port, see server.sockets)."""
+    return await asyncio.get_running_loop().create_server(lambda: Connection(upstream), "127.0.0.1", port)
+
+
+async def serve(port: int) -> None:
+    async with await listen(Upstream(), port) as server:
+        await server.serve_forever()
 
 
 def main() -> None:
@@ -78,7 +234,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     install_fast_loop()
-    web.run_app(Upstream().app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    asyncio.run(serve(args.port))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ built here, in front of the bench's own fake upstream, proves the first."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from bench.client import Job, Stream, run
 from bench.report import targets
 from bench.run import Row
-from bench.upstream import Upstream
+from bench.upstream import Upstream, listen
 from bench.wire import SSELines, token_text
 from server.app import create_app
 from server.config import parse_config
@@ -59,9 +59,17 @@ def faulty_relay(upstream_url: str, fault: str) -> web.Application:
 
 
 @pytest.fixture
-async def upstream_url(aiohttp_server: AiohttpServer) -> str:
-    server = await aiohttp_server(Upstream().app)
-    return str(server.make_url(""))
+async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
+    """The fake upstream on a free loopback port, and its base URL."""
+    model = Upstream()
+    async with await listen(model) as server:
+        port = server.sockets[0].getsockname()[1]
+        yield model, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def upstream_url(upstream: tuple[Upstream, str]) -> str:
+    return upstream[1]
 
 
 @pytest.mark.parametrize(
@@ -84,11 +92,12 @@ async def test_the_client_reads_the_upstream_directly(upstream_url: str) -> None
     assert (result["delivered"], result["lost"], result["failed_streams"]) == (600, 0, 0)
 
 
-async def test_the_client_reads_rill_and_resumes_it(aiohttp_server: AiohttpServer) -> None:
-    upstream = Upstream()
-    upstream_server = await aiohttp_server(upstream.app)
+async def test_the_client_reads_rill_and_resumes_it(
+    aiohttp_server: AiohttpServer, upstream: tuple[Upstream, str]
+) -> None:
+    model, upstream_url = upstream
     document = BASE_DOCUMENT | {"default_model": "bench", "limits": {"max_concurrent_per_client": 50}}
-    environ = {"RILL_UPSTREAM_URL": str(upstream_server.make_url("/v1")), "RILL_MODEL": "bench"}
+    environ = {"RILL_UPSTREAM_URL": f"{upstream_url}/v1", "RILL_MODEL": "bench"}
     rill = await aiohttp_server(create_app(parse_config(document, environ)))
     job = Job(
         target="rill",
@@ -100,7 +109,7 @@ async def test_the_client_reads_rill_and_resumes_it(aiohttp_server: AiohttpServe
     result = await run(job)
     assert (result["delivered"], result["lost"], result["duplicated"], result["reordered"]) == (1000, 0, 0, 0)
     assert result["reconnects"] == 5
-    assert upstream.requests == 5  # resumed from Rill's buffer, not asked again
+    assert model.requests == 5  # resumed from Rill's buffer, not asked again
 
 
 def test_only_complete_events_are_read() -> None:
