@@ -4,6 +4,7 @@ built here, in front of the bench's own fake upstream, proves the first."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -12,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from bench.client import Job, Stream, run
+from bench.pipe import Side, join
 from bench.report import targets
 from bench.run import Row
 from bench.upstream import Upstream, listen
@@ -138,3 +140,29 @@ def test_a_saturated_bench_core_makes_the_1000_stream_check_inconclusive(direct_
     rows = [_row("direct", direct_p50, 190.0), _row("rill", direct_p50 + 1, 195.0)]
     check = next(c for c in targets(rows) if c[0].startswith("1,000 streams"))
     assert check[1] is met
+
+
+async def test_split_events_arrive_whole_and_in_order(upstream_url: str) -> None:
+    """Half of all events in two TCP segments, paced and as fast as possible."""
+    for interval in (0.003, 0.0):
+        scenario = {"tokens": 60, "interval": interval, "split": 0.5, "seed": 3}
+        result = await run(Job(target="direct", url=upstream_url, streams=4, scenario=scenario))
+        assert (result["delivered"], result["lost"], result["duplicated"], result["reordered"]) == (240, 0, 0, 0)
+
+
+async def test_the_byte_pipe_passes_the_upstream_through(upstream: tuple[Upstream, str]) -> None:
+    model, upstream_url = upstream
+    loop = asyncio.get_running_loop()
+    accepted: set[asyncio.Task[None]] = set()
+
+    def accept() -> Side:
+        client = Side()
+        accepted.add(loop.create_task(join(client, int(upstream_url.rsplit(":", 1)[1]))))
+        return client
+
+    async with await loop.create_server(accept, "127.0.0.1", 0) as pipe:
+        url = f"http://127.0.0.1:{pipe.sockets[0].getsockname()[1]}"
+        result = await run(Job(target="direct", url=url, streams=3, scenario=SCENARIO))
+    assert (result["delivered"], result["lost"], result["failed_streams"]) == (360, 0, 0)
+    assert model.requests == 3
+    await asyncio.gather(*accepted)
