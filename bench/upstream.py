@@ -169,13 +169,9 @@ class Answer:
         last = self.index == self.tokens
         if cut:
             self.connection.write_chunk(data[:cut])
-            self.loop.call_later(SPLIT_GAP, self._second_half, data[cut:], last)
-            return
-        self.connection.write_chunk(data)
-        if last:
-            self._finish()
+            self.loop.call_later(SPLIT_GAP, self._rest, data[cut:], last)
         else:
-            self.loop.call_at(self.start + self.index * self.interval, self._paced)
+            self._rest(data, last)
 
     async def _fast(self) -> None:
         while not self.ended and self.index < self.tokens:
@@ -194,7 +190,8 @@ class Answer:
         if not self.ended:
             self._finish()
 
-    def _second_half(self, data: bytes, last: bool) -> None:
+    def _rest(self, data: bytes, last: bool) -> None:
+        """A paced token's bytes (or the second half of them), then the next token's timer."""
         if self.ended:
             return
         self.connection.write_chunk(data)
