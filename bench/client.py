@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from server.bodytap import pipe_body
+from server.bodytap import tapped
 
 from .loops import install_fast_loop
 from .wire import EVENT_ID, TOKEN_BYTES
@@ -88,8 +88,9 @@ async def _read(
     """Reads until the end (True) or until `stop_at` tokens have arrived (False).
     Returns whether it ended, and the id of the last complete event (Rill)."""
     reader = _EventReader(stream, started, target, stop_at)
-    ended = await pipe_body(response.content, reader)
-    return ended, reader.last_id
+    async with tapped(response.content, reader):
+        ended = await reader.finished
+    return ended, reader.last_id  # the caller closes the response: read or not, the rest is dropped
 
 
 class _EventReader:

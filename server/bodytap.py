@@ -15,16 +15,14 @@ A reader of any other class is read the ordinary way, with the same result.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, ClassVar, Protocol
 
 from aiohttp import StreamReader
 
 
 class BodySink(Protocol):
-    """Receives the body; completes `finished` once it needs nothing more."""
-
-    finished: asyncio.Future[Any]
-
     def body_data(self, data: bytes) -> None: ...
 
     def body_end(self, error: BaseException | None) -> None:
@@ -34,7 +32,7 @@ class BodySink(Protocol):
 class _TappedReader(StreamReader):
     __slots__ = ()
 
-    # Only readers tapped right now are here: each is removed when its tap ends.
+    # The readers tapped right now: each leaves when its tap does (the `finally` of tapped()).
     sinks: ClassVar[dict[StreamReader, BodySink]] = {}
 
     def feed_data(self, data: bytes, size: int = 0) -> bool:
@@ -58,10 +56,20 @@ class _TappedReader(StreamReader):
         self.sinks[self].body_end(exc)
 
 
-async def pipe_body(reader: StreamReader, sink: BodySink) -> Any:
-    """Feeds the rest of the body to `sink` until it is finished; returns its result."""
+@asynccontextmanager
+async def tapped(reader: StreamReader, sink: BodySink) -> AsyncIterator[None]:
+    """Gives `sink` the rest of the body as it arrives, for as long as the block runs.
+
+    Leave the block once the sink has seen the body's end, or close the connection: a
+    reader left mid-body has skipped aiohttp's chunk bookkeeping and cannot go on."""
     if type(reader) is not StreamReader:
-        return await _read_in_task(reader, sink)
+        reading = asyncio.create_task(_read_in_task(reader, sink))
+        try:
+            yield
+        finally:
+            reading.cancel()
+            await asyncio.wait({reading})
+        return
     error = reader.exception()
     buffered = reader.read_nowait() if error is None else b""  # what came with the headers
     _TappedReader.sinks[reader] = sink
@@ -69,27 +77,21 @@ async def pipe_body(reader: StreamReader, sink: BodySink) -> Any:
     try:
         if buffered:
             sink.body_data(buffered)
-        if not sink.finished.done():
-            if error is not None:
-                sink.body_end(error)
-            elif reader.is_eof():
-                sink.body_end(None)
-        return await sink.finished
+        if error is not None:
+            sink.body_end(error)
+        elif reader.is_eof():
+            sink.body_end(None)
+        yield
     finally:
-        # Whatever comes after (a body past [DONE]) is buffered as usual, for release().
         reader.__class__ = StreamReader
         del _TappedReader.sinks[reader]
-        if sink.finished.done() and not sink.finished.cancelled():
-            sink.finished.exception()  # seen: a cancelled reader must not log it as lost
 
 
-async def _read_in_task(reader: StreamReader, sink: BodySink) -> Any:
+async def _read_in_task(reader: StreamReader, sink: BodySink) -> None:
     try:
-        while not sink.finished.done() and (chunk := await reader.readany()):
+        while chunk := await reader.readany():
             sink.body_data(chunk)
     except Exception as exc:  # the reader's failure is the sink's to judge, as when tapped
         sink.body_end(exc)
     else:
-        if not sink.finished.done():
-            sink.body_end(None)
-    return await sink.finished
+        sink.body_end(None)

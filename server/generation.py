@@ -181,7 +181,8 @@ class Generation:
             finish_reason = await stream_chat(session, self.request, self, self._config)
         except UpstreamError as exc:
             log.info("generation %s failed upstream: %s (HTTP %s)", self.id, exc.code, exc.status or "-")
-            self._end("error", {"code": exc.code, "message": exc.message, "retryable": exc.retryable})
+            if self.terminal is None:  # else complete already: only settling its connection failed
+                self._end("error", {"code": exc.code, "message": exc.message, "retryable": exc.retryable})
         except asyncio.CancelledError:
             # stop() ends the generation before cancelling us; anything else cancelling
             # us (the loop closing) still leaves readers a truthful ending.
@@ -190,10 +191,11 @@ class Generation:
             raise
         except Exception:
             log.exception("generation %s crashed", self.id)
-            self._end(
-                "error",
-                {"code": "internal_error", "message": "Something went wrong inside Rill.", "retryable": True},
-            )
+            if self.terminal is None:
+                self._end(
+                    "error",
+                    {"code": "internal_error", "message": "Something went wrong inside Rill.", "retryable": True},
+                )
         else:
             self.on_finish(finish_reason)
 

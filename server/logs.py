@@ -63,8 +63,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str, json_lines: bool) -> None:
     """Once, in __main__: text lines (the default) or one JSON object per line."""
     # Fields no line shows, not gathered per record (the logging HOWTO's "Optimization"):
-    # a few lines per answer otherwise cost a stack walk and thread and process lookups.
-    logging._srcfile = None
+    # a few lines per answer otherwise cost thread and process lookups each.
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

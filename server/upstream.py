@@ -19,7 +19,7 @@ try:
 except ImportError:  # optional: a faster parser for the model API's chunks
     orjson = None  # type: ignore[assignment]
 
-from .bodytap import pipe_body
+from .bodytap import tapped
 from .config import Config, ModelConfig, ProviderConfig
 from .sse import SSEEvent, SSEParser, SSEProtocolError
 
@@ -129,12 +129,24 @@ async def stream_chat(
         async with asyncio.timeout_at(min(max_end, first_token_end)) as deadline:
             response = await _open_with_retries(session, request, config)
             try:
-                finish_reason = await _read_stream(response, sink, config, first_token)
-                sink.on_finish(finish_reason)  # readers hear of the end before the connection is settled
-                await _settle_connection(response)
+                _check_event_stream(response, config)
+                body = _AnswerBody(sink, config, first_token)
+                async with tapped(response.content, body):
+                    body.watch(response)
+                    try:
+                        finish_reason = _finish_reason(await body.finished, body.finish_reason)
+                        sink.on_finish(finish_reason)  # readers hear of the end before the connection is settled
+                        deadline.reschedule(None)  # the body's last bytes are held to no deadline but their own
+                        body_ended = await body.settle()
+                    finally:
+                        body.stop_watching()
             except BaseException:
                 response.close()  # drop the connection now: nobody pays for unread tokens
                 raise
+            if body_ended:
+                response.release()  # aiohttp has already put the connection back in the pool
+            else:
+                response.close()
             return finish_reason
     except TimeoutError as exc:
         if isinstance(exc, aiohttp.ServerTimeoutError):
@@ -155,23 +167,10 @@ async def stream_chat(
         log.debug("upstream request ended after %.3f s", time.monotonic() - started)
 
 
-# How long the end of a body may come after [DONE] for its connection to be kept.
+# How long the end of a body may take after [DONE] for its connection to be kept: it
+# usually follows at once, and a kept connection spares the next answer a TCP and TLS
+# handshake. An upstream that keeps the body open longer is cut off.
 BODY_END_WAIT = 1.0
-
-
-async def _settle_connection(response: aiohttp.ClientResponse) -> None:
-    """The answer is complete, but the end of the body (a last chunk) may still be on its
-    way: waiting for it puts the connection back in the pool, which spares the next answer
-    a TCP and TLS handshake. An upstream that keeps the body open is cut off."""
-    content = response.content
-    try:
-        async with asyncio.timeout(BODY_END_WAIT):
-            while await content.readany():
-                pass  # whatever follows [DONE] is of no use
-    except (TimeoutError, aiohttp.ClientError):
-        response.close()
-    else:
-        response.release()
 
 
 async def _open_with_retries(
@@ -352,9 +351,7 @@ def _retry_after(value: str | None) -> float | None:
     return seconds if seconds >= 0 else None
 
 
-async def _read_stream(
-    response: aiohttp.ClientResponse, sink: ChatSink, config: Config, on_first_token: Callable[[], None]
-) -> str:
+def _check_event_stream(response: aiohttp.ClientResponse, config: Config) -> None:
     content_type = response.headers.get("Content-Type", "")
     if "text/event-stream" not in content_type:
         raise UpstreamError(
@@ -362,16 +359,14 @@ async def _read_stream(
             f"The model API answered with {_clean_detail(content_type, config) or 'no content type'} instead of "
             "an event stream. Check base_url in config.toml.",
         )
-    body = _AnswerBody(sink, config, on_first_token)
-    body.watch_idle(response)
-    try:
-        saw_done = await pipe_body(response.content, body)
-    finally:
-        body.stop_watching()
+
+
+def _finish_reason(saw_done: bool, finish_reason: str | None) -> str:
+    """How the answer ended, or why it counts as cut."""
     if saw_done:
-        return _finish(body.finish_reason or "stop")
-    if body.finish_reason is not None:
-        return _finish(body.finish_reason)  # ended without [DONE], but the answer was complete
+        return _finish(finish_reason or "stop")
+    if finish_reason is not None:
+        return _finish(finish_reason)  # ended without [DONE], but the answer was complete
     raise UpstreamError(
         "upstream_cut",
         "The connection to the model API ended before the answer was complete. "
@@ -384,9 +379,12 @@ class _AnswerBody:
     """The upstream's event stream, handled as its bytes arrive (a BodySink).
 
     `finished` becomes True at `[DONE]`, False when the body ends without it, or holds
-    the failure: a bad chunk, a malformed stream, a dropped or idle connection."""
+    the failure: a bad chunk, a malformed stream, a dropped or idle connection. `ended`
+    becomes True when the body itself ends cleanly (the connection can be kept), False
+    when it breaks off."""
 
     __slots__ = (
+        "_closed",
         "_config",
         "_idle_timer",
         "_last_data",
@@ -394,6 +392,7 @@ class _AnswerBody:
         "_on_first_token",
         "_parser",
         "_sink",
+        "ended",
         "finish_reason",
         "finished",
     )
@@ -406,24 +405,36 @@ class _AnswerBody:
         self._parser = SSEParser(max_line_chars=config.upstream.max_line_chars)
         self._last_data = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._closed: asyncio.Future[None] | None = None
         self.finish_reason: str | None = None
         self.finished: asyncio.Future[bool] = self._loop.create_future()
+        self.ended: asyncio.Future[bool] = self._loop.create_future()
 
-    # --- the idle limit ----------------------------------------------------------------
+    # --- watching the connection ----------------------------------------------------------
 
-    def watch_idle(self, response: aiohttp.ClientResponse) -> None:
-        """Takes over sock_read for the body: aiohttp moves a timer on every chunk, this
-        one timer wakes at most once per idle_read and re-arms from the last data."""
+    def watch(self, response: aiohttp.ClientResponse) -> None:
+        """Takes over sock_read for the body (aiohttp moves a timer on every chunk; this one
+        wakes at most once per idle_read and re-arms from the last data), and notices the
+        connection closing under a body that never got its end (aiohttp, on a malformed
+        chunk, closes it and tells only the connection)."""
         connection = response.connection
         if connection is None or connection.protocol is None:
             return  # the body has already ended
-        connection.protocol.read_timeout = None  # set again for the connection's next request
+        protocol = connection.protocol
+        protocol.read_timeout = None  # set again for the connection's next request
         self._idle_timer = self._loop.call_at(self._last_data + self._config.timeouts.idle_read, self._check_idle)
+        self._closed = protocol.closed
+        if self._closed is not None:
+            self._closed.add_done_callback(_seen)  # stays: the connection may outlive this body
+            self._closed.add_done_callback(self._connection_closed)
 
     def stop_watching(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._closed is not None:
+            self._closed.remove_done_callback(self._connection_closed)
+            self._closed = None
 
     def _check_idle(self) -> None:
         self._idle_timer = None
@@ -435,11 +446,22 @@ class _AnswerBody:
         else:
             self._idle_timer = self._loop.call_at(due, self._check_idle)
 
+    def _connection_closed(self, closed: asyncio.Future[None]) -> None:
+        self.body_end(aiohttp.ClientPayloadError("The connection closed before the body ended"))
+
+    async def settle(self) -> bool:
+        """After [DONE]: waits a moment for the body's end; whether it ended cleanly."""
+        try:
+            async with asyncio.timeout(BODY_END_WAIT):
+                return await self.ended
+        except TimeoutError:
+            return False
+
     # --- BodySink ----------------------------------------------------------------------
 
     def body_data(self, data: bytes) -> None:
         if self.finished.done():
-            return
+            return  # what follows [DONE] (or a failure) is of no use
         self._last_data = self._loop.time()
         try:
             # The usual chunk, one complete `data:` line, skips the general parser.
@@ -456,12 +478,15 @@ class _AnswerBody:
             self.finished.set_exception(exc)
 
     def body_end(self, error: BaseException | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(error is None)
         if self.finished.done():
             return
-        if error is not None and not isinstance(error, aiohttp.ClientPayloadError):
-            self.finished.set_exception(error)
+        if isinstance(error, TimeoutError):
+            self.finished.set_exception(error)  # aiohttp's own read timeout, before watch() took over
             return
-        # A cut body is judged like a plain end: complete only if [DONE] or a finish reason came.
+        # A body cut off, however the reader reports it, is judged like a plain end:
+        # complete only if [DONE] or a finish reason came.
         try:
             self._take(lambda _: self._parser.feed_eof(), b"")
         except Exception as exc:
@@ -489,7 +514,7 @@ class _AnswerBody:
                 return True
             try:
                 chunk = _loads(event.data)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: json on absurdly deep nesting
                 raise UpstreamError("upstream_bad_data", "The model API sent a chunk that is not valid JSON.") from None
             self._handle(chunk)
         return False
@@ -526,6 +551,12 @@ class _AnswerBody:
         if self._on_first_token is not None:
             self._on_first_token()
             self._on_first_token = None
+
+
+def _seen(closed: asyncio.Future[None]) -> None:
+    """Marks a connection's closing error as retrieved: how it closed is told elsewhere."""
+    if not closed.cancelled():
+        closed.exception()
 
 
 def _finish(reason: str) -> str:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import random
 import re
 import select
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -432,6 +433,122 @@ async def test_a_body_that_goes_on_after_done_is_not_waited_for(start_rill: Star
     assert loop.time() - started < 1.0
     await asyncio.wait_for(rill.fake.requests[0].closed.wait(), 3.0)
     await assert_still_serves(rill)
+
+
+class RawUpstream:
+    """A model API written with bare asyncio streams, for framing aiohttp's test server
+    never produces: headers in a packet of their own, a broken chunk size line."""
+
+    def __init__(self, body: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> None:
+        self.body = body
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                )
+                await writer.drain()
+                await asyncio.sleep(0.05)  # the headers in a packet of their own, as most servers send them
+                await self.body(writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def test_the_connection_is_kept_when_the_headers_come_alone(start_rill: StartRill) -> None:
+    async def body(writer: asyncio.StreamWriter) -> None:
+        for piece in answer(["hi"]):
+            if isinstance(piece, bytes):
+                writer.write(http_chunk(piece))
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the body's end a moment after [DONE]
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    upstream = RawUpstream(body)
+    rill = await start_rill(upstream_url=await upstream.start())
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(3):
+            generation_id = await rill.start_chat()
+            events = await (await rill.open_stream(generation_id)).read_all()
+            assert terminal(events).data == {"finish_reason": "stop"}
+            generation = rill.registry.get(generation_id)
+            assert generation is not None
+            started = loop.time()
+            await generation.wait_closed()
+            assert loop.time() - started < 0.5  # settled by the body's end, not cut off after 1 s
+        assert upstream.connections == 1
+    finally:
+        await upstream.close()
+
+
+async def test_broken_chunk_framing_ends_the_answer_at_once(start_rill: StartRill) -> None:
+    """aiohttp closes the connection on a malformed chunk size and tells only the
+    connection; the answer still ends then, as cut, not at the idle limit."""
+
+    async def body(writer: asyncio.StreamWriter) -> None:
+        writer.write(http_chunk(b": keep-alive\n\n") + http_chunk(chunk("kept")) + b"zz\r\nnot a chunk\r\n")
+        await writer.drain()
+        await asyncio.sleep(3600)
+
+    upstream = RawUpstream(body)
+    rill = await start_rill(upstream_url=await upstream.start(), timeouts={"idle_read": 30.0})
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        events = await run_chat(rill)
+        assert loop.time() - started < 2.0
+        assert text_of(events) == "kept"
+        assert error_of(events)["code"] == "upstream_cut"
+    finally:
+        await upstream.close()
+
+
+async def test_an_answer_with_no_token_is_not_held_to_the_first_token_deadline_after_done(
+    start_rill: StartRill, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The deadline for a first token passes while Rill waits for the end of a body
+    whose answer is complete (with no token: a content filter): the answer stays done."""
+    caplog.set_level(logging.INFO)
+    rill = await start_rill(timeouts={"first_token": 0.5})
+    rill.fake.script(Reply(chunks=[0.3, chunk("", finish="content_filter"), b"data: [DONE]\n\n"], end="hang"))
+    generation_id = await rill.start_chat()
+    events = await (await rill.open_stream(generation_id)).read_all(timeout=3.0)
+    assert terminal(events).data == {"finish_reason": "content_filter"}
+    generation = rill.registry.get(generation_id)
+    assert generation is not None
+    await asyncio.wait_for(generation.wait_closed(), 3.0)
+    assert generation.terminal is not None
+    assert generation.terminal.name == "done"
+    await asyncio.wait_for(rill.fake.requests[0].closed.wait(), 2.0)
+    assert "failed upstream" not in caplog.text
+    assert "crashed" not in caplog.text
 
 
 # --- deadlines -------------------------------------------------------------------------------------
