@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import logging
 import os
@@ -54,6 +55,10 @@ def main() -> int:
         else:
             log.info("access: open to this machine only (no access tokens)")
         notify("READY=1")
+        # What start-up made lives as long as the process: out of the collector's sight,
+        # a full collection under load scans only what the streams made (28 ms less each).
+        gc.collect()
+        gc.freeze()
 
     async def stopping(_: web.Application) -> None:
         notify("STOPPING=1")
