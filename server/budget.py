@@ -36,8 +36,7 @@ def tokens_used(generation: Generation) -> int:
     total = usage.get("total_tokens")
     if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
         return total
-    pieces = sum(1 for event in generation.events if event.name in ("delta", "reasoning"))
-    return prompt_tokens_estimate(generation.request.messages) + pieces
+    return prompt_tokens_estimate(generation.request.messages) + generation.tokens  # a piece of text each
 
 
 def _exhausted(message: str, retry_after: int) -> ApiError:

@@ -26,9 +26,18 @@ from .upstream import ChatRequest, UpstreamError, stream_chat
 
 log = logging.getLogger(__name__)
 
-# What a buffered event costs beyond its wire bytes: its start offset (4 bytes) and a
-# share of the buffer's growth room.
-EVENT_OVERHEAD_BYTES = 8
+# What a buffered event costs beyond its stored bytes: its start offset (4 bytes) and a
+# share of the offsets' growth room.
+EVENT_OVERHEAD_BYTES = 5
+
+# How an event is stored, told by its first byte. Nearly all are pieces of text, kept as
+# their text's JSON string literal only (a third of their wire bytes): a delta's as it is
+# (`"`), a reasoning piece's after an `r`. Any other event is kept as its wire bytes (`i`).
+_QUOTE = ord('"')
+_REASONING_MARK = ord("r")
+# Text events as aiohttp-sse's send(data, id=, event=) frames them (see wire_bytes).
+_DELTA_WIRE = b'id: %d\r\nevent: delta\r\ndata: {"text":%b}\r\n\r\n'
+_REASONING_WIRE = b'id: %d\r\nevent: reasoning\r\ndata: {"text":%b}\r\n\r\n'
 
 FINISH_CANCELLED = "cancelled"
 SHUTDOWN_ERROR: Mapping[str, Any] = {
@@ -142,12 +151,11 @@ class Generation:
         self.ended_at: float | None = None  # loop time
         self.started_at: float | None = None  # loop time of the upstream request
         self.first_token_after: float | None = None  # seconds from started_at to the first token
-        # Every event as written to readers, back to back in one buffer (a bytes object
-        # per event would cost ~45 bytes more each), and where event id i + 1 starts.
+        # Every event back to back in one buffer (a bytes object per event would cost ~45
+        # bytes more each), and where event id i + 1 starts.
         self._buffer: bytearray | bytes = bytearray()
         self._starts = array("I")
         self.tokens = 0  # delta and reasoning events
-        self.size_bytes = 0
         self.terminal: Event | None = None
         self.usage: dict[str, Any] | None = None
         self.subscribers: set[Subscriber] = set()
@@ -247,13 +255,13 @@ class Generation:
         if self.terminal is None:
             if self.first_token_after is None:
                 self._note_first_token()
-            self._append_text("reasoning", text)
+            self._append_text(text, reasoning=True)
 
     def on_content(self, text: str) -> None:
         if self.terminal is None:
             if self.first_token_after is None:
                 self._note_first_token()
-            self._append_text("delta", text)
+            self._append_text(text, reasoning=False)
 
     def _note_first_token(self) -> None:
         if self.first_token_after is None and self.started_at is not None:
@@ -270,43 +278,59 @@ class Generation:
 
     def _append(self, name: str, data: Mapping[str, Any]) -> Event:
         event = Event(len(self._starts) + 1, name, _json(data))
-        self._push(wire_bytes(event.id, name, event.data))
+        wire = wire_bytes(event.id, name, event.data)
+        self._push(wire, wire)
         return event
 
-    def _append_text(self, name: str, text: str) -> None:
+    def _append_text(self, text: str, *, reasoning: bool) -> None:
         """A piece of the answer: `_append(name, {"text": text})` for a fraction of the cost."""
         self.tokens += 1
-        event_id = len(self._starts) + 1
         try:
-            wire = f'id: {event_id}\r\nevent: {name}\r\ndata: {{"text":{_encode_string(text)}}}\r\n\r\n'.encode()
+            literal = _encode_string(text).encode()
         except UnicodeEncodeError:  # a lone surrogate: see _json
-            wire = wire_bytes(event_id, name, '{"text":' + _encode_string_ascii(text) + "}")
-        self._push(wire)
+            literal = _encode_string_ascii(text).encode()
+        # Caught-up readers get the wire bytes now; the buffer keeps only the literal.
+        event_id = len(self._starts) + 1
+        if reasoning:
+            self._push(_REASONING_WIRE % (event_id, literal), b"r" + literal)
+        else:
+            self._push(_DELTA_WIRE % (event_id, literal), literal)
 
-    def _push(self, wire: bytes) -> None:
-        assert isinstance(self._buffer, bytearray), "no event after the terminal one"
-        self._starts.append(len(self._buffer))
-        self._buffer += wire
-        self.size_bytes += len(wire) + EVENT_OVERHEAD_BYTES
+    def _push(self, wire: bytes, stored: bytes) -> None:
+        buffer = self._buffer
+        assert isinstance(buffer, bytearray), "no event after the terminal one"
+        self._starts.append(len(buffer))
+        buffer += stored
         event_id = len(self._starts)
         for subscriber in self.subscribers:
             push = subscriber.push
             if push is None or not push(event_id, wire):
                 subscriber.notify()
 
+    @property
+    def size_bytes(self) -> int:
+        """The memory the buffer holds (the registry's cap counts it)."""
+        return len(self._buffer) + EVENT_OVERHEAD_BYTES * len(self._starts)
+
+    def _wire(self, index: int) -> bytes:
+        """The wire bytes of event id `index + 1`, rebuilt from what the buffer keeps."""
+        buffer, starts = self._buffer, self._starts
+        start = starts[index]
+        end = starts[index + 1] if index + 1 < len(starts) else len(buffer)
+        first = buffer[start]
+        if first == _QUOTE:
+            return _DELTA_WIRE % (index + 1, buffer[start:end])
+        if first == _REASONING_MARK:
+            return _REASONING_WIRE % (index + 1, buffer[start + 1 : end])
+        return bytes(buffer[start:end])
+
     def wire_after(self, event_id: int) -> bytes:
         """The wire bytes of every event after `event_id`, in order, in one piece."""
-        if event_id >= len(self._starts):
-            return b""
-        # One copy, straight out of the buffer (a slice of a bytearray would be another).
-        return bytes(memoryview(self._buffer)[self._starts[event_id] :])  # ids are 1-based and contiguous
+        # ids are 1-based and contiguous: event id i + 1 is at index i
+        return b"".join([self._wire(index) for index in range(event_id, len(self._starts))])
 
     def events_after(self, event_id: int) -> list[Event]:
-        ends = [*self._starts[1:], len(self._buffer)]
-        return [
-            event_from_wire(i + 1, bytes(self._buffer[self._starts[i] : ends[i]]))
-            for i in range(event_id, len(self._starts))
-        ]
+        return [event_from_wire(index + 1, self._wire(index)) for index in range(event_id, len(self._starts))]
 
     @property
     def events(self) -> list[Event]:

@@ -45,6 +45,39 @@ async def test_exact_bytes_on_the_wire_for_multiline_cjk_emoji(rill: Rill) -> No
     assert text_of(reader.events) == MULTILINE
 
 
+async def test_replays_and_resumes_are_byte_identical_to_the_live_stream(rill: Rill) -> None:
+    # The buffer keeps a text event as its JSON string literal and rebuilds its wire bytes
+    # for a reader catching up: exactly the bytes live readers were pushed.
+    lone_surrogate = b'data: {"choices":[{"index":0,"delta":{"content":"smile \\ud83d"}}]}\n\n'
+    chunks = answer(["a", MULTILINE, ' "quoted" \\ ', "\u2028"], reasoning=["Let me\n", "think 🤔"], delay=0.02)
+    chunks.insert(-3, lone_surrogate)
+    rill.fake.script(Reply(chunks=chunks))
+    generation_id = await rill.start_chat(model="fake-reasoner")
+    live = await rill.open_stream(generation_id)
+    dropped = await rill.open_stream(generation_id)
+    for name in ("reasoning", "reasoning", "delta", "delta"):
+        await dropped.read_until(name)
+    dropped.response.close()  # the network drops
+    resumed = await rill.open_stream(generation_id, last_event_id=dropped.events[-1].id)  # still live
+    await live.read_all()
+    await resumed.read_all()
+    replay = await rill.open_stream(generation_id)  # after the end
+    await replay.read_all()
+    tail = await rill.open_stream(generation_id, last_event_id="3")
+    await tail.read_all()
+
+    hint = b"retry: 3000\r\n\r\n"
+    events = live.raw.removeprefix(hint)
+    assert b'data: {"text":"smile \\ud83d"}' in events
+    assert replay.raw == live.raw
+    assert tail.raw == hint + events[events.index(b"id: 4\r\n") :]
+    complete = dropped.raw[: dropped.raw.rindex(b"\r\n\r\n") + 4]  # its last event may be cut
+    assert complete + resumed.raw.removeprefix(hint) == live.raw
+    generation = rill.registry.get(generation_id)
+    assert generation is not None
+    assert generation.size_bytes < len(events)  # text is kept compactly
+
+
 async def test_emoji_split_into_escaped_surrogate_halves_arrives_whole(rill: Rill) -> None:
     # Some APIs cut a token between the two halves of an escaped UTF-16 pair. Neither half
     # is UTF-8 on its own: each is relayed escaped, and the browser's text joins them.
