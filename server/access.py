@@ -11,7 +11,7 @@ import re
 import time
 from ipaddress import IPv6Address, ip_address, ip_network
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .clients import client_address, is_trusted_proxy
 from .config import is_loopback_host
@@ -250,8 +250,8 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     if not request.app[CONFIG].access.cors_origins:
         return
     # Every answer depends on Origin, so caches must not hand one origin's to another.
-    response.headers.add("Vary", "Origin")
+    response.headers.add(hdrs.VARY, "Origin")
     origin = request.headers.get("Origin")
     if origin is not None and _cors_allowed(request, origin):
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
+        response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+        response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = _CORS_EXPOSED

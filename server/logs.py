@@ -11,11 +11,13 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 from aiohttp import web
+from multidict import istr
 
 from .errors import Handler
 
 REQUEST_ID: ContextVar[str] = ContextVar("rill_request_id", default="-")
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+X_REQUEST_ID = istr("X-Request-ID")  # an istr costs a response no copies (see security.py)
 _ACCEPTED_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a proxy's id is kept if it looks like one
 
 
@@ -34,7 +36,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
     request_id = request.get(REQUEST_ID_KEY)
     if request_id is not None:
-        response.headers["X-Request-ID"] = request_id
+        response.headers[X_REQUEST_ID] = request_id
 
 
 class RequestIdFilter(logging.Filter):
