@@ -217,6 +217,18 @@ async def test_heartbeat_comments_keep_idle_streams_alive(start_rill: StartRill)
     assert text_of(reader.events) == "a"
 
 
+async def test_open_streams_keep_no_task_asleep_for_pings(rill: Rill) -> None:
+    # Heartbeats come from the one monitor task; aiohttp-sse's own ping loop would keep
+    # a task per stream asleep (memory for nothing).
+    rill.fake.script(Reply(chunks=answer(["a", "b"], delay=0.3)))
+    generation_id = await rill.start_chat()
+    reader = await rill.open_stream(generation_id)
+    await reader.read_until("delta")
+    running = [getattr(task.get_coro(), "__qualname__", "") for task in asyncio.all_tasks()]
+    assert not [name for name in running if name.endswith("._ping")]
+    assert text_of(await reader.read_all()) == "ab"
+
+
 async def test_ended_generation_expires_after_ttl(start_rill: StartRill) -> None:
     rill = await start_rill(stream={"finished_ttl": 0.3, "liveness_interval": 0.05})
     client_id = str(uuid.uuid4())
