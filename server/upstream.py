@@ -123,14 +123,15 @@ async def stream_chat(
     def first_token() -> None:
         nonlocal got_token
         got_token = True
-        deadline.reschedule(max_end)
+        # From here the body's one timer keeps max_end as well (a uvloop timer is ~0.6 KB).
+        deadline.reschedule(None)
 
     try:
         async with asyncio.timeout_at(min(max_end, first_token_end)) as deadline:
             response = await _open_with_retries(session, request, config)
             try:
                 _check_event_stream(response, config)
-                body = _AnswerBody(sink, config, first_token)
+                body = _AnswerBody(sink, config, first_token, max_end)
                 async with tapped(response.content, body):
                     body.watch(response)
                     try:
@@ -379,13 +380,14 @@ class _AnswerBody:
     """The upstream's event stream, handled as its bytes arrive (a BodySink).
 
     `finished` becomes True at `[DONE]`, False when the body ends without it, or holds
-    the failure: a bad chunk, a malformed stream, a dropped or idle connection. `ended`
-    becomes True when the body itself ends cleanly (the connection can be kept), False
-    when it breaks off."""
+    the failure: a bad chunk, a malformed stream, a dropped or idle connection, or a
+    plain TimeoutError at `end` (max_generation). `ended` becomes True when the body
+    itself ends cleanly (the connection can be kept), False when it breaks off."""
 
     __slots__ = (
         "_closed",
         "_config",
+        "_end",
         "_idle_timer",
         "_last_data",
         "_loop",
@@ -397,8 +399,9 @@ class _AnswerBody:
         "finished",
     )
 
-    def __init__(self, sink: ChatSink, config: Config, on_first_token: Callable[[], None]) -> None:
+    def __init__(self, sink: ChatSink, config: Config, on_first_token: Callable[[], None], end: float) -> None:
         self._loop = asyncio.get_running_loop()
+        self._end = end  # loop time
         self._sink = sink
         self._config = config
         self._on_first_token: Callable[[], None] | None = on_first_token
@@ -414,15 +417,16 @@ class _AnswerBody:
 
     def watch(self, response: aiohttp.ClientResponse) -> None:
         """Takes over sock_read for the body (aiohttp moves a timer on every chunk; this one
-        wakes at most once per idle_read and re-arms from the last data), and notices the
-        connection closing under a body that never got its end (aiohttp, on a malformed
-        chunk, closes it and tells only the connection)."""
+        wakes at most once per idle_read and re-arms from the last data, and also ends the
+        body at `end`), and notices the connection closing under a body that never got its
+        end (aiohttp, on a malformed chunk, closes it and tells only the connection)."""
         connection = response.connection
         if connection is None or connection.protocol is None:
             return  # the body has already ended
         protocol = connection.protocol
         protocol.read_timeout = None  # set again for the connection's next request
-        self._idle_timer = self._loop.call_at(self._last_data + self._config.timeouts.idle_read, self._check_idle)
+        due = min(self._last_data + self._config.timeouts.idle_read, self._end)
+        self._idle_timer = self._loop.call_at(due, self._check_idle)
         self._closed = protocol.closed
         if self._closed is not None:
             self._closed.add_done_callback(_seen)  # stays: the connection may outlive this body
@@ -440,11 +444,15 @@ class _AnswerBody:
         self._idle_timer = None
         if self.finished.done():
             return
+        now = self._loop.time()
+        if now >= self._end:
+            self.finished.set_exception(TimeoutError())  # stream_chat's deadline: generation_timeout
+            return
         due = self._last_data + self._config.timeouts.idle_read
-        if self._loop.time() >= due:
+        if now >= due:
             self.finished.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
         else:
-            self._idle_timer = self._loop.call_at(due, self._check_idle)
+            self._idle_timer = self._loop.call_at(min(due, self._end), self._check_idle)
 
     def _connection_closed(self, closed: asyncio.Future[None]) -> None:
         self.body_end(aiohttp.ClientPayloadError("The connection closed before the body ended"))

@@ -614,6 +614,7 @@ async def test_keep_alive_comments_do_not_hold_off_the_first_token_deadline(star
 
 
 async def test_max_generation_stops_a_long_answer_and_keeps_the_text(start_rill: StartRill) -> None:
+    """Once tokens flow, the body's one timer (the idle limit's) keeps this deadline too."""
     rill = await start_rill(timeouts={"max_generation": 0.5})
     tokens = [f" t{i}" for i in range(40)]
     rill.fake.script(Reply(chunks=answer(tokens, delay=0.1)))
