@@ -9,7 +9,7 @@ import uuid
 from yarl import URL
 
 from .conftest import Rill, wait_for
-from .fakes import USAGE, Reply, answer, terminal, text_of
+from .fakes import USAGE, Chunk, Reply, answer, chunk, terminal, text_of
 
 MULTILINE = "第一行 line one\nline two 🎉\r\n\n  indented 👩‍💻\rend"
 
@@ -76,6 +76,34 @@ async def test_replays_and_resumes_are_byte_identical_to_the_live_stream(rill: R
     generation = rill.registry.get(generation_id)
     assert generation is not None
     assert generation.size_bytes < len(events)  # text is kept compactly
+
+
+async def test_resumes_from_any_id_across_the_deflated_pieces_of_the_buffer(rill: Rill) -> None:
+    # About 10 KB of text: the buffer deflates it in pieces as it fills. Readers resume from
+    # ids in every piece, while the answer is live (pieces and the one being filled) and
+    # after it has ended (all deflated), and get exactly the bytes live readers got.
+    tokens = [f'{i:03d} {"é" * (i % 7)}\n{"x" * (i % 80)} "q\\ ' + "🎉" * (i % 3) for i in range(160)]
+    chunks: list[Chunk] = [chunk(token) for token in tokens[:150]]
+    rill.fake.script(Reply(chunks=[*chunks, 0.5, *answer(tokens[150:])]))  # a pause while the answer is live
+    generation_id = await rill.start_chat()
+    live = await rill.open_stream(generation_id)
+    while len(live.events) < 140:
+        await live.next_event()
+    during = [await rill.open_stream(generation_id, last_event_id=str(i)) for i in range(1, 140, 9)]
+    await live.read_all()
+    for reader in during:
+        await reader.read_all()
+    after = [await rill.open_stream(generation_id, last_event_id=str(i)) for i in range(4, 160, 11)]
+    for reader in after:
+        await reader.read_all()
+
+    assert text_of(live.events) == "".join(tokens)
+    generation = rill.registry.get(generation_id)
+    assert generation is not None
+    assert len(generation._pieces) >= 2
+    for reader in during + after:
+        tail = live.raw[live.raw.index(f"id: {reader.events[0].id}\r\n".encode()) :]
+        assert reader.raw.removeprefix(b"retry: 3000\r\n\r\n") == tail
 
 
 async def test_emoji_split_into_escaped_surrogate_halves_arrives_whole(rill: Rill) -> None:

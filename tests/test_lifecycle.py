@@ -4,8 +4,10 @@ heartbeats, retention, and shutdown with live streams."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import os
 import socket
 import uuid
 
@@ -243,11 +245,30 @@ async def test_ended_generation_expires_after_ttl(start_rill: StartRill) -> None
     assert again["id"] != body["id"]
 
 
+async def test_answers_are_kept_deflated_and_replay_exactly(rill: Rill) -> None:
+    rill.fake.script(Reply(chunks=answer(["the same words again "] * 200)))  # 4,200 characters
+    generation_id = await rill.start_chat()
+    live = await rill.open_stream(generation_id)
+    await live.read_all()
+    replay = await rill.open_stream(generation_id)
+    await replay.read_all()
+    tail = await rill.open_stream(generation_id, last_event_id="150")
+    await tail.read_all()
+
+    assert replay.raw == live.raw
+    assert tail.raw.removeprefix(b"retry: 3000\r\n\r\n") == live.raw[live.raw.index(b"id: 151\r\n") :]
+    generation = rill.registry.get(generation_id)
+    assert generation is not None
+    assert generation.size_bytes < 2500  # 5 bytes of bookkeeping per event, and the text deflated
+    assert rill.registry.ended_bytes == generation.size_bytes
+
+
 async def test_memory_cap_evicts_the_oldest_ended_generations_first(start_rill: StartRill) -> None:
     rill = await start_rill(stream={"buffer_memory_mb": 0.02, "resume_grace": 1.0})  # about 20 KB
     ids = []
     for _ in range(4):
-        rill.fake.script(Reply(chunks=answer(["y" * 1000] * 8)))  # about 9 KB each
+        # Random text: an ended answer is kept deflated, about 7.5 KB each.
+        rill.fake.script(Reply(chunks=answer([base64.b64encode(os.urandom(750)).decode() for _ in range(10)])))
         generation_id = await rill.start_chat()
         await (await rill.open_stream(generation_id)).read_all()
         ids.append(generation_id)
@@ -263,7 +284,8 @@ async def test_memory_cap_evicts_the_oldest_ended_generations_first(start_rill: 
 async def test_live_answers_do_not_push_out_just_ended_ones(start_rill: StartRill) -> None:
     """A long live answer over the cap must not make every other answer unresumable."""
     rill = await start_rill(stream={"buffer_memory_mb": 0.01, "resume_grace": 5.0})
-    rill.fake.script(Reply(chunks=[chunk("z" * 1000) for _ in range(30)], end="hang"))
+    text = [base64.b64encode(os.urandom(750)).decode() for _ in range(30)]  # random: deflates little
+    rill.fake.script(Reply(chunks=[chunk(piece) for piece in text], end="hang"))
     await rill.start_chat(messages=[{"role": "user", "content": "long"}])
     await wait_for(lambda: rill.registry.live()[0].size_bytes > rill.registry.max_bytes)
     rill.fake.script(Reply(chunks=answer(["short"])))
