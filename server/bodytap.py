@@ -71,7 +71,7 @@ async def tapped(reader: StreamReader, sink: BodySink) -> AsyncIterator[None]:
             await asyncio.wait({reading})
         return
     error = reader.exception()
-    buffered = reader.read_nowait() if error is None else b""  # what came with the headers
+    buffered = _drain(reader) if error is None else b""  # what came with the headers
     _TappedReader.sinks[reader] = sink
     reader.__class__ = _TappedReader
     try:
@@ -85,6 +85,16 @@ async def tapped(reader: StreamReader, sink: BodySink) -> AsyncIterator[None]:
     finally:
         reader.__class__ = StreamReader
         del _TappedReader.sinks[reader]
+
+
+def _drain(reader: StreamReader) -> bytes:
+    """Everything the reader holds. One read_nowait() is not enough: taking from a paused
+    reader's buffer resumes reading, and aiohttp then parses what it held back into the
+    buffer, re-entrantly, even up to the body's end."""
+    pieces = []
+    while piece := reader.read_nowait():
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 async def _read_in_task(reader: StreamReader, sink: BodySink) -> None:

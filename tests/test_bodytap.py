@@ -101,3 +101,34 @@ async def test_a_reader_of_another_class_is_read_in_a_task_with_the_same_result(
         await asyncio.wait_for(sink.ended.wait(), 1.0)
     assert (b"".join(sink.pieces), sink.ends) == (b"firstsecond", [None])  # in the pieces the task read
     assert type(reader) is Untappable
+
+
+class RefillingProtocol(BaseProtocol):
+    """Like aiohttp's client protocol when reading resumes: what it held back while paused
+    is parsed at once, inside the call that took from the reader's buffer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, held_back: list[bytes]) -> None:
+        super().__init__(loop)
+        self.reader: StreamReader | None = None
+        self.held_back = held_back
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self.reader is not None and self.held_back:
+            pieces, self.held_back = self.held_back, []
+            for piece in pieces:
+                self.reader.feed_data(piece)
+            self.reader.feed_eof()
+
+
+async def test_what_aiohttp_parses_while_the_tap_takes_the_buffer_is_not_lost() -> None:
+    loop = asyncio.get_running_loop()
+    protocol = RefillingProtocol(loop, [b"held back 1, ", b"held back 2"])
+    protocol.connection_made(asyncio.Transport())
+    reader = StreamReader(protocol, 2**16, loop=loop)
+    protocol.reader = reader
+    reader.feed_data(b"buffered, ")
+    sink = Sink()
+    async with tapped(reader, sink):
+        pass
+    assert b"".join(sink.pieces) == b"buffered, held back 1, held back 2"
+    assert sink.ends == [None]
