@@ -34,6 +34,15 @@ async def models_loaded(page: Page) -> None:
     await page.wait_for_selector("#model option[value]:not([value=''])", state="attached")
 
 
+async def open_signed_in(start_rill: StartRill, browser: Browser) -> tuple[Rill, WatchedPage]:
+    """A Rill with access tokens, and a page signed in to it with its models loaded."""
+    rill = await start_rill(environ=TOKENS)
+    ui = await open_locked(browser, rill)
+    await sign_in(ui.page, TOKEN)
+    await models_loaded(ui.page)
+    return rill, ui
+
+
 async def test_the_page_asks_for_a_token_once(start_rill: StartRill, browser: Browser) -> None:
     rill = await start_rill(environ=TOKENS)
     ui = await open_locked(browser, rill)
@@ -79,11 +88,8 @@ async def test_the_page_asks_for_a_token_once(start_rill: StartRill, browser: Br
 
 
 async def test_a_session_that_ends_mid_use_asks_again_and_retry_works(start_rill: StartRill, browser: Browser) -> None:
-    rill = await start_rill(environ=TOKENS)
-    ui = await open_locked(browser, rill)
+    rill, ui = await open_signed_in(start_rill, browser)
     page = ui.page
-    await sign_in(page, TOKEN)
-    await models_loaded(page)
 
     await page.context.clear_cookies()  # as when the session expires or the token is rotated
     await send(page, "Hi")
@@ -103,11 +109,8 @@ async def test_a_session_that_ends_mid_use_asks_again_and_retry_works(start_rill
 
 
 async def test_sign_out(start_rill: StartRill, browser: Browser) -> None:
-    rill = await start_rill(environ=TOKENS)
-    ui = await open_locked(browser, rill)
+    _, ui = await open_signed_in(start_rill, browser)
     page = ui.page
-    await sign_in(page, TOKEN)
-    await models_loaded(page)
     await page.click("#sign-out")
     await page.locator("#signin").wait_for()
     status = await page.evaluate("() => fetch('/api/models').then((response) => response.status)")
