@@ -70,8 +70,7 @@ async def tapped(reader: StreamReader, sink: BodySink) -> AsyncIterator[None]:
             reading.cancel()
             await asyncio.wait({reading})
         return
-    error = reader.exception()
-    buffered = _drain(reader) if error is None else b""  # what came with the headers
+    buffered, error = _drain(reader)  # what came with the headers
     _TappedReader.sinks[reader] = sink
     reader.__class__ = _TappedReader
     try:
@@ -87,14 +86,18 @@ async def tapped(reader: StreamReader, sink: BodySink) -> AsyncIterator[None]:
         del _TappedReader.sinks[reader]
 
 
-def _drain(reader: StreamReader) -> bytes:
-    """Everything the reader holds. One read_nowait() is not enough: taking from a paused
-    reader's buffer resumes reading, and aiohttp then parses what it held back into the
-    buffer, re-entrantly, even up to the body's end."""
+def _drain(reader: StreamReader) -> tuple[bytes, BaseException | None]:
+    """Everything the reader holds, and its error if it has one. One read_nowait() is not
+    enough: taking from a paused reader's buffer resumes reading, and aiohttp then parses
+    what it held back into the buffer, re-entrantly, even up to the body's end (or its
+    error: read_nowait() raises it, as readany() would, before the bytes still held)."""
     pieces = []
-    while piece := reader.read_nowait():
-        pieces.append(piece)
-    return b"".join(pieces)
+    try:
+        while piece := reader.read_nowait():
+            pieces.append(piece)
+    except Exception as exc:
+        return b"".join(pieces), exc
+    return b"".join(pieces), None
 
 
 async def _read_in_task(reader: StreamReader, sink: BodySink) -> None:

@@ -132,3 +132,17 @@ async def test_what_aiohttp_parses_while_the_tap_takes_the_buffer_is_not_lost() 
         pass
     assert b"".join(sink.pieces) == b"buffered, held back 1, held back 2"
     assert sink.ends == [None]
+
+
+async def test_an_error_aiohttp_finds_while_the_tap_takes_the_buffer_reaches_the_sink() -> None:
+    loop = asyncio.get_running_loop()
+    protocol = RefillingProtocol(loop, [])
+    protocol.connection_made(asyncio.Transport())
+    reader = StreamReader(protocol, 2**16, loop=loop)
+    cut = ClientPayloadError("cut")
+    protocol.resume_reading = lambda resume_parser=True: reader.set_exception(cut)  # type: ignore[method-assign]
+    reader.feed_data(b"buffered")
+    sink = Sink()
+    async with tapped(reader, sink):
+        pass
+    assert (sink.pieces, sink.ends) == ([b"buffered"], [cut])
