@@ -59,6 +59,10 @@ def main() -> int:
         # a full collection under load scans only what the streams made (28 ms less each).
         gc.collect()
         gc.freeze()
+        # A full collection stops every stream for as long as it scans what they hold
+        # (~50 ms at 1,000 streams): ten times rarer than Python's default. Garbage in
+        # cycles mostly dies young, in the two younger generations, which run as before.
+        gc.set_threshold(700, 10, 100)
 
     async def stopping(_: web.Application) -> None:
         notify("STOPPING=1")
