@@ -16,7 +16,7 @@ import zlib
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from json.encoder import encode_basestring as _encode_string
 from json.encoder import encode_basestring_ascii as _encode_string_ascii
 from typing import Any
@@ -230,6 +230,10 @@ class Generation:
                 )
         else:
             self.on_finish(finish_reason)
+        finally:
+            # The conversation (up to the message limits) was needed to send the request
+            # and, for the budget, when the answer ended: not for the minutes it is kept.
+            self.request = replace(self.request, messages=())
 
     def stop(self) -> None:
         """The user pressed Stop: end with `cancelled` and close the upstream now."""

@@ -231,6 +231,20 @@ async def test_open_streams_keep_no_task_asleep_for_pings(rill: Rill) -> None:
     assert text_of(await reader.read_all()) == "ab"
 
 
+async def test_an_ended_answer_does_not_keep_the_conversation(rill: Rill) -> None:
+    """Kept for resumes for minutes, an answer holds its events, not the (up to
+    hundreds of kilobytes of) conversation that was sent to the model."""
+    long_question = "why " * 20_000
+    generation_id = await rill.start_chat(messages=[{"role": "user", "content": long_question}])
+    events = await (await rill.open_stream(generation_id)).read_all()
+    assert terminal(events).data == {"finish_reason": "stop"}
+    generation = rill.registry.get(generation_id)
+    assert generation is not None
+    await generation.wait_closed()
+    assert generation.request.messages == ()
+    assert rill.fake.requests[0].body["messages"][-1]["content"] == long_question  # sent whole
+
+
 async def test_ended_generation_expires_after_ttl(start_rill: StartRill) -> None:
     rill = await start_rill(stream={"finished_ttl": 0.3, "liveness_interval": 0.05})
     client_id = str(uuid.uuid4())
