@@ -282,20 +282,10 @@ class Generation:
     # --- the upstream's sink --------------------------------------------------------
 
     def on_reasoning(self, text: str) -> None:
-        if self.terminal is None:
-            if self.first_token_after is None:
-                self._note_first_token()
-            self._append_text(text, reasoning=True)
+        self._append_text(text, reasoning=True)
 
     def on_content(self, text: str) -> None:
-        if self.terminal is None:
-            if self.first_token_after is None:
-                self._note_first_token()
-            self._append_text(text, reasoning=False)
-
-    def _note_first_token(self) -> None:
-        if self.first_token_after is None and self.started_at is not None:
-            self.first_token_after = asyncio.get_running_loop().time() - self.started_at
+        self._append_text(text, reasoning=False)
 
     def on_finish(self, finish_reason: str) -> None:
         if self.terminal is None:
@@ -314,6 +304,10 @@ class Generation:
 
     def _append_text(self, text: str, *, reasoning: bool) -> None:
         """A piece of the answer: `_append(name, {"text": text})` for a fraction of the cost."""
+        if self.terminal is not None:
+            return  # stopped or failed meanwhile: the upstream's last bytes are dropped
+        if self.first_token_after is None and self.started_at is not None:
+            self.first_token_after = asyncio.get_running_loop().time() - self.started_at
         self.tokens += 1
         try:
             literal = _encode_string(text).encode()
