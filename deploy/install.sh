@@ -14,7 +14,8 @@ the code is replaced, the files in /etc/rill (config, key, access tokens) are ke
   --domain NAME    the DNS name that points at this server (required)
   --email ADDR     get a Let's Encrypt certificate with certbot (HTTPS); without it
                    the certbot command to run later is printed
-  --prefix DIR     where the code and its virtualenv go (default /opt/rill)
+  --prefix DIR     where the code and its virtualenv go (default /opt/rill; not under
+                   /home, /root, /tmp or /var/tmp, which the service cannot see)
   --no-apt         do not apt-get install python3-venv, nginx, curl (and certbot)
   --no-venv        do not create PREFIX/.venv or pip install the requirements
   --no-start       do not call systemctl, nginx, certbot or curl
@@ -98,6 +99,31 @@ elif ((EUID != 0)); then
     echo "(or pass --root DIR --no-apt --no-start to install into a directory as yourself)" >&2
     exit 1
 fi
+
+# rill.service's sandbox hides some places from the service: ProtectHome=yes makes /home,
+# /root and /run/user empty and inaccessible, PrivateTmp=yes gives it its own empty /tmp and
+# /var/tmp. Code installed there could never start, so refuse it, symlinks resolved first.
+# Under --root, symlinks resolve inside DIR, as they would on the machine it becomes.
+real_root="${root:+$(realpath -- "$root")}"
+real_prefix="$(realpath -m -- "$real_root$prefix")"
+[[ -z "$real_root" || "$real_prefix" != "$real_root"/* ]] || real_prefix="${real_prefix#"$real_root"}"
+shown="$prefix"
+[[ "$real_prefix" == "$prefix" ]] || shown="$prefix (which resolves to $real_prefix)"
+case "$real_prefix/" in
+/home/* | /root/* | /run/user/*)
+    die_usage "--prefix: $shown is hidden from the service by ProtectHome=yes in rill.service; use a directory such as /opt/rill or /srv/rill"
+    ;;
+/tmp/* | /var/tmp/*)
+    die_usage "--prefix: $shown is hidden from the service by PrivateTmp=yes in rill.service (it gets its own empty /tmp and /var/tmp); use a directory such as /opt/rill or /srv/rill"
+    ;;
+esac
+# The service runs as a dynamic user: every directory above the code must let others in.
+parent="$real_prefix"
+while parent="$(dirname -- "$parent")" && [[ "$parent" != / ]]; do
+    if [[ -d "$real_root$parent" ]] && ! (($(stat -c '0%a' -- "$real_root$parent") & 1)); then
+        die_usage "--prefix: the service could not reach $shown: $parent is mode $(stat -c '%a' -- "$real_root$parent") (others need x; chmod o+x $parent, or use another directory)"
+    fi
+done
 
 src="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 [[ -f "$src/server/__main__.py" && -f "$src/deploy/rill.service" ]] || die "run it from a Rill checkout ($src has no server/ or deploy/)"

@@ -39,6 +39,7 @@ def main() -> int:
     configure_logging(os.environ.get("RILL_LOG_LEVEL", "INFO"), os.environ.get("RILL_LOG_FORMAT") == "json")
     try:
         config = load_config()
+        app = create_app(config)  # reads the state files, and refuses ones it cannot read
         loop, loop_name = new_event_loop(os.environ.get("RILL_EVENT_LOOP"))
     except ConfigError as exc:
         print(f"rill: invalid configuration: {exc}", file=sys.stderr)
@@ -67,7 +68,6 @@ def main() -> int:
     async def stopping(_: web.Application) -> None:
         notify("STOPPING=1")
 
-    app = create_app(config)
     app.on_shutdown.insert(0, stopping)
     web.run_app(app, host=host, port=port, print=announce, loop=loop, **runner_options(config))
     return 0

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from .errors import ApiError
 from .generation import Generation
@@ -128,21 +129,19 @@ class DailyBudget:
             self._day, self._used = day, {}
 
     def _load(self) -> None:
-        ledger = load_state(self._path)
+        ledger = load_state(self._path, _parse_ledger)
         if ledger is None:
             return
-        try:
-            day, used = ledger["day"], ledger["used"]
-            valid = isinstance(day, str) and all(isinstance(k, str) and type(v) is int for k, v in used.items())
-        except (KeyError, TypeError, AttributeError):
-            valid = False
-        if not valid:
-            log.warning(
-                "budget ledger %s is unreadable (unexpected contents): today's usage starts from zero", self._path
-            )
-            return
-        self._day, self._used = day, dict(used)
+        self._day, self._used = ledger
         self._roll()  # a ledger from an earlier day counts for nothing
 
     def _save(self) -> None:
         save_state(self._path, {"day": self._day, "used": self._used})
+
+
+def _parse_ledger(ledger: Any) -> tuple[str, dict[str, int]]:
+    day, used = ledger["day"], ledger["used"]
+    valid = isinstance(used, dict) and all(isinstance(k, str) and type(v) is int for k, v in used.items())
+    if not isinstance(day, str) or not valid:
+        raise ValueError("not a day and the tokens used per access token")
+    return day, dict(used)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -136,11 +137,17 @@ class AccessConfig:
     daily_token_budget: int = 0  # model tokens per access token per UTC day; 0: no budget
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names served without tokens besides loopback ones
-    state_dir: Path | None = None  # where the budget ledger survives restarts
+    state_dir: Path | None = None  # where sign-outs and the budget ledger survive restarts
+    state_dir_from: str = ""  # what chose state_dir, for messages
 
     @property
     def required(self) -> bool:
         return bool(self.tokens)
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether anything goes into state_dir: sign-outs (with tokens) or the budget ledger."""
+        return self.state_dir is not None and (self.required or self.daily_token_budget > 0)
 
 
 @dataclass(frozen=True)
@@ -467,6 +474,7 @@ def _parse_access(section: _Section, environ: Mapping[str, str]) -> AccessConfig
     for index, host in enumerate(hosts):
         if not isinstance(host, str) or not host or any(c in host for c in "/: "):
             raise ConfigError(f'{section.key("allowed_hosts")}[{index}]: must be a host name such as "rill.lan"')
+    state_dir, state_dir_from = _state_dir(environ)
     access = AccessConfig(
         tokens=parse_access_tokens(environ.get(tokens_env, ""), tokens_env) if tokens_env else (),
         tokens_env=tokens_env,
@@ -477,7 +485,8 @@ def _parse_access(section: _Section, environ: Mapping[str, str]) -> AccessConfig
         daily_token_budget=section.get("daily_token_budget", int, AccessConfig.daily_token_budget),
         cors_origins=tuple(o.rstrip("/").lower() for o in origins),
         allowed_hosts=tuple(h.lower() for h in hosts),
-        state_dir=_state_dir(environ),
+        state_dir=state_dir,
+        state_dir_from=state_dir_from,
     )
     if access.daily_token_budget < 0:
         raise ConfigError(f"{section.key('daily_token_budget')}: must be 0 (no budget) or more")
@@ -515,10 +524,58 @@ def parse_access_tokens(text: str, source: str) -> tuple[AccessToken, ...]:
     return tuple(tokens)
 
 
-def _state_dir(environ: Mapping[str, str]) -> Path | None:
-    # systemd's StateDirectory= sets STATE_DIRECTORY (colon-separated when several).
-    value = environ.get("RILL_STATE_DIR") or environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(value) if value else None
+def _state_dir(environ: Mapping[str, str]) -> tuple[Path | None, str]:
+    """RILL_STATE_DIR, else systemd's StateDirectory= (STATE_DIRECTORY, colon-separated
+    when several), else the XDG state home: $XDG_STATE_HOME/rill or ~/.local/state/rill.
+    Only the environment given is read, so a test's explicit environ never finds $HOME."""
+    if value := environ.get("RILL_STATE_DIR"):
+        return Path(value), "RILL_STATE_DIR"
+    if value := environ.get("STATE_DIRECTORY", "").split(":")[0]:
+        return Path(value), "STATE_DIRECTORY, from systemd's StateDirectory="
+    # The XDG spec says to ignore a relative XDG_STATE_HOME.
+    if (value := environ.get("XDG_STATE_HOME", "")).startswith("/"):
+        return Path(value) / "rill", "the default, $XDG_STATE_HOME/rill"
+    if (value := environ.get("HOME", "")).startswith("/"):
+        return Path(value) / ".local/state/rill", "the default, ~/.local/state/rill"
+    return None, ""
+
+
+def prepare_state_dir(access: AccessConfig) -> None:
+    """Make the state directory if it is missing (0700, the XDG spec's mode) and prove
+    that Rill can list it and write in it, when anything is to be kept there.
+
+    Every failure is a ConfigError naming the directory: found at start-up, it is one
+    clear line, not a traceback at the first sign-out or a budget that forgets."""
+    path = access.state_dir
+    if path is None or not access.keeps_state:
+        return
+
+    def fail(problem: str, exc: OSError | None = None) -> ConfigError:
+        reason = f" ({exc.strerror or exc})" if exc is not None else ""
+        return ConfigError(
+            f"state directory {str(path)!r} ({access.state_dir_from}) {problem}{reason}: Rill keeps sign-outs and "
+            "the token budget there; give it to the user Rill runs as, or set RILL_STATE_DIR to another directory"
+        )
+
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise fail("is not a directory") from None
+    except OSError as exc:
+        raise fail("cannot be created", exc) from None
+    try:
+        os.listdir(path)
+    except NotADirectoryError:
+        raise fail("is not a directory") from None
+    except OSError as exc:
+        raise fail("cannot be read", exc) from None
+    # A real write, not os.access(), which answers for the real rather than the effective user.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rill-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise fail("is not writable", exc) from None
 
 
 def _host(env_value: str | None, section: _Section) -> str:
@@ -622,4 +679,6 @@ def load_config(environ: Mapping[str, str] | None = None, cwd: Path | None = Non
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return parse_config(document, env)
+    config = parse_config(document, env)
+    prepare_state_dir(config.access)
+    return config

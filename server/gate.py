@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from .clients import RateWindow
 from .config import AccessConfig
@@ -50,10 +51,8 @@ class Gate:
         self.session_seconds = max(60, int(config.session_days * 86400))
         self.failures = RateWindow(config.failed_sign_ins_per_minute)  # wrong tokens per client
         self._revoked_path = config.state_dir / REVOKED_FILE if config.state_dir and config.tokens else None
-        self._revoked: dict[str, int] = {}  # session id -> when its cookie expires anyway
-        saved = load_state(self._revoked_path)
-        if isinstance(saved, dict):
-            self._revoked = {k: v for k, v in saved.items() if isinstance(k, str) and type(v) is int}
+        # session id -> when its cookie expires anyway
+        self._revoked: dict[str, int] = load_state(self._revoked_path, _parse_revoked) or {}
 
     @property
     def required(self) -> bool:
@@ -109,6 +108,12 @@ class Gate:
     def _signature(self, name: str, payload: str) -> str:
         mac = hmac.new(self._cookie_keys[name], payload.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
+
+def _parse_revoked(saved: Any) -> dict[str, int]:
+    if not isinstance(saved, dict) or not all(isinstance(k, str) and type(v) is int for k, v in saved.items()):
+        raise ValueError("not an object of session ids and expiry times")
+    return dict(saved)
 
 
 def _is_number(text: str) -> bool:

@@ -37,6 +37,8 @@ def test_the_unit_is_hardened_and_waits_for_a_clean_stop(tmp_path: Path) -> None
     unit = settings(UNIT.read_text())
     assert unit["Type"] == ["notify"]
     assert unit["Restart"] == ["on-failure"]
+    # `python -m server` exits 2 on a configuration error: stop at that first clear message.
+    assert unit["RestartPreventExitStatus"] == ["2"]
     for key, value in {
         "DynamicUser": "yes",
         "ProtectSystem": "strict",

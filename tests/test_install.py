@@ -241,3 +241,47 @@ def test_without_root_it_refuses_unless_given_a_root_directory() -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert "run it as root" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("prefix", "hidden_by"),
+    [
+        ("/home/admin/rill", "ProtectHome=yes"),
+        ("/home", "ProtectHome=yes"),
+        ("/root/rill", "ProtectHome=yes"),
+        ("/run/user/1000/rill", "ProtectHome=yes"),
+        ("/tmp/rill", "PrivateTmp=yes"),
+        ("/var/tmp/rill", "PrivateTmp=yes"),
+    ],
+)
+def test_a_prefix_the_units_sandbox_hides_is_refused(
+    checkout: Path, tmp_path: Path, prefix: str, hidden_by: str
+) -> None:
+    # The unit would point at a directory the service cannot see: it could never start.
+    result = install(checkout, tmp_path, *OFFLINE, "--domain", "chat.test", "--prefix", prefix)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"--prefix: {prefix} is hidden from the service by {hidden_by}" in result.stderr
+    assert "/opt/rill" in result.stderr  # what to use instead
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_prefix_is_judged_by_where_its_symlinks_lead(checkout: Path, tmp_path: Path) -> None:
+    # Inside --root DIR, as on the machine it becomes: /opt -> home/admin.
+    (tmp_path / "home/admin").mkdir(parents=True)
+    (tmp_path / "opt").symlink_to("home/admin")
+    result = install(checkout, tmp_path, *OFFLINE, "--domain", "chat.test", "--prefix", "/opt/rill")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--prefix: /opt/rill (which resolves to /home/admin/rill) is hidden from the service" in result.stderr
+    assert not (tmp_path / "home/admin/rill").exists()
+    assert not (tmp_path / "etc").exists()
+
+
+def test_a_prefix_below_a_directory_others_cannot_enter_is_refused(checkout: Path, tmp_path: Path) -> None:
+    (tmp_path / "srv").mkdir(mode=0o750)
+    (tmp_path / "srv").chmod(0o750)
+    result = install(checkout, tmp_path, *OFFLINE, "--domain", "chat.test", "--prefix", "/srv/rill")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--prefix: the service could not reach /srv/rill: /srv is mode 750 (others need x" in result.stderr
+    (tmp_path / "srv").chmod(0o755)
+    install_ok(checkout, tmp_path, "--prefix", "/srv/rill")

@@ -62,7 +62,7 @@ def test_json_lines() -> None:
 
 def test_python_m_server_writes_json_lines_when_asked(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env |= {"RILL_LOG_FORMAT": "json", "RILL_PORT": "0", "PYTHONPATH": str(ROOT)}
+    env |= {"RILL_LOG_FORMAT": "json", "RILL_PORT": "0", "PYTHONPATH": str(ROOT), "RILL_STATE_DIR": str(tmp_path)}
     with subprocess.Popen(
         [sys.executable, "-m", "server"], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
     ) as process:

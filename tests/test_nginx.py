@@ -1,10 +1,15 @@
 """Rill behind a real nginx (Debian's nginx-light) with deploy/nginx/rill.conf, on
-loopback: tokens are not held back by the proxy, and resume by Last-Event-ID works."""
+loopback: tokens are not held back by the proxy, resume by Last-Event-ID works, and the
+site's streaming directives prevent what its comments say they do."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import shutil
+import socket
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -12,8 +17,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from .conftest import Rill, StartRill
-from .fakes import Reply, StreamReader, answer, free_port, text_of
+from .conftest import Rill, StartRill, wait_for
+from .fakes import Reply, StreamReader, answer, chunk, free_port, text_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "deploy" / "nginx" / "rill.conf"
@@ -27,7 +32,7 @@ events {{ worker_connections 256; }}
 http {{
     access_log off;
     client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
+    proxy_temp_path {proxy_temp};
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
@@ -41,24 +46,29 @@ http {{
 """
 
 
-StartProxy = Callable[[Rill], Awaitable[URL]]
+StartProxy = Callable[..., Awaitable[URL]]
 
 
 @pytest.fixture
 async def nginx(tmp_path: Path) -> AsyncIterator[StartProxy]:
     processes: list[asyncio.subprocess.Process] = []
+    # Run as root, nginx's workers are nobody: the temp files they write need a directory
+    # nobody can reach (tmp_path's parents are root's only).
+    proxy_temp = tempfile.mkdtemp(prefix="rill-nginx-proxy-")
+    os.chmod(proxy_temp, 0o777)
 
-    async def start(rill: Rill) -> URL:
+    async def start(rill: Rill, site_text: str | None = None) -> URL:
+        """nginx in front of `rill` with the shipped site, or with `site_text` instead."""
         port = free_port()
         assert rill.url.port is not None
         site = (
-            SITE.read_text()
+            (SITE.read_text() if site_text is None else site_text)
             .replace("127.0.0.1:8080", f"127.0.0.1:{rill.url.port}")
             .replace("listen 80;", f"listen 127.0.0.1:{port};")
             .replace("listen [::]:80;", "")
         )
         (tmp_path / "site.conf").write_text(site)
-        (tmp_path / "nginx.conf").write_text(MAIN_CONFIG.format(dir=tmp_path))
+        (tmp_path / "nginx.conf").write_text(MAIN_CONFIG.format(dir=tmp_path, proxy_temp=proxy_temp))
         process = await asyncio.create_subprocess_exec(
             NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"
         )
@@ -79,6 +89,7 @@ async def nginx(tmp_path: Path) -> AsyncIterator[StartProxy]:
     for process in processes:
         process.terminate()
         await process.wait()
+    shutil.rmtree(proxy_temp)
 
 
 TOKENS = [f"tok{i} " for i in range(12)]
@@ -160,3 +171,67 @@ async def test_an_open_rill_refuses_requests_through_nginx(start_rill: StartRill
             async with session.get(proxy / "api/models", headers=headers) as r:
                 assert r.status == 403
                 assert (await r.json())["error"]["code"] == "host_not_allowed"
+
+
+# What the site's comments say each directive prevents, checked against this nginx.
+def site_with(buffering: str, gzip: str) -> str:
+    text = SITE.read_text()
+    assert "proxy_buffering off;" in text
+    assert "gzip off;" in text
+    return text.replace("proxy_buffering off;", f"proxy_buffering {buffering};").replace("gzip off;", f"gzip {gzip};")
+
+
+@pytest.mark.parametrize(
+    ("buffering", "gzip", "held_back"),
+    [("on", "off", False), ("off", "on", False), ("on", "on", True)],
+    ids=["buffering-on", "gzip-on", "both-on"],
+)
+async def test_tokens_are_held_back_only_by_gzip_with_buffering_on(
+    start_rill: StartRill, nginx: StartProxy, buffering: str, gzip: str, held_back: bool
+) -> None:
+    # With HTTP/1.1 to Rill, nginx passes each chunk on as it comes even when it buffers;
+    # gzip flushes each one while buffering is off, and holds them back when it is on.
+    rill = await start_rill(access=PROXY_GUARDED)
+    proxy = await nginx(rill, site_with(buffering, gzip))
+    rill.fake.script(Reply(chunks=answer(TOKENS, delay=0.15)))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy / "api/chat", json={"messages": [{"role": "user", "content": "Hi"}]}) as r:
+            generation_id = (await r.json())["id"]
+        response = await session.get(proxy / f"api/chat/{generation_id}/events", headers={"Accept-Encoding": "gzip"})
+        assert (response.headers.get("Content-Encoding") == "gzip") == (gzip == "on")
+        reader = StreamReader(response)
+        assert (await reader.read_until("delta")).data["text"] == "tok0 "
+        assert rill.fake.requests[0].closed.is_set() == held_back
+        response.close()
+
+
+BIG_ANSWER = 300  # chunks of 100 kB: 30 MB, more than every socket buffer on the way holds
+
+
+@pytest.mark.parametrize("buffering", ["off", "on"])
+async def test_a_stalled_reader_reaches_rill_only_with_buffering_off(
+    start_rill: StartRill, nginx: StartProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture, buffering: str
+) -> None:
+    # Off: nginx reads from Rill only as fast as the client reads, so Rill sees the stall
+    # and closes the stream after send_timeout. On: nginx spools the stream to a temp file
+    # (up to 1 GB by default) and Rill never knows.
+    caplog.set_level(logging.INFO, logger="server.streaming")
+    rill = await start_rill(access=PROXY_GUARDED, stream={"send_timeout": 2.0})
+    proxy = await nginx(rill, site_with(buffering, "off"))
+    rill.fake.script(Reply(chunks=[chunk("x" * 100_000) for _ in range(BIG_ANSWER)]))
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    async with aiohttp.ClientSession() as session, session.post(proxy / "api/chat", json=chat) as r:
+        generation_id = (await r.json())["id"]
+    assert proxy.port is not None
+    with socket.socket() as stalled:  # a reader that asks for the stream, then reads nothing
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", proxy.port))
+        stalled.sendall(f"GET /api/chat/{generation_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        error_log = tmp_path / "error.log"
+        spooled = "an upstream response is buffered to a temporary file"
+        if buffering == "off":
+            await wait_for(lambda: "closed a stalled reader" in caplog.text, timeout=20)
+            assert spooled not in error_log.read_text()
+        else:
+            await wait_for(lambda: spooled in error_log.read_text(), timeout=20)
+            assert "closed a stalled reader" not in caplog.text

@@ -87,6 +87,7 @@ async def process_url(
             KEY_ENV: SENTINEL_KEY,
             "NOTIFY_SOCKET": notify_socket[0],
             "RILL_EVENT_LOOP": request.param,
+            "RILL_STATE_DIR": str(tmp_path / "state"),  # never the real ~/.local/state
         }
     )
     log_file = (tmp_path / LOG_NAME).open("wb")
