@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +22,7 @@ except ImportError:  # optional: a faster parser for the model API's chunks
 
 from .bodytap import tapped
 from .config import Config, ModelConfig, ProviderConfig
-from .scrub import scrub
+from .scrub import shown
 from .sse import SSEEvent, SSEParser, SSEProtocolError
 
 log = logging.getLogger(__name__)
@@ -32,9 +31,6 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 _DETAIL_MAX = 300
 _URL_MAX = 120  # a redirect target, as shown in a message
 _FINISH_MAX = 64  # an unknown finish reason is passed on verbatim up to this length
-# C0 and C1 control characters (after whitespace runs became one space): not for a
-# client's page or a log line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Same-origin 307/308 redirects followed in a row: enough for a moved path, not a loop.
 MAX_REDIRECTS = 2
 
@@ -411,12 +407,8 @@ def _said(detail: str) -> str:
 
 
 def _clean_detail(text: str, config: Config, *, limit: int = _DETAIL_MAX) -> str:
-    """One line without control characters, secrets removed (before cutting, so no key is
-    cut in half), kept short."""
-    text = scrub(_CONTROL.sub("\ufffd", " ".join(text.split())), config.secrets)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text
+    """One line without control characters, secrets removed (no key cut in half), kept short."""
+    return shown(text, config.secrets, limit)
 
 
 async def _error_detail(response: aiohttp.ClientResponse, config: Config) -> str:

@@ -18,10 +18,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.config import Config
 from server.keys import CONFIG
-from server.scrub import scrub
+from server.scrub import scrub, shown
 
 from .conftest import SENTINEL_KEY, Rill, StartRill, wait_for
 from .fakes import Reply, answer, chunk, sse, terminal, text_of
@@ -311,3 +313,66 @@ def test_scrub_masks_each_of_several_secrets_whole() -> None:
     text = f"{SENTINEL_KEY.upper()} / {base64.b64encode(token.encode()).decode()} / {token}x"
     # base64 keeps a character or two at the edges that the secret shares with its neighbours
     assert re.fullmatch(r"\*\*\* / \*\*\*[A-Za-z0-9+/=]{0,3} / \*\*\*x", scrub(text, (SENTINEL_KEY, token, "")))
+
+
+# --- what a message shows of a long text ------------------------------------------------------
+
+KEY_PIECES = [SENTINEL_KEY[i : i + 12] for i in range(len(SENTINEL_KEY) - 11)]
+
+
+def shows_part_of_the_key(text: str) -> bool:
+    """Any 12 characters of the key in a row, however the text is decoded: stricter than
+    exposes_key, for a key cut in half."""
+    return any(piece.lower() in decoded.lower() for decoded in _decodings(text) for piece in KEY_PIECES)
+
+
+FILLER = st.text(alphabet="xyzQ .,!?\n\t\u00e9\u4e16", max_size=80)
+RUNS = st.builds(lambda c, n: c * n, st.sampled_from([" ", "\n", "\u200b", "x", "\x01"]), st.integers(0, 3000))
+FORMS = st.sampled_from([SENTINEL_KEY, *(form for form, _ in ALTERED.values())])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(FILLER, RUNS, FORMS), max_size=25), st.integers(1, 400))
+def test_a_message_never_shows_part_of_a_key(parts: list[str], limit: int) -> None:
+    """However the key's forms fall against the message's limit, the raw text's cut (where
+    the work stops on a long text) and collapsed whitespace, no part of it shows."""
+    text = "".join(parts)
+    out = shown(text, (SENTINEL_KEY,), limit)
+    assert len(out) <= limit
+    assert "\n" not in out
+    assert not shows_part_of_the_key(out), out
+
+
+def test_a_message_is_the_start_of_the_text_on_one_line() -> None:
+    assert shown("  Rate limit\n\treached. ", (SENTINEL_KEY,), 300) == "Rate limit reached."
+    assert shown("a\x00b\u200bc", (SENTINEL_KEY,), 300) == "a\ufffdbc"
+    assert shown("word " * 100, (SENTINEL_KEY,), 20) == "word word word word…"
+    assert shown(f"x {SENTINEL_KEY} y " + "z" * 10**6, (SENTINEL_KEY,), 12) == "x *** y zzz…"
+    # A long text's start is shown, its key masked, the rest not even looked at.
+    assert (
+        shown(f"{SENTINEL_KEY.upper()} " + "long " * 200_000, (SENTINEL_KEY,), 30) == "*** long long long long long …"
+    )
+
+
+# One of each kind of form: a plain run, an encoding, spread out, inside base64.
+SWEPT = ["plain", "percent", "json_escaped", "spaced", "line_broken", "zero_width", "hex", "base64_bearer"]
+
+
+@pytest.mark.parametrize("form", SWEPT)
+@pytest.mark.parametrize(
+    ("padding", "reach"),
+    [(" ", 4000), ("\u200b", 4000), ("x ", 400)],  # text that collapses shows no more than `limit`
+    ids=["spaces", "invisible", "text"],
+)
+def test_a_key_form_at_any_offset_is_never_shown_in_part(form: str, padding: str, reach: int) -> None:
+    """Sweeps a form of the key across every place a long text can be cut (the message's
+    limit, the raw text's cut), after text that collapses to nothing or to a little."""
+    form = SENTINEL_KEY if form == "plain" else ALTERED[form][0]
+    checked: set[str] = set()
+    for offset in range(0, reach, 5):
+        text = padding * (offset // len(padding)) + form + " tail" * 400
+        for limit in (20, 300):
+            out = shown(text, (SENTINEL_KEY,), limit)
+            if out not in checked:  # most offsets give one of a few messages
+                assert not shows_part_of_the_key(out), (offset, limit, out)
+                checked.add(out)
