@@ -13,6 +13,9 @@ from .generation import Generation
 
 # How each ending counts as a cancellation (a generation that ended before its answer).
 _CANCELLED = {"cancelled": "stop", "abandoned": "abandoned", "server_shutdown": "shutdown"}
+# Finish reasons counted under their own label; any other (the upstream's own words,
+# passed on verbatim in `done`) is counted as `other`, so no upstream can add series.
+_OUTCOMES = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call", "cancelled"})
 
 
 class Metrics:
@@ -68,7 +71,7 @@ class Metrics:
         data = json.loads(terminal.data)
         if terminal.name == "done":
             reason = data.get("finish_reason", "stop")
-            self.generations.labels(outcome=reason).inc()
+            self.generations.labels(outcome=reason if reason in _OUTCOMES else "other").inc()
             cancelled = _CANCELLED.get(reason)
         else:
             code = data.get("code", "internal_error")

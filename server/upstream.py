@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+from yarl import URL
 
 try:
     import orjson
@@ -21,13 +22,17 @@ except ImportError:  # optional: a faster parser for the model API's chunks
 
 from .bodytap import tapped
 from .config import Config, ModelConfig, ProviderConfig
+from .scrub import shown
 from .sse import SSEEvent, SSEParser, SSEProtocolError
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
-_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}")
 _DETAIL_MAX = 300
+_URL_MAX = 120  # a redirect target, as shown in a message
+_FINISH_MAX = 64  # an unknown finish reason is passed on verbatim up to this length
+# Same-origin 307/308 redirects followed in a row: enough for a moved path, not a loop.
+MAX_REDIRECTS = 2
 
 
 class UpstreamError(Exception):
@@ -89,14 +94,6 @@ class ChatRequest:
         return headers
 
 
-def scrub(text: str, secrets: Sequence[str]) -> str:
-    """Remove secrets (and anything shaped like an API key) from text we did not write."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return _KEY_LIKE.sub("sk-***", text)
-
-
 def client_timeout(config: Config) -> aiohttp.ClientTimeout:
     """No total: answers stream for minutes. sock_read is the idle limit between bytes."""
     t = config.timeouts
@@ -135,7 +132,7 @@ async def stream_chat(
                 async with tapped(response.content, body):
                     body.watch(response)
                     try:
-                        finish_reason = _finish_reason(await body.finished, body.finish_reason)
+                        finish_reason = _finish_reason(await body.finished, body.finish_reason, config)
                         sink.on_finish(finish_reason)  # readers hear of the end before the connection is settled
                         deadline.reschedule(None)  # the body's last bytes are held to no deadline but their own
                         body_ended = await body.settle()
@@ -180,13 +177,11 @@ async def _open_with_retries(
     attempts = config.upstream.retries + 1
     for attempt in range(attempts):
         try:
-            response = await session.post(
-                request.provider.completions_url,
-                json=request.body(),
-                headers=request.headers(),
-            )
+            response = await _post(session, request)
         except aiohttp.ServerTimeoutError as exc:
             error = _timeout_error(exc, config)
+        except aiohttp.ClientSSLError as exc:
+            error = _tls_error(exc, request.provider, config)
         except aiohttp.ClientConnectorError:
             error = _unreachable(request.provider)
         except aiohttp.ClientError:
@@ -221,6 +216,99 @@ async def _open_with_retries(
     raise AssertionError("unreachable: the loop returns or raises")
 
 
+async def _post(session: aiohttp.ClientSession, request: ChatRequest) -> aiohttp.ClientResponse:
+    """Sends the request. A redirect is followed only to the same origin (scheme, host and
+    port) and only as a 307/308, which keeps the POST, at most MAX_REDIRECTS in a row:
+    aiohttp itself would send the conversation and the API key to any host the upstream
+    names, even over plain http. Any other redirect is returned, for _status_error."""
+    url = request.provider.completions_url
+    for hop in range(MAX_REDIRECTS + 1):
+        response = await session.post(url, json=request.body(), headers=request.headers(), allow_redirects=False)
+        if response.status not in (307, 308) or hop == MAX_REDIRECTS:
+            return response
+        target = _redirect_target(response)
+        if target is None or target.origin() != url.origin():
+            return response
+        response.release()
+        log.info("upstream redirect (%d) followed on the same origin", response.status)
+        url = target
+    raise AssertionError("unreachable: the loop returns")
+
+
+def _redirect_target(response: aiohttp.ClientResponse) -> URL | None:
+    """Where a redirect points (relative to the request), or None without a usable Location."""
+    location = response.headers.get("Location")
+    if not location:
+        return None
+    try:
+        target = response.url.join(URL(location))
+    except (ValueError, TypeError):
+        return None
+    return target if target.is_absolute() else None
+
+
+def _shown_url(url: URL, config: Config) -> str:
+    """A URL for a message: no credentials, query or fragment, decoded as a person reads it
+    (and as scrub finds secrets in it: yarl would percent-encode a JSON escape), secrets
+    removed, kept short."""
+    try:
+        shown = url.with_user(None).with_query(None).with_fragment(None).human_repr()
+    except ValueError:
+        shown = url.human_repr()
+    return _clean_detail(shown, config, limit=_URL_MAX)
+
+
+def _redirect_error(response: aiohttp.ClientResponse, config: Config) -> UpstreamError:
+    status = response.status
+    target = _redirect_target(response)
+    advice = "If the API has moved, set base_url in config.toml to its new address."
+    if target is None:
+        message = f"The model API answered with a redirect (HTTP {status}) that names no usable address. {advice}"
+    else:
+        shown = _shown_url(target, config)
+        if target.origin() != response.url.origin():
+            message = (
+                f"The model API redirected the request to another server ({shown}). Rill does not follow "
+                f"that: the conversation and the API key would go with it. {advice}"
+            )
+        elif status in (307, 308):
+            message = (
+                f"The model API redirected the request more than {MAX_REDIRECTS} times (last to {shown}). {advice}"
+            )
+        else:
+            message = (
+                f"The model API answered HTTP {status} with a redirect to {shown}, which would drop the "
+                f"request's body. {advice}"
+            )
+    log.warning("upstream redirect refused (HTTP %d): %s", status, message)
+    return UpstreamError("upstream_redirect", message, status=status)
+
+
+def _tls_error(exc: aiohttp.ClientSSLError, provider: ProviderConfig, config: Config) -> UpstreamError:
+    """A refused certificate (or a failed TLS handshake) is no outage: asking again in a
+    moment gets the same answer, so it is not retried. Only an EOF or reset in the middle
+    of the handshake may be passing."""
+    url = provider.base_url
+    cause = exc.certificate_error if isinstance(exc, aiohttp.ClientConnectorCertificateError) else exc.os_error
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        why = _clean_detail(str(getattr(cause, "verify_message", None) or ""), config)
+        message = (
+            f"Rill refused the TLS certificate of the model API at {url.host}:{url.port}"
+            f"{f' ({why})' if why else ''}. Check base_url in config.toml, or the certificate on that server."
+        )
+    elif isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
+        return _unreachable(provider)
+    else:
+        reason = getattr(cause, "reason", None)
+        why = _clean_detail(reason.replace("_", " ").lower(), config) if isinstance(reason, str) else ""
+        message = (
+            f"The TLS handshake with the model API at {url.host}:{url.port} failed"
+            f"{f' ({why})' if why else ''}. Check base_url in config.toml: https:// only where the API serves HTTPS."
+        )
+    log.warning("upstream TLS failure: %s", message)
+    return UpstreamError("upstream_tls", message)
+
+
 def _unreachable(provider: ProviderConfig) -> UpstreamError:
     url = provider.base_url
     return UpstreamError(
@@ -248,13 +336,21 @@ def _timeout_error(exc: aiohttp.ServerTimeoutError, config: Config) -> UpstreamE
 
 async def _status_error(response: aiohttp.ClientResponse, provider: ProviderConfig, config: Config) -> UpstreamError:
     status = response.status
+    if 300 <= status < 400:
+        return _redirect_error(response, config)
     detail = await _error_detail(response, config)
     said = _said(detail)
     if status == 401 or status == 403:
         where = provider.api_key_env or "the provider's API key"
+        log.warning(
+            "the model API (%s) rejected the API key (HTTP %d): check %s and restart Rill", provider.name, status, where
+        )
+        # With access tokens visitors cannot fix it (nor need to know where the key lives);
+        # without them this is a local, single-user run: the visitor is the operator.
+        advice = "Please tell whoever runs this Rill." if config.access.required else f"Check {where} and restart Rill."
         return UpstreamError(
             "upstream_auth",
-            f"The model API rejected the API key (HTTP {status}). Check {where} and restart Rill.{said}",
+            f"The model API rejected this server's API key (HTTP {status}). {advice}{said}",
             status=status,
         )
     if status == 402:
@@ -310,12 +406,9 @@ def _said(detail: str) -> str:
     return f" The API said: {detail}{end}"
 
 
-def _clean_detail(text: str, config: Config) -> str:
-    """One line, secrets removed (before cutting, so no key is cut in half), kept short."""
-    text = scrub(" ".join(text.split()), config.secrets)
-    if len(text) > _DETAIL_MAX:
-        text = text[: _DETAIL_MAX - 1] + "…"
-    return text
+def _clean_detail(text: str, config: Config, *, limit: int = _DETAIL_MAX) -> str:
+    """One line without control characters, secrets removed (no key cut in half), kept short."""
+    return shown(text, config.secrets, limit)
 
 
 async def _error_detail(response: aiohttp.ClientResponse, config: Config) -> str:
@@ -362,8 +455,10 @@ def _check_event_stream(response: aiohttp.ClientResponse, config: Config) -> Non
         )
 
 
-def _finish_reason(saw_done: bool, finish_reason: str | None) -> str:
+def _finish_reason(saw_done: bool, finish_reason: str | None, config: Config) -> str:
     """How the answer ended, or why it counts as cut."""
+    if finish_reason is not None and finish_reason not in KNOWN_FINISH_REASONS:
+        finish_reason = _clean_detail(finish_reason, config, limit=_FINISH_MAX) or None
     if saw_done:
         return _finish(finish_reason or "stop")
     if finish_reason is not None:
@@ -567,16 +662,32 @@ def _seen(closed: asyncio.Future[None]) -> None:
         closed.exception()
 
 
+# The reasons an answer commonly ends with (OpenAI's), passed on without a second look.
+KNOWN_FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
+# Reasons that say the answer failed: vLLM's `abort`, `error` without an error object, and
+# an upstream's own `cancelled`, which must not pass for the user's Stop (Rill's `cancelled`).
+ABORT_FINISH_REASONS = frozenset({"abort", "aborted", "error", "cancelled", "canceled"})
+
+
 def _finish(reason: str) -> str:
+    """The finish reason for `done`, or the error it stands for. A reason Rill does not
+    know (tool_calls, vendor-specific ones) is passed on verbatim: never turned into
+    `stop`, which would make an answer that ended for another reason look complete."""
+    if reason in KNOWN_FINISH_REASONS:
+        return reason
     if reason == "insufficient_system_resource":
         raise UpstreamError(
             "upstream_overloaded",
             "The model ran out of resources before finishing. The text so far is kept; try again in a moment.",
             retryable=True,
         )
-    if reason in ("stop", "length", "content_filter"):
-        return reason
-    return "stop"  # tool_calls and vendor-specific reasons end a plain chat normally
+    if reason.lower() in ABORT_FINISH_REASONS:
+        raise UpstreamError(
+            "upstream_aborted",
+            f"The model API broke off the answer (finish reason “{reason}”). The text so far is kept; try again.",
+            retryable=True,
+        )
+    return reason
 
 
 def _loads(data: str) -> Any:

@@ -76,7 +76,7 @@ async def test_get_stream_upstream_error_is_an_error_event_then_end(start_rill: 
     events = parse(raw)
     assert [name for name, _ in events] == ["error", "message"]
     message = events[0][1]
-    assert message.startswith("The model API rejected the API key (HTTP 401).")
+    assert message.startswith("The model API rejected this server's API key (HTTP 401).")
     assert "no such key" in message
     assert not message.startswith("{")  # the human message, not the JSON of the API's error event
     assert events[1][1] == "[STREAM_END]"

@@ -122,7 +122,7 @@ async def test_trusted_types_refuse_raw_html_in_the_page(rill: Rill, open_page: 
 ERRORS = [
     pytest.param(
         [Reply(status=401, body=b'{"error": {"message": "Authentication Fails"}}')],
-        "The model API rejected the API key (HTTP 401). Check FAKE_API_KEY",
+        "The model API rejected this server's API key (HTTP 401). Check FAKE_API_KEY",
         id="401",
     ),
     pytest.param(
