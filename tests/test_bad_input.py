@@ -327,6 +327,10 @@ async def test_static_files_ignore_ranges_and_preconditions(start_rill: StartRil
         async with rill.session.get(rill.url / "static/app.css", headers=headers) as response:
             assert response.status == 200, headers
             assert await response.read() == whole
+    async with rill.session.get(rill.url / "static/app.css") as response:
+        etag = response.headers["ETag"]
+    async with rill.session.get(rill.url / "static/app.css", headers={"If-None-Match": etag}) as response:
+        assert response.status == 304  # revalidation still works
 
 
 def deflate_raw(data: bytes) -> bytes:
