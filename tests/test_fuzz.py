@@ -236,9 +236,13 @@ def exchange(
     body: bytes | None = None,
     skip: frozenset[str] = frozenset(),
 ) -> Answer:
+    before = len(records.records)
     answer = served.run(served.request(method, target, CIMultiDict(headers), body, skip))
     check(answer, method)
     assert records.bad() == []
+    if answer.status >= 400:  # every refusal is logged, at INFO or WARNING, by Rill itself
+        logged = records.records[before:]
+        assert any(r.name.startswith("server.") and r.levelno in (logging.INFO, logging.WARNING) for r in logged)
     return answer
 
 
