@@ -81,6 +81,8 @@ def runner_options(config: Config) -> dict[str, Any]:
         # Handlers are not cancelled on disconnect; the monitor task notices closed
         # connections instead, so a half-finished POST never leaves a partial state.
         "handler_cancellation": False,
+        # Request bodies are decoded by bodies.read_body, where a bad one is a clean 400.
+        "auto_decompress": False,
     }
 
 

@@ -9,6 +9,7 @@ import re
 import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import TextIO
 
 from aiohttp import web
 from multidict import istr
@@ -48,18 +49,83 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# What could end a log line or disguise one, from anywhere a client reaches (a URL path,
+# a header, an exception's message): C0 controls (LF, CR, ESC...), DEL, C1 controls (NEL),
+# the Unicode line and paragraph separators, the bidi controls that reorder what a
+# terminal shows, and lone surrogates (not text; they cannot even be written as UTF-8).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# The lines after a record's first (a traceback) start with this: no text, however it is
+# made, can start a line that passes for a record of its own.
+CONTINUATION = "  | "
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """The text on one line, each unsafe character written as a Python-style escape."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def escape_block(text: str) -> str:
+    """Multi-line text of ours (a traceback): its lines kept, each escaped, and every one
+    after the first marked as a continuation, so that an exception message with line
+    breaks in it cannot start what looks like a record."""
+    return f"\n{CONTINUATION}".join(escape_controls(line) for line in text.rstrip("\n").split("\n"))
+
+
+def _details(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    """The record's traceback and stack, as logging.Formatter.format would add them."""
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)  # cached raw, as logging does
+    parts = [record.exc_text] if record.exc_text else []
+    if record.stack_info:
+        parts.append(formatter.formatStack(record.stack_info))
+    return "\n".join(parts)
+
+
+class TextFormatter(logging.Formatter):
+    """logging.Formatter, with every field escaped: one record, one line (plus a marked
+    continuation line per traceback line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = escape_controls(self.formatMessage(record))
+        details = _details(self, record)
+        return f"{line}\n{CONTINUATION}{escape_block(details)}" if details else line
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; its values escaped the same way as the text format's, so
+    a log viewer that prints a message or a traceback cannot be fooled either."""
+
     def format(self, record: logging.LogRecord) -> str:
         line = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", "-"),
+            "logger": escape_controls(record.name),
+            "message": escape_controls(record.getMessage()),
+            "request_id": escape_controls(str(getattr(record, "request_id", "-"))),
         }
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+        if details := _details(self, record):
+            line["exception"] = escape_block(details)
         return json.dumps(line, ensure_ascii=False)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+
+def log_handler(json_lines: bool, stream: TextIO | None = None) -> logging.Handler:
+    """The handler configure_logging installs (tests build theirs the same way)."""
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
+    return handler
 
 
 def configure_logging(level: str, json_lines: bool) -> None:
@@ -69,10 +135,4 @@ def configure_logging(level: str, json_lines: bool) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    if json_lines:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(json_lines)])

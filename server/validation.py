@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .bodies import read_body
 from .catalog import Catalog
 from .config import LimitsConfig
 from .errors import ApiError
@@ -44,10 +45,10 @@ def invalid(code: str, message: str) -> ApiError:
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json.")
-    raw = await request.read()  # aiohttp enforces client_max_size here (413)
+    raw = await read_body(request)
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         raise invalid("bad_json", "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise invalid("invalid_body", "The request body must be a JSON object.")
@@ -103,11 +104,9 @@ def _parse_messages(value: Any, limits: LimitsConfig) -> tuple[dict[str, str], .
         if not isinstance(item, dict) or set(item) - {"role", "content"}:
             raise invalid("invalid_message", f"messages[{index}] must be an object with only 'role' and 'content'.")
         role, content = item.get("role"), item.get("content")
-        if role not in ROLES:
-            raise invalid(
-                "invalid_role",
-                f"messages[{index}].role must be one of system, user, assistant; got {role!r}.",
-            )
+        if not isinstance(role, str) or role not in ROLES:
+            got = ascii(role[:40]) if isinstance(role, str) else f"a JSON {_json_type(role)}"
+            raise invalid("invalid_role", f"messages[{index}].role must be one of system, user, assistant; got {got}.")
         if not isinstance(content, str):
             raise invalid("invalid_content", f"messages[{index}].content must be a string.")
         if _SURROGATE.search(content):
@@ -126,6 +125,17 @@ def _parse_messages(value: Any, limits: LimitsConfig) -> tuple[dict[str, str], .
             "Start a new conversation.",
         )
     return tuple(messages)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages (never its repr: it may be huge or deep)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return "array" if isinstance(value, list) else "object"
 
 
 def _parse_options(value: Any, limits: LimitsConfig) -> tuple[float | None, int | None]:

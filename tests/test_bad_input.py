@@ -4,14 +4,20 @@ trace, no upstream request, no generation, and a server that keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from multidict import CIMultiDictProxy
+from yarl import URL
+
+from server.bodies import decode_body
+from server.errors import ApiError
 
 from .conftest import Rill, StartRill, wait_for
 from .fakes import Reply, answer, chunk, terminal, text_of
@@ -64,6 +70,7 @@ CASES: dict[str, Bad] = {
     "not_json_text": Bad(b"hello", 400, "bad_json"),
     "empty_body": Bad(b"", 400, "bad_json"),
     "not_utf8": Bad(b'{"messages": "\xff\xfe\xfa"}', 400, "bad_json"),
+    "deep_nesting": Bad(b"[" * 1999, 400, "bad_json"),  # past the JSON parser's recursion limit
     "json_array": Bad(b"[1, 2]", 400, "invalid_body"),
     "json_string": Bad(b'"messages"', 400, "invalid_body"),
     "json_null": Bad(b"null", 400, "invalid_body"),
@@ -88,6 +95,11 @@ CASES: dict[str, Bad] = {
     "unknown_role": Bad(encode({"messages": [{"role": "tool", "content": "Hi"}]}), 400, "invalid_role"),
     "role_missing": Bad(encode({"messages": [{"content": "Hi"}]}), 400, "invalid_role"),
     "role_wrong_case": Bad(encode({"messages": [{"role": "User", "content": "Hi"}]}), 400, "invalid_role"),
+    "role_list": Bad(encode({"messages": [{"role": ["user"], "content": "Hi"}]}), 400, "invalid_role"),
+    "role_object": Bad(encode({"messages": [{"role": {"user": 1}, "content": "Hi"}]}), 400, "invalid_role"),
+    "role_deep_list": Bad(
+        b'{"messages": [{"role": ' + b"[" * 500 + b"]" * 500 + b', "content": "Hi"}]}', 400, "invalid_role"
+    ),
     "content_number": Bad(encode({"messages": [{"role": "user", "content": 5}]}), 400, "invalid_content"),
     "content_missing": Bad(encode({"messages": [{"role": "user"}]}), 400, "invalid_content"),
     "content_list": Bad(encode({"messages": [{"role": "user", "content": ["Hi"]}]}), 400, "invalid_content"),
@@ -131,6 +143,12 @@ class Answer:
     status: int
     headers: CIMultiDictProxy[str]
     text: str
+
+
+async def send_encoded(rill: Rill, method: str, path: str, body: bytes, coding: str) -> Answer:
+    headers = {"Content-Type": JSON, "Content-Encoding": coding}
+    async with rill.session.request(method, rill.url / path.lstrip("/"), data=body, headers=headers) as response:
+        return Answer(response.status, response.headers, await response.text())
 
 
 async def send(
@@ -267,6 +285,150 @@ async def test_missing_static_file_is_404_json(start_rill: StartRill, caplog: py
     rill = await start_rill()
     check_error(await send(rill, "GET", "/static/missing.css"), 404, "not_found")
     assert logged(caplog, 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/a%00b",  # a NUL: pathlib refuses it with ValueError
+        "/static/%00",
+        "/static/" + "x" * 300,  # longer than a file name may be: OSError
+        "/static/js/" + "y" * 256 + ".js",
+        "/static/" + "/".join(["z" * 255] * 20),  # longer than a path may be
+        "/static/..%2f..%2fREADME.md",
+        "/static/%2e%2e/templates/index.html",
+    ],
+)
+async def test_odd_static_paths_are_404_json(
+    start_rill: StartRill, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    rill = await start_rill()
+    async with rill.session.get(URL(str(rill.url) + path, encoded=True)) as response:
+        answer_ = Answer(response.status, response.headers, await response.text())
+    check_error(answer_, 404, "not_found")
+    assert logged(caplog, 404, "not_found")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_static_files_ignore_ranges_and_preconditions(start_rill: StartRill) -> None:
+    """FileResponse would answer these with a bare 416/412 no error middleware can reach."""
+    rill = await start_rill()
+    async with rill.session.get(rill.url / "static/app.css") as response:
+        whole = await response.read()
+    for headers in (
+        {"Range": "bytes=999999-"},
+        {"Range": "bytes=0-1,5-6"},
+        {"Range": "nonsense"},
+        {"Range": "bytes=0-9"},
+        {"If-Match": '"nope"'},
+        {"If-Unmodified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"},
+    ):
+        async with rill.session.get(rill.url / "static/app.css", headers=headers) as response:
+            assert response.status == 200, headers
+            assert await response.read() == whole
+    async with rill.session.get(rill.url / "static/app.css") as response:
+        etag = response.headers["ETag"]
+    async with rill.session.get(rill.url / "static/app.css", headers={"If-None-Match": etag}) as response:
+        assert response.status == 304  # revalidation still works
+
+
+def deflate_raw(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-15)
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.mark.parametrize(
+    ("coding", "body"),
+    [
+        ("gzip", gzip.compress(chat())),
+        ("x-gzip", gzip.compress(chat())),
+        ("GZip", gzip.compress(chat())),
+        ("deflate", zlib.compress(chat())),
+        ("deflate", deflate_raw(chat())),  # what many clients send as deflate
+        ("identity", chat()),
+        ("", chat()),
+    ],
+    ids=["gzip", "x-gzip", "GZip", "deflate-zlib", "deflate-raw", "identity", "none"],
+)
+async def test_compressed_bodies_are_accepted(start_rill: StartRill, coding: str, body: bytes) -> None:
+    """Rill decodes request bodies itself (aiohttp's decoding is off): this fails if an
+    aiohttp upgrade stops honouring auto_decompress=False (the body would be decoded twice)."""
+    rill = await start_rill()
+    async with rill.session.post(
+        rill.url / "api/chat", data=body, headers={"Content-Type": JSON, "Content-Encoding": coding}
+    ) as response:
+        assert response.status == 201, await response.text()
+
+
+@pytest.mark.parametrize(
+    ("coding", "body", "status", "code"),
+    [
+        ("gzip", chat(), 400, "bad_encoding"),  # says gzip, is not
+        ("gzip", gzip.compress(chat())[:-8], 400, "bad_encoding"),  # cut short
+        ("gzip", gzip.compress(chat()) + b"more", 400, "bad_encoding"),
+        ("deflate", b"\x00\x01garbage", 400, "bad_encoding"),
+        ("br", chat(), 400, "bad_encoding"),  # not supported
+        ("zstd", chat(), 400, "bad_encoding"),
+        ("gzip, gzip", gzip.compress(gzip.compress(chat())), 400, "bad_encoding"),
+        ("compress", chat(), 400, "bad_encoding"),
+        ("gzip", gzip.compress(b" " * 3000), 413, "body_too_large"),  # a bomb: over max_body_bytes decoded
+    ],
+    ids=["not-gzip", "gzip-cut", "gzip-trailing", "deflate-garbage", "br", "zstd", "gzip-twice", "compress", "bomb"],
+)
+async def test_bad_content_encoding_is_a_clean_4xx(
+    start_rill: StartRill, caplog: pytest.LogCaptureFixture, coding: str, body: bytes, status: int, code: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    rill = await start_rill(limits=LIMITS)
+    answer_ = await send_encoded(rill, "POST", "/api/chat", body, coding)
+    check_error(answer_, status, code)
+    await assert_nothing_started(rill)
+    assert logged(caplog, status, code)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    # The same connection serves on: nothing broke inside it.
+    status_, body_ = await rill.post_chat()
+    assert status_ == 201, body_
+
+
+async def test_bad_gzip_body_is_no_error_where_nothing_reads_it(
+    start_rill: StartRill, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp decoded bodies as they arrived: a bad one failed after the response, with
+    an ERROR traceback, even on a handler that never reads the body."""
+    caplog.set_level(logging.INFO)
+    rill = await start_rill()
+    for method, path in [("DELETE", "/api/session"), ("GET", "/api/models"), ("GET", "/healthz")]:
+        answer_ = await send_encoded(rill, method, path, b"not gzip at all", "gzip")
+        assert answer_.status == 200, answer_.text
+    await asyncio.sleep(0.1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert (await rill.post_chat())[0] == 201
+
+
+async def test_sign_in_with_deeply_nested_json_is_bad_json(
+    start_rill: StartRill, caplog: pytest.LogCaptureFixture
+) -> None:
+    """POST /api/session needs no token: its body parser is open to anyone."""
+    caplog.set_level(logging.INFO)
+    rill = await start_rill(environ={"RILL_ACCESS_TOKENS": "alice:alice-0123456789abcdefghij"})
+    check_error(await send(rill, "POST", "/api/session", b"[" * 100_000), 400, "bad_json")
+    check_error(await send_encoded(rill, "POST", "/api/session", b'{"token": "x"}', "gzip"), 400, "bad_encoding")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_decode_body() -> None:
+    assert decode_body(b"plain", "", 100) == b"plain"
+    assert decode_body(b"", "gzip", 100) == b""  # an empty body is empty in any coding
+    assert decode_body(gzip.compress(b"x" * 100), "gzip", 100) == b"x" * 100  # the limit is inclusive
+    with pytest.raises(ApiError) as caught:
+        decode_body(gzip.compress(b"x" * 101), "gzip", 100)
+    assert (caught.value.status, caught.value.code) == (413, "body_too_large")
+    with pytest.raises(ApiError) as caught:
+        decode_body(b"x", "br\r\nX-Evil: 1" + "z" * 100, 100)
+    assert caught.value.code == "bad_encoding"
+    assert "\n" not in caught.value.message  # the coding is shown escaped, and cut
+    assert len(caught.value.message) < 160
 
 
 @pytest.mark.parametrize(
