@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,21 @@ from server.sse import SSEParser
 
 # Items of Reply.chunks: bytes are written, numbers are seconds to sleep.
 Chunk = bytes | float
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "raw-deflate": -zlib.MAX_WBITS}
+
+
+def compressed(chunks: Iterable[Chunk], encoding: str = "gzip") -> Iterator[Chunk]:
+    """The chunks compressed as one stream (gzip, deflate, or raw-deflate: deflate without
+    its zlib header, as some servers send it), each flushed so it can be read on arrival.
+    Send with headers={"Content-Encoding": "gzip" or "deflate"}. Lazy: a generator."""
+    deflate = zlib.compressobj(6, zlib.DEFLATED, _WBITS[encoding])
+    for item in chunks:
+        if isinstance(item, bytes):
+            yield deflate.compress(item) + deflate.flush(zlib.Z_SYNC_FLUSH)
+        else:
+            yield item
+    yield deflate.flush()
 
 
 def sse(payload: Any) -> bytes:
@@ -74,7 +90,7 @@ def answer(
 class Reply:
     """What the fake upstream does for one request."""
 
-    chunks: list[Chunk] = field(default_factory=list)
+    chunks: Iterable[Chunk] = field(default_factory=list)  # a generator is read as the reply goes
     status: int = 200
     body: bytes = b""  # for non-200 replies
     headers: dict[str, str] = field(default_factory=dict)
