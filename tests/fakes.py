@@ -4,6 +4,7 @@ each test scripts, plus a small SSE client for reading Rill's streams."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import zlib
@@ -90,7 +91,8 @@ def answer(
 class Reply:
     """What the fake upstream does for one request."""
 
-    chunks: Iterable[Chunk] = field(default_factory=list)  # a generator is read as the reply goes
+    chunks: list[Chunk] = field(default_factory=list)
+    stream: Iterable[Chunk] = ()  # after chunks, made as it is sent (a generator: endless, or too big to keep)
     status: int = 200
     body: bytes = b""  # for non-200 replies
     headers: dict[str, str] = field(default_factory=dict)
@@ -137,7 +139,7 @@ class FakeUpstream:
             response = web.StreamResponse(headers=reply.headers)
             response.content_type = reply.content_type
             await response.prepare(request)
-            for item in reply.chunks:
+            for item in itertools.chain(reply.chunks, reply.stream):
                 if isinstance(item, bytes):
                     await response.write(item)
                 else:

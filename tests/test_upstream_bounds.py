@@ -87,7 +87,7 @@ def test_the_answer_limit_is_derived_from_max_tokens() -> None:
 
 async def test_an_endless_answer_ends_at_the_cap_and_keeps_its_text(start_rill: StartRill) -> None:
     rill = await start_rill()
-    rill.fake.script(Reply(chunks=endless_tokens(), end="hang"))
+    rill.fake.script(Reply(stream=endless_tokens(), end="hang"))
     loop = asyncio.get_running_loop()
     started = loop.time()
     events = await run_chat(rill, options={"max_tokens": 2048})  # 2 MiB of stream
@@ -109,7 +109,7 @@ async def test_an_endless_answer_ends_at_the_cap_and_keeps_its_text(start_rill: 
 
 async def test_the_cap_can_be_set(start_rill: StartRill) -> None:
     rill = await start_rill(limits={"max_answer_bytes": 100_000})
-    rill.fake.script(Reply(chunks=endless_tokens(), end="hang"))
+    rill.fake.script(Reply(stream=endless_tokens(), end="hang"))
     events = await run_chat(rill)
 
     assert error_of(events)["code"] == "answer_too_large"
@@ -140,7 +140,7 @@ def many_data_lines(count: int, width: int = 100) -> Iterator[Chunk]:
 
 async def test_an_event_of_150000_data_lines_is_refused_without_being_built(start_rill: StartRill) -> None:
     rill = await start_rill(upstream={"max_event_chars": 200_000})
-    rill.fake.script(Reply(chunks=[chunk("Kept"), *many_data_lines(150_000)], end="hang"))
+    rill.fake.script(Reply(chunks=[chunk("Kept")], stream=many_data_lines(150_000), end="hang"))
     with PeakMemory() as memory:
         events = await run_chat(rill)
 
@@ -173,7 +173,7 @@ async def test_the_event_limit_defaults_to_twice_the_line_limit(start_rill: Star
 async def test_a_compressed_answer_streams_token_by_token(rill: Rill, encoding: str, header: str) -> None:
     tokens = ["Hello", ",", " 世界", " 🎉", " and", " more"]
     rill.fake.script(
-        Reply(chunks=compressed(answer(tokens, delay=0.05), encoding), headers={"Content-Encoding": header})
+        Reply(stream=compressed(answer(tokens, delay=0.05), encoding), headers={"Content-Encoding": header})
     )
     generation_id = await rill.start_chat()
     reader = await rill.open_stream(generation_id)
@@ -204,7 +204,7 @@ async def test_a_large_compressed_answer_is_read_in_pieces(start_rill: StartRill
 async def test_a_gzip_bomb_of_zeros_ends_quickly_in_bounded_memory(start_rill: StartRill) -> None:
     rill = await start_rill(upstream={"max_line_chars": 4 * MB})
     _member("zeros")  # made before measuring
-    rill.fake.script(Reply(chunks=bomb("zeros"), headers={"Content-Encoding": "gzip"}, end="hang"))
+    rill.fake.script(Reply(stream=bomb("zeros"), headers={"Content-Encoding": "gzip"}, end="hang"))
     loop = asyncio.get_running_loop()
     started = loop.time()
     with PeakMemory() as memory:
@@ -221,7 +221,7 @@ async def test_a_gzip_bomb_of_zeros_ends_quickly_in_bounded_memory(start_rill: S
 async def test_a_gzip_bomb_of_tokens_keeps_the_text_up_to_the_cap(start_rill: StartRill) -> None:
     rill = await start_rill()
     _member("tokens")
-    rill.fake.script(Reply(chunks=bomb("tokens"), headers={"Content-Encoding": "gzip"}, end="hang"))
+    rill.fake.script(Reply(stream=bomb("tokens"), headers={"Content-Encoding": "gzip"}, end="hang"))
     with PeakMemory() as memory:
         events = await run_chat(rill, options={"max_tokens": 1024})  # 1 MiB of stream
 
@@ -288,7 +288,9 @@ async def test_after_the_first_token_only_the_answer_holds_off_the_idle_limit(
     start_rill: StartRill, filler: bytes
 ) -> None:
     rill = await start_rill(timeouts={"idle_read": 1.0})
-    rill.fake.script(Reply(chunks=[chunk("Half"), chunk(" an answer"), *itertools.islice(forever(0.2, filler), 200)]))
+    rill.fake.script(
+        Reply(chunks=[chunk("Half"), chunk(" an answer")], stream=itertools.islice(forever(0.2, filler), 200))
+    )
     loop = asyncio.get_running_loop()
     started = loop.time()
     events = await run_chat(rill)
