@@ -123,6 +123,7 @@ async def test_close_stops_the_work_left() -> None:
     body = inflating(sink, flow)
     body.body_data(gzip.compress(bytes(10_000_000)))
     body.close()
+    assert flow.calls == ["pause", "resume"]  # a connection is never left paused
     await asyncio.sleep(0.01)
     assert len(sink.pieces) == 1
     body.body_end(None)
