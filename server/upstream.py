@@ -408,14 +408,15 @@ def _inflating(response: aiohttp.ClientResponse, body: _AnswerBody, config: Conf
     if encoding not in ENCODINGS:
         raise UpstreamError(
             "upstream_bad_data",
-            f"The model API compressed its stream as {_clean_detail(encoding, config)}, which Rill "
-            "cannot read. Check base_url in config.toml.",
+            f"The model API compressed its stream as {_clean_detail(encoding, config)}, although Rill "
+            "asked it not to, and Rill cannot read that.",
         )
     connection = response.connection
     protocol = connection.protocol if connection is not None else None
     if protocol is None:  # the body has already ended: nothing left to pace
         return Inflating(body, encoding, pause=_nothing, resume=_nothing, done=body.finished.done)
-    # aiohttp's own flow control: its StreamReader pauses and resumes the connection so
+    # What aiohttp's own StreamReader calls to hold a connection while its buffer is full
+    # (aiohttp 3.14.5; test_a_large_compressed_answer_is_read_in_pieces checks they still hold it).
     return Inflating(
         body, encoding, pause=protocol.pause_reading, resume=protocol.resume_reading, done=body.finished.done
     )
@@ -583,8 +584,8 @@ class _AnswerBody:
             self.finished.set_exception(exc)
         else:
             if self.finished.done():
-                pass
-            elif isinstance(error, BadEncoding):  # what came whole before it has counted
+                return
+            if isinstance(error, BadEncoding):  # what came whole before it has counted
                 self.finished.set_exception(
                     UpstreamError(
                         "upstream_bad_data",

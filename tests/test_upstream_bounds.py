@@ -14,6 +14,8 @@ import zlib
 from collections.abc import Iterator
 
 import pytest
+from aiohttp.client_proto import ResponseHandler
+from yarl import URL
 
 from server.upstream import ANSWER_BYTES_MIN, ANSWER_BYTES_PER_TOKEN, ChatRequest, answer_limit
 
@@ -187,17 +189,41 @@ async def test_a_compressed_answer_streams_token_by_token(rill: Rill, encoding: 
     assert rill.fake.requests[0].headers["Accept-Encoding"] == "identity"
 
 
-async def test_a_large_compressed_answer_is_read_in_pieces(start_rill: StartRill) -> None:
-    """Several MB of stream in one compressed write: inflated a piece per loop turn, with
-    the connection paused meanwhile and resumed after (aiohttp's flow control, the one
+async def test_a_large_compressed_answer_is_read_in_pieces(
+    start_rill: StartRill, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MBs of stream in one compressed write: inflated a piece per loop turn, with the
+    connection paused meanwhile and resumed after (aiohttp's flow control, the one
     reliance on its internals here), and every token still arrives in order."""
+    held: list[bool] = []  # the upstream connection's reading state after each pause and resume
+    pause, resume = ResponseHandler.pause_reading, ResponseHandler.resume_reading
+
+    def note(protocol: ResponseHandler) -> None:
+        transport = protocol.transport
+        if transport is not None and transport.get_extra_info("peername")[1] == URL(rill.fake.url).port:
+            held.append(not transport.is_reading())
+
+    def spy_pause(self: ResponseHandler) -> None:
+        pause(self)
+        note(self)
+
+    def spy_resume(self: ResponseHandler, resume_parser: bool = True) -> None:
+        resume(self, resume_parser)
+        note(self)
+
+    monkeypatch.setattr(ResponseHandler, "pause_reading", spy_pause)
+    monkeypatch.setattr(ResponseHandler, "resume_reading", spy_resume)
     rill = await start_rill(limits={"max_answer_bytes": 64 * MB})
     tokens = [token_text(i) for i in range(20_000)]  # ~1.3 MB of stream
     data = b"".join(c for c in answer(tokens) if isinstance(c, bytes))
-    rill.fake.script(Reply(chunks=[gzip.compress(data)], headers={"Content-Encoding": "gzip"}))
+    body = gzip.compress(data)
+    # the first bytes, then the rest in one write once the body is tapped
+    rill.fake.script(Reply(chunks=[body[:100], 0.2, body[100:]], headers={"Content-Encoding": "gzip"}))
     events = await run_chat(rill)
     assert text_of(events) == "".join(tokens)
     assert events[-1].data == {"finish_reason": "stop"}
+    assert True in held  # held while inflating (aiohttp's own reader also resumes it once at the start)
+    assert held[-1] is False  # and let go
     await assert_still_serves(rill)
 
 
