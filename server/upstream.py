@@ -33,10 +33,11 @@ _ERROR_BODY_MAX = 64 * 1024
 
 # What one answer may take from the model API by default, per token of its max_tokens: a
 # token is a few bytes of text (a few dozen at most), and it usually comes in a JSON
-# chunk of its own, 300-370 bytes from DeepSeek and OpenRouter, more with escaped text.
-# 1 KiB is about twice the largest such chunk; the floor covers the chunks around the
-# text (role, finish, usage) and the keep-alives of a queued request when max_tokens is
-# small. Everything kept of an answer is within this many bytes of stream.
+# chunk of its own: ~300 bytes in DeepSeek's chunk shape, ~370 in OpenRouter's, up to
+# ~500 with a long token's text escaped. 1 KiB is twice that, and leaves room for an
+# upstream whose own default max_tokens is above our ceiling; the floor covers the chunks
+# around the text (role, finish, usage) and a queued request's keep-alives when
+# max_tokens is small. Everything kept of an answer fits within this many bytes.
 ANSWER_BYTES_PER_TOKEN = 1024
 ANSWER_BYTES_MIN = 1024 * 1024
 
