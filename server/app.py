@@ -89,8 +89,9 @@ def runner_options(config: Config) -> dict[str, Any]:
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
     # One session for the process; limit=0: concurrency is capped by our own limits.
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    # auto_decompress=False: a compressed upstream body is inflated a piece at a time (inflate.py).
     async with aiohttp.ClientSession(
-        connector=connector, timeout=client_timeout(app[CONFIG]), trust_env=False
+        connector=connector, timeout=client_timeout(app[CONFIG]), trust_env=False, auto_decompress=False
     ) as session:
         app[SESSION] = session
         yield

@@ -114,6 +114,9 @@ class LimitsConfig:
     max_message_chars: int = 100_000
     max_total_chars: int = 400_000
     max_tokens: int = 32_768
+    # Bytes one answer may take from the model API (its stream, decompressed); 0: derived
+    # from the request's max_tokens (see upstream.answer_limit).
+    max_answer_bytes: int = 0
     max_concurrent_per_client: int = 4
     max_concurrent_total: int = 64
     max_streams_per_client: int = 16  # open event streams per client
@@ -156,6 +159,7 @@ class UpstreamConfig:
     retry_backoff: float = 0.5
     max_retry_after: float = 10.0
     max_line_chars: int = 1_048_576
+    max_event_chars: int = 2 * 1_048_576  # one event's data lines together; 0 in the file: twice max_line_chars
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,13 @@ def _positive_int(section: _Section, name: str, default: int) -> int:
     return value
 
 
+def _zero_or_more_int(section: _Section, name: str, default: int) -> int:
+    value = section.get(name, int, default)
+    if value < 0:
+        raise ConfigError(f"{section.key(name)}: must be 0 or more, got {value}")
+    return value
+
+
 def _networks(
     section: _Section, name: str, default: tuple[IPv4Network | IPv6Network, ...]
 ) -> tuple[IPv4Network | IPv6Network, ...]:
@@ -370,6 +381,7 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
         max_message_chars=_positive_int(lim, "max_message_chars", LimitsConfig.max_message_chars),
         max_total_chars=_positive_int(lim, "max_total_chars", LimitsConfig.max_total_chars),
         max_tokens=_positive_int(lim, "max_tokens", LimitsConfig.max_tokens),
+        max_answer_bytes=_zero_or_more_int(lim, "max_answer_bytes", LimitsConfig.max_answer_bytes),
         max_concurrent_per_client=_positive_int(
             lim, "max_concurrent_per_client", LimitsConfig.max_concurrent_per_client
         ),
@@ -384,11 +396,13 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
     retries = u.get("retries", int, UpstreamConfig.retries)
     if retries < 0:
         raise ConfigError(f"{u.key('retries')}: must be 0 or more, got {retries}")
+    max_line_chars = _positive_int(u, "max_line_chars", UpstreamConfig.max_line_chars)
     upstream = UpstreamConfig(
         retries=retries,
         retry_backoff=_positive(u, "retry_backoff", UpstreamConfig.retry_backoff),
         max_retry_after=_positive(u, "max_retry_after", UpstreamConfig.max_retry_after),
-        max_line_chars=_positive_int(u, "max_line_chars", UpstreamConfig.max_line_chars),
+        max_line_chars=max_line_chars,
+        max_event_chars=_zero_or_more_int(u, "max_event_chars", 0) or 2 * max_line_chars,
     )
     u.finish()
 

@@ -25,6 +25,10 @@ class SSEProtocolError(Exception):
         self.events = events or []
 
 
+class SSEEventTooLarge(SSEProtocolError):
+    """One event's data lines together passed the limit: it is never built."""
+
+
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs three times as much to make, per token
 class SSEEvent:
     data: str
@@ -37,11 +41,14 @@ class SSEParser:
 
     __slots__ = (
         "_data",
+        "_data_chars",
         "_decoder",
         "_event",
         "_has_data",
         "_last_id",
+        "_max_event",
         "_max_line",
+        "_max_single",
         "_partial",
         "_skip_lf",
         "_started",
@@ -49,13 +56,17 @@ class SSEParser:
         "retry_ms",
     )
 
-    def __init__(self, max_line_chars: int = 1_048_576) -> None:
+    def __init__(self, max_line_chars: int = 1_048_576, max_event_chars: int = 2_097_152) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._max_line = max_line_chars
+        # An event's data is kept until its blank line: bounded on its own, not only per line.
+        self._max_event = max_event_chars
+        self._max_single = min(max_line_chars, max_event_chars)
         self._partial = ""  # text after the last line break
         self._skip_lf = False  # last chunk ended in CR: a leading LF belongs to it
         self._started = False  # the BOM is only stripped at the very start
         self._data: list[str] = []
+        self._data_chars = 0  # the event's data so far, with the line breaks that join it
         self._has_data = False
         self._event = ""
         self._last_id = ""
@@ -86,7 +97,7 @@ class SSEParser:
             and not self._has_data
             and not self._event
             and not self._skip_lf
-            and len(chunk) <= self._max_line
+            and len(chunk) <= self._max_single
         ):
             state, _ = self._decoder.getstate()
             if not state:  # no half of a character held back from the previous chunk
@@ -145,6 +156,9 @@ class SSEParser:
             if line.startswith("data: ") and len(line) <= max_line:  # the usual line, made short
                 self._data.append(line[6:])
                 self._has_data = True
+                self._data_chars += len(line) - 5
+                if self._data_chars > self._max_event:
+                    self._event_too_large()
             elif (event := self._process_line(line)) is not None:
                 events.append(event)
         self._partial = partial
@@ -165,6 +179,9 @@ class SSEParser:
         if name == "data":
             self._data.append(value)
             self._has_data = True
+            self._data_chars += len(value) + 1
+            if self._data_chars > self._max_event:
+                self._event_too_large()
         elif name == "event":
             self._event = value
         elif name == "id":
@@ -182,7 +199,12 @@ class SSEParser:
         self._reset_event()
         return event
 
+    def _event_too_large(self) -> None:
+        self._reset_event()  # what it held goes now, not when the parser does
+        raise SSEEventTooLarge(f"event longer than {self._max_event} characters")
+
     def _reset_event(self) -> None:
         self._data = []
+        self._data_chars = 0
         self._has_data = False
         self._event = ""

@@ -22,8 +22,9 @@ except ImportError:  # optional: a faster parser for the model API's chunks
 
 from .bodytap import tapped
 from .config import Config, ModelConfig, ProviderConfig
+from .inflate import ENCODINGS, BadEncoding, Inflating, inflate_some
 from .scrub import shown
-from .sse import SSEEvent, SSEParser, SSEProtocolError
+from .sse import SSEEvent, SSEEventTooLarge, SSEParser, SSEProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,17 @@ _URL_MAX = 120  # a redirect target, as shown in a message
 _FINISH_MAX = 64  # an unknown finish reason is passed on verbatim up to this length
 # Same-origin 307/308 redirects followed in a row: enough for a moved path, not a loop.
 MAX_REDIRECTS = 2
+_ERROR_BODY_MAX = 64 * 1024
+
+# What one answer may take from the model API by default, per token of its max_tokens: a
+# token is a few bytes of text (a few dozen at most), and it usually comes in a JSON
+# chunk of its own: ~300 bytes in DeepSeek's chunk shape, ~370 in OpenRouter's, up to
+# ~500 with a long token's text escaped. 1 KiB is twice that, and leaves room for an
+# upstream whose own default max_tokens is above our ceiling; the floor covers the chunks
+# around the text (role, finish, usage) and a queued request's keep-alives when
+# max_tokens is small. Everything kept of an answer fits within this many bytes.
+ANSWER_BYTES_PER_TOKEN = 1024
+ANSWER_BYTES_MIN = 1024 * 1024
 
 
 class UpstreamError(Exception):
@@ -88,10 +100,20 @@ class ChatRequest:
         return body
 
     def headers(self) -> dict[str, str]:
-        headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
+        # identity: a compressed stream costs CPU to inflate and can hide a bomb (see inflate.py)
+        headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity", "Content-Type": "application/json"}
         if self.provider.api_key is not None:
             headers["Authorization"] = f"Bearer {self.provider.api_key.reveal()}"
         return headers
+
+
+def answer_limit(request: ChatRequest, config: Config) -> int:
+    """Bytes of stream (decompressed) one answer may take: [limits] max_answer_bytes, or
+    derived from the request's max_tokens (else the server's ceiling for it)."""
+    if config.limits.max_answer_bytes:
+        return config.limits.max_answer_bytes
+    max_tokens = request.max_tokens or config.limits.max_tokens
+    return max(ANSWER_BYTES_MIN, max_tokens * ANSWER_BYTES_PER_TOKEN)
 
 
 def client_timeout(config: Config) -> aiohttp.ClientTimeout:
@@ -128,8 +150,9 @@ async def stream_chat(
             response = await _open_with_retries(session, request, config)
             try:
                 _check_event_stream(response, config)
-                body = _AnswerBody(sink, config, first_token, max_end)
-                async with tapped(response.content, body):
+                body = _AnswerBody(sink, config, first_token, max_end, answer_limit(request, config))
+                inflating = _inflating(response, body, config)
+                async with tapped(response.content, inflating or body):
                     body.watch(response)
                     try:
                         finish_reason = _finish_reason(await body.finished, body.finish_reason, config)
@@ -138,6 +161,8 @@ async def stream_chat(
                         body_ended = await body.settle()
                     finally:
                         body.stop_watching()
+                        if inflating is not None:
+                            inflating.close()
             except BaseException:
                 response.close()  # drop the connection now: nobody pays for unread tokens
                 raise
@@ -328,7 +353,7 @@ def _timeout_error(exc: aiohttp.ServerTimeoutError, config: Config) -> UpstreamE
         )
     return UpstreamError(
         "upstream_idle_timeout",
-        f"The model API sent nothing for {config.timeouts.idle_read:g} s, so Rill gave up "
+        f"The model API sent nothing new for {config.timeouts.idle_read:g} s, so Rill gave up "
         "waiting. The text so far is kept.",
         retryable=True,
     )
@@ -415,10 +440,18 @@ async def _error_detail(response: aiohttp.ClientResponse, config: Config) -> str
     """The API's own error message, scrubbed of secrets and cut short."""
     raw = b""
     try:
-        while len(raw) < 64 * 1024 and (piece := await response.content.readany()):
+        while len(raw) < _ERROR_BODY_MAX and (piece := await response.content.readany()):
             raw += piece
     except (aiohttp.ClientError, TimeoutError):
         return ""
+    encoding = _content_encoding(response)
+    if encoding in ENCODINGS:
+        try:  # the session does not inflate (see inflate.py): at most as much as a plain body
+            raw = inflate_some(raw, encoding, _ERROR_BODY_MAX)
+        except BadEncoding:
+            return ""
+    elif encoding:
+        return ""  # compressed in a way Rill does not read: no detail rather than noise
     text = raw.decode("utf-8", errors="replace")
     try:
         parsed = json.loads(text)
@@ -455,6 +488,38 @@ def _check_event_stream(response: aiohttp.ClientResponse, config: Config) -> Non
         )
 
 
+def _content_encoding(response: aiohttp.ClientResponse) -> str:
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    return "" if encoding == "identity" else encoding
+
+
+def _inflating(response: aiohttp.ClientResponse, body: _AnswerBody, config: Config) -> Inflating | None:
+    """For a body the upstream compressed although asked not to: an Inflating in front of
+    `body`, pausing the connection while inflated bytes wait."""
+    encoding = _content_encoding(response)
+    if not encoding:
+        return None
+    if encoding not in ENCODINGS:
+        raise UpstreamError(
+            "upstream_bad_data",
+            f"The model API compressed its stream as {_clean_detail(encoding, config)}, although Rill "
+            "asked it not to, and Rill cannot read that.",
+        )
+    connection = response.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is None:  # the body has already ended: nothing left to pace
+        return Inflating(body, encoding, pause=_nothing, resume=_nothing, done=body.finished.done)
+    # What aiohttp's own StreamReader calls to hold a connection while its buffer is full
+    # (aiohttp 3.14.5; test_a_large_compressed_answer_is_read_in_pieces checks they still hold it).
+    return Inflating(
+        body, encoding, pause=protocol.pause_reading, resume=protocol.resume_reading, done=body.finished.done
+    )
+
+
+def _nothing() -> None:
+    pass
+
+
 def _finish_reason(saw_done: bool, finish_reason: str | None, config: Config) -> str:
     """How the answer ended, or why it counts as cut."""
     if finish_reason is not None and finish_reason not in KNOWN_FINISH_REASONS:
@@ -475,17 +540,25 @@ class _AnswerBody:
     """The upstream's event stream, handled as its bytes arrive (a BodySink).
 
     `finished` becomes True at `[DONE]`, False when the body ends without it, or holds
-    the failure: a bad chunk, a malformed stream, a dropped or idle connection, or a
-    plain TimeoutError at `end` (max_generation). `ended` becomes True when the body
-    itself ends cleanly (the connection can be kept), False when it breaks off."""
+    the failure: a bad chunk, a malformed stream, a dropped or idle connection, an answer
+    past `max_bytes`, or a plain TimeoutError at `end` (max_generation). `ended` becomes
+    True when the body itself ends cleanly (the connection can be kept), False when it
+    breaks off.
+
+    Idle means no progress for idle_read. Before the first token any byte is progress:
+    an API queueing the request sends keep-alive comments, and first_token bounds that
+    wait. From the first token on only the answer is: text, usage or a finish reason;
+    comments, blank lines and chunks with nothing in them are not."""
 
     __slots__ = (
+        "_bytes_left",
         "_closed",
         "_config",
         "_end",
         "_idle_timer",
-        "_last_data",
+        "_last_progress",
         "_loop",
+        "_max_bytes",
         "_on_first_token",
         "_parser",
         "_sink",
@@ -494,14 +567,20 @@ class _AnswerBody:
         "finished",
     )
 
-    def __init__(self, sink: ChatSink, config: Config, on_first_token: Callable[[], None], end: float) -> None:
+    def __init__(
+        self, sink: ChatSink, config: Config, on_first_token: Callable[[], None], end: float, max_bytes: int
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._end = end  # loop time
         self._sink = sink
         self._config = config
         self._on_first_token: Callable[[], None] | None = on_first_token
-        self._parser = SSEParser(max_line_chars=config.upstream.max_line_chars)
-        self._last_data = self._loop.time()
+        self._parser = SSEParser(
+            max_line_chars=config.upstream.max_line_chars, max_event_chars=config.upstream.max_event_chars
+        )
+        self._max_bytes = max_bytes
+        self._bytes_left = max_bytes
+        self._last_progress = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] | None = None
         self.finish_reason: str | None = None
@@ -512,15 +591,15 @@ class _AnswerBody:
 
     def watch(self, response: aiohttp.ClientResponse) -> None:
         """Takes over sock_read for the body (aiohttp moves a timer on every chunk; this one
-        wakes at most once per idle_read and re-arms from the last data, and also ends the
-        body at `end`), and notices the connection closing under a body that never got its
+        wakes at most once per idle_read and re-arms from the last progress, and also ends
+        the body at `end`), and notices the connection closing under a body that never got its
         end (aiohttp, on a malformed chunk, closes it and tells only the connection)."""
         connection = response.connection
         if connection is None or connection.protocol is None:
             return  # the body has already ended
         protocol = connection.protocol
         protocol.read_timeout = None  # set again for the connection's next request
-        due = min(self._last_data + self._config.timeouts.idle_read, self._end)
+        due = min(self._last_progress + self._config.timeouts.idle_read, self._end)
         self._idle_timer = self._loop.call_at(due, self._check_idle)
         self._closed = protocol.closed
         if self._closed is not None:
@@ -543,7 +622,7 @@ class _AnswerBody:
         if now >= self._end:
             self.finished.set_exception(TimeoutError())  # stream_chat's deadline: generation_timeout
             return
-        due = self._last_data + self._config.timeouts.idle_read
+        due = self._last_progress + self._config.timeouts.idle_read
         if now >= due:
             self.finished.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
         else:
@@ -565,7 +644,12 @@ class _AnswerBody:
     def body_data(self, data: bytes) -> None:
         if self.finished.done():
             return  # what follows [DONE] (or a failure) is of no use
-        self._last_data = self._loop.time()
+        self._bytes_left -= len(data)
+        if self._bytes_left < 0:
+            self.finished.set_exception(self._too_large())  # nothing of this piece: the cap is a cap
+            return
+        if self._on_first_token is not None:
+            self._last_progress = self._loop.time()  # before the first token any byte counts
         try:
             # The usual chunk, one complete `data:` line, skips the general parser.
             line = self._parser.single_data(data)
@@ -595,18 +679,40 @@ class _AnswerBody:
         except Exception as exc:
             self.finished.set_exception(exc)
         else:
-            if not self.finished.done():
+            if self.finished.done():
+                return
+            if isinstance(error, BadEncoding):  # what came whole before it has counted
+                self.finished.set_exception(
+                    UpstreamError(
+                        "upstream_bad_data",
+                        "The model API sent a compressed stream that could not be decoded. The text so far is kept.",
+                    )
+                )
+            else:
                 self.finished.set_result(False)
 
     # --- parsing ------------------------------------------------------------------------
+
+    def _too_large(self) -> UpstreamError:
+        return UpstreamError(
+            "answer_too_large",
+            f"The answer passed this server's size limit ({_megabytes(self._max_bytes)} of stream from "
+            "the model API) and was stopped. The text so far is kept.",
+        )
 
     def _take(self, parse: Callable[[bytes], list[SSEEvent]], data: bytes) -> None:
         try:
             events = parse(data)
         except SSEProtocolError as exc:
-            if not self._take_events(exc.events):  # what came intact before the bad line still counts
-                raise UpstreamError("upstream_bad_data", f"The model API sent a malformed stream ({exc}).") from None
-            return
+            if self._take_events(exc.events):  # what came intact before the bad line still counts
+                return
+            if isinstance(exc, SSEEventTooLarge):
+                raise UpstreamError(
+                    "upstream_event_too_large",
+                    f"The model API sent one event longer than {self._config.upstream.max_event_chars} "
+                    "characters, so Rill stopped reading it. The text so far is kept.",
+                ) from None
+            raise UpstreamError("upstream_bad_data", f"The model API sent a malformed stream ({exc}).") from None
         self._take_events(events)
 
     def _take_events(self, events: list[SSEEvent]) -> bool:
@@ -630,6 +736,7 @@ class _AnswerBody:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._sink.on_usage(usage)
+            self._last_progress = self._loop.time()
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices:
             return
@@ -642,18 +749,25 @@ class _AnswerBody:
             if isinstance(reasoning, str) and reasoning:
                 self._first_token()
                 self._sink.on_reasoning(reasoning)
+                self._last_progress = self._loop.time()
             content = delta.get("content")
             if isinstance(content, str) and content:
                 self._first_token()
                 self._sink.on_content(content)
+                self._last_progress = self._loop.time()
         finish = choice.get("finish_reason")
         if isinstance(finish, str) and finish:
             self.finish_reason = finish
+            self._last_progress = self._loop.time()
 
     def _first_token(self) -> None:
         if self._on_first_token is not None:
             self._on_first_token()
             self._on_first_token = None
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1_048_576:.3g} MB"
 
 
 def _seen(closed: asyncio.Future[None]) -> None:

@@ -4,9 +4,11 @@ each test scripts, plus a small SSE client for reading Rill's streams."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,21 @@ from server.sse import SSEParser
 
 # Items of Reply.chunks: bytes are written, numbers are seconds to sleep.
 Chunk = bytes | float
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "raw-deflate": -zlib.MAX_WBITS}
+
+
+def compressed(chunks: Iterable[Chunk], encoding: str = "gzip") -> Iterator[Chunk]:
+    """The chunks compressed as one stream (gzip, deflate, or raw-deflate: deflate without
+    its zlib header, as some servers send it), each flushed so it can be read on arrival.
+    Send with headers={"Content-Encoding": "gzip" or "deflate"}. Lazy: a generator."""
+    deflate = zlib.compressobj(6, zlib.DEFLATED, _WBITS[encoding])
+    for item in chunks:
+        if isinstance(item, bytes):
+            yield deflate.compress(item) + deflate.flush(zlib.Z_SYNC_FLUSH)
+        else:
+            yield item
+    yield deflate.flush()
 
 
 def sse(payload: Any) -> bytes:
@@ -75,6 +92,7 @@ class Reply:
     """What the fake upstream does for one request."""
 
     chunks: list[Chunk] = field(default_factory=list)
+    stream: Iterable[Chunk] = ()  # after chunks, made as it is sent (a generator: endless, or too big to keep)
     status: int = 200
     body: bytes = b""  # for non-200 replies
     headers: dict[str, str] = field(default_factory=dict)
@@ -121,7 +139,7 @@ class FakeUpstream:
             response = web.StreamResponse(headers=reply.headers)
             response.content_type = reply.content_type
             await response.prepare(request)
-            for item in reply.chunks:
+            for item in itertools.chain(reply.chunks, reply.stream):
                 if isinstance(item, bytes):
                     await response.write(item)
                 else:

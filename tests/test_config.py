@@ -361,6 +361,14 @@ def test_config_repr_and_str_never_show_the_key(tmp_path: Path) -> None:
     assert "Secret('***')" in repr(config.providers[0])
 
 
+def test_answer_and_event_limits(tmp_path: Path) -> None:
+    config = load(tmp_path, "[upstream]\nmax_line_chars = 1000\n" + PROVIDERS)
+    assert (config.limits.max_answer_bytes, config.upstream.max_event_chars) == (0, 2000)  # 0: derived
+    toml = "[limits]\nmax_answer_bytes = 5000\n[upstream]\nmax_event_chars = 300\n" + PROVIDERS
+    config = load(tmp_path, toml)
+    assert (config.limits.max_answer_bytes, config.upstream.max_event_chars) == (5000, 300)
+
+
 # --- invalid configurations ----------------------------------------------------------------
 
 
@@ -384,6 +392,12 @@ def test_config_repr_and_str_never_show_the_key(tmp_path: Path) -> None:
         pytest.param("[server]\nshutdown_timeout = 0\n" + PROVIDERS, "server.shutdown_timeout", id="shutdown-zero"),
         pytest.param("[stream]\nretry_ms = 0\n" + PROVIDERS, "stream.retry_ms", id="retry-zero"),
         pytest.param("[upstream]\nretries = -1\n" + PROVIDERS, "upstream.retries", id="retries-negative"),
+        pytest.param(
+            "[limits]\nmax_answer_bytes = -1\n" + PROVIDERS, "limits.max_answer_bytes", id="answer-bytes-negative"
+        ),
+        pytest.param(
+            "[upstream]\nmax_event_chars = -1\n" + PROVIDERS, "upstream.max_event_chars", id="event-chars-negative"
+        ),
         pytest.param(
             '[limits]\ntrusted_proxies = ["nginx"]\n' + PROVIDERS, "limits.trusted_proxies[0]", id="proxy-name"
         ),

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.sse import SSEEvent, SSEParser, SSEProtocolError
+from server.sse import SSEEvent, SSEEventTooLarge, SSEParser, SSEProtocolError
 
 BOM = b"\xef\xbb\xbf"
 
@@ -395,6 +395,56 @@ def test_limit_counts_characters_not_bytes() -> None:
 def test_default_limit_accepts_long_lines() -> None:
     value = "x" * 200_000
     assert events_of(f"data: {value}\n\n".encode()) == [SSEEvent(data=value)]
+
+
+def test_event_at_the_limit_is_accepted() -> None:
+    parser = SSEParser(max_line_chars=16, max_event_chars=12)
+    # "abc\ndef\nghi" is 11 characters; counted with a break after each line, 12
+    assert parser.feed(b"data: abc\ndata: def\ndata: ghi\n\n") == [SSEEvent(data="abc\ndef\nghi")]
+
+
+def test_event_over_the_limit_raises_as_its_lines_arrive() -> None:
+    """Short lines, many of them: refused at the line that passes the limit, not at the
+    blank line, and what the event held is dropped at once."""
+    parser = SSEParser(max_line_chars=16, max_event_chars=100)
+    for _ in range(9):
+        assert parser.feed(b"data: 123456789\n") == []  # 10 characters each
+    with pytest.raises(SSEEventTooLarge) as raised:
+        parser.feed(b"data: 1\n" * 150_000)  # the rest would be 300,000 characters
+    assert "100" in str(raised.value)
+    assert raised.value.events == []
+
+
+def test_events_before_an_oversize_event_in_the_same_chunk_are_kept() -> None:
+    parser = SSEParser(max_event_chars=20)
+    with pytest.raises(SSEEventTooLarge) as raised:
+        parser.feed(b"data: kept\n\n" + b"data:0123456789\n" * 3 + b"\n")
+    assert raised.value.events == [SSEEvent(data="kept")]
+
+
+def test_empty_data_lines_count_toward_the_event_limit() -> None:
+    parser = SSEParser(max_event_chars=1000)
+    with pytest.raises(SSEEventTooLarge):
+        parser.feed(b"data\n" * 2000)  # each adds a line break to the data
+
+
+def test_the_event_limit_is_per_event() -> None:
+    raw = b"data: 123456789\n\n" * 50
+    events, _ = parse_with(raw, max_event_chars=20)
+    assert events == [SSEEvent(data="123456789")] * 50
+
+
+def test_single_data_declines_an_event_over_the_limit() -> None:
+    parser = SSEParser(max_event_chars=10)
+    parser.feed(b": start\n")
+    assert parser.single_data(b"data: 12345\n\n") is None  # feed() must refuse it
+    with pytest.raises(SSEEventTooLarge):
+        parser.feed(b"data: 123456789012\n\n")
+
+
+def parse_with(raw: bytes, **limits: int) -> tuple[list[SSEEvent], SSEParser]:
+    parser = SSEParser(**limits)
+    return parser.feed(raw) + parser.feed_eof(), parser
 
 
 # --- property: any stream, split anywhere ------------------------------------------------------
