@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import zlib
 from array import array
@@ -82,6 +83,27 @@ def _json(value: Mapping[str, Any]) -> str:
         # chunks) cannot be UTF-8: escaped, the JSON still holds exactly the same text.
         text = json.dumps(value, separators=(",", ":"))
     return text
+
+
+# What of the upstream's usage object is passed on: counts, by short names, one level of
+# detail (DeepSeek's prompt_tokens_details). Anything else an upstream sends there (text,
+# deep or huge objects) is not ours to relay to every reader and keep for resumes.
+_USAGE_MAX_FIELDS = 32
+_USAGE_NAME_MAX = 64
+
+
+def usage_figures(usage: Mapping[str, Any], depth: int = 0) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for name, value in usage.items():
+        if len(figures) >= _USAGE_MAX_FIELDS:
+            break
+        if not isinstance(name, str) or not 0 < len(name) <= _USAGE_NAME_MAX:
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            figures[name] = value
+        elif isinstance(value, Mapping) and depth == 0 and (detail := usage_figures(value, depth + 1)):
+            figures[name] = detail
+    return figures
 
 
 def wire_bytes(event_id: int, name: str, data: str) -> bytes:
@@ -292,7 +314,7 @@ class Generation:
             self._end("done", {"finish_reason": finish_reason})
 
     def on_usage(self, usage: Mapping[str, Any]) -> None:
-        self.usage = dict(usage)  # the last figures win: some APIs repeat them per chunk
+        self.usage = usage_figures(usage)  # the last figures win: some APIs repeat them per chunk
 
     # --- the buffer -------------------------------------------------------------------
 

@@ -376,3 +376,28 @@ def test_a_key_form_at_any_offset_is_never_shown_in_part(form: str, padding: str
             if out not in checked:  # most offsets give one of a few messages
                 assert not shows_part_of_the_key(out), (offset, limit, out)
                 checked.add(out)
+
+
+async def test_only_the_figures_of_the_upstreams_usage_reach_the_client(rill: Rill) -> None:
+    """The usage object is relayed to every reader and kept for resumes: an upstream that
+    puts text there (an echoed key, say) or a huge object gets only its counts through."""
+    usage = {
+        "prompt_tokens": 7,
+        "completion_tokens": 3,
+        "total_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 2, "note": SENTINEL_KEY, "deeper": {"x": 1}},
+        "echo": f"your key is {SENTINEL_KEY}",
+        "flag": True,
+        "x" * 65: 1,
+        **{f"extra_{i}": i for i in range(100)},
+    }
+    rill.fake.script(Reply(chunks=answer(["Hi"], usage=usage)))
+    reader = await rill.open_stream(await rill.start_chat())
+    events = await reader.read_all()
+    assert not leaks(reader.raw.decode())
+    (relayed,) = [e.data for e in events if e.event == "usage"]
+    assert relayed["prompt_tokens"] == 7
+    assert relayed["total_tokens"] == 10
+    assert relayed["prompt_tokens_details"] == {"cached_tokens": 2}
+    assert not {"echo", "flag", "x" * 65} & set(relayed)
+    assert len(relayed) == 32
