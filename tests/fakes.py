@@ -67,7 +67,7 @@ def answer(
     *,
     reasoning: Sequence[str] = (),
     finish: str = "stop",
-    usage: dict[str, int] | None = USAGE,
+    usage: dict[str, Any] | None = USAGE,
     delay: float = 0.0,
 ) -> list[Chunk]:
     """A complete, well-formed streamed answer."""
