@@ -188,7 +188,8 @@ class RawStream:
     def last_id(self) -> str:
         """What EventSource would send as Last-Event-ID (ids without data count too)."""
         complete = self.raw[: self.raw.rfind(b"\r\n\r\n") + 4]
-        return re.findall(rb"^id: (.*)\r$", complete, re.MULTILINE)[-1].decode()
+        ids: list[bytes] = re.findall(rb"^id: (.*)\r$", complete, re.MULTILINE)
+        return ids[-1].decode()
 
     @property
     def texts(self) -> list[str]:
