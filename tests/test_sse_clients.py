@@ -39,8 +39,8 @@ NAMES = ["meta", "delta", "delta", "delta", "usage", "done"]
 
 
 async def begin_answer(rill: Rill) -> str:
-    # A second before the first token: the client (a process, a browser) is connected by then.
-    rill.fake.script(Reply(chunks=[1.0, *answer(TOKENS, delay=0.5)]))
+    # Two seconds before the first token: the client (a process, a browser) is connected by then.
+    rill.fake.script(Reply(chunks=[2.0, *answer(TOKENS, delay=0.5)]))
     return await rill.start_chat()
 
 
