@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 STREAM_END = "[STREAM_END]"
 _LAST_EVENT_ID = re.compile(r"([0-9a-f]{32})\.([0-9]{1,12})")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # as aiohttp-sse splits data into lines
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _block(text: str, *, event_id: str | None = None, name: str | None = None) -> bytes:
@@ -40,7 +41,13 @@ def _block(text: str, *, event_id: str | None = None, name: str | None = None) -
         fields.append(f"event: {name}\r\n")
     fields.extend(f"data: {line}\r\n" for line in _LINE_BREAK.split(text))
     fields.append("\r\n")
-    return "".join(fields).encode()
+    block = "".join(fields)
+    try:
+        return block.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (half an emoji the upstream split) cannot be UTF-8; the API
+        # keeps it escaped in JSON, plain text can only show it as U+FFFD.
+        return _SURROGATE.sub("\ufffd", block).encode()
 
 
 def plain_text_encoder(generation_id: str) -> Callable[[Event], bytes]:

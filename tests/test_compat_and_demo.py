@@ -88,6 +88,19 @@ async def test_get_stream_sends_plain_data_lines(start_rill: StartRill) -> None:
     await wait_for(lambda: not rill.registry.live())
 
 
+async def test_get_stream_shows_a_lone_surrogate_as_a_replacement_character(start_rill: StartRill) -> None:
+    # Half of an emoji's escaped pair from the upstream: not UTF-8, so not plain text.
+    rill = await start_rill(compat=COMPAT)
+    lone = b'data: {"choices":[{"index":0,"delta":{"content":"smile \\ud83d"}}]}\n\n'
+    chunks = answer(["a", "b"])
+    chunks.insert(-3, lone)
+    rill.fake.script(Reply(chunks=chunks))
+    async with asyncio.timeout(5):  # it used to hang here
+        status, _, raw = await get_stream(rill, "hi")
+    assert status == 200
+    assert [data for _, data in parse(raw)] == ["a", "b", "smile \ufffd", "[STREAM_END]"]
+
+
 async def test_get_stream_upstream_error_is_an_error_event_then_end(start_rill: StartRill) -> None:
     rill = await start_rill(compat=COMPAT)
     rill.fake.script(Reply(status=401, body=b'{"error": {"message": "no such key"}}'))
