@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
+# npm's eventsource for tests/test_sse_clients.py, pinned in tests/sse_clients/package-lock.json.
+NODE_CLIENTS := tests/sse_clients/node_modules/.installed
 
 .PHONY: run test lint fmt bench clean vendor vendor-check install-service
 
@@ -22,7 +24,11 @@ $(DEV): requirements.txt requirements-dev.txt | $(VENV)/bin/python
 run: $(RUNTIME)
 	$(BIN)/python -m server
 
-test: $(DEV)
+$(NODE_CLIENTS): tests/sse_clients/package-lock.json
+	cd tests/sse_clients && npm ci --no-audit --no-fund --silent
+	touch $@
+
+test: $(DEV) $(NODE_CLIENTS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(DEV)
@@ -54,4 +60,4 @@ install-service:
 	$(if $(filter 0,$(shell id -u)),,sudo) deploy/install.sh $(INSTALL_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis tests/sse_clients/node_modules

@@ -11,7 +11,7 @@ import enum
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -23,11 +23,21 @@ from .generation import Event, Generation, Subscriber
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT = b": hb\r\n\r\n"
+# A comment line with no blank line of its own, written only between whole events. A
+# blank line would end a "block": SSE decoders that keep the last event id (the openai
+# SDK's, httpx-sse's) then yield an empty event for it, and `json.loads("")` fails.
+HEARTBEAT = b": hb\r\n"
 
-# Writes one event in the wire format of a particular endpoint (None: the events'
-# own wire bytes, written as they are, as many as are pending in one write).
-EventWriter = Callable[[EventSourceResponse, Event], Awaitable[None]]
+
+def retry_hint(retry_ms: int) -> bytes:
+    """The reconnection delay as a field of the first event's block: alone (with its own
+    blank line) those decoders would yield it as an empty event, like a heartbeat."""
+    return b"retry: %d\r\n" % retry_ms
+
+
+# The wire bytes of one event for an endpoint with its own format (b"": not sent there).
+# None: the events' own wire bytes, written as they are.
+EventEncoder = Callable[[Event], bytes]
 
 
 class _EventStream(EventSourceResponse):
@@ -175,8 +185,7 @@ async def serve(
     streams: OpenStreams,
     config: StreamConfig,
     client_key: str,
-    write_event: EventWriter | None = None,
-    retry_hint: bool = True,
+    encode: EventEncoder | None = None,
 ) -> tuple[EventSourceResponse, Outcome]:
     """Send the SSE headers, write the events after id `after`, then follow live ones
     until the terminal event. Returns how the stream ended; a client that went away is
@@ -190,14 +199,12 @@ async def serve(
         stream = OpenStream(request, subscriber, client_key, writer, after)
         streams.add(stream)
         try:
-            # The retry hint goes out in the same write as the first events.
-            hint = f"retry: {config.retry_ms}\r\n\r\n".encode() if retry_hint else b""
-            if write_event is None:
+            # The retry hint goes out in the same write as the first events, in their block.
+            hint = retry_hint(config.retry_ms)
+            if encode is None:
                 outcome = await _follow_wire(response, generation, stream, config, hint)
             else:
-                if hint:
-                    await response.write(hint)
-                outcome = await _follow(response, generation, stream, config, write_event)
+                outcome = await _follow(response, generation, stream, config, encode, hint)
             return response, outcome
         except ConnectionResetError:
             return response, Outcome.GONE
@@ -273,19 +280,26 @@ async def _follow(
     generation: Generation,
     stream: OpenStream,
     config: StreamConfig,
-    write_event: EventWriter,
+    encode: EventEncoder,
+    prefix: bytes,
 ) -> Outcome:
-    """The same loop for an endpoint with its own wire format, one event at a time."""
+    """The same loop for an endpoint with its own wire format: the pending events are
+    encoded for it and written in one write."""
     subscriber = stream.subscriber
     loop = asyncio.get_running_loop()
+    pending = prefix
     while True:
-        pending = generation.events_after(stream.cursor)
-        for event in pending:
-            await write_event(response, event)
-            stream.cursor = event.id
+        events = generation.events_after(stream.cursor)
+        if events:
+            stream.cursor = events[-1].id
+            pending += b"".join([encode(event) for event in events])
         if pending:
+            async with asyncio.timeout(config.send_timeout):  # as aiohttp-sse's send does
+                await response.write(pending)
             stream.last_write = loop.time()
-            continue  # more may have arrived while the writes waited
+            pending = b""
+        if events:
+            continue  # more may have arrived while the write waited
         outcome = await _between_events(response, generation, stream, config)
         if isinstance(outcome, Outcome):
             return outcome

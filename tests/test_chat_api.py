@@ -39,7 +39,7 @@ async def test_exact_bytes_on_the_wire_for_multiline_cjk_emoji(rill: Rill) -> No
     expected_delta = (
         'id: 2\r\nevent: delta\r\ndata: {"text":"第一行 line one\\nline two 🎉\\r\\n\\n  indented 👩‍💻\\rend"}\r\n\r\n'
     ).encode()
-    assert reader.raw.startswith(b"retry: 3000\r\n\r\nid: 1\r\nevent: meta\r\ndata: {")
+    assert reader.raw.startswith(b"retry: 3000\r\nid: 1\r\nevent: meta\r\ndata: {")
     assert expected_delta in reader.raw
     assert reader.raw.endswith(b'id: 3\r\nevent: done\r\ndata: {"finish_reason":"stop"}\r\n\r\n')
     assert text_of(reader.events) == MULTILINE
@@ -66,7 +66,7 @@ async def test_replays_and_resumes_are_byte_identical_to_the_live_stream(rill: R
     tail = await rill.open_stream(generation_id, last_event_id="3")
     await tail.read_all()
 
-    hint = b"retry: 3000\r\n\r\n"
+    hint = b"retry: 3000\r\n"
     events = live.raw.removeprefix(hint)
     assert b'data: {"text":"smile \\ud83d"}' in events
     assert replay.raw == live.raw
@@ -103,7 +103,7 @@ async def test_resumes_from_any_id_across_the_deflated_pieces_of_the_buffer(rill
     assert len(generation._pieces) >= 2
     for reader in during + after:
         tail = live.raw[live.raw.index(f"id: {reader.events[0].id}\r\n".encode()) :]
-        assert reader.raw.removeprefix(b"retry: 3000\r\n\r\n") == tail
+        assert reader.raw.removeprefix(b"retry: 3000\r\n") == tail
 
 
 async def test_emoji_split_into_escaped_surrogate_halves_arrives_whole(rill: Rill) -> None:

@@ -8,7 +8,10 @@ import json
 import logging
 import random
 import re
+import uuid
+from collections.abc import Callable
 
+import aiohttp
 import pytest
 
 from server.demo import tokenize
@@ -16,6 +19,7 @@ from server.sse import SSEEvent, SSEParser
 
 from .conftest import Rill, StartRill, wait_for
 from .fakes import Reply, answer, chunk, sse, terminal, text_of
+from .test_access import ALICE, BOB, TOKENS, bearer
 
 COMPAT = {"get_stream": True}
 PROMPT_MARKER = "zebra-quokka-4471"
@@ -48,24 +52,53 @@ async def test_get_stream_is_off_by_default(rill: Rill) -> None:
     assert len(rill.registry) == 0
 
 
+def only_generation(rill: Rill) -> str:
+    generations = list(rill.registry._by_id)
+    assert len(generations) == 1, generations
+    return generations[0]
+
+
 async def test_get_stream_sends_plain_data_lines(start_rill: StartRill) -> None:
     rill = await start_rill(compat=COMPAT)
-    rill.fake.script(Reply(chunks=answer(["Hello", " 世界 🎉", "\n", "line one\nline two"])))
+    tokens = ["Hello", " 世界 🎉", "\n", "line one\nline two", "bare\rCR", "[STREAM_END]", "!"]
+    rill.fake.script(Reply(chunks=answer(tokens)))
     status, content_type, raw = await get_stream(rill, "hi")
     assert status == 200
     assert content_type == "text/event-stream"
-    assert raw == (
-        b"data: Hello\r\n\r\n"
-        + "data:  世界 🎉\r\n\r\n".encode()
-        + b"data: \r\ndata: \r\n\r\n"  # a lone "\n" is two empty data lines: one "\n" for EventSource
-        + b"data: line one\r\ndata: line two\r\n\r\n"
-        + b"data: [STREAM_END]\r\n\r\n"
+    g = only_generation(rill)
+    assert (
+        raw
+        == (
+            f"retry: 3000\r\nid: {g}.1\r\n\r\n"  # the hint in the first block; the meta event: only its id
+            f"id: {g}.2\r\ndata: Hello\r\n\r\n"
+            f"id: {g}.3\r\ndata:  世界 🎉\r\n\r\n"
+            f"id: {g}.4\r\ndata: \r\ndata: \r\n\r\n"  # a lone "\n" is two empty data lines: one "\n" for EventSource
+            f"id: {g}.5\r\ndata: line one\r\ndata: line two\r\n\r\n"
+            f"id: {g}.6\r\ndata: bare\r\ndata: CR\r\n\r\n"  # a bare CR is a line break too: it arrives as LF
+            f"data: [STREAM_\r\n\r\nid: {g}.7\r\ndata: END]\r\n\r\n"  # a token that is the marker: two events
+            f"id: {g}.8\r\ndata: !\r\n\r\n"
+            f"id: {g}.10\r\ndata: [STREAM_END]\r\n\r\n"  # 9 is the usage, not sent here
+        ).encode()
     )
     events = parse(raw)
-    assert [data for _, data in events] == ["Hello", " 世界 🎉", "\n", "line one\nline two", "[STREAM_END]"]
+    texts = ["Hello", " 世界 🎉", "\n", "line one\nline two", "bare\nCR", "[STREAM_", "END]", "!", "[STREAM_END]"]
+    assert [data for _, data in events] == texts
     assert {name for name, _ in events} == {"message"}
     assert rill.fake.requests[0].body["messages"] == [{"role": "user", "content": "hi"}]
     await wait_for(lambda: not rill.registry.live())
+
+
+async def test_get_stream_shows_a_lone_surrogate_as_a_replacement_character(start_rill: StartRill) -> None:
+    # Half of an emoji's escaped pair from the upstream: not UTF-8, so not plain text.
+    rill = await start_rill(compat=COMPAT)
+    lone = b'data: {"choices":[{"index":0,"delta":{"content":"smile \\ud83d"}}]}\n\n'
+    chunks = answer(["a", "b"])
+    chunks.insert(-3, lone)
+    rill.fake.script(Reply(chunks=chunks))
+    async with asyncio.timeout(5):  # it used to hang here
+        status, _, raw = await get_stream(rill, "hi")
+    assert status == 200
+    assert [data for _, data in parse(raw)] == ["a", "b", "smile \ufffd", "[STREAM_END]"]
 
 
 async def test_get_stream_upstream_error_is_an_error_event_then_end(start_rill: StartRill) -> None:
@@ -80,8 +113,10 @@ async def test_get_stream_upstream_error_is_an_error_event_then_end(start_rill: 
     assert "no such key" in message
     assert not message.startswith("{")  # the human message, not the JSON of the API's error event
     assert events[1][1] == "[STREAM_END]"
-    assert raw.endswith(b"\r\n\r\ndata: [STREAM_END]\r\n\r\n")
-    assert raw.startswith(b"event: error\r\ndata: The model API rejected")
+    g = only_generation(rill)
+    # The error has no id of its own: a drop between the two resumes before both.
+    assert raw.startswith(f"retry: 3000\r\nid: {g}.1\r\n\r\nevent: error\r\ndata: The model API rejected".encode())
+    assert raw.endswith(f"\r\n\r\nid: {g}.2\r\ndata: [STREAM_END]\r\n\r\n".encode())
 
 
 async def test_get_stream_error_mid_answer_keeps_the_text(start_rill: StartRill) -> None:
@@ -140,26 +175,193 @@ async def test_get_stream_prompt_never_reaches_a_log(start_rill: StartRill, capl
     assert PROMPT_MARKER not in caplog.text
 
 
-async def test_closing_the_client_closes_the_upstream_promptly(start_rill: StartRill) -> None:
-    rill = await start_rill(compat=COMPAT)
-    tokens = [f"t{i} " for i in range(20)]
-    rill.fake.script(Reply(chunks=answer(tokens, delay=0.2)))  # 4 s in all
-    loop = asyncio.get_running_loop()
-    response = await rill.session.get((rill.url / "stream").with_query(prompt="hi"))
-    assert response.status == 200
-    async with asyncio.timeout(2):
-        first = await response.content.readuntil(b"\r\n\r\n")
-    assert first == b"data: t0 \r\n\r\n"
-    response.close()
-    closed_by_client = loop.time()
+class RawStream:
+    """One GET /stream connection read as raw bytes, parsed as it goes."""
 
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.parser = SSEParser()
+        self.raw = b""
+        self.events: list[SSEEvent] = []
+
+    async def read_until(self, done: Callable[[RawStream], bool], timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not done(self):
+                piece = await self.response.content.readany()
+                if not piece:
+                    self.events.extend(self.parser.feed_eof())
+                    return
+                self.raw += piece
+                self.events.extend(self.parser.feed(piece))
+
+    async def read_all(self) -> None:
+        await self.read_until(lambda _: False)
+
+    @property
+    def last_id(self) -> str:
+        """What EventSource would send as Last-Event-ID (ids without data count too)."""
+        complete = self.raw[: self.raw.rfind(b"\r\n\r\n") + 4]
+        ids: list[bytes] = re.findall(rb"^id: (.*)\r$", complete, re.MULTILINE)
+        return ids[-1].decode()
+
+    @property
+    def texts(self) -> list[str]:
+        return [e.data for e in self.events if e.event == "message"]
+
+
+async def open_raw(
+    rill: Rill, prompt: str = "hi", last_event_id: str | None = None, *, session: aiohttp.ClientSession | None = None
+) -> RawStream:
+    headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
+    url = (rill.url / "stream").with_query(prompt=prompt)
+    response = await (session or rill.session).get(url, headers=headers)
+    assert response.status == 200, await response.text()
+    return RawStream(response)
+
+
+async def test_a_dropped_get_stream_resumes_the_same_answer(start_rill: StartRill) -> None:
+    # EventSource reconnects to the same URL with the last id it saw: the same answer
+    # goes on from there, and the model is asked once.
+    rill = await start_rill(compat=COMPAT)
+    tokens = [f"t{i} " for i in range(12)]
+    rill.fake.script(Reply(chunks=answer(tokens, delay=0.05)))
+    first = await open_raw(rill)
+    await first.read_until(lambda s: len(s.texts) == 4)
+    first.response.close()  # the network drops mid-answer
+    await asyncio.sleep(0.2)  # the monitor has seen the closed connection: nobody reads now
+    generation = rill.registry.get(only_generation(rill))
+    assert generation is not None
+    assert generation.live  # not stopped: it may be resumed within resume_grace
+
+    second = await open_raw(rill, last_event_id=first.last_id)
+    await second.read_all()
+    assert "".join(first.texts + second.texts[:-1]) == "".join(tokens)
+    assert second.texts[-1] == "[STREAM_END]"
+    g, seen = first.last_id.split(".")
+    assert second.raw.startswith(f"retry: 3000\r\nid: {g}.{int(seen) + 1}\r\n".encode())  # no replay
+    assert len(rill.fake.requests) == 1
+    assert generation.terminal is not None
+    assert json.loads(generation.terminal.data) == {"finish_reason": "stop"}
+
+    # Everything delivered: 204, which tells EventSource to stop reconnecting.
+    async with rill.session.get(
+        (rill.url / "stream").with_query(prompt="hi"), headers={"Last-Event-ID": second.last_id}
+    ) as response:
+        assert response.status == 204
+    # An earlier id after the end replays the tail exactly.
+    replay = await open_raw(rill, last_event_id=first.last_id)
+    await replay.read_all()
+    assert replay.raw == second.raw
+    assert len(rill.fake.requests) == 1
+
+
+async def test_a_drop_before_the_first_token_resumes_too(start_rill: StartRill) -> None:
+    rill = await start_rill(compat=COMPAT)
+    rill.fake.script(Reply(chunks=[0.6, *answer(["late", " answer"])]))  # a queued request
+    first = await open_raw(rill)
+    await first.read_until(lambda s: b"\r\n\r\n" in s.raw)
+    assert first.texts == []  # the meta event's id only: EventSource fires nothing for it
+    generation_id = only_generation(rill)
+    assert first.last_id == f"{generation_id}.1"
+    first.response.close()
+
+    second = await open_raw(rill, last_event_id=first.last_id)
+    await second.read_all()
+    assert second.texts == ["late", " answer", "[STREAM_END]"]
+    assert len(rill.fake.requests) == 1
+
+
+async def test_a_gone_get_stream_client_leaves_the_answer_for_resume_grace(start_rill: StartRill) -> None:
+    rill = await start_rill(compat=COMPAT, stream={"resume_grace": 1.5})
+    tokens = [f"t{i} " for i in range(40)]
+    rill.fake.script(Reply(chunks=answer(tokens, delay=0.2)))  # 8 s in all
+    stream = await open_raw(rill)
+    await stream.read_until(lambda s: len(s.texts) == 1)
+    stream.response.close()
+    loop = asyncio.get_running_loop()
+    closed_by_client = loop.time()
     seen = rill.fake.requests[0]
-    async with asyncio.timeout(2):
-        await seen.closed.wait()
+    await asyncio.sleep(0.5)
+    assert not seen.closed.is_set()  # within the grace period: still running
+    async with asyncio.timeout(4):
+        await seen.closed.wait()  # then abandoned, as on the API, and the upstream closed
     assert seen.closed_at is not None
-    assert seen.closed_at - closed_by_client < 2
+    assert seen.closed_at - closed_by_client >= 1.4
+    generation = rill.registry.get(only_generation(rill))
+    assert generation is not None
+    assert generation.terminal is not None
+    assert json.loads(generation.terminal.data)["code"] == "abandoned"
     assert rill.fake.open == 0
-    await wait_for(lambda: not rill.registry.live())
+
+
+@pytest.mark.parametrize(
+    "last_event_id",
+    ["12", "abc", "{g}", "{g}.", "{g}.x", "{g}.-1", "{g}.1.2", "{G}.1", "{g}.1234567890123", "{g}.99"],
+)
+async def test_a_malformed_or_future_last_event_id_is_400(start_rill: StartRill, last_event_id: str) -> None:
+    rill = await start_rill(compat=COMPAT)
+    rill.fake.script(Reply(chunks=answer(["a"])))
+    stream = await open_raw(rill)
+    await stream.read_all()
+    g = only_generation(rill)
+    async with rill.session.get(
+        (rill.url / "stream").with_query(prompt="hi"),
+        headers={"Last-Event-ID": last_event_id.format(g=g, G=g.upper())},
+    ) as response:
+        assert response.status == 400
+        assert json.loads(await response.read())["error"]["code"] == "bad_last_event_id"
+    assert len(rill.fake.requests) == 1  # not a new generation
+    assert len(rill.registry) == 1
+
+
+async def test_only_the_same_client_and_prompt_may_resume(start_rill: StartRill) -> None:
+    rill = await start_rill(compat=COMPAT, stream={"finished_ttl": 1.0})
+    rill.fake.script(Reply(chunks=answer(["a", "b"], delay=0.3)))
+    stream = await open_raw(rill, prompt="mine")
+    await stream.read_until(lambda s: len(s.texts) == 1)
+    last_id = stream.last_id
+    _, body = await rill.post_chat()  # an answer started on the API
+    api_generation = body["id"]
+
+    async def refused(
+        prompt: str, event_id: str, session: aiohttp.ClientSession | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        url = (rill.url / "stream").with_query(prompt=prompt)
+        async with (session or rill.session).get(url, headers={"Last-Event-ID": event_id, **(headers or {})}) as r:
+            assert r.status == 404, await r.text()
+            assert (await r.json())["error"]["code"] == "generation_not_found"
+
+    await refused("another prompt", last_id)
+    await refused("hi", f"{api_generation}.1")
+    await refused("mine", f"{uuid.uuid4().hex}.1")
+    # Another client: the same loopback machine, another address.
+    other = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)))
+    async with other:
+        await refused("mine", last_id, other)
+    # Ended and past finished_ttl: gone, and no new answer starts in its place.
+    await stream.read_all()
+    await wait_for(lambda: rill.registry.get(last_id.split(".")[0]) is None, timeout=5)
+    await refused("mine", last_id)
+    assert len(rill.fake.requests) == 2  # the /stream one and the API one
+
+
+async def test_another_tokens_get_stream_answer_is_not_resumable(start_rill: StartRill) -> None:
+    rill = await start_rill(environ=TOKENS, compat=COMPAT)
+    rill.fake.script(Reply(chunks=answer(["a", "b"], delay=0.3)))
+    url = (rill.url / "stream").with_query(prompt="hi")
+    response = await rill.session.get(url, headers=bearer(ALICE))
+    assert response.status == 200
+    stream = RawStream(response)
+    await stream.read_until(lambda s: len(s.texts) == 1)
+    async with rill.session.get(url, headers={"Last-Event-ID": stream.last_id, **bearer(BOB)}) as other:
+        assert other.status == 404
+        assert (await other.json())["error"]["code"] == "generation_not_found"
+    async with rill.session.get(url, headers={"Last-Event-ID": stream.last_id, **bearer(ALICE)}) as own:
+        assert own.status == 200
+        resumed = RawStream(own)
+        await resumed.read_all()
+    assert resumed.texts == ["b", "[STREAM_END]"]
+    assert len(rill.fake.requests) == 1
 
 
 # --- demo mode -------------------------------------------------------------------------
