@@ -313,7 +313,6 @@ async def test_a_rate_limit_error_carries_the_upstreams_wait(
     await assert_still_serves(rill)
 
 
-
 # --- the stream ends early or strangely --------------------------------------------------------
 
 
