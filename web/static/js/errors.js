@@ -1,0 +1,36 @@
+// What the page says about a failed answer or request. The server's message is English;
+// the page words each known error code itself, in the page's language, and keeps the
+// server's exact message (limits, the model API's own words) under "Details". Unknown
+// codes (a newer server) show the server's message as it is.
+
+import { hasText, t } from "./i18n.js";
+
+/** Errors retried once by themselves after the wait the server gave (Retry-After or retry_after). */
+const TIMED_CODES = new Set(["rate_limited", "too_many_generations", "server_busy", "too_many_streams", "upstream_rate_limited"]);
+/** A longer wait is left to the user: a countdown of minutes helps nobody. */
+export const MAX_AUTO_RETRY_S = 60;
+
+/**
+ * { text, detail } for error ({code, message, fromServer}); local: this Rill has no access
+ * tokens (a single-user run), so the person reading is the one who runs it.
+ */
+export function describeError(error, { local = false } = {}) {
+  const key = `error.${error.code}`;
+  const known = hasText(key);
+  let text = known ? t(key) : error.message || t("err.unexpected", { detail: error.code });
+  let detail = known && error.fromServer && error.message !== text ? error.message : "";
+  if (error.code === "upstream_auth") {
+    // Advice about the server's key is for whoever runs it, not for every visitor.
+    if (local) text = `${text} ${t("error.upstream_auth.local")}`;
+    else detail = "";
+  }
+  return { text, detail };
+}
+
+/** Seconds to wait before the one automatic retry of error, or null: the user retries by hand. */
+export function autoRetryDelay(error) {
+  if (!error?.retryable || !TIMED_CODES.has(error.code)) return null;
+  const seconds = error.retryAfter;
+  if (typeof seconds !== "number" || !Number.isFinite(seconds) || seconds < 0 || seconds > MAX_AUTO_RETRY_S) return null;
+  return Math.max(seconds, 1); // a moment at least: the countdown is seen, and a 0 is not a hammer
+}
