@@ -17,7 +17,7 @@ from playwright.async_api import Browser, Locator, Page, Route, expect
 
 from .browser import ANSWER, WatchedPage, answer_text, send, wait_answer_ended
 from .conftest import KEY_ENV, SENTINEL_KEY, OpenPage, Rill, StartRill
-from .fakes import Reply, answer
+from .fakes import Reply, answer, chunk
 from .test_ui_access import TOKEN, TOKENS, models_loaded, open_locked, sign_in
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -207,6 +207,41 @@ async def test_a_refused_post_with_retry_after_is_retried_by_itself_with_the_sam
     assert len(client_ids) == 2
     assert client_ids[0] == client_ids[1]  # the server never made the first one
     assert len(rill.fake.requests) == 1
+    await ui.assert_clean()
+
+
+async def test_a_refused_stream_resumes_the_same_answer_instead_of_asking_again(
+    start_rill: StartRill, open_ui: OpenPage
+) -> None:
+    rill = await start_rill(limits={"max_streams_per_client": 1})
+    rill.fake.script(Reply(chunks=[chunk("Held")], end="hang"), Reply(chunks=answer(["Paid", " once"])))
+    ui = await open_ui(rill)
+    ui.allowed_console.append("429")  # the refused stream, and the page asking why
+    page = ui.page
+    # Another stream of this browser holds the only one allowed.
+    await page.evaluate(
+        """async () => {
+          const response = await fetch("/api/chat", {
+            method: "POST",
+            headers: { "Content-Type": "application/json" },
+            body: JSON.stringify({ messages: [{ role: "user", content: "hold" }] }),
+          });
+          const { id } = await response.json();
+          window.__held = new EventSource(`/api/chat/${id}/events`);
+          await new Promise((resolve) => window.__held.addEventListener("delta", resolve, { once: true }));
+        }"""
+    )
+
+    last = await fails(page)
+    await expect(last.text).to_have_text("You have as many answer streams open as this server allows. Close some tabs.")
+    await expect(last.countdown).to_be_visible()  # Retry-After: 5
+    stored = (await ui.stored_conversations())[0]["messages"][1]
+    assert stored["error"]["code"] == "too_many_streams"
+    await page.evaluate("window.__held.close()")
+
+    await expect(page.locator(f"{ANSWER} >> .message-body")).to_have_text("Paid once", timeout=AFTER_COUNTDOWN)
+    await wait_answer_ended(page)
+    assert len(rill.fake.requests) == 2, "the retry asked the model again instead of following its answer"
     await ui.assert_clean()
 
 
