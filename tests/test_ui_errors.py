@@ -26,7 +26,10 @@ USER_AUTH_TEXT = "The model API rejected this server's API key, so no model can 
 # How long an expect may wait when a countdown comes first: more than its default 5 s, as
 # the machines that run these tests are often busy.
 AFTER_COUNTDOWN = 15_000
-LOCAL_AUTH_ADVICE = "If you run this Rill: check its API key for this provider, then restart it."
+LOCAL_AUTH_TEXT = (
+    "The model API rejected this server's API key, so no model can answer. If you run this Rill, "
+    "check its API key for this provider and restart it; otherwise tell whoever runs it."
+)
 
 
 def error_reply(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
@@ -83,6 +86,11 @@ async def test_a_rejected_model_key_tells_users_to_tell_the_operator(start_rill:
     assert KEY_ENV not in html, "the operator's advice reached a visitor"
     assert "restart" not in html.lower()
     assert SENTINEL_KEY not in html
+    async with page.expect_download() as info:  # nor through the export
+        await page.click("#export")
+    exported = await asyncio.to_thread(Path(await (await info.value).path()).read_text, "utf-8")
+    assert f"> {USER_AUTH_TEXT}" in exported
+    assert KEY_ENV not in exported
     # Asking again cannot help until the operator acts: no Retry; Regenerate for later.
     await last.only_visible(last.regenerate)
     await expect(last.stats).to_have_text("")
@@ -95,7 +103,7 @@ async def test_a_rejected_model_key_on_a_local_run_adds_the_operators_advice(ril
     page = ui.page
 
     last = await fails(page)
-    await expect(last.text).to_have_text(f"{USER_AUTH_TEXT} {LOCAL_AUTH_ADVICE}")
+    await expect(last.text).to_have_text(LOCAL_AUTH_TEXT)
     await expect(last.details).to_be_visible()
     await last.details.locator("summary").click()
     await expect(last.details.locator(".error-detail-text")).to_contain_text(KEY_ENV)  # the server's own words

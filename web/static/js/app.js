@@ -279,6 +279,7 @@ class ChatApp {
       system: t("app.systemPrompt"),
       user: t("msg.you"),
       assistant: t("msg.assistant"),
+      error: (error) => describeError(error, { local: this.list.localRun }).text,
     });
     downloadText(exportFilename(title), text);
   }

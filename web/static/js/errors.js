@@ -15,15 +15,13 @@ export const MAX_AUTO_RETRY_S = 60;
  * tokens (a single-user run), so the person reading is the one who runs it.
  */
 export function describeError(error, { local = false } = {}) {
-  const key = `error.${error.code}`;
+  // Advice about the server's key is for whoever runs it, not for every visitor: with
+  // access tokens, neither the page's text nor the server's (under Details) shows it.
+  const auth = error.code === "upstream_auth";
+  const key = auth && local ? "error.upstream_auth.local" : `error.${error.code}`;
   const known = hasText(key);
-  let text = known ? t(key) : error.message || t("err.unexpected", { detail: error.code });
-  let detail = known && error.fromServer && error.message !== text ? error.message : "";
-  if (error.code === "upstream_auth") {
-    // Advice about the server's key is for whoever runs it, not for every visitor.
-    if (local) text = `${text} ${t("error.upstream_auth.local")}`;
-    else detail = "";
-  }
+  const text = known ? t(key) : error.message || t("err.unexpected", { detail: error.code });
+  const detail = known && error.fromServer && error.message !== text && (local || !auth) ? error.message : "";
   return { text, detail };
 }
 

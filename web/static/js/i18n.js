@@ -72,7 +72,9 @@ const MESSAGES = {
     "error.lost": "The connection to the answer was lost.",
     "error.bad_response": "The server sent a response this page does not understand.",
     "error.upstream_auth": "The model API rejected this server's API key, so no model can answer. Tell whoever runs this Rill.",
-    "error.upstream_auth.local": "If you run this Rill: check its API key for this provider, then restart it.",
+    // On a run without access tokens (the reader is most likely the one who runs it).
+    "error.upstream_auth.local":
+      "The model API rejected this server's API key, so no model can answer. If you run this Rill, check its API key for this provider and restart it; otherwise tell whoever runs it.",
     "error.upstream_payment": "The model provider says this server's account has insufficient balance; it needs a top-up.",
     "error.upstream_rate_limited": "The model API is limiting how many requests this server may send (rate limit).",
     "error.upstream_unavailable": "The model API is overloaded or had a server error.",
@@ -209,7 +211,8 @@ const MESSAGES = {
     "error.lost": "与回答的连接已断开。",
     "error.bad_response": "服务器返回了本页面无法识别的响应。",
     "error.upstream_auth": "模型 API 拒绝了本服务器的 API 密钥，因此没有模型可以回答。请告知此 Rill 的管理员。",
-    "error.upstream_auth.local": "如果此 Rill 由你运行：请检查它为该服务商配置的 API 密钥，然后重启 Rill。",
+    "error.upstream_auth.local":
+      "模型 API 拒绝了本服务器的 API 密钥，因此没有模型可以回答。如果此 Rill 由你运行，请检查它为该服务商配置的 API 密钥并重启 Rill；否则请告知它的管理员。",
     "error.upstream_payment": "模型服务商表示本服务器的账户余额不足，需要充值。",
     "error.upstream_rate_limited": "模型 API 正在限制本服务器的请求频率（速率限制）。",
     "error.upstream_unavailable": "模型 API 过载或出现了服务器错误。",
