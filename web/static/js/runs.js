@@ -325,8 +325,7 @@ class Run {
       // No retry_after: after Stop, nothing starts again by itself.
       const { code, message, retryable } = answer.result;
       this._fail(new ApiError(code, message, { retryable: Boolean(retryable), fromServer: true }));
-    }
-    else this._finish(FINISH_STATUS[answer.result?.finish_reason] ?? "stopped");
+    } else this._finish(FINISH_STATUS[answer.result?.finish_reason] ?? "stopped");
   }
 
   /** Drops the run without a trace (its conversation is being deleted): stops the upstream too. */
