@@ -106,7 +106,8 @@ async def test_a_rejected_model_key_on_a_local_run_adds_the_operators_advice(ril
     await expect(last.text).to_have_text(LOCAL_AUTH_TEXT)
     await expect(last.details).to_be_visible()
     await last.details.locator("summary").click()
-    await expect(last.details.locator(".error-detail-text")).to_contain_text(KEY_ENV)  # the server's own words
+    said = (await ui.stored_conversations())[0]["messages"][1]["error"]["message"]
+    await expect(last.details.locator(".error-detail-text")).to_have_text(said)  # the server's own words
     assert SENTINEL_KEY not in await page.content()
     await ui.assert_clean()
 
