@@ -236,7 +236,10 @@ class Generation:
         except UpstreamError as exc:
             log.info("generation %s failed upstream: %s (HTTP %s)", self.id, exc.code, exc.status or "-")
             if self.terminal is None:  # else complete already: only settling its connection failed
-                self._end("error", {"code": exc.code, "message": exc.message, "retryable": exc.retryable})
+                data: dict[str, Any] = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
+                if exc.retry_after is not None:
+                    data["retry_after"] = exc.retry_after  # the upstream's Retry-After: when a retry may work
+                self._end("error", data)
         except asyncio.CancelledError:
             # stop() ends the generation before cancelling us; anything else cancelling
             # us (the loop closing) still leaves readers a truthful ending.

@@ -805,7 +805,7 @@ async def test_theme_follows_the_system_then_cycles_and_persists(rill: Rill, ope
 # 15. Errors on POST
 
 
-async def test_a_refused_post_shows_the_servers_message_inline_with_retry(
+async def test_a_refused_post_is_explained_inline_and_retried_by_itself_after_its_wait(
     start_rill: StartRill, open_ui: OpenPage
 ) -> None:
     rill = await start_rill(limits={"max_concurrent_per_client": 1})
@@ -819,31 +819,36 @@ async def test_a_refused_post_shows_the_servers_message_inline_with_retry(
     await page.locator(ANSWER).get_by_text("Still going").wait_for()
     await page.click("#new-chat")
     await send(page, "Another")
-    await wait_answer_ended(page)
 
     error = page.locator(f"{ANSWER} >> .message-error")
     await expect(error).to_be_visible()
     await expect(error.locator(".error-text")).to_have_text(
+        "You have as many answers streaming as this server allows. Wait for one to finish, or stop one."
+    )
+    # The server's exact words (with its limit) under Details; Retry-After: 5 counts down.
+    await expect(error.locator(".error-detail-text")).to_have_text(
         "You already have 1 answers streaming. Wait for one to finish or stop one."
     )
-    retry = error.locator('[data-action="retry"]')
-    await expect(retry).to_be_visible()
+    await expect(error.locator(".error-countdown")).to_have_text(re.compile(r"^Trying again in [1-5] s…$"))
+    await expect(error.locator('[data-action="cancel-retry"]')).to_be_visible()
+    await expect(error.locator('[data-action="retry"]')).to_be_hidden()
     stored = (await ui.stored_conversations())[0]["messages"][1]
     assert stored["status"] == "error"
     assert stored["error"]["code"] == "too_many_generations"
     assert len(rill.fake.requests) == 1
 
-    # Stop the other answer, then Retry succeeds.
+    # Stop the other answer: the automatic retry then succeeds.
     await page.locator(TITLES, has_text="Long one").click()
     await page.click("#stop")
     await asyncio.wait_for(rill.fake.requests[0].closed.wait(), 3)
     await wait_answer_ended(page)
     await page.locator(TITLES, has_text="Another").click()
-    await retry.click()
-    await expect(page.locator(ANSWER_BODY)).to_have_text("Hello world")
+    # What is left of Retry-After: 5, then the answer: more than expect's default 5 s.
+    await expect(page.locator(ANSWER_BODY)).to_have_text("Hello world", timeout=15_000)
     await wait_answer_ended(page)
     await expect(error).to_be_hidden()
     assert len(posts) == 3
+    assert posts[2]["client_id"] == posts[1]["client_id"]  # refused, so never made: the same one is safe
     assert rill.fake.requests[1].body["messages"] == [{"role": "user", "content": "Another"}]
     await ui.assert_clean()
 

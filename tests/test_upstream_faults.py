@@ -50,7 +50,8 @@ def error_of(events: Sequence[ReadEvent]) -> dict[str, Any]:
     end = terminal(events)
     assert end.event == "error", [(e.event, e.data) for e in events]
     data: dict[str, Any] = end.data
-    assert set(data) == {"code", "message", "retryable"}, data
+    # retry_after (seconds) only when the upstream said how long to wait.
+    assert set(data) - {"retry_after"} == {"code", "message", "retryable"}, data
     assert isinstance(data["retryable"], bool)
     assert_human(data["message"])
     return data
@@ -287,8 +288,28 @@ async def test_retry_after_beyond_the_limit_is_not_waited_out(start_rill: StartR
     assert error["code"] == "upstream_rate_limited"
     assert error["retryable"] is True
     assert "Try again in 30 s" in error["message"]
+    assert error["retry_after"] == 30  # for clients, which may wait it out (the chat page does)
     assert "Slow down" in error["message"]
     assert len(rill.fake.requests) == 1
+    await assert_still_serves(rill)
+
+
+@pytest.mark.parametrize(("header", "expected"), [("2", 2), ("0.5", 0.5), (None, None), ("soon", None)])
+async def test_a_rate_limit_error_carries_the_upstreams_wait(
+    start_rill: StartRill, header: str | None, expected: float | None
+) -> None:
+    rill = await start_rill(upstream={"retries": 0})
+    headers = {"Retry-After": header} if header is not None else {}
+    rill.fake.script(Reply(status=429, body=upstream_error_body("Slow down", "rate_limit_error"), headers=headers))
+    error = error_of(await run_chat(rill))
+
+    assert error["code"] == "upstream_rate_limited"
+    assert error["retryable"] is True
+    if expected is None:
+        assert "retry_after" not in error  # no number to count down from: the client decides
+    else:
+        assert error["retry_after"] == expected
+        assert isinstance(error["retry_after"], int | float)
     await assert_still_serves(rill)
 
 

@@ -1,16 +1,41 @@
 // The Rill JSON API. Every failure becomes an ApiError carrying the server's stable code
 // and its human message, or code "network" when the server could not be reached.
+// (errors.js turns the code into the page's own words.)
 
 import { t } from "./i18n.js";
 
 export class ApiError extends Error {
-  constructor(code, message, { status = 0, retryable = false, retryAfter = null } = {}) {
+  constructor(code, message, { status = 0, retryable = false, retryAfter = null, fromServer = false } = {}) {
     super(message);
     this.code = code;
     this.status = status;
     this.retryable = retryable;
-    this.retryAfter = retryAfter; // seconds, from a 429's Retry-After
+    this.retryAfter = retryAfter; // seconds, from a 429's Retry-After or an error event's retry_after
+    this.fromServer = fromServer; // message is the server's own (English) words
   }
+}
+
+/** Whether sending the same request again may work: a limit, a server fault, a session to renew. */
+function retryableStatus(status, code) {
+  return status === 408 || status === 429 || status >= 500 || code === "auth_required";
+}
+
+/** A Retry-After in seconds (the only form Rill sends), or null. */
+function retryAfterOf(response) {
+  const seconds = Number.parseInt(response.headers.get("Retry-After") ?? "", 10);
+  return Number.isFinite(seconds) && seconds >= 0 ? seconds : null;
+}
+
+/** The ApiError for a refused request's JSON error body. */
+function serverError(response, error) {
+  noteAuthRequired(error.code);
+  const signedOut = error.code === "auth_required"; // the server's words are for API clients
+  return new ApiError(error.code, signedOut ? t("error.auth_required") : error.message, {
+    status: response.status,
+    retryable: retryableStatus(response.status, error.code),
+    retryAfter: retryAfterOf(response),
+    fromServer: !signedOut,
+  });
 }
 
 /** Fired on window when the server wants a (new) sign-in: the session ended or was never made. */
@@ -33,7 +58,7 @@ export async function request(method, url, body) {
       cache: "no-store",
     });
   } catch {
-    throw new ApiError("network", t("err.network"), { retryable: true });
+    throw new ApiError("network", t("error.network"), { retryable: true });
   }
   let payload = null;
   try {
@@ -44,22 +69,15 @@ export async function request(method, url, body) {
   if (!response.ok) {
     const error = payload?.error;
     if (error && typeof error.code === "string" && typeof error.message === "string") {
-      noteAuthRequired(error.code);
-      const message = error.code === "auth_required" ? t("err.signedOut") : error.message;
-      const retryAfter = Number.parseInt(response.headers.get("Retry-After") ?? "", 10);
-      throw new ApiError(error.code, message, {
-        status: response.status,
-        retryable: response.status === 429 || response.status >= 500,
-        retryAfter: Number.isFinite(retryAfter) ? retryAfter : null,
-      });
+      throw serverError(response, error);
     }
     throw new ApiError("http_error", t("err.unexpected", { detail: `HTTP ${response.status}` }), {
       status: response.status,
-      retryable: response.status >= 500,
+      retryable: retryableStatus(response.status, ""),
     });
   }
   if (payload === null || typeof payload !== "object") {
-    throw new ApiError("bad_response", t("err.badResponse"), { status: response.status });
+    throw new ApiError("bad_response", t("error.bad_response"), { status: response.status });
   }
   return payload;
 }
@@ -96,21 +114,24 @@ export async function probeEvents(generationId, lastEventId) {
     if (response.ok) {
       // A captive portal or a misconfigured proxy answers 200 with a page of its own.
       const type = response.headers.get("Content-Type") ?? "";
-      return type.startsWith("text/event-stream") ? null : new ApiError("bad_response", t("err.badResponse"));
+      if (type.startsWith("text/event-stream")) return null;
+      // (retryable: once signed in to the Wi-Fi, the same request works)
+      return new ApiError("bad_response", t("error.bad_response"), { retryable: true });
     }
     const payload = await response.json().catch(() => null);
     const error = payload?.error;
-    if (error?.code === "generation_not_found") return new ApiError(error.code, t("err.expired"), { status: 404 });
-    if (error?.code === "auth_required") {
-      noteAuthRequired(error.code);
-      return new ApiError(error.code, t("err.signedOut"), { status: 401 });
+    if (error?.code === "generation_not_found") {
+      return new ApiError(error.code, t("error.generation_not_found"), { status: 404 });
     }
-    if (error) return new ApiError(error.code, error.message, { status: response.status });
+    if (error && typeof error.code === "string" && typeof error.message === "string") {
+      return serverError(response, error);
+    }
     return new ApiError("http_error", t("err.unexpected", { detail: `HTTP ${response.status}` }), {
       status: response.status,
+      retryable: retryableStatus(response.status, ""),
     });
   } catch {
-    return new ApiError("network", t("err.network"), { retryable: true });
+    return new ApiError("network", t("error.network"), { retryable: true });
   } finally {
     controller.abort(); // only the status was wanted; do not hold a stream open
   }

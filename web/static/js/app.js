@@ -2,6 +2,7 @@
 
 import { AUTH_REQUIRED_EVENT, listModels } from "./api.js";
 import { copyText, downloadText } from "./clipboard.js";
+import { describeError } from "./errors.js";
 import { conversationMarkdown, exportFilename } from "./export.js";
 import { detectLanguage, setLanguage, t, translatePage } from "./i18n.js";
 import { newId } from "./ids.js";
@@ -40,7 +41,7 @@ class ChatApp {
     $("theme-toggle").textContent = themeLabel(this.theme);
 
     this.signIn = new SignInDialog($("signin"));
-    this.list = new MessageList($("messages"), $("jump"));
+    this.list = new MessageList($("messages"), $("jump"), { autoRetryIn: (id) => this.runs.autoRetryIn(id) });
     this.sidebar = new Sidebar($("conversations"), $("no-conversations"), {
       onOpen: (id) => this.open(id),
       onRename: (id, title) => this.rename(id, title),
@@ -63,6 +64,7 @@ class ChatApp {
       // Unreachable for now: carry on; the calls below report it and retry.
     }
     if (state?.required) $("sign-out").hidden = false;
+    this.list.setLocalRun(state?.required === false); // unknown (unreachable): not local
     if (state?.required && !state.signed_in) await this.signIn.ask();
     this.runs.resumeAll();
     this.loadModels();
@@ -135,7 +137,7 @@ class ChatApp {
       try {
         await signOut();
       } catch (error) {
-        this._notice(error.message);
+        this._notice(describeError(error).text);
         return;
       }
       location.reload(); // the page comes back asking for a token
@@ -241,6 +243,7 @@ class ChatApp {
   startEdit(message) {
     if (this._busy()) return;
     this.cancelEdit();
+    this.runs.cancelAutoRetries(this.current.id); // a retry now would end the editing
     const area = this.list.startEdit(message);
     this.editing = message;
     area.addEventListener("keydown", (event) => {
@@ -276,6 +279,7 @@ class ChatApp {
       system: t("app.systemPrompt"),
       user: t("msg.you"),
       assistant: t("msg.assistant"),
+      error: (error) => describeError(error, { local: this.list.localRun }).text,
     });
     downloadText(exportFilename(title), text);
   }
@@ -304,6 +308,7 @@ class ChatApp {
     else if (action === "edit") this.startEdit(message);
     else if (action === "regenerate") this.regenerate(message);
     else if (action === "retry") this.retry(message);
+    else if (action === "cancel-retry") this.runs.cancelAutoRetry(message.id);
     else if (action === "continue") this.continueAnswer(message);
   }
 
@@ -348,6 +353,7 @@ class ChatApp {
       }
       return;
     }
+    this.runs.cancelAutoRetries(id); // another tab moved on: its version decides what comes next
     this.store.reload(id);
     this.runs.watch(this.store.get(id)); // an answer another tab started: follow it if that tab goes
     if (this.current?.id !== id) return;
@@ -369,6 +375,7 @@ class ChatApp {
 
   /** Stops the answers streaming into conversations that are going away. */
   _discardAnswers(conversationIds) {
+    for (const id of conversationIds) this.runs.cancelAutoRetries(id);
     for (const run of [...this.runs.active.values()]) {
       if (conversationIds.includes(run.conversation.id)) run.discard();
     }
@@ -417,7 +424,7 @@ class ChatApp {
       this.models = await listModels();
     } catch (error) {
       $("model").replaceChildren(new Option(t("app.modelsFailed"), ""));
-      this._notice(error.message);
+      this._notice(describeError(error).text);
       const delay = MODELS_RETRY_MS[Math.min(attempt, MODELS_RETRY_MS.length - 1)];
       setTimeout(() => this.loadModels(attempt + 1), delay);
       return;

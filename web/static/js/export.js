@@ -1,5 +1,6 @@
 // A conversation as a Markdown document, for the export button.
 
+/** labels: the headings in the page's language, and error(error): what the page says about one. */
 export function conversationMarkdown(conversation, labels) {
   const lines = [`# ${conversation.title || labels.untitled}`, ""];
   if (conversation.system?.trim()) lines.push(`> **${labels.system}:** ${conversation.system.trim()}`, "");
@@ -10,7 +11,7 @@ export function conversationMarkdown(conversation, labels) {
       const model = message.modelLabel || message.model;
       lines.push(`## ${labels.assistant}${model ? ` (${model})` : ""}`, "");
       if (message.content) lines.push(message.content, "");
-      if (message.error) lines.push(`> ${message.error.message}`, "");
+      if (message.error) lines.push(`> ${labels.error(message.error)}`, "");
     }
   }
   return `${lines.join("\n").trimEnd()}\n`;

@@ -2,15 +2,19 @@
 // a new or removed message) rebuild the list; a streaming answer only updates its own
 // element, and its Markdown through MarkdownView.
 
+import { describeError } from "./errors.js";
 import { t, translatePage } from "./i18n.js";
 import { MarkdownView } from "./markdown.js";
 
 const STICK_THRESHOLD_PX = 48;
 
 export class MessageList {
-  constructor(container, jumpButton) {
+  /** autoRetryIn(messageId): seconds until that failed answer is retried by itself, or null. */
+  constructor(container, jumpButton, { autoRetryIn = () => null } = {}) {
     this.container = container;
     this.jumpButton = jumpButton;
+    this.autoRetryIn = autoRetryIn;
+    this.localRun = false; // this Rill has no access tokens: the reader is the one who runs it
     this.empty = container.querySelector("#empty-chat");
     this.template = document.getElementById("message-template");
     this.elements = new Map(); // message id -> {element, view}
@@ -71,25 +75,43 @@ export class MessageList {
     this.refreshActions();
   }
 
+  /** Whether the reader runs this Rill (GET /api/session: no access tokens); redraws errors. */
+  setLocalRun(local) {
+    this.localRun = local;
+    for (const message of this.conversation?.messages ?? []) if (message.error) this.update(message);
+  }
+
   /** The action buttons depend on position and on whether an answer is streaming. */
   refreshActions() {
-    const messages = this.conversation?.messages ?? [];
-    const last = messages.at(-1);
-    const lastUser = messages.findLast((message) => message.role === "user");
-    for (const message of messages) {
+    for (const message of this.conversation?.messages ?? []) {
       const entry = this.elements.get(message.id);
-      if (!entry) continue;
-      const idle = !this.running;
-      const isLast = message === last;
-      const buttons = entry.element.querySelector(".message-actions");
-      buttons.querySelector('[data-action="edit"]').hidden = !(idle && message === lastUser);
-      const assistant = message.role === "assistant";
-      buttons.querySelector('[data-action="regenerate"]').hidden = !(idle && assistant && isLast);
-      const resumable = message.status === "length" || (message.status === "error" && message.content);
-      buttons.querySelector('[data-action="continue"]').hidden = !(idle && assistant && isLast && resumable);
-      buttons.querySelector('[data-action="copy"]').hidden = !message.content;
-      entry.element.querySelector('.message-error [data-action="retry"]').hidden = !(idle && isLast);
+      if (entry) this._fillActions(entry, message);
     }
+  }
+
+  /**
+   * One clear way on after a failure: Retry when the same request may work (or the
+   * countdown's Cancel while it is retried by itself), Regenerate when it will not as it
+   * is (after changing the model, say). Continue, when text was kept, is a different thing.
+   */
+  _fillActions(entry, message) {
+    const messages = this.conversation?.messages ?? [];
+    const idle = !this.running;
+    const isLast = message === messages.at(-1);
+    const lastUser = messages.findLast((item) => item.role === "user");
+    const assistant = message.role === "assistant";
+    const failed = message.status === "error" && Boolean(message.error);
+    const counting = failed && this.autoRetryIn(message.id) !== null;
+    const retry = idle && isLast && failed && message.error.retryable;
+    const buttons = entry.element.querySelector(".message-actions");
+    buttons.querySelector('[data-action="edit"]').hidden = !(idle && message === lastUser);
+    buttons.querySelector('[data-action="regenerate"]').hidden = !(idle && assistant && isLast && !retry);
+    const resumable = message.status === "length" || (failed && message.content);
+    buttons.querySelector('[data-action="continue"]').hidden = !(idle && assistant && isLast && resumable && !counting);
+    buttons.querySelector('[data-action="copy"]').hidden = !message.content;
+    const error = entry.element.querySelector(".message-error");
+    error.querySelector('[data-action="retry"]').hidden = !(retry && !counting);
+    error.querySelector('[data-action="cancel-retry"]').hidden = !(retry && counting);
   }
 
   messageIdOf(node) {
@@ -173,9 +195,23 @@ export class MessageList {
       this._fillStatus(element, message);
       element.querySelector(".message-stats").textContent = statsLine(message);
     }
-    const error = element.querySelector(".message-error");
-    error.hidden = !message.error;
-    if (message.error) error.querySelector(".error-text").textContent = message.error.message;
+    this._fillError(entry, message);
+    this._fillActions(entry, message);
+  }
+
+  _fillError(entry, message) {
+    const box = entry.element.querySelector(".message-error");
+    box.hidden = !message.error;
+    if (!message.error) return;
+    const { text, detail } = describeError(message.error, { local: this.localRun });
+    box.querySelector(".error-text").textContent = text;
+    const details = box.querySelector(".error-details");
+    details.hidden = !detail;
+    details.querySelector(".error-detail-text").textContent = detail;
+    const seconds = message.status === "error" ? this.autoRetryIn(message.id) : null;
+    const countdown = box.querySelector(".error-countdown");
+    countdown.hidden = seconds === null;
+    countdown.textContent = seconds === null ? "" : t("msg.autoRetry", { seconds });
   }
 
   _fillReasoning(entry, message) {
@@ -221,6 +257,8 @@ export class MessageList {
 function statsLine(message) {
   const stats = message.stats;
   if (!stats?.started) return "";
+  // Failed before a first token: a time and no tokens would say nothing the error does not.
+  if (message.status === "error" && !stats.firstToken) return "";
   const end = stats.ended ?? Date.now();
   const parts = [];
   const usage = message.usage;

@@ -4,6 +4,7 @@
 // the stored text ends, from the same generation, without a second upstream request.
 
 import { ApiError, startChat, stopChat } from "./api.js";
+import { autoRetryDelay } from "./errors.js";
 import { uuid4 } from "./ids.js";
 import { EventFollower } from "./stream.js";
 
@@ -11,6 +12,8 @@ const SAVE_INTERVAL_MS = 1000;
 const STOP_FALLBACK_MS = 2000; // if the stream does not bring "done" after DELETE, finish from its answer
 const STOP_PATIENCE_MS = 20_000; // how long a reconnecting stream may take to bring "done" after Stop
 const STOP_ATTEMPTS = 4; // a DELETE lost in the network is sent again, 1 s, 2 s, 3 s later
+const COUNTDOWN_TICK_MS = 250;
+const AUTO_RETRIES = 1; // per request the user made: a second failure waits for the user
 
 const FINISH_STATUS = { stop: "done", length: "length", content_filter: "filtered", cancelled: "stopped" };
 
@@ -21,6 +24,9 @@ export class Runs extends EventTarget {
     this.active = new Map(); // message id -> Run
     this.starting = new Set(); // conversation ids with a new answer waiting for its lock
     this.waiting = new Set(); // message ids another tab follows, that this tab would take over
+    // Failed answers waiting for their automatic retry (this tab's, in memory: after a
+    // reload the user retries by hand). message id -> {conversation, message, error, at, timers}
+    this.countdowns = new Map();
     // Stop pressed in a tab that does not follow the answer reaches the one that does.
     this.channel = typeof BroadcastChannel === "function" ? new BroadcastChannel("rill.runs") : null;
     if (this.channel) this.channel.onmessage = (event) => this.active.get(event.data?.stop)?.stop();
@@ -39,10 +45,11 @@ export class Runs extends EventTarget {
    * clientId is new for each send; a retry of a POST whose answer never arrived passes
    * the same one, so the server returns the generation it may already have started.
    */
-  start(conversation, message, body, { clientId = uuid4() } = {}) {
+  start(conversation, message, body, { clientId = uuid4(), autoRetries = 0 } = {}) {
+    this.cancelAutoRetries(conversation.id);
     const request = { body: { ...body, client_id: clientId }, prefix: message.content, reasoning: message.reasoning ?? "" };
     for (const other of conversation.messages) delete other.request; // only the last answer can be retried
-    message.request = { ...request, acknowledged: false };
+    message.request = { ...request, acknowledged: false, autoRetries };
     message.status = "streaming";
     message.error = null;
     message.usage = null;
@@ -51,14 +58,79 @@ export class Runs extends EventTarget {
     this._launch(conversation, message, { fresh: true });
   }
 
-  /** Sends the last request of message again, into the same message (the Retry button). */
-  retry(conversation, message) {
+  /**
+   * Sends the last request of message again, into the same message (the Retry button, or
+   * automatic: the countdown after a limit that said how long to wait).
+   */
+  retry(conversation, message, { automatic = false } = {}) {
     const request = message.request;
+    const autoRetries = automatic ? (request.autoRetries ?? 0) + 1 : 0;
+    if (message.error?.resume) {
+      this._resume(conversation, message, message.error.resume, autoRetries);
+      return;
+    }
     message.content = request.prefix;
     message.reasoning = request.reasoning;
     // Same client_id only if the server never confirmed the first POST: then it may exist.
     const clientId = request.acknowledged ? uuid4() : request.body.client_id;
-    this.start(conversation, message, request.body, { clientId });
+    this.start(conversation, message, request.body, { clientId, autoRetries });
+  }
+
+  /**
+   * Follows again a generation the server still runs, from the last event applied: its
+   * stream was refused (too many open), not the answer. Asking again would pay twice.
+   */
+  _resume(conversation, message, { generation, lastEventId }, autoRetries) {
+    this.cancelAutoRetries(conversation.id);
+    message.request.autoRetries = autoRetries;
+    message.status = "streaming";
+    message.error = null;
+    message.pending = { body: message.request.body, generation, lastEventId, stopRequested: false };
+    message.stats = { ...message.stats, ended: null };
+    this._launch(conversation, message, { fresh: true });
+  }
+
+  /** Seconds until message is retried by itself, or null. */
+  autoRetryIn(messageId) {
+    const countdown = this.countdowns.get(messageId);
+    return countdown ? Math.max(0, Math.ceil((countdown.at - Date.now()) / 1000)) : null;
+  }
+
+  /** Cancel (or anything new in the conversation): the retry is the user's again. */
+  cancelAutoRetry(messageId) {
+    const countdown = this.countdowns.get(messageId);
+    if (!countdown) return;
+    clearTimeout(countdown.timer);
+    clearInterval(countdown.ticker);
+    this.countdowns.delete(messageId);
+    this._changed(countdown);
+  }
+
+  cancelAutoRetries(conversationId) {
+    for (const countdown of [...this.countdowns.values()]) {
+      if (countdown.conversation.id === conversationId) this.cancelAutoRetry(countdown.message.id);
+    }
+  }
+
+  /** After a failure with a wait attached (Retry-After, retry_after): retry once, visibly. */
+  _scheduleAutoRetry(conversation, message) {
+    if (message.status !== "error" || (message.request?.autoRetries ?? 0) >= AUTO_RETRIES) return;
+    const seconds = autoRetryDelay(message.error);
+    if (seconds === null) return;
+    const countdown = { conversation, message, error: message.error, at: Date.now() + seconds * 1000 };
+    countdown.timer = setTimeout(() => this._autoRetry(countdown), seconds * 1000);
+    countdown.ticker = setInterval(() => this._changed(countdown), COUNTDOWN_TICK_MS);
+    this.countdowns.set(message.id, countdown);
+  }
+
+  _autoRetry(countdown) {
+    const { conversation, message, error } = countdown;
+    this.cancelAutoRetry(message.id);
+    // Only if nothing changed meanwhile: still the last answer, still this failure, and
+    // the conversation neither deleted nor replaced by another tab's version.
+    if (this.store.get(conversation.id) !== conversation || conversation.messages.at(-1) !== message) return;
+    if (message.error !== error || conversation.messages.some((item) => item.pending)) return;
+    this.retry(conversation, message, { automatic: true });
   }
 
   /** Picks up every answer that was streaming when the page was last closed. */
@@ -159,6 +231,7 @@ export class Runs extends EventTarget {
 
   _finished(run) {
     this.active.delete(run.message.id);
+    this._scheduleAutoRetry(run.conversation, run.message);
     this._changed(run);
   }
 }
@@ -248,8 +321,11 @@ class Run {
       return;
     }
     if (answer.usage && !this.message.usage) this.message.usage = answer.usage;
-    if (answer.ended === "error") this._fail(new ApiError(answer.result.code, answer.result.message));
-    else this._finish(FINISH_STATUS[answer.result?.finish_reason] ?? "stopped");
+    if (answer.ended === "error") {
+      // No retry_after: after Stop, nothing starts again by itself.
+      const { code, message, retryable } = answer.result;
+      this._fail(new ApiError(code, message, { retryable: Boolean(retryable), fromServer: true }));
+    } else this._finish(FINISH_STATUS[answer.result?.finish_reason] ?? "stopped");
   }
 
   /** Drops the run without a trace (its conversation is being deleted): stops the upstream too. */
@@ -288,7 +364,13 @@ class Run {
         this._finish(FINISH_STATUS[data.finish_reason] ?? "done");
         return;
       case "error":
-        this._fail(new ApiError(data.code, data.message, { retryable: Boolean(data.retryable) }));
+        this._fail(
+          new ApiError(data.code, data.message, {
+            retryable: Boolean(data.retryable),
+            retryAfter: typeof data.retry_after === "number" ? data.retry_after : null,
+            fromServer: true,
+          }),
+        );
         return;
     }
     this.save(false);
@@ -307,7 +389,14 @@ class Run {
   }
 
   _fail(error) {
-    this.message.error = { code: error.code, message: error.message, retryable: Boolean(error.retryable) };
+    const stored = { code: error.code, message: error.message, retryable: Boolean(error.retryable) };
+    if (error.fromServer) stored.fromServer = true;
+    if (error.retryAfter !== null && error.retryAfter !== undefined) stored.retryAfter = error.retryAfter;
+    // Its stream was refused, not the answer: a retry follows the same generation again.
+    if (error.code === "too_many_streams" && this.pending?.generation) {
+      stored.resume = { generation: this.pending.generation, lastEventId: this.pending.lastEventId };
+    }
+    this.message.error = stored;
     this._finish("error");
   }
 

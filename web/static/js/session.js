@@ -2,6 +2,7 @@
 // that page scripts never see; this module only asks for the token and posts it once.
 
 import { ApiError, request } from "./api.js";
+import { describeError } from "./errors.js";
 import { t } from "./i18n.js";
 
 export function sessionState() {
@@ -70,9 +71,10 @@ export class SignInDialog {
 
   _explain(error) {
     if (!(error instanceof ApiError)) return t("auth.failed");
-    if (error.code === "bad_token") return t("auth.badToken");
-    if (error.code === "too_many_attempts") return t("auth.tooMany", { seconds: error.retryAfter ?? 60 });
-    return error.message;
+    if (error.code === "too_many_attempts" && error.retryAfter !== null) {
+      return t("auth.tooMany", { seconds: error.retryAfter });
+    }
+    return describeError(error).text;
   }
 
   _showError(text) {

@@ -92,7 +92,7 @@ export class EventFollower {
       // A transient failure: the stream is there again. Back off in case it fails at once.
       if (++this.reopens > MAX_REOPENS) {
         this.close();
-        this.handlers.onLost(new ApiError("lost", t("err.lost")));
+        this.handlers.onLost(new ApiError("lost", t("error.lost"), { retryable: true }));
         return;
       }
       clearTimeout(this._retryTimer);
