@@ -892,3 +892,19 @@ async def test_phone_sidebar_is_a_drawer_that_closes_when_a_conversation_opens(r
     await expect(page.locator("#scrim")).to_be_hidden()
     await expect(menu).to_have_attribute("aria-expanded", "false")
     await ui.assert_clean()
+
+
+@pytest.mark.parametrize("reason", ["tool_calls", "constructor", "__proto__", "toString"])
+async def test_an_unknown_finish_reason_ends_the_answer_as_done(rill: Rill, open_ui: OpenPage, reason: str) -> None:
+    """The upstream names the finish reason: one that is an Object property name must not
+    turn the message's status into a function or an object (it is stored and reloaded)."""
+    rill.fake.script(Reply(chunks=answer(["All ", "there."], finish=reason)))
+    ui = await open_ui(rill)
+    page = ui.page
+    await ask(page, "Call a tool")
+    await expect(page.locator(f"{ANSWER} >> .message-body")).to_have_text("All there.")
+    assert (await ui.stored_conversations())[0]["messages"][1]["status"] == "done"
+    await page.reload()
+    await expect(page.locator(f"{ANSWER} >> .message-body")).to_have_text("All there.")
+    assert (await ui.stored_conversations())[0]["messages"][1]["status"] == "done"
+    await ui.assert_clean()

@@ -17,6 +17,12 @@ const AUTO_RETRIES = 1; // per request the user made: a second failure waits for
 
 const FINISH_STATUS = { stop: "done", length: "length", content_filter: "filtered", cancelled: "stopped" };
 
+/** The message status for a finish reason; the upstream names it, so `constructor` or
+ * `__proto__` must not reach the object's prototype. */
+function finishStatus(reason, otherwise) {
+  return typeof reason === "string" && Object.hasOwn(FINISH_STATUS, reason) ? FINISH_STATUS[reason] : otherwise;
+}
+
 export class Runs extends EventTarget {
   constructor(store) {
     super();
@@ -325,7 +331,7 @@ class Run {
       // No retry_after: after Stop, nothing starts again by itself.
       const { code, message, retryable } = answer.result;
       this._fail(new ApiError(code, message, { retryable: Boolean(retryable), fromServer: true }));
-    } else this._finish(FINISH_STATUS[answer.result?.finish_reason] ?? "stopped");
+    } else this._finish(finishStatus(answer.result?.finish_reason, "stopped"));
   }
 
   /** Drops the run without a trace (its conversation is being deleted): stops the upstream too. */
@@ -361,7 +367,7 @@ class Run {
         message.usage = data;
         break;
       case "done":
-        this._finish(FINISH_STATUS[data.finish_reason] ?? "done");
+        this._finish(finishStatus(data.finish_reason, "done"));
         return;
       case "error":
         this._fail(
