@@ -131,13 +131,20 @@ async def test_closed_tab_is_noticed_without_tokens_and_upstream_closed_after_gr
 
 
 async def test_generation_nobody_subscribes_to_is_abandoned_after_grace(start_rill: StartRill) -> None:
-    rill = await start_rill(stream={"resume_grace": 0.3})
+    # A grace long enough for the request to reach the fake upstream on a busy machine:
+    # a shorter one may end the answer before its request was even sent.
+    rill = await start_rill(stream={"resume_grace": 1.0})
     rill.fake.script(Reply(chunks=[chunk("x")], end="hang"))
-    await rill.start_chat()
+    generation_id = await rill.start_chat()
     await wait_for(lambda: len(rill.fake.requests) == 1)
-    async with asyncio.timeout(1.5):
+    async with asyncio.timeout(4.0):
         await rill.fake.requests[0].closed.wait()
     assert rill.registry.live() == []
+    generation = rill.registry.get(generation_id)
+    assert generation is not None
+    terminal = generation.terminal
+    assert terminal is not None
+    assert json.loads(terminal.data)["code"] == "abandoned"
 
 
 async def test_reconnect_within_grace_keeps_the_same_upstream_request(start_rill: StartRill) -> None:
