@@ -18,6 +18,7 @@ from yarl import URL
 
 from server.app import create_app, runner_options
 from server.config import Config, parse_config
+from server.httpserver import RillSite
 from server.keys import REGISTRY
 from server.registry import GenerationRegistry
 
@@ -136,7 +137,7 @@ StartRill = Callable[..., Awaitable[Rill]]
 async def serve(app: web.Application, config: Config) -> tuple[web.AppRunner, URL]:
     runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = RillSite(runner, config, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
     return runner, URL.build(scheme="http", host=host, port=port)
