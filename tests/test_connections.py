@@ -1,0 +1,285 @@
+"""Connections a client cannot hold forever: a body that stalls gets 408 and is closed,
+headers that never complete are closed, and no address (nor all of them) may hold
+more connections than the bounds, while everybody else is still served."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+
+from .conftest import Rill, StartRill
+from .fakes import text_of
+
+HOLD = 10.0  # how long a test waits for something that must happen much sooner
+
+
+async def connect(rill: Rill, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection from `source`: any 127/8 address is this machine."""
+    assert rill.url.port is not None
+    return await asyncio.open_connection("127.0.0.1", rill.url.port, local_addr=(source, 0))
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    received = b""
+    async with asyncio.timeout(seconds):
+        while True:
+            try:
+                piece = await reader.read(65536)
+            except ConnectionResetError:
+                return received
+            if not piece:
+                return received
+            received += piece
+
+
+def head_and_body(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+async def get(rill: Rill, source: str, path: str = "/healthz") -> int:
+    reader, writer = await connect(rill, source)
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {rill.url.host}:{rill.url.port}\r\nConnection: close\r\n\r\n".encode()
+        )
+        status, _, _ = head_and_body(await closed_within(reader, HOLD))
+        return status
+    finally:
+        writer.close()
+
+
+def stalled_post(rill: Rill, path: str = "/api/chat") -> bytes:
+    """The headers of a 64-byte JSON body, and its first byte."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {rill.url.host}:{rill.url.port}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 64\r\n\r\n{"
+    ).encode()
+
+
+TOKENS = {"RILL_ACCESS_TOKENS": "alice:a1b2c3d4e5f6g7h8i9j0"}
+
+
+@pytest.mark.parametrize(
+    ("path", "environ"),
+    [("/api/chat", {}), ("/api/session", TOKENS)],  # sign-in needs no token: anyone can do this
+)
+async def test_a_stalled_body_gets_408_json_and_is_closed_at_the_deadline(
+    start_rill: StartRill, path: str, environ: dict[str, str]
+) -> None:
+    rill = await start_rill(server={"body_timeout": 1.0, "header_timeout": 30.0}, environ=environ)
+    reader, writer = await connect(rill)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writer.write(stalled_post(rill, path))
+    raw = await closed_within(reader, HOLD)
+    elapsed = loop.time() - started
+    writer.close()
+    status, headers, body = head_and_body(raw)
+    assert status == 408
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert 0.9 <= elapsed < 1.0 + 3.0  # cut at the deadline, not before; closed right after
+    assert rill.registry.live() == []
+
+
+async def test_an_answer_sent_without_reading_the_body_still_closes_at_the_deadline(start_rill: StartRill) -> None:
+    rill = await start_rill(server={"body_timeout": 1.0, "header_timeout": 30.0})
+    reader, writer = await connect(rill)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writer.write(stalled_post(rill, "/no/such/page"))
+    raw = await closed_within(reader, HOLD)  # aiohttp reads the rest after a 404 (lingering): not for long
+    writer.close()
+    assert head_and_body(raw)[0] == 404
+    assert loop.time() - started < 1.0 + 3.0
+
+
+async def test_a_trickled_body_cannot_stretch_the_deadline(start_rill: StartRill) -> None:
+    rill = await start_rill(server={"body_timeout": 1.0, "header_timeout": 30.0})
+    reader, writer = await connect(rill)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writer.write(stalled_post(rill).replace(b"Content-Length: 64", b"Content-Length: 6400"))
+
+    async def trickle() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            writer.write(b" ")  # a byte at a time: an idle-per-read timer would never fire
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        raw = await closed_within(reader, HOLD)
+    finally:
+        trickling.cancel()
+    writer.close()
+    assert head_and_body(raw)[0] == 408
+    assert loop.time() - started < 1.0 + 3.0
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"],
+    ids=["nothing", "partial-headers"],
+)
+async def test_headers_that_never_complete_are_closed_at_the_deadline(start_rill: StartRill, sent: bytes) -> None:
+    rill = await start_rill(server={"header_timeout": 1.0})
+    reader, writer = await connect(rill)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writer.write(sent)
+    raw = await closed_within(reader, HOLD)
+    elapsed = loop.time() - started
+    writer.close()
+    assert raw == b""  # closed, nothing answered
+    assert 0.9 <= elapsed < 1.0 + 3.0
+
+
+async def test_trickled_headers_cannot_stretch_the_deadline(start_rill: StartRill) -> None:
+    rill = await start_rill(server={"header_timeout": 1.0})
+    reader, writer = await connect(rill)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def trickle() -> None:
+        writer.write(b"GET /healthz HTTP/1.1\r\n")
+        while True:
+            await asyncio.sleep(0.1)
+            writer.write(b"X: y\r\n")
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        assert await closed_within(reader, HOLD) == b""
+    finally:
+        trickling.cancel()
+    writer.close()
+    assert loop.time() - started < 1.0 + 3.0
+
+
+async def test_keep_alive_idle_is_not_cut_by_the_header_deadline(start_rill: StartRill) -> None:
+    """Between requests the keep-alive timeout applies; the header clock starts again
+    with the next request's first byte (nginx keeps idle connections to Rill for 60 s)."""
+    rill = await start_rill(server={"header_timeout": 0.5, "keepalive_timeout": 30.0})
+    reader, writer = await connect(rill)
+    for _ in range(2):
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: {rill.url.host}:{rill.url.port}\r\n\r\n".encode())
+        async with asyncio.timeout(HOLD):
+            status, headers, _ = head_and_body(await reader.readuntil(b"\r\n\r\n"))
+            await reader.readexactly(int(headers["content-length"]))
+        assert status == 200
+        await asyncio.sleep(1.5)  # three header deadlines of idling
+    writer.write(b"GET /healthz HTTP/1.1\r\n")  # a next request that stalls: the clock runs again
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await closed_within(reader, HOLD) == b""
+    assert loop.time() - started < 0.5 + 3.0
+    writer.close()
+
+
+async def test_keepalive_timeout_closes_an_idle_connection(start_rill: StartRill) -> None:
+    rill = await start_rill(server={"keepalive_timeout": 1.0})
+    reader, writer = await connect(rill)
+    writer.write(f"GET /healthz HTTP/1.1\r\nHost: {rill.url.host}:{rill.url.port}\r\n\r\n".encode())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    raw = await closed_within(reader, HOLD)
+    assert head_and_body(raw)[0] == 200
+    assert 0.9 <= loop.time() - started < 1.0 + 3.0
+    writer.close()
+
+
+async def test_the_per_address_bound_closes_the_extra_connection_and_logs_once(
+    start_rill: StartRill, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    rill = await start_rill(server={"max_connections_per_address": 3, "header_timeout": 30.0})
+    held = [await connect(rill, "127.0.0.2") for _ in range(3)]
+    await asyncio.sleep(0.1)
+    extra = [await connect(rill, "127.0.0.2") for _ in range(5)]
+    for reader, writer in extra:
+        assert await closed_within(reader, HOLD) == b""  # closed at once, unanswered
+        writer.close()
+    warnings = [r for r in caplog.records if "max_connections_per_address" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert warnings[0].levelno == logging.WARNING
+    assert "127.0.0.2" in warnings[0].getMessage()
+    # The ones let in still work.
+    reader, writer = held[0]
+    writer.write(
+        f"GET /healthz HTTP/1.1\r\nHost: {rill.url.host}:{rill.url.port}\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert head_and_body(await closed_within(reader, HOLD))[0] == 200
+    for _, writer in held:
+        writer.close()
+
+
+async def test_a_legitimate_client_is_served_while_another_address_is_at_its_bound(start_rill: StartRill) -> None:
+    rill = await start_rill(server={"max_connections_per_address": 4, "header_timeout": 30.0, "body_timeout": 30.0})
+    attacker = []
+    for _ in range(4):  # at the bound with stalled bodies
+        reader, writer = await connect(rill, "127.0.0.2")
+        writer.write(stalled_post(rill))
+        attacker.append((reader, writer))
+    reader, writer = await connect(rill, "127.0.0.2")
+    assert await closed_within(reader, HOLD) == b""  # the attacker's next one is refused
+    writer.close()
+    assert await get(rill, "127.0.0.3") == 200  # another address
+    assert await get(rill, "127.0.0.1") == 200  # a trusted proxy: exempt from the bound anyway
+    stream = await rill.open_stream(await rill.start_chat())  # a whole answer
+    assert text_of(await stream.read_all()) == "Hello world"
+    for _, writer in attacker:
+        writer.close()
+
+
+async def test_trusted_proxies_are_exempt_from_the_per_address_bound(start_rill: StartRill) -> None:
+    rill = await start_rill(server={"max_connections_per_address": 2, "header_timeout": 30.0})
+    held = [await connect(rill, "127.0.0.1") for _ in range(5)]  # 127.0.0.1: a trusted proxy by default
+    for _, writer in held:
+        writer.write(
+            f"GET /healthz HTTP/1.1\r\nHost: {rill.url.host}:{rill.url.port}\r\nConnection: close\r\n\r\n".encode()
+        )
+    for reader, writer in held:
+        assert head_and_body(await closed_within(reader, HOLD))[0] == 200
+        writer.close()
+
+
+async def test_at_the_total_bound_the_oldest_idle_connection_makes_room(
+    start_rill: StartRill, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    rill = await start_rill(server={"max_connections": 3, "header_timeout": 30.0, "body_timeout": 30.0})
+    oldest = await connect(rill, "127.0.0.2")
+    await asyncio.sleep(0.05)
+    silent = [await connect(rill, "127.0.0.3") for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert await get(rill, "127.0.0.4") == 200  # let in: the oldest silent one went
+    assert await closed_within(oldest[0], HOLD) == b""
+    warnings = [r for r in caplog.records if "max_connections" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+    for _, writer in [oldest, *silent]:
+        writer.close()
+
+
+async def test_at_the_total_bound_with_every_connection_busy_a_new_one_is_refused(start_rill: StartRill) -> None:
+    rill = await start_rill(server={"max_connections": 2, "header_timeout": 30.0, "body_timeout": 30.0})
+    busy = []
+    for source in ("127.0.0.2", "127.0.0.3"):
+        reader, writer = await connect(rill, source)
+        writer.write(stalled_post(rill))
+        busy.append((reader, writer))
+    await asyncio.sleep(0.2)  # both in their handlers, reading the body
+    reader, writer = await connect(rill, "127.0.0.4")
+    assert await closed_within(reader, HOLD) == b""
+    writer.close()
+    for _, writer in busy:
+        writer.close()
