@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -40,7 +41,7 @@ def all_log_text(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(parts)
 
 
-BAD_REQUESTS = {
+BAD_REQUESTS: dict[str, Callable[[Rill], bytes]] = {
     "bare-CR-after-a-token": lambda rill: request_with(rill, f"Authorization: Bearer {TOKEN}\r".encode()),
     "bare-CR-inside-a-header": lambda rill: request_with(rill, f"X-Token: {TOKEN}\rX-Other: 1".encode()),
     "header-too-long": lambda rill: request_with(rill, f"X-Token: {TOKEN}".encode() + b"a" * 9000),
