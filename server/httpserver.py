@@ -33,9 +33,9 @@ from .errors import error_response
 
 log = logging.getLogger(__name__)
 
-# Room for a burst of new connections while the loop is busy: with aiohttp's 128 a flood
-# of connects overflows the queue, and a real client's connect is retried after 1 s.
-LISTEN_BACKLOG = 1024
+# The listen queue: aiohttp's 128 overflows when a few thousand connections arrive at
+# once (a flood, or its connections reopening after a deadline), and a real client whose
+# connect is dropped tries again only after 1 s. The kernel caps it (net.core.somaxconn).
 
 
 def _refusal(exc: BaseException | None) -> str:
@@ -102,7 +102,10 @@ class RillSite(web.BaseSite):
         self.connections.start(lambda: _json_refusals(server()))
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self.connections.protocol, self._host, self._port, backlog=LISTEN_BACKLOG
+            self.connections.protocol,
+            self._host,
+            self._port,
+            backlog=max(1024, self.connections.limits.max_connections),
         )
 
     async def stop(self) -> None:
