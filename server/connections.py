@@ -234,7 +234,13 @@ class ConnectionTable:
             if since > cutoff:
                 break
             self.cut_headers += 1
-            log.debug("connections: closed one without a complete request after %g s", now - since)
+            self.notices.note(
+                "connections closed without complete request headers",
+                logging.INFO,
+                "connections: closed one from %s: no complete request headers in %g s ([server] header_timeout)",
+                conn.key or "a trusted proxy",
+                self.limits.header_timeout,
+            )
             conn.close()  # forget() takes it out of the queue
         cutoff = now - self.limits.body_timeout
         while self.bodies:

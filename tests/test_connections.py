@@ -10,6 +10,8 @@ import logging
 
 import pytest
 
+from server.connections import Notices
+
 from .conftest import Rill, StartRill
 from .fakes import text_of
 
@@ -283,3 +285,16 @@ async def test_at_the_total_bound_with_every_connection_busy_a_new_one_is_refuse
     writer.close()
     for _, writer in busy:
         writer.close()
+
+
+async def test_notices_hold_back_repeats_and_count_them(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="server.connections")
+    notices = Notices(interval=0.2)
+    for _ in range(5):
+        notices.note("refusals", logging.WARNING, "refused one from %s", "127.0.0.2")
+    assert [r.getMessage() for r in caplog.records] == ["refused one from 127.0.0.2"]
+    await asyncio.sleep(0.3)
+    notices.flush()  # the interval is over: what was held back is told, even with nothing new
+    assert caplog.records[-1].getMessage() == "connections: 4 more refusals in the last 0 s"
+    notices.note("refusals", logging.WARNING, "refused one from %s", "127.0.0.3")
+    assert caplog.records[-1].getMessage() == "refused one from 127.0.0.3"
