@@ -65,8 +65,7 @@ class _JsonRefusals(RequestHandler):
             return super().handle_error(request, status, exc, message)
         # exc and message hold the raw line: neither goes anywhere.
         reason = _refusal(exc)
-        level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.INFO  # TLS or scanners on the port
-        log.log(level, "refused a malformed request from %s: %s -> 400 bad_request", request.remote, reason)
+        log.info("refused a malformed request from %s: %s -> 400 bad_request", request.remote, reason)
         if request.writer.output_size > 0:
             raise ConnectionError("a response is already on its way")  # as aiohttp does: nothing more to send
         response = error_response(400, "bad_request", f"The request is not valid HTTP: {reason}.")

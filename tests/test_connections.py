@@ -10,9 +10,9 @@ import logging
 
 import pytest
 
-from server.connections import Notices
+from server.connections import ConnectionLimits, Notices
 
-from .conftest import Rill, StartRill
+from .conftest import Rill, StartRill, make_config
 from .fakes import text_of
 
 HOLD = 10.0  # how long a test waits for something that must happen much sooner
@@ -298,3 +298,11 @@ async def test_notices_hold_back_repeats_and_count_them(caplog: pytest.LogCaptur
     assert caplog.records[-1].getMessage() == "connections: 4 more refusals in the last 0 s"
     notices.note("refusals", logging.WARNING, "refused one from %s", "127.0.0.3")
     assert caplog.records[-1].getMessage() == "refused one from 127.0.0.3"
+
+
+def test_the_total_bound_stays_under_the_open_file_limit(caplog: pytest.LogCaptureFixture) -> None:
+    config = make_config("http://127.0.0.1:9/v1", server={"max_connections": 4096})
+    assert ConnectionLimits.from_config(config, open_files=65536).max_connections == 4096
+    limits = ConnectionLimits.from_config(config, open_files=1024)
+    assert limits.max_connections < 1024 - config.limits.max_concurrent_total  # room for upstream sockets
+    assert "LimitNOFILE" in caplog.text
