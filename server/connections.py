@@ -131,10 +131,6 @@ class ConnectionTable:
         self.notices = Notices()
         self.make_handler: Callable[[], asyncio.Protocol] | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self.cut_headers = 0  # counters for tests and the bench
-        self.cut_bodies = 0
-        self.refused = 0
-        self.evicted = 0
 
     def protocol(self) -> Connection:
         """The protocol factory for loop.create_server."""
@@ -160,7 +156,6 @@ class ConnectionTable:
             if any(address in network for network in self.limits.exempt):
                 key = None
             elif self.per_address.get(key, 0) >= self.limits.max_per_address:
-                self.refused += 1
                 self.notices.note(
                     "refusals of a client address at its bound",
                     logging.WARNING,
@@ -171,7 +166,6 @@ class ConnectionTable:
                 )
                 return False
         if self.total >= self.limits.max_connections and not self._evict_one():
-            self.refused += 1
             self.notices.note(
                 "refusals at the total bound",
                 logging.WARNING,
@@ -197,7 +191,6 @@ class ConnectionTable:
         if not candidates:
             return False
         victim, _ = min(candidates, key=lambda item: item[1])
-        self.evicted += 1
         self.notices.note(
             "connections closed at the total bound",
             logging.WARNING,
@@ -233,7 +226,6 @@ class ConnectionTable:
             conn, since = next(iter(self.headers.items()))
             if since > cutoff:
                 break
-            self.cut_headers += 1
             self.notices.note(
                 "connections closed without complete request headers",
                 logging.INFO,
@@ -251,7 +243,6 @@ class ConnectionTable:
             if not payload.is_eof():
                 # The handler reading it answers 408; a handler that already answered is in
                 # aiohttp's lingering read, which ends quietly on a TimeoutError.
-                self.cut_bodies += 1
                 payload.set_exception(BodyTimeout())
         self.notices.flush()
 

@@ -154,3 +154,22 @@ async def test_without_a_drain_delay_the_stop_is_immediate(start_process: StartP
     async with asyncio.timeout(10):
         assert await process.wait() == 0
     assert loop.time() - started < 3.0
+
+
+async def test_a_port_in_use_is_one_line_and_exit_1(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        env |= {"RILL_CONFIG": str(config), "RILL_PORT": str(port), "PYTHONPATH": str(ROOT)}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        async with asyncio.timeout(20):
+            _, stderr = await process.communicate()
+    assert process.returncode == 1
+    assert f"rill: cannot listen on http://127.0.0.1:{port}: " in stderr.decode()
+    assert "Traceback" not in stderr.decode()
