@@ -76,10 +76,11 @@ def create_app(config: Config) -> web.Application:
 
 
 def runner_options(config: Config) -> dict[str, Any]:
-    """Server settings shared by __main__ (run_app) and the tests (AppRunner)."""
+    """Server settings shared by __main__ and the tests: both run an AppRunner with them
+    and listen through httpserver.RillSite."""
     return {
         "shutdown_timeout": config.server.shutdown_timeout,
-        "keepalive_timeout": config.server.keepalive_timeout,  # run_app's 75 s, AppRunner's would be 3,630 s
+        "keepalive_timeout": config.server.keepalive_timeout,  # AppRunner's own default is 3,630 s
         "access_log_class": PathOnlyAccessLogger,
         # Handlers are not cancelled on disconnect; the monitor task notices closed
         # connections instead, so a half-finished POST never leaves a partial state.
