@@ -18,9 +18,9 @@ from collections.abc import Callable
 from aiohttp import web
 
 from . import __version__
-from .app import create_app, runner_options, stop_accepting
+from .app import create_app, stop_accepting
 from .config import Config, ConfigError, load_config
-from .httpserver import RillSite, raise_open_file_limit
+from .httpserver import ListenError, raise_open_file_limit, start_server
 from .logs import configure_logging
 from .systemd import notify
 
@@ -82,24 +82,14 @@ def main() -> int:
     return 0
 
 
-class ListenError(Exception):
-    """The port cannot be listened on (in use, or not allowed): one line, not a traceback."""
-
-
 async def serve(app: web.Application, config: Config, announce: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, **runner_options(config))
-    await runner.setup()
+    runner = await start_server(app, config, config.server.host, config.server.port)
     try:
-        site = RillSite(runner, config, config.server.host, config.server.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {site.name}: {exc.strerror or exc}") from None
         announce()
         await stop.wait()
         notify("STOPPING=1")

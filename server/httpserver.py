@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, InvalidHeader, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from .app import runner_options
 from .config import Config
 from .connections import ConnectionLimits, ConnectionTable
 from .errors import error_response
@@ -110,6 +111,24 @@ class RillSite(web.BaseSite):
     async def stop(self) -> None:
         await super().stop()  # closes the listener; open connections are the runner's to end
         await self.connections.stop()
+
+
+class ListenError(Exception):
+    """The port cannot be listened on (in use, or not allowed): one line, not a traceback."""
+
+
+async def start_server(app: web.Application, config: Config, host: str, port: int) -> web.AppRunner:
+    """The app on an AppRunner behind a RillSite: `python -m server` and the tests alike.
+    runner.cleanup() stops it: listener first, then the app's on_shutdown."""
+    runner = web.AppRunner(app, **runner_options(config))
+    await runner.setup()
+    site = RillSite(runner, config, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(f"cannot listen on {site.name}: {exc.strerror or exc}") from None
+    return runner
 
 
 def open_file_limit() -> int:
