@@ -363,7 +363,7 @@ def main() -> int:
     parser.add_argument("--idle", type=int, default=2000, help="idle connections (half silent, half kept alive)")
     parser.add_argument("--greedy", type=int, default=500, help="connections tried at once from one address")
     parser.add_argument("--samples", type=int, default=100, help="legitimate answers timed before and during")
-    parser.add_argument("--gap", type=float, default=0.15, help="seconds between two legitimate answers")
+    parser.add_argument("--gap", type=float, default=0.3, help="seconds between two legitimate answers")
     parser.add_argument("--ramp", type=float, default=10.0, help="seconds over which the attacker opens them")
     parser.add_argument("--attacker", nargs=5, metavar="N", help=argparse.SUPPRESS)
     parser.add_argument("--renice", type=int, default=0, help="niceness for all but the attacker (root: < 0)")
