@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from server.connections import ConnectionLimits, Notices
+from server.connections import ConnectionLimits, Notices, address_key
 
 from .conftest import Rill, StartRill, make_config
 from .fakes import text_of
@@ -307,3 +307,17 @@ def test_the_total_bound_stays_under_the_open_file_limit(caplog: pytest.LogCaptu
     limits = ConnectionLimits.from_config(config, open_files=1024)
     assert limits.max_connections < 1024 - config.limits.max_concurrent_total  # room for upstream sockets
     assert "LimitNOFILE" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("peer", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),  # a dual-stack listener's IPv4 client counts as itself
+        ("2001:db8::1", "2001:db8::/64"),  # IPv6 clients hold whole /64s: counted per /64
+        ("2001:db8::2", "2001:db8::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+    ],
+)
+def test_addresses_are_counted_per_client(peer: str, key: str) -> None:
+    assert address_key(peer)[0] == key
