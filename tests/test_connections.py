@@ -11,7 +11,15 @@ import re
 
 import pytest
 
-from server.connections import ConnectionLimits, Notices, address_key
+from server.connections import (
+    MAX_CUTS_PER_SWEEP,
+    BodyTimeout,
+    Connection,
+    ConnectionLimits,
+    ConnectionTable,
+    Notices,
+    address_key,
+)
 
 from .conftest import Rill, StartRill, make_config
 from .fakes import text_of
@@ -321,3 +329,30 @@ def test_the_total_bound_stays_under_the_open_file_limit(caplog: pytest.LogCaptu
 )
 def test_addresses_are_counted_per_client(peer: str, key: str) -> None:
     assert address_key(peer)[0] == key
+
+
+class StalledBody:
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def is_eof(self) -> bool:
+        return False
+
+    def set_exception(self, error: BaseException) -> None:
+        self.error = error
+
+
+async def test_a_flood_of_expired_bodies_is_cut_a_few_at_a_time() -> None:
+    """They all pass their deadline together; each cut wakes a handler to answer 408.
+    Spread over sweeps, no turn of the loop does them all."""
+    config = make_config("http://127.0.0.1:9/v1", server={"body_timeout": 1.0})
+    table = ConnectionTable(ConnectionLimits.from_config(config))
+    bodies = [StalledBody() for _ in range(MAX_CUTS_PER_SWEEP + 10)]
+    long_ago = asyncio.get_running_loop().time() - 10
+    for body in bodies:
+        table.bodies[Connection(table)] = (long_ago, body)  # type: ignore[assignment]
+    table.sweep()
+    assert sum(isinstance(b.error, BodyTimeout) for b in bodies) == MAX_CUTS_PER_SWEEP
+    table.sweep()
+    assert all(isinstance(b.error, BodyTimeout) for b in bodies)
+    assert not table.bodies
