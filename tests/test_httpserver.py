@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Callable
 
 import aiohttp
@@ -18,6 +20,7 @@ from server.httpserver import RillSite, _JsonRefusals
 
 from .conftest import Rill, StartRill
 from .test_connections import HOLD, closed_within, connect, head_and_body
+from .test_process import ROOT
 
 # An access token read from a file with Windows line endings: a bare CR ends the line.
 TOKEN = "tok-8d1f0c7e5b3a9624"
@@ -126,3 +129,17 @@ async def test_a_plain_aiohttp_handler_still_echoes(aiohttp_raw_server: object) 
 
 def test_aiohttp_is_the_pinned_version() -> None:
     assert aiohttp.__version__ == "3.14.5"  # httpserver.py and bodytap.py were checked against it
+
+
+def test_rill_lifts_its_open_file_limit_to_the_hard_one() -> None:
+    """A shell's soft limit is often 1,024 under a far higher hard one (the unit's
+    LimitNOFILE sets both): every connection is a file, so Rill takes what it may."""
+    script = (
+        "import resource\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "from server.httpserver import raise_open_file_limit\n"
+        "assert raise_open_file_limit() == hard\n"
+        "assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=30)
