@@ -1,4 +1,8 @@
-"""`python -m server`: load the config, configure logging once, serve until SIGTERM/SIGINT."""
+"""`python -m server`: load the config, configure logging once, serve until SIGTERM/SIGINT.
+
+A stop goes: STOPPING=1 to systemd; not ready (/readyz 503, new answers refused) while
+still listening for [server] drain_delay, so a load balancer polling /readyz sees it
+and sends nothing new; then the listener closes and live streams end (app.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +11,16 @@ import gc
 import importlib.util
 import logging
 import os
+import signal
 import sys
+from collections.abc import Callable
 
 from aiohttp import web
 
 from . import __version__
-from .app import create_app, runner_options
-from .config import ConfigError, load_config
+from .app import create_app, stop_accepting
+from .config import Config, ConfigError, load_config
+from .httpserver import ListenError, raise_open_file_limit, start_server
 from .logs import configure_logging
 from .systemd import notify
 
@@ -46,8 +53,8 @@ def main() -> int:
         return 2
     host, port = config.server.host, config.server.port
 
-    def announce(*_: object) -> None:
-        # run_app calls this once the sockets listen: the moment to tell systemd.
+    def announce() -> None:
+        # Called once the socket listens: the moment to tell systemd.
         shown = f"[{host}]" if ":" in host else host
         log.info("Rill %s listening on http://%s:%d (%s event loop)", __version__, shown, port, loop_name)
         tokens = config.access.tokens
@@ -65,12 +72,41 @@ def main() -> int:
         # cycles mostly dies young, in the two younger generations, which run as before.
         gc.set_threshold(700, 10, 100)
 
-    async def stopping(_: web.Application) -> None:
-        notify("STOPPING=1")
-
-    app.on_shutdown.insert(0, stopping)
-    web.run_app(app, host=host, port=port, print=announce, loop=loop, **runner_options(config))
+    raise_open_file_limit()
+    try:
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            runner.run(serve(app, config, announce))
+    except ListenError as exc:
+        print(f"rill: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def serve(app: web.Application, config: Config, announce: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    runner = await start_server(app, config, config.server.host, config.server.port)
+    try:
+        announce()
+        await stop.wait()
+        notify("STOPPING=1")
+        stop_accepting(app)
+        drain = config.server.drain_delay
+        if drain > 0:
+            log.info("stopping: not ready, still serving for %g s ([server] drain_delay)", drain)
+            stop.clear()  # a second signal ends the drain early
+            try:
+                async with asyncio.timeout(drain):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+    finally:
+        await runner.cleanup()  # closes the listener, then ends streams (app.py _end_streams)
+        for signum in signals:
+            loop.remove_signal_handler(signum)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from .accesslog import PathOnlyAccessLogger
 from .budget import DailyBudget
 from .catalog import build_catalog
 from .config import Config
+from .connections import connection_middleware
 from .demo import DemoServer
 from .errors import error_middleware
 from .gate import Gate
@@ -41,7 +42,8 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "web" / "templates"
 def create_app(config: Config) -> web.Application:
     """Build the app from its config; nothing starts until the app does."""
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, access_middleware],
+        # connection_middleware inside error_middleware: its 408 is rendered like any error.
+        middlewares=[request_id_middleware, error_middleware, connection_middleware, access_middleware],
         client_max_size=config.limits.max_body_bytes,
     )
     app[CONFIG] = config
@@ -74,9 +76,11 @@ def create_app(config: Config) -> web.Application:
 
 
 def runner_options(config: Config) -> dict[str, Any]:
-    """Server settings shared by __main__ (run_app) and the tests (AppRunner)."""
+    """Server settings shared by __main__ and the tests: both run an AppRunner with them
+    and listen through httpserver.RillSite."""
     return {
         "shutdown_timeout": config.server.shutdown_timeout,
+        "keepalive_timeout": config.server.keepalive_timeout,  # AppRunner's own default is 3,630 s
         "access_log_class": PathOnlyAccessLogger,
         # Handlers are not cancelled on disconnect; the monitor task notices closed
         # connections instead, so a half-finished POST never leaves a partial state.
@@ -84,6 +88,12 @@ def runner_options(config: Config) -> dict[str, Any]:
         # Request bodies are decoded by bodies.read_body, where a bad one is a clean 400.
         "auto_decompress": False,
     }
+
+
+def stop_accepting(app: web.Application) -> None:
+    """The first step of a stop: /readyz answers 503 and new answers are refused (503
+    shutting_down, which clients retry), while everything else is still served."""
+    app[REGISTRY].accepting = False
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:

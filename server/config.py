@@ -86,6 +86,12 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     shutdown_timeout: float = 15.0
+    drain_delay: float = 0.0  # seconds not ready but still serving after SIGTERM, before the listener closes
+    header_timeout: float = 10.0  # a request's headers, from connect (or its first byte after keep-alive)
+    body_timeout: float = 30.0  # a request's whole body, from the end of its headers
+    keepalive_timeout: float = 75.0  # an idle keep-alive connection between requests
+    max_connections: int = 4096  # open client connections in total
+    max_connections_per_address: int = 64  # per client address (IPv6: per /64); trusted proxies exempt
 
 
 @dataclass(frozen=True)
@@ -267,6 +273,13 @@ def _positive(section: _Section, name: str, default: float) -> float:
     return value
 
 
+def _not_negative(section: _Section, name: str, default: float) -> float:
+    value = section.get(name, float, default)
+    if not value >= 0:  # also refuses NaN
+        raise ConfigError(f"{section.key(name)}: must be 0 or more, got {value}")
+    return value
+
+
 def _positive_int(section: _Section, name: str, default: int) -> int:
     value = section.get(name, int, default)
     if value <= 0:
@@ -350,6 +363,14 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
         host=_host(environ.get("RILL_HOST"), server_section),
         port=_port(environ.get("RILL_PORT"), server_section),
         shutdown_timeout=_positive(server_section, "shutdown_timeout", ServerConfig.shutdown_timeout),
+        drain_delay=_not_negative(server_section, "drain_delay", ServerConfig.drain_delay),
+        header_timeout=_positive(server_section, "header_timeout", ServerConfig.header_timeout),
+        body_timeout=_positive(server_section, "body_timeout", ServerConfig.body_timeout),
+        keepalive_timeout=_positive(server_section, "keepalive_timeout", ServerConfig.keepalive_timeout),
+        max_connections=_positive_int(server_section, "max_connections", ServerConfig.max_connections),
+        max_connections_per_address=_positive_int(
+            server_section, "max_connections_per_address", ServerConfig.max_connections_per_address
+        ),
     )
     server_section.finish()
 

@@ -16,8 +16,9 @@ from aiohttp.pytest_plugin import AiohttpServer
 from playwright.async_api import Browser, async_playwright
 from yarl import URL
 
-from server.app import create_app, runner_options
+from server.app import create_app
 from server.config import Config, parse_config
+from server.httpserver import start_server
 from server.keys import REGISTRY
 from server.registry import GenerationRegistry
 
@@ -134,10 +135,7 @@ StartRill = Callable[..., Awaitable[Rill]]
 
 
 async def serve(app: web.Application, config: Config) -> tuple[web.AppRunner, URL]:
-    runner = web.AppRunner(app, **runner_options(config))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner = await start_server(app, config, "127.0.0.1", 0)
     host, port = runner.addresses[0][:2]
     return runner, URL.build(scheme="http", host=host, port=port)
 

@@ -543,3 +543,27 @@ def test_server_exits_2_with_one_line_naming_the_key(tmp_path: Path) -> None:
 def test_trusted_proxies_take_networks(tmp_path: Path) -> None:
     config = load(tmp_path, '[limits]\ntrusted_proxies = ["10.0.0.0/8", "192.168.1.7", "fd00::/8"]\n' + PROVIDERS)
     assert [str(n) for n in config.limits.trusted_proxies] == ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("drain_delay = -1", "server.drain_delay"),
+        ("header_timeout = 0", "server.header_timeout"),
+        ("body_timeout = -5.0", "server.body_timeout"),
+        ("keepalive_timeout = 0", "server.keepalive_timeout"),
+        ("max_connections = 0", "server.max_connections"),
+        ("max_connections_per_address = 1.5", "server.max_connections_per_address"),
+    ],
+)
+def test_connection_settings_are_checked(tmp_path: Path, line: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, f"[server]\n{line}\n" + PROVIDERS)
+    assert str(caught.value).startswith(f"{key}:"), str(caught.value)
+
+
+def test_connection_settings_are_read(tmp_path: Path) -> None:
+    text = "[server]\ndrain_delay = 5\nheader_timeout = 3\nmax_connections_per_address = 8\n"
+    server = load(tmp_path, text + PROVIDERS).server
+    assert (server.drain_delay, server.header_timeout, server.max_connections_per_address) == (5.0, 3.0, 8)
+    assert server.body_timeout == 30.0  # the defaults for the rest

@@ -50,3 +50,18 @@ def test_the_unit_is_hardened_and_waits_for_a_clean_stop(tmp_path: Path) -> None
     assert not any("sk-" in v for values in unit.values() for v in values), "a key in the unit file"
     shutdown_timeout = load_config(environ={}, cwd=tmp_path).server.shutdown_timeout  # the bundled config
     assert float(unit["TimeoutStopSec"][0]) > 2 * shutdown_timeout
+
+
+def test_the_unit_leaves_room_for_the_drain_and_for_the_connections(tmp_path: Path) -> None:
+    unit = settings(UNIT.read_text())
+    server = load_config(environ={}, cwd=tmp_path).server
+    assert float(unit["TimeoutStopSec"][0]) > server.drain_delay + 2 * server.shutdown_timeout
+    # Each connection is a file; Rill lifts its soft limit to this and needs room besides.
+    assert int(unit["LimitNOFILE"][0]) >= 2 * server.max_connections
+
+
+def test_the_nginx_site_states_its_client_timeouts_and_what_each_prevents() -> None:
+    site = (ROOT / "deploy" / "nginx" / "rill.conf").read_text().splitlines()
+    for directive in ("client_header_timeout", "client_body_timeout", "keepalive_timeout", "send_timeout"):
+        (line,) = [line for line in site if line.strip().startswith(directive + " ")]
+        assert "#" in line, f"{directive}: say what it prevents"

@@ -1,0 +1,175 @@
+"""The real process's stop: SIGTERM turns Rill not ready while it still listens for
+[server] drain_delay (a load balancer polling /readyz sees 503, not refused
+connections), then the listener closes, live streams end, and it exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from .conftest import KEY_ENV, SENTINEL_KEY
+from .fakes import FakeUpstream, Reply, StreamReader, chunk, free_port, terminal, text_of
+from .test_process import CONFIG_TEMPLATE, LOG_NAME, ROOT, next_notification
+
+Started = tuple[URL, asyncio.subprocess.Process, socket.socket]
+StartProcess = Callable[[float], Awaitable[Started]]
+
+
+@pytest.fixture
+def systemd_socket() -> Iterator[tuple[str, socket.socket]]:
+    name = f"@rill-test-drain-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name[1:])
+        sock.setblocking(False)
+        yield name, sock
+
+
+@pytest.fixture
+async def start_process(
+    fake_upstream: FakeUpstream, tmp_path: Path, systemd_socket: tuple[str, socket.socket]
+) -> AsyncIterator[StartProcess]:
+    processes: list[asyncio.subprocess.Process] = []
+    log_file = (tmp_path / LOG_NAME).open("wb")
+
+    async def start(drain_delay: float) -> Started:
+        config = tmp_path / "config.toml"
+        text = CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV)
+        config.write_text(
+            text.replace("shutdown_timeout = 3.0", f"shutdown_timeout = 3.0\ndrain_delay = {drain_delay}")
+        )
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        env |= {
+            "RILL_CONFIG": str(config),
+            "RILL_PORT": str(port),
+            KEY_ENV: SENTINEL_KEY,
+            "NOTIFY_SOCKET": systemd_socket[0],
+            "PYTHONPATH": str(ROOT),
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", cwd=tmp_path, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT
+        )
+        processes.append(process)
+        assert await next_notification(systemd_socket[1]) == "READY=1"
+        return URL.build(scheme="http", host="127.0.0.1", port=port), process, systemd_socket[1]
+
+    yield start
+    for process in processes:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log_file.close()
+
+
+async def get_fresh(url: URL) -> tuple[int, dict[str, object]]:
+    """On a new connection each time, as a load balancer's health check does."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.json()
+
+
+async def test_sigterm_turns_not_ready_and_keeps_listening_for_the_drain_delay(
+    start_process: StartProcess, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    drain = 4.0  # long enough for the checks below on a busy machine
+    url, process, notifications = await start_process(drain)
+    fake_upstream.script(Reply(chunks=[chunk("so far")], end="hang"))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url / "api/chat", json={"messages": [{"role": "user", "content": "q"}]}) as response:
+            assert response.status == 201
+            generation_id = (await response.json())["id"]
+        reader = StreamReader(await session.get(url / f"api/chat/{generation_id}/events"))
+        await reader.read_until("delta")
+
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+        process.send_signal(signal.SIGTERM)
+        assert await next_notification(notifications) == "STOPPING=1"  # first, as before
+
+        # During the drain: still listening, not ready, no new answers, the rest served.
+        polls = 0
+        while loop.time() - signalled < 1.5:
+            status, body = await get_fresh(url / "readyz")
+            assert (status, body) == (503, {"ready": False, "status": "shutting_down"})
+            polls += 1
+            await asyncio.sleep(0.1)
+        assert polls >= 3
+        status, body = await get_fresh(url / "healthz")
+        assert status == 200
+        assert body["status"] == "shutting_down"
+        async with session.post(url / "api/chat", json={"messages": [{"role": "user", "content": "q"}]}) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "shutting_down"
+        assert not reader.response.content.at_eof()  # the live stream goes on meanwhile
+
+        # After it: the listener is closed and the live stream ends as it always did.
+        events = await reader.read_all(timeout=10)
+        assert terminal(events).data["code"] == "server_shutdown"
+        assert text_of(events) == "so far"
+        assert loop.time() - signalled >= drain * 0.9
+        reader.response.close()
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await get_fresh(url / "readyz")
+                except aiohttp.ClientConnectionError:
+                    break  # refused: the listener is closed
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):
+            assert await process.wait() == 0
+    output = (tmp_path / LOG_NAME).read_text()
+    assert "drain_delay" in output
+    assert "Traceback" not in output
+    assert SENTINEL_KEY not in output
+
+
+async def test_a_second_signal_ends_the_drain_early(start_process: StartProcess) -> None:
+    url, process, notifications = await start_process(60.0)
+    process.send_signal(signal.SIGTERM)
+    assert await next_notification(notifications) == "STOPPING=1"
+    assert (await get_fresh(url / "readyz"))[0] == 503
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    process.send_signal(signal.SIGINT)
+    async with asyncio.timeout(10):
+        assert await process.wait() == 0
+    assert loop.time() - started < 10
+
+
+async def test_without_a_drain_delay_the_stop_is_immediate(start_process: StartProcess) -> None:
+    _, process, notifications = await start_process(0.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    process.send_signal(signal.SIGTERM)
+    assert await next_notification(notifications) == "STOPPING=1"
+    async with asyncio.timeout(10):
+        assert await process.wait() == 0
+    assert loop.time() - started < 3.0
+
+
+async def test_a_port_in_use_is_one_line_and_exit_1(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        env |= {"RILL_CONFIG": str(config), "RILL_PORT": str(port), "PYTHONPATH": str(ROOT)}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        async with asyncio.timeout(20):
+            _, stderr = await process.communicate()
+    assert process.returncode == 1
+    assert f"rill: cannot listen on http://127.0.0.1:{port}: " in stderr.decode()
+    assert "Traceback" not in stderr.decode()
