@@ -11,6 +11,7 @@ example of the test reuses it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -640,3 +641,95 @@ def test_any_header_value_is_answered_cleanly(
         for name, value in headers:
             sent[name] = value  # replaced, never repeated: the parser refuses a second User-Agent itself
         exchange(served, records, method, target.replace("{id}", served.generation_ids[0]), sent, body)
+
+
+# ---------------------------------------------------------------- raw requests
+# What no HTTP client library will send: any method token, header lines with bare CR,
+# NUL, non-ASCII bytes, no colon, repeated singleton headers, overlong lines, and bodies
+# whose framing lies. aiohttp's parser refuses most of it (Rill answers those as JSON
+# bad_request, see httpserver.py); whatever gets through must be handled as above.
+
+raw_bytes = st.binary(max_size=40)
+token_chars = st.text(st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz!#$%&'*+-.^_`|~0123456789"))
+raw_methods = st.sampled_from([b"GET", b"POST", b"DELETE", b"HEAD", b"OPTIONS", b"BREW", b"G\x00T", b""]) | (
+    token_chars.map(str.encode)
+)
+raw_targets = st.sampled_from(
+    [b"/", b"/api/chat", b"/api/session", b"/stream?prompt=Hi", b"/static/app.css", b"*", b"http://x/", b""]
+) | raw_bytes.map(lambda b: b"/" + b)
+raw_header_lines = st.lists(
+    st.sampled_from(
+        [
+            b"Host: localhost",
+            b"Host: localhost\r",  # the CRLF-file token: a bare CR inside the line
+            b"Content-Length: 5",
+            b"Content-Length: -1",
+            b"Content-Length: 99999999999999999999",
+            b"Transfer-Encoding: chunked",
+            b"Transfer-Encoding: gzip, chunked",
+            b"Content-Type: application/json",
+            b"User-Agent: a",
+            b"Authorization: Bearer " + ALICE.encode() + b"\r",
+            b"Cookie: rill_session=v1.alice.1.x.y",
+            b"Last-Event-ID: \xff\xfe",
+            b"X-Request-ID: \x00",
+            b"no colon here",
+            b" folded: continuation",
+            b"X-Long: " + b"a" * 9000,
+        ]
+    )
+    | raw_bytes.map(lambda b: b"X-Fuzz: " + b),
+    max_size=6,
+)
+raw_versions = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1x", b"http/1.1", b""])
+
+
+async def _send_raw(served: Served, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(served.url.host, served.url.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(3):
+                return await reader.read(65536)  # the first answer is all this checks
+        return b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def check_raw(reply: bytes, method: bytes) -> None:
+    """No answer at all (the connection held or closed) is fine; an answer is checked."""
+    if not reply:
+        return
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    assert parts[0].startswith("HTTP/"), status_line  # aiohttp answers in the request's version
+    status = int(parts[1])
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in header_lines:
+        name, _, value = line.partition(": ")
+        headers.add(name, value)
+    if headers.get("Transfer-Encoding") == "chunked" or status < 400 or method == b"HEAD":
+        check(Answer(status, headers, b""), "HEAD")  # the status is what matters here
+        return
+    check(Answer(status, headers, body[: int(headers.get("Content-Length", len(body)))]), "GET")
+
+
+@settings(FUZZ, max_examples=200)
+@given(method=raw_methods, target=raw_targets, version=raw_versions, lines=raw_header_lines, body=raw_bytes)
+@example(method=b"GET", target=b"/", version=b"HTTP/1.1", lines=[b"Host: localhost\r"], body=b"")
+@example(method=b"BREW", target=b"/", version=b"HTTP/1.1", lines=[b"Host: localhost"], body=b"")
+@example(method=b"GET", target=b"/", version=b"HTTP/1.1", lines=[b"User-Agent: a", b"User-Agent: a"], body=b"")
+def test_any_raw_request_is_answered_cleanly(
+    served: Served, records: Records, method: bytes, target: bytes, version: bytes, lines: list[bytes], body: bytes
+) -> None:
+    request = b" ".join(part for part in (method, target, version) if part) + b"\r\n"
+    request += b"".join(line + b"\r\n" for line in lines) + b"\r\n" + body
+    reply = served.run(_send_raw(served, request))
+    check_raw(reply, method)
+    assert ALICE.encode() not in reply
+    assert records.bad() == []
+    assert not any(ALICE in r.getMessage() for r in records.records)
