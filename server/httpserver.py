@@ -8,8 +8,10 @@ ERROR with a traceback: an access token read from a file with Windows line endin
 they get the JSON error every other refusal gets, name what was wrong without a byte
 of it, and are logged at INFO.
 
-This is the one module that leans on aiohttp internals (the version is pinned in
-requirements.txt; tests/test_httpserver.py fails if an upgrade changes them):
+Of aiohttp's server, this is the one module that leans on internals (the client side's
+are in bodytap.py and upstream.py's _inflating, the direct writes in streaming.py; the
+version is pinned in requirements.txt; tests/test_httpserver.py fails if an upgrade
+changes these):
 - RequestHandler.handle_error(request, status, exc, message) makes the response for a
   parser refusal; RequestHandler has __slots__, so a subclass without slots of its own
   takes over an instance in place (as bodytap.py does with StreamReader);
