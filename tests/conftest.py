@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,3 +205,38 @@ async def open_page(browser: Browser) -> OpenPage:
         return watched
 
     return open_page
+
+
+async def wait_healthy(url: URL, process: asyncio.subprocess.Process | None = None, timeout: float = 15.0) -> None:
+    """Until a Rill process started by a test answers /healthz (it fails if the process exits)."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
+        while True:
+            assert process is None or process.returncode is None, "Rill did not start"
+            try:
+                async with session.get(url / "healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[str, socket.socket]]:
+    """Stands in for systemd's $NOTIFY_SOCKET (abstract, so no path length limit)."""
+    name = f"@rill-test-notify-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name[1:])
+        sock.setblocking(False)
+        yield name, sock
+
+
+@pytest.fixture
+def open_ui(open_page: OpenPage) -> OpenPage:
+    """open_page, with waits that fail after 10 s rather than Playwright's 30."""
+
+    async def open_ui(rill: Rill, **context_options: Any) -> WatchedPage:
+        ui = await open_page(rill, **context_options)
+        ui.page.set_default_timeout(10_000)
+        return ui
+
+    return open_ui

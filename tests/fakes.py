@@ -240,3 +240,19 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class Sink:
+    """A BodySink (server/bodytap.py) that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.ends: list[BaseException | None] = []
+        self.ended = asyncio.Event()
+
+    def body_data(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def body_end(self, error: BaseException | None) -> None:
+        self.ends.append(error)
+        self.ended.set()

@@ -10,19 +10,7 @@ from aiohttp.base_protocol import BaseProtocol
 
 from server.bodytap import tapped
 
-
-class Sink:
-    def __init__(self) -> None:
-        self.pieces: list[bytes] = []
-        self.ends: list[BaseException | None] = []
-        self.ended = asyncio.Event()
-
-    def body_data(self, data: bytes) -> None:
-        self.pieces.append(data)
-
-    def body_end(self, error: BaseException | None) -> None:
-        self.ends.append(error)
-        self.ended.set()
+from .fakes import Sink
 
 
 class Untappable(StreamReader):

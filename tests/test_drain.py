@@ -9,8 +9,7 @@ import os
 import signal
 import socket
 import sys
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -26,17 +25,8 @@ StartProcess = Callable[[float], Awaitable[Started]]
 
 
 @pytest.fixture
-def systemd_socket() -> Iterator[tuple[str, socket.socket]]:
-    name = f"@rill-test-drain-{uuid.uuid4().hex}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind("\0" + name[1:])
-        sock.setblocking(False)
-        yield name, sock
-
-
-@pytest.fixture
 async def start_process(
-    fake_upstream: FakeUpstream, tmp_path: Path, systemd_socket: tuple[str, socket.socket]
+    fake_upstream: FakeUpstream, tmp_path: Path, notify_socket: tuple[str, socket.socket]
 ) -> AsyncIterator[StartProcess]:
     processes: list[asyncio.subprocess.Process] = []
     log_file = (tmp_path / LOG_NAME).open("wb")
@@ -53,15 +43,15 @@ async def start_process(
             "RILL_CONFIG": str(config),
             "RILL_PORT": str(port),
             KEY_ENV: SENTINEL_KEY,
-            "NOTIFY_SOCKET": systemd_socket[0],
+            "NOTIFY_SOCKET": notify_socket[0],
             "PYTHONPATH": str(ROOT),
         }
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server", cwd=tmp_path, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT
         )
         processes.append(process)
-        assert await next_notification(systemd_socket[1]) == "READY=1"
-        return URL.build(scheme="http", host="127.0.0.1", port=port), process, systemd_socket[1]
+        assert await next_notification(notify_socket[1]) == "READY=1"
+        return URL.build(scheme="http", host="127.0.0.1", port=port), process, notify_socket[1]
 
     yield start
     for process in processes:

@@ -13,19 +13,7 @@ import pytest
 
 from server.inflate import PIECE_BYTES, BadEncoding, Inflating, inflate_some
 
-
-class Sink:
-    def __init__(self) -> None:
-        self.pieces: list[bytes] = []
-        self.ends: list[BaseException | None] = []
-        self.ended = asyncio.Event()
-
-    def body_data(self, data: bytes) -> None:
-        self.pieces.append(data)
-
-    def body_end(self, error: BaseException | None) -> None:
-        self.ends.append(error)
-        self.ended.set()
+from .fakes import Sink
 
 
 class Flow:

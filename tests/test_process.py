@@ -7,8 +7,7 @@ import os
 import signal
 import socket
 import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -49,16 +48,6 @@ max_concurrent_total = 300
 generations_per_minute = 1000
 max_streams_per_client = 1000
 """
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[tuple[str, socket.socket]]:
-    """Stands in for systemd's $NOTIFY_SOCKET (abstract, so no path length limit)."""
-    name = f"@rill-test-notify-{uuid.uuid4().hex}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind("\0" + name[1:])
-        sock.setblocking(False)
-        yield name, sock
 
 
 async def next_notification(sock: socket.socket) -> str:

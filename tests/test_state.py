@@ -25,7 +25,7 @@ from server.budget import LEDGER_FILE, DailyBudget
 from server.config import AccessConfig, ConfigError, load_config, parse_access_tokens, prepare_state_dir
 from server.gate import REVOKED_FILE, Gate
 
-from .conftest import make_config
+from .conftest import make_config, wait_healthy
 from .fakes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,16 +261,7 @@ async def running_rill(env: dict[str, str], cwd: Path) -> AsyncIterator[URL]:
     )
     url = URL.build(scheme="http", host="127.0.0.1", port=port)
     try:
-        async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(15):
-                while True:
-                    assert process.returncode is None, "Rill did not start"
-                    try:
-                        async with session.get(url / "healthz") as response:
-                            if response.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        await asyncio.sleep(0.05)
+        await wait_healthy(url, process)
         yield url
     finally:
         process.terminate()

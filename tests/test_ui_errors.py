@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Locator, Page, Route, expect
 
-from .browser import ANSWER, WatchedPage, answer_text, send, wait_answer_ended
+from .browser import ANSWER, answer_text, send, wait_answer_ended
 from .conftest import KEY_ENV, SENTINEL_KEY, OpenPage, Rill, StartRill
 from .fakes import Reply, answer, chunk
 from .test_ui_access import TOKEN, TOKENS, models_loaded, open_locked, sign_in
@@ -412,15 +412,3 @@ async def watch_countdown(page: Page) -> Any:
         return [str(text) for text in result]
 
     return seen
-
-
-@pytest.fixture
-def open_ui(open_page: OpenPage) -> OpenPage:
-    """open_page, with waits that fail after 10 s rather than Playwright's 30."""
-
-    async def open_ui(rill: Rill, **context_options: Any) -> WatchedPage:
-        ui = await open_page(rill, **context_options)
-        ui.page.set_default_timeout(10_000)
-        return ui
-
-    return open_ui

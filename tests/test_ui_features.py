@@ -22,18 +22,6 @@ TITLES = "#conversations .conversation-open"
 CONTINUE_PROMPT = "Continue exactly where your previous answer stopped. Do not repeat anything you already wrote."
 
 
-@pytest.fixture
-def open_ui(open_page: OpenPage) -> OpenPage:
-    """open_page, with waits that fail after 10 s rather than Playwright's 30."""
-
-    async def open_ui(rill: Rill, **context_options: Any) -> WatchedPage:
-        ui = await open_page(rill, **context_options)
-        ui.page.set_default_timeout(10_000)
-        return ui
-
-    return open_ui
-
-
 def capture_posts(page: Page) -> list[dict[str, Any]]:
     """The JSON bodies of every POST /api/chat the page sends, in order."""
     posts: list[dict[str, Any]] = []
