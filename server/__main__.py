@@ -15,6 +15,7 @@ from . import __version__
 from .app import create_app, runner_options
 from .config import ConfigError, load_config
 from .logs import configure_logging
+from .memory import pin_malloc_thresholds
 from .systemd import notify
 
 log = logging.getLogger("server")
@@ -37,6 +38,7 @@ def new_event_loop(choice: str | None) -> tuple[asyncio.AbstractEventLoop, str]:
 
 def main() -> int:
     configure_logging(os.environ.get("RILL_LOG_LEVEL", "INFO"), os.environ.get("RILL_LOG_FORMAT") == "json")
+    pin_malloc_thresholds()  # before create_app: its access tokens' scrypt buffers are 16 MiB each
     try:
         config = load_config()
         loop, loop_name = new_event_loop(os.environ.get("RILL_EVENT_LOOP"))
