@@ -224,6 +224,9 @@ class Generation:
         try:
             finish_reason = await stream_chat(session, self.request, self, self._config)
         except UpstreamError as exc:
+            # The frame that raised it may hold it (a retry loop's `error`), and it holds
+            # that frame (its traceback): a cycle, with the upstream response in it.
+            exc.__traceback__ = None
             log.info("generation %s failed upstream: %s (HTTP %s)", self.id, exc.code, exc.status or "-")
             if self.terminal is None:  # else complete already: only settling its connection failed
                 self._end("error", {"code": exc.code, "message": exc.message, "retryable": exc.retryable})

@@ -39,13 +39,22 @@ def no_collector() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("no_collector")
-@pytest.mark.parametrize("ending", ["complete", "stopped", "abandoned", "upstream_cut"])
+@pytest.mark.parametrize(
+    "ending", ["complete", "stopped", "abandoned", "upstream_cut", "upstream_error", "upstream_silent"]
+)
 async def test_an_ended_answer_needs_no_cycle_collector(
     start_rill: StartRill, fake_upstream: FakeUpstream, ending: str
 ) -> None:
-    rill = await start_rill(stream={"resume_grace": 0.3, "finished_ttl": 0.2, "liveness_interval": 0.05})
+    rill = await start_rill(
+        stream={"resume_grace": 0.3, "finished_ttl": 0.2, "liveness_interval": 0.05},
+        timeouts={"first_token": 0.3},
+    )
     if ending == "upstream_cut":
         fake_upstream.script(Reply(chunks=answer(["Hello", " world"])[:3], end="cut"))
+    elif ending == "upstream_error":
+        fake_upstream.script(*[Reply(status=503, body=b'{"error": {"message": "busy"}}')] * 3)
+    elif ending == "upstream_silent":
+        fake_upstream.script(Reply(chunks=[b": keep-alive\n\n"], end="hang"))
     elif ending != "complete":
         fake_upstream.script(Reply(chunks=answer(["token "] * 500, delay=0.01)))  # ~5 s: ended before that
     generation_id = await rill.start_chat()
@@ -55,7 +64,8 @@ async def test_an_ended_answer_needs_no_cycle_collector(
     del found
     if ending != "abandoned":  # abandoned: nobody ever reads, resume_grace ends it
         reader = await rill.open_stream(generation_id)
-        await reader.read_until("delta")
+        if not ending.startswith(("upstream_error", "upstream_silent")):
+            await reader.read_until("delta")
         if ending == "stopped":
             async with rill.session.delete(rill.url / f"api/chat/{generation_id}") as stopped:
                 assert stopped.status == 200
