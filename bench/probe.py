@@ -3,9 +3,10 @@ for the soak (bench/soak.py), so the product itself carries no debugging hooks.
 
 SIGUSR1 appends one JSON line to $BENCH_PROBE_FILE: glibc's heap (mallinfo2: what
 malloc holds from the system, what is in use, what is free inside it), pymalloc's
-allocated blocks, live objects the collector tracks, and RSS. SIGUSR2 does the same,
-then calls malloc_trim(0) and appends a second line: what trimming gives back tells
-free-but-held heap (fragmentation) from memory that is really in use. The handlers run
+arenas, live objects the collector tracks (cyclic garbage included), and RSS. SIGUSR2
+does the same with a count of objects by type, then runs a full collection and
+malloc_trim(0) and appends a second line: what that gives back tells garbage waiting
+for the collector, and free-but-held heap (fragmentation), from memory really in use. The handlers run
 on the main thread between two bytecodes (no thread of its own: a thread would get
 its own malloc arena and change what is measured)."""
 
@@ -110,9 +111,12 @@ def install(path: Path) -> None:
         kinds = Counter(type(o).__qualname__ for o in gc.get_objects())
         before["types"] = dict(kinds.most_common(40))
         _write(path, before)
+        collected = gc.collect()  # garbage in cycles that was waiting for a full collection
         if _malloc_trim is not None:
             _malloc_trim(0)
-        _write(path, snapshot("after_trim"))
+        after = snapshot("after_trim")
+        after["collected"] = collected
+        _write(path, after)
 
     signal.signal(signal.SIGUSR1, on_sample)
     signal.signal(signal.SIGUSR2, on_trim)

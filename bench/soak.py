@@ -66,7 +66,7 @@ class SoakOptions:
     report_every_s: float = 300.0
     seed: int = 1
     env: dict[str, str] = field(default_factory=dict)  # extra environment for Rill (MALLOC_ARENA_MAX=2)
-    trim_at_end: bool = True  # ask the probe for malloc_trim(0) at the end: what fragmentation holds
+    trim_at_end: bool = True  # at the end, a full collection and malloc_trim(0): what garbage and fragmentation held
 
 
 @dataclass
@@ -168,7 +168,7 @@ class Churn:
             "abandoned": rng.randint(3, 60),
         }[kind]
         ended, last_id, seen = await self._read(session, f"{self.url}{events}", auth, stop_at)
-        if kind == "complete":
+        if kind == "complete" or ended is not None:  # a resumed one may end before its drop
             return "ok" if ended == b"done" and seen == tokens else f"{ended!r} after {seen}"
         if kind == "abandoned":
             return "ok"  # gone for good: Rill ends it after resume_grace
@@ -371,7 +371,10 @@ def report(result: dict[str, Any]) -> str:
     ]
     if len(result["trim_at_end"]) == 2:
         before, after = result["trim_at_end"]
-        lines.append(f"malloc_trim(0) at the end: RSS {before['rss_kb'] / 1024:.1f} -> {after['rss_kb'] / 1024:.1f} MB")
+        lines.append(
+            f"At the end, a full collection ({after.get('collected', '?')} objects in cycles) and malloc_trim(0): "
+            f"RSS {before['rss_kb'] / 1024:.1f} -> {after['rss_kb'] / 1024:.1f} MB"
+        )
     if slope is None:
         lines.append("Verdict: too few samples for a slope.")
     else:
