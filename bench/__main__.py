@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--only NAME ...] [--repeat N]`: see bench/README.md."""
+"""`python -m bench [--quick] [--only NAME ...] [--repeat N]`, `python -m bench soak --minutes 60`:
+see bench/README.md."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from .run import FULL, QUICK, RESULTS, Row, cores, run_one
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["soak"]:
+        from .soak import main as soak
+
+        return soak(sys.argv[2:])
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="small loads: checks the instrument, not the speed")
     parser.add_argument("--only", nargs="*", help="scenario names to run")

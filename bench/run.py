@@ -182,8 +182,14 @@ class Processes:
         self.running.clear()
 
 
-def rill_config(work: Path) -> Path:
-    """The bundled config with limits opened up for the load, and a short resume grace."""
+def rill_config(
+    work: Path,
+    resume_grace: float = RESUME_GRACE,
+    finished_ttl: float | None = None,
+    buffer_memory_mb: float | None = None,
+) -> Path:
+    """The bundled config with limits opened up for the load, and a short resume grace
+    (the soak passes its own, and its finished_ttl and buffer cap)."""
     text = (ROOT / "config.toml").read_text()
     document = tomllib.loads(text)  # check that it parses before editing
     assert "limits" in document
@@ -192,8 +198,12 @@ def rill_config(work: Path) -> Path:
         "max_concurrent_total = 64": "max_concurrent_total = 5000",
         "max_streams_per_client = 16": "max_streams_per_client = 5000",
         "generations_per_minute = 20": "generations_per_minute = 100000",
-        "resume_grace = 15.0": f"resume_grace = {RESUME_GRACE}",
+        "resume_grace = 15.0": f"resume_grace = {resume_grace}",
     }
+    if finished_ttl is not None:
+        overrides["finished_ttl = 600.0"] = f"finished_ttl = {finished_ttl}"
+    if buffer_memory_mb is not None:
+        overrides["buffer_memory_mb = 64.0"] = f"buffer_memory_mb = {buffer_memory_mb}"
     for old, new in overrides.items():
         if old not in text:
             raise RuntimeError(f"config.toml no longer has {old!r}: update bench/run.py")

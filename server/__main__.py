@@ -22,6 +22,7 @@ from .app import create_app, stop_accepting
 from .config import Config, ConfigError, load_config
 from .httpserver import ListenError, raise_open_file_limit, start_server
 from .logs import configure_logging
+from .memory import pin_malloc_thresholds
 from .systemd import notify
 
 log = logging.getLogger("server")
@@ -44,6 +45,7 @@ def new_event_loop(choice: str | None) -> tuple[asyncio.AbstractEventLoop, str]:
 
 def main() -> int:
     configure_logging(os.environ.get("RILL_LOG_LEVEL", "INFO"), os.environ.get("RILL_LOG_FORMAT") == "json")
+    pin_malloc_thresholds()  # before create_app: its access tokens' scrypt buffers are 16 MiB each
     try:
         config = load_config()
         app = create_app(config)  # reads the state files, and refuses ones it cannot read

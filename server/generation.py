@@ -228,12 +228,27 @@ class Generation:
         )
         self.started_at = asyncio.get_running_loop().time()
         self._task = asyncio.create_task(self._run(session), name=f"generation-{self.id}")
+        self._task.add_done_callback(self._upstream_closed)
         self._arm_grace_timer()  # nobody subscribed yet: the grace period starts now
+
+    def _upstream_closed(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            try:
+                task.result()
+            except asyncio.CancelledError as exc:
+                # The task keeps this exception; its traceback keeps stream_chat's frame,
+                # whose asyncio.timeout keeps the task: a cycle only a full collection
+                # frees, every stopped or abandoned answer's upstream response and
+                # buffers in it. Full collections are rare here (__main__): break it.
+                exc.__traceback__ = None
 
     async def _run(self, session: aiohttp.ClientSession) -> None:
         try:
             finish_reason = await stream_chat(session, self.request, self, self._config)
         except UpstreamError as exc:
+            # The frame that raised it may hold it (a retry loop's `error`), and it holds
+            # that frame (its traceback): a cycle, with the upstream response in it.
+            exc.__traceback__ = None
             log.info("generation %s failed upstream: %s (HTTP %s)", self.id, exc.code, exc.status or "-")
             if self.terminal is None:  # else complete already: only settling its connection failed
                 data: dict[str, Any] = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}

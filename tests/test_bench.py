@@ -5,7 +5,11 @@ built here, in front of the bench's own fake upstream, proves the first."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,7 +19,8 @@ from aiohttp.test_utils import TestServer
 from bench.client import Job, Stream, run
 from bench.pipe import Side, join
 from bench.report import targets
-from bench.run import Row
+from bench.run import ROOT, Row
+from bench.soak import MIX, Sample, slope_per_1000
 from bench.upstream import Upstream, listen
 from bench.wire import SSELines, token_text
 from server.app import create_app
@@ -166,3 +171,36 @@ async def test_the_byte_pipe_passes_the_upstream_through(upstream: tuple[Upstrea
     assert (result["delivered"], result["lost"], result["failed_streams"]) == (360, 0, 0)
     assert model.requests == 3
     await asyncio.gather(*accepted)
+
+
+def test_the_soak_runs_and_reads_rill_from_inside(tmp_path: Path) -> None:
+    """`python -m bench soak` with tiny numbers, so the scenario cannot rot: every kind
+    of the mix ends as it should, and each sample has Rill's RSS and the probe's figures."""
+    out = tmp_path / "soak.json"
+    args = ["--minutes", "0.1", "--rate", "10", "--sample", "2", "--finished-ttl", "5", "--resume-grace", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "soak", *args, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["answers_ended"] == result["answers_started"] >= 50
+    assert {kind.split(":")[0] for kind in result["outcomes"]} == set(MIX)
+    assert all(outcome.endswith(": ok") for outcome in result["outcomes"]), result["outcomes"]
+    assert len(result["samples"]) >= 3
+    last = result["samples"][-1]
+    assert last["rss_mb"] > 10
+    assert min(last["gc_objects"], last["pymalloc_mb"], last["heap_in_use_mb"]) > 0
+    assert [sample["label"] for sample in result["trim_at_end"]] == ["before_trim", "after_trim"]
+    assert "| minute | answers ended |" in done.stdout
+    assert "Verdict:" in done.stdout
+
+
+def test_the_soak_slope_is_per_1000_answers() -> None:
+    samples = [Sample(t=i, started=0, ended=1000 * i, rss_mb=60 + 0.5 * i, anon_mb=0) for i in range(6)]
+    assert slope_per_1000(samples) == pytest.approx(0.5)
+    flat = [Sample(t=i, started=0, ended=1000 * i, rss_mb=60, anon_mb=0) for i in range(6)]
+    assert slope_per_1000(flat) == pytest.approx(0.0)
