@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
-from .run import RESULTS, ROOT, Processes, cores, free_port, http_probe, rill_config, wait_ready
+from .run import RESULTS, ROOT, Processes, cores, rill_config
 
 PER_ADDRESS = 40  # attacker connections per source address: under Rill's default bound of 64
 ATTACK_HOST = "127.0.0.1"
@@ -259,21 +260,8 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if bench_core is not None:
         os.sched_setaffinity(0, {bench_core})
     try:
-        up_port = free_port()
-        upstream, up_log = processes.start(
-            "upstream", [sys.executable, "-m", "bench.upstream", "--port", str(up_port)], env, bench_core
-        )
-        wait_ready(http_probe(f"http://127.0.0.1:{up_port}/stats"), upstream, up_log, "the fake upstream")
-        port = free_port()
-        rill_env = env | {
-            "RILL_CONFIG": str(rill_config(work)),
-            "RILL_UPSTREAM_URL": f"http://127.0.0.1:{up_port}/v1",
-            "RILL_MODEL": "bench",
-            "RILL_PORT": str(port),
-        }
-        rill, rill_log = processes.start("rill", [sys.executable, "-m", "server"], rill_env, server_core)
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(http_probe(f"{url}/readyz"), rill, rill_log, "Rill")
+        upstream, up_port = processes.start_upstream(env, bench_core)
+        rill, rill_log, url = processes.start_rill(rill_config(work), up_port, env, server_core)
         if args.renice:
             # On a machine others share, their load shows in every percentile: this takes
             # Rill, the upstream and the measuring client (not the attacker) out of it.
@@ -284,7 +272,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         before = await phase(url, rill.pid, args.samples, args.gap)
         rss_before = rss_mb(rill.pid)
 
-        job = [str(port), str(args.stalled), str(args.idle), str(args.greedy), str(args.ramp)]
+        job = [str(URL(url).port), str(args.stalled), str(args.idle), str(args.greedy), str(args.ramp)]
         attacker = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.flood", "--attacker", *job, env=env, stdout=asyncio.subprocess.PIPE
         )

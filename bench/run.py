@@ -169,6 +169,30 @@ class Processes:
         self.running.append(process)
         return process, log
 
+    def start_upstream(self, env: dict[str, str], core: int | None) -> tuple[subprocess.Popen[bytes], int]:
+        """The fake upstream (bench/upstream.py), once it answers: its process and port."""
+        port = free_port()
+        process, log = self.start("upstream", [sys.executable, "-m", "bench.upstream", "--port", str(port)], env, core)
+        wait_ready(http_probe(f"http://127.0.0.1:{port}/stats"), process, log, "the fake upstream")
+        return process, port
+
+    def start_rill(
+        self, config: Path, up_port: int, env: dict[str, str], core: int | None, module: str = "server"
+    ) -> tuple[subprocess.Popen[bytes], Path, str]:
+        """Rill (`python -m server`, or a module that runs it) in front of the fake upstream,
+        once it is ready: its process, log file and URL."""
+        port = free_port()
+        rill_env = env | {
+            "RILL_CONFIG": str(config),
+            "RILL_UPSTREAM_URL": f"http://127.0.0.1:{up_port}/v1",
+            "RILL_MODEL": "bench",
+            "RILL_PORT": str(port),
+        }
+        process, log = self.start("rill", [sys.executable, "-m", module], rill_env, core)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(http_probe(f"{url}/readyz"), process, log, "Rill")
+        return process, log, url
+
     def stop_all(self) -> None:
         for process in self.running:
             if process.poll() is None:
@@ -219,11 +243,7 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
     base_env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("RILL_")}
     base_env["PYTHONPATH"] = str(ROOT)
     try:
-        up_port = free_port()
-        upstream, up_log = processes.start(
-            "upstream", [sys.executable, "-m", "bench.upstream", "--port", str(up_port)], base_env, bench_core
-        )
-        wait_ready(http_probe(f"http://127.0.0.1:{up_port}/stats"), upstream, up_log, "the fake upstream")
+        _, up_port = processes.start_upstream(base_env, bench_core)
         server = None
         if target == "direct":
             url = f"http://127.0.0.1:{up_port}"
@@ -249,16 +269,7 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
             url = f"http://127.0.0.1:{port}"
             wait_ready(port_probe(port), server, log, "the naive relay")
         else:
-            port = free_port()
-            env = base_env | {
-                "RILL_CONFIG": str(rill_config(work)),
-                "RILL_UPSTREAM_URL": f"http://127.0.0.1:{up_port}/v1",
-                "RILL_MODEL": "bench",
-                "RILL_PORT": str(port),
-            }
-            server, log = processes.start("rill", [sys.executable, "-m", "server"], env, server_core)
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(http_probe(f"{url}/readyz"), server, log, "Rill")
+            server, _, url = processes.start_rill(rill_config(work), up_port, base_env, server_core)
         job = {
             "target": "direct" if target == "pipe" else target,  # the pipe is read as the upstream is
             "url": url,

@@ -37,7 +37,7 @@ import aiohttp
 
 from .loops import install_fast_loop
 from .probe import status_kb
-from .run import RESULTS, Processes, cores, free_port, http_probe, pin, rill_config, wait_ready
+from .run import RESULTS, Processes, cores, pin, rill_config
 
 # Ten answers in a row, then again: 50 % complete, 20 % stopped, 20 % resumed, 10 % abandoned.
 MIX = (
@@ -401,12 +401,7 @@ def run_soak(options: SoakOptions, work: Path) -> dict[str, Any]:
     state = work / "state"
     state.mkdir()
     try:
-        up_port = free_port()
-        upstream, up_log = processes.start(
-            "upstream", [sys.executable, "-m", "bench.upstream", "--port", str(up_port)], base_env, bench_core
-        )
-        wait_ready(http_probe(f"http://127.0.0.1:{up_port}/stats"), upstream, up_log, "the fake upstream")
-        port = free_port()
+        _, up_port = processes.start_upstream(base_env, bench_core)
         config = rill_config(
             work,
             resume_grace=options.resume_grace,
@@ -416,10 +411,6 @@ def run_soak(options: SoakOptions, work: Path) -> dict[str, Any]:
         env = (
             base_env
             | {
-                "RILL_CONFIG": str(config),
-                "RILL_UPSTREAM_URL": f"http://127.0.0.1:{up_port}/v1",
-                "RILL_MODEL": "bench",
-                "RILL_PORT": str(port),
                 "RILL_ACCESS_TOKENS": ",".join(f"user{n}:{secret}" for n, secret in enumerate(secrets)),
                 "RILL_STATE_DIR": str(state),
                 "RILL_LOG_LEVEL": "WARNING",  # ~50 INFO lines a second would be the log's memory, not Rill's
@@ -427,9 +418,7 @@ def run_soak(options: SoakOptions, work: Path) -> dict[str, Any]:
             }
             | options.env
         )
-        server, log = processes.start("rill", [sys.executable, "-m", "bench.probe"], env, server_core)
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(http_probe(f"{url}/readyz"), server, log, "Rill")
+        server, _, url = processes.start_rill(config, up_port, env, server_core, module="bench.probe")
         return asyncio.run(soak(url, server.pid, probe_file, secrets, options))
     finally:
         processes.stop_all()
