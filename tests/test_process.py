@@ -17,7 +17,7 @@ from yarl import URL
 from server.__main__ import new_event_loop
 from server.config import ConfigError
 
-from .conftest import KEY_ENV, SENTINEL_KEY
+from .conftest import KEY_ENV, SENTINEL_KEY, wait_healthy
 from .fakes import FakeUpstream, Reply, StreamReader, chunk, free_port, open_live_streams, terminal, text_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,16 +91,8 @@ async def process_url(
         stderr=asyncio.subprocess.STDOUT,
     )
     url = URL.build(scheme="http", host="127.0.0.1", port=port)
-    async with aiohttp.ClientSession() as session:
-        async with asyncio.timeout(15):
-            while True:
-                try:
-                    async with session.get(url / "healthz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
     try:
+        await wait_healthy(url, process)
         yield url, process
     finally:
         if process.returncode is None:
