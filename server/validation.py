@@ -172,12 +172,18 @@ def parse_generation_id(request: web.Request) -> str:
     return generation_id
 
 
-def parse_last_event_id(request: web.Request) -> int:
-    """Last-Event-ID from the header, or ?last_event_id= for clients that cannot set it."""
+def raw_last_event_id(request: web.Request) -> str:
+    """Last-Event-ID from the header, or ?last_event_id= for clients that cannot set it
+    ("" when neither is there)."""
     raw = request.headers.get("Last-Event-ID")
     if raw is None:
         raw = request.query.get("last_event_id")
-    if raw is None or raw == "":
+    return raw or ""
+
+
+def parse_last_event_id(request: web.Request) -> int:
+    raw = raw_last_event_id(request)
+    if not raw:
         return 0
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
         raise invalid("bad_last_event_id", "Last-Event-ID must be a non-negative integer event id.")

@@ -80,16 +80,23 @@ async def create_chat(request: web.Request) -> web.Response:
     return web.json_response(_created(generation), status=201)
 
 
-async def chat_events(request: web.Request) -> web.StreamResponse:
-    generation = _generation(request)
-    after = parse_last_event_id(request)
+def all_delivered(generation: Generation, after: int) -> bool:
+    """Whether a client that has every event up to `after` has the whole answer (it then
+    gets a 204, which tells EventSource to stop reconnecting); an id past the last event
+    is refused."""
     if after > generation.last_event_id:
         raise ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
     terminal = generation.terminal
-    if terminal is not None and after >= terminal.id:
+    return terminal is not None and after >= terminal.id
+
+
+async def chat_events(request: web.Request) -> web.StreamResponse:
+    generation = _generation(request)
+    after = parse_last_event_id(request)
+    if all_delivered(generation, after):
         return web.Response(status=204)
     if after > 0:
-        request.app[METRICS].resumes.inc()  # all delivered: tells EventSource to stop reconnecting
+        request.app[METRICS].resumes.inc()  # a reader coming back after a drop
     config, streams, reader = request.app[CONFIG], request.app[OPEN_STREAMS], client_key(request)
     check_stream_limit(streams, reader, config.limits.max_streams_per_client)
     response, outcome = await serve(

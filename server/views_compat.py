@@ -23,7 +23,8 @@ from .generation import Event, Generation
 from .keys import CATALOG, CONFIG, METRICS, OPEN_STREAMS, REGISTRY
 from .streaming import check_stream_limit, serve
 from .upstream import ChatRequest
-from .views_api import start_generation
+from .validation import raw_last_event_id
+from .views_api import all_delivered, start_generation
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,7 @@ def _fingerprint(request: ChatRequest) -> str:
 
 def _last_event_id(request: web.Request) -> tuple[str, int] | None:
     """The header EventSource sends when it reconnects (or ?last_event_id=, as on the API)."""
-    raw = request.headers.get("Last-Event-ID")
-    if raw is None:
-        raw = request.query.get("last_event_id")
+    raw = raw_last_event_id(request)
     if not raw:
         return None
     match = _LAST_EVENT_ID.fullmatch(raw)
@@ -137,10 +136,8 @@ async def legacy_stream(request: web.Request) -> web.StreamResponse:
     if resume is not None:
         generation = _resumable(request, resume[0], fingerprint)
         after = resume[1]
-        if after > generation.last_event_id:
-            raise ApiError(400, "bad_last_event_id", "Last-Event-ID is past the last event of this generation.")
-        if generation.terminal is not None and after >= generation.terminal.id:
-            return web.Response(status=204)  # all delivered: tells EventSource to stop reconnecting
+        if all_delivered(generation, after):
+            return web.Response(status=204)
         check_stream_limit(app[OPEN_STREAMS], reader, config.limits.max_streams_per_client)
         app[METRICS].resumes.inc()
     else:
