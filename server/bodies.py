@@ -13,10 +13,7 @@ import zlib
 from aiohttp import hdrs, web
 
 from .errors import ApiError
-
-# zlib's window bits: gzip framing, zlib framing, bare deflate data.
-_GZIP, _ZLIB, _RAW_DEFLATE = 31, 15, -15
-_CODINGS = {"gzip": _GZIP, "x-gzip": _GZIP, "deflate": _ZLIB}
+from .inflate import ENCODINGS, decompressor
 
 
 def bad_encoding(message: str) -> ApiError:
@@ -32,15 +29,12 @@ def decode_body(raw: bytes, content_encoding: str, limit: int) -> bytes:
     coding = content_encoding.strip().lower()
     if coding in ("", "identity"):
         return raw
-    wbits = _CODINGS.get(coding)
-    if wbits is None:
+    if coding not in ENCODINGS:
         shown = ascii(content_encoding[:40])
         raise bad_encoding(f"Content-Encoding {shown} is not supported: send the body as it is, or gzip it.")
     if not raw:
         return raw
-    if wbits == _ZLIB and not _has_zlib_header(raw):
-        wbits = _RAW_DEFLATE  # what many clients send as "deflate" (aiohttp accepts both too)
-    decoder = zlib.decompressobj(wbits)
+    decoder = decompressor(coding, raw)
     try:
         body = decoder.decompress(raw, limit + 1)  # bounded: a small bomb stops at the limit
     except zlib.error:
@@ -50,8 +44,3 @@ def decode_body(raw: bytes, content_encoding: str, limit: int) -> bytes:
     if not decoder.eof or decoder.unused_data:
         raise bad_encoding(f"The request body is not valid {coding} data (cut short or followed by more).")
     return body
-
-
-def _has_zlib_header(data: bytes) -> bool:
-    """RFC 1950: compression method 8, and the two header bytes a multiple of 31."""
-    return len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0

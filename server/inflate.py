@@ -31,12 +31,15 @@ class BadEncoding(ClientPayloadError):
     """The compressed body could not be decoded."""
 
 
-def _decompressor(encoding: str, first: bytes) -> zlib._Decompress:
+def decompressor(encoding: str, first: bytes) -> zlib._Decompress:
+    """For a body in one of ENCODINGS, from its first bytes: "deflate" is the zlib format,
+    or raw deflate data without the zlib header, as some servers and clients send it.
+    Request bodies (bodies.py) and the model API's (here) are decoded alike."""
     if encoding == "deflate" and (first[0] & 0x0F) != 8:
-        return zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate without the zlib header, as some servers send
+        return zlib.decompressobj(-zlib.MAX_WBITS)
     if encoding == "deflate":
         return zlib.decompressobj(zlib.MAX_WBITS)
-    return zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip
+    return zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip, x-gzip
 
 
 def inflate_some(data: bytes, encoding: str, limit: int) -> bytes:
@@ -45,7 +48,7 @@ def inflate_some(data: bytes, encoding: str, limit: int) -> bytes:
     if not data:
         return b""
     try:
-        return _decompressor(encoding, data).decompress(data, limit)
+        return decompressor(encoding, data).decompress(data, limit)
     except zlib.error as exc:
         raise BadEncoding(f"not valid {encoding}") from exc
 
@@ -154,7 +157,7 @@ class Inflating:
             decompress = self._decompress
             if decompress is not None and decompress.eof and decompress.unused_data:
                 data = self._next_member(decompress.unused_data)
-                decompress = self._decompress = _decompressor(self._encoding, data)
+                decompress = self._decompress = decompressor(self._encoding, data)
             elif decompress is not None and decompress.unconsumed_tail:
                 data = decompress.unconsumed_tail
             elif decompress is not None and self._full:
@@ -166,7 +169,7 @@ class Inflating:
                 if decompress is None or decompress.eof:
                     if decompress is not None:
                         data = self._next_member(data)
-                    decompress = self._decompress = _decompressor(self._encoding, data)
+                    decompress = self._decompress = decompressor(self._encoding, data)
             else:
                 return
             out = decompress.decompress(data, budget)
