@@ -91,7 +91,7 @@ async def write_old_data(url: str) -> None:
 
 
 def schema_differences(connection: Connection) -> list[Any]:
-    return compare_metadata(MigrationContext.configure(connection), metadata)
+    return list(compare_metadata(MigrationContext.configure(connection), metadata))
 
 
 async def test_empty_database_migrates_to_the_schema(store_url: str) -> None:
