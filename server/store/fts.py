@@ -47,13 +47,24 @@ def search_text(text: str | None) -> str:
     return _NON_ASCII.sub(lambda match: _token(match.group()), text)
 
 
+def in_word(char: str) -> bool:
+    """Whether the character continues a word in the short-query index (ASCII or Latin
+    letters and digits); CJK characters, emoji and punctuation never do."""
+    if char.isascii():
+        return char.isalnum()
+    return char.isalnum() and _token(char) == char
+
+
+def indexed(char: str) -> bool:
+    """Whether the short-query index holds the character at all (ASCII punctuation and
+    spaces are separators)."""
+    return char.isalnum() if char.isascii() else not char.isspace()
+
+
 def ends_in_word(query: str) -> bool:
     """Whether the query's last character belongs to a word (ASCII, Latin...) rather than
     a single-character token: then the last token is searched as a prefix (ok in okay)."""
-    last = query[-1]
-    if last.isascii():
-        return last.isalnum()
-    return _token(last) == last
+    return in_word(query[-1])
 
 
 def register(dbapi_connection: Any) -> None:

@@ -31,6 +31,9 @@ async def search(connection: AsyncConnection, backend: str, owner: str, query: s
     needle = query.strip()
     if not needle or limit <= 0:
         return []
+    short = len(needle) < SHORT_QUERY
+    if short and not any(fts.indexed(char) for char in needle):
+        return []  # "%", "?!": punctuation alone is not in the index
     fetch = limit + 10  # spare rows for hits the substring test turns down
     if backend == "sqlite":
         titles, messages = await _sqlite_rows(connection, owner, needle, fetch)
@@ -40,8 +43,8 @@ async def search(connection: AsyncConnection, backend: str, owner: str, query: s
     results = [
         result
         for result in (
-            *(_result(row, row.title, None, folded) for row in titles),
-            *(_result(row, row.content, row.message, folded) for row in messages),
+            *(_result(row, row.title, None, folded, short) for row in titles),
+            *(_result(row, row.content, row.message, folded, short) for row in messages),
         )
         if result is not None
     ]
@@ -115,8 +118,8 @@ def _fts_string(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
 
 
-def _result(row: Any, haystack: str, message: str | None, folded_needle: str) -> dict[str, Any] | None:
-    found = snippet(haystack, folded_needle)
+def _result(row: Any, haystack: str, message: str | None, folded_needle: str, short: bool) -> dict[str, Any] | None:
+    found = snippet(haystack, folded_needle, word_start=short)
     if found is None:
         return None
     text_, highlights = found
@@ -140,19 +143,25 @@ def fold(value: str) -> str:
     return "".join(char.lower() if len(char.lower()) == 1 else char for char in value)
 
 
-def matches(folded_haystack: str, folded_needle: str) -> Iterable[int]:
-    """Start of every non-overlapping occurrence."""
+def matches(folded_haystack: str, folded_needle: str, word_start: bool = False) -> Iterable[int]:
+    """Start of every non-overlapping occurrence; with `word_start`, only where the
+    short-query index finds one: 1-2 letters at the start of a word (ok in "okay", not in
+    "took"), while a CJK character or emoji matches anywhere."""
     start = folded_haystack.find(folded_needle)
+    anywhere = not word_start or not fts.in_word(folded_needle[0])
     while start >= 0:
-        yield start
-        start = folded_haystack.find(folded_needle, start + len(folded_needle))
+        if anywhere or start == 0 or not fts.in_word(folded_haystack[start - 1]):
+            yield start
+            start = folded_haystack.find(folded_needle, start + len(folded_needle))
+        else:
+            start = folded_haystack.find(folded_needle, start + 1)
 
 
-def snippet(haystack: str, folded_needle: str) -> tuple[str, list[list[int]]] | None:
+def snippet(haystack: str, folded_needle: str, word_start: bool = False) -> tuple[str, list[list[int]]] | None:
     """(window of about SNIPPET_CHARS around the first match, with … where cut; every
     whole match in it as [start, end] in UTF-16 code units), or None: no match."""
     folded = fold(haystack)
-    starts = list(matches(folded, folded_needle))
+    starts = list(matches(folded, folded_needle, word_start))
     if not starts:
         return None
     size = len(folded_needle)
