@@ -15,7 +15,7 @@ from sqlalchemy import text
 from server.store import Store, StoreLimits, open_store
 from server.store.database import create_engine, engine_url
 from server.store.migrate import alembic_config
-from server.store.search import SNIPPET_CHARS, snippet
+from server.store.search import SNIPPET_CHARS, fold, snippet
 
 LIMITS = StoreLimits(max_conversations=50, max_messages=500, max_bytes=1_000_000, max_message_chars=10_000)
 FTS_TABLES = ("search_messages", "search_messages_short", "search_titles", "search_titles_short")
@@ -295,6 +295,7 @@ def test_snippet_window() -> None:
     assert snippet("İSTANBUL", "stanbul") == ("İSTANBUL", [[1, 8]])  # İ lowers to two: kept, offsets hold
     assert snippet("took okay ok", "ok", word_start=True) == ("took okay ok", [[5, 7], [10, 12]])
     assert snippet("你好世界", "世", word_start=True) == ("你好世界", [[2, 3]])
+    assert snippet("ΟΔΟΣ οδος", fold("ΟΔΟΣ")) == ("ΟΔΟΣ οδος", [[0, 4], [5, 9]])  # final sigma folds to sigma
     assert snippet("no match here", "needle") is None
 
 

@@ -140,11 +140,12 @@ def _result(row: Any, haystack: str, message: str | None, folded_needle: str, sh
 
 def fold(value: str) -> str:
     """Lower case, one character for one (İ lowers to two: kept as is), so positions in
-    the folded text are positions in the original."""
+    the folded text are positions in the original. Final sigma is sigma, as in Unicode
+    case folding (str.lower picks ς by context, SQLite's indexes fold both to σ)."""
     lowered = value.lower()
-    if len(lowered) == len(value):
-        return lowered
-    return "".join(char.lower() if len(char.lower()) == 1 else char for char in value)
+    if len(lowered) != len(value):
+        lowered = "".join(char.lower() if len(char.lower()) == 1 else char for char in value)
+    return lowered.replace("ς", "σ")
 
 
 def matches(folded_haystack: str, folded_needle: str, word_start: bool = False) -> Iterable[int]:
