@@ -453,7 +453,10 @@ async def test_import_respects_quotas(store_url: str) -> None:
 
 async def test_delete_owner(store: Store) -> None:
     await _populate(store)
+    assert await store.search("ann", "世界")
     assert await store.delete_owner("ann") == {"conversations": 2, "messages": 4}
+    assert await store.search("ann", "世界") == []
+    assert await store.search("ann", "First") == []
     assert await store.list_conversations("ann") == []
     usage = await store.usage("ann")
     assert (usage["conversations"], usage["messages"], usage["bytes"]) == (0, 0, 0)
