@@ -557,7 +557,9 @@ async def test_an_answer_with_no_token_is_not_held_to_the_first_token_deadline_a
     """The deadline for a first token passes while Rill waits for the end of a body
     whose answer is complete (with no token: a content filter): the answer stays done."""
     caplog.set_level(logging.INFO)
-    rill = await start_rill(timeouts={"first_token": 0.5})
+    # The deadline (1 s) falls inside the up-to-1-s wait for the body's end that follows
+    # [DONE] at 0.3 s, with room for a loaded machine before it.
+    rill = await start_rill(timeouts={"first_token": 1.0})
     rill.fake.script(Reply(chunks=[0.3, chunk("", finish="content_filter"), b"data: [DONE]\n\n"], end="hang"))
     generation_id = await rill.start_chat()
     events = await (await rill.open_stream(generation_id)).read_all(timeout=3.0)
