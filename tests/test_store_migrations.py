@@ -140,6 +140,8 @@ async def test_each_earlier_revision_with_data_upgrades(store_url: str, start: s
         # What was stored before the search index existed is found too (2 and 3+ characters).
         for query in ("世界", "question"):
             assert [hit["message"] for hit in await store.search("ann", query)] == ["q"], query
+        usage = await store.usage("ann")
+        assert (usage["conversations"], usage["messages"], usage["bytes"]) == (1, 2, 25)
         assert await store.mark_interrupted() == 1
         await store.add_message("ann", "old", {"role": "user", "content": "new", "parent": "a"})
     finally:
