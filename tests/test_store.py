@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from server.errors import ApiError
+from server.http.errors import ApiError
 from server.store import Store, open_store
 
 from .store_helpers import LIMITS, assistant, dump, user
