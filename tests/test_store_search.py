@@ -12,7 +12,7 @@ import pytest
 from alembic import command
 from sqlalchemy import text
 
-from server.store import Store, StoreLimits, open_store
+from server.store import Store, StoreLimits, fts, open_store
 from server.store.database import create_engine, engine_url
 from server.store.migrate import alembic_config
 from server.store.search import SNIPPET_CHARS, fold, snippet
@@ -113,7 +113,7 @@ async def test_query_text_is_never_syntax(store: Store) -> None:
     mid = await say(store, "ann", "c1", 'he said "AND (" then NEAR(a b) * 100% of col:x -y ^z; d_o and \\path\' ok')
     await say(store, "ann", "c2", "dao and dxo")
     syntax = ['"', '""', "AND (", "*", "NEAR(a b)", "a OR b", "'", "%", "_", "\\", "^z", "col:x", "-y"]
-    for query in [*syntax, ")", "(", "\x00", "a\x00b", "\x00\x00x"]:
+    for query in [*syntax, ")", "(", "\x00", "a\x00b", "\x00\x00x", "\ud800", "x\udfff"]:
         await store.search("ann", query)  # no error, whatever it finds
     for query in ('"AND ("', "NEAR(a b)", "100%", "col:x", "d_o", "\\path'", "^z;"):
         results = await store.search("ann", query)
@@ -338,3 +338,24 @@ async def test_postgresql_search_uses_the_trigram_index(postgres_url: str) -> No
             assert "ix_messages_content_trgm" in "\n".join(row[0] for row in plan)
     finally:
         await opened.close()
+
+
+async def test_short_latin_queries_are_not_crowded_out(store: Store) -> None:
+    """ "e" inside 45 newer messages' words does not use up the limit: the one message
+    with a word starting with e is found on both backends."""
+    eel = await say(store, "ann", "c1", "an eel")
+    for _ in range(45):
+        await say(store, "ann", "c1", "the tree")
+    assert await hits(store, "e") == [("c1", eel)]
+    assert await hits(store, "EE") == [("c1", eel)]
+    assert await hits(store, "tr") != []
+
+
+def test_short_index_text_is_pinned() -> None:
+    """The short-query index holds this text: the delete triggers remove exactly what was
+    inserted, so changing it needs a migration that rebuilds the index."""
+    assert fts.search_text("Hi 你好 café 🚀👍🏻。\u3000ok") == (
+        "Hi  你  好  café  \ue00001f680  \ue00001f44d  \ue00001f3fb  \ue000003002  ok"
+    )
+    assert fts.search_text("") == fts.search_text(None) == ""
+    assert fts.search_text("plain ASCII, kept: as is!") == "plain ASCII, kept: as is!"
