@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,16 +62,6 @@ def ending_of(terminal: Event) -> Ending:
     code = str(data.get("code") or "internal_error")
     error = {"code": code, "message": str(data.get("message") or ""), "retryable": bool(data.get("retryable"))}
     return Ending(_STATUS_BY_ERROR.get(code, "error"), None, error)
-
-
-def storable(text: str) -> str:
-    """The text as UTF-8 can hold it: an emoji's surrogate pair split across two events
-    is joined again, a lone surrogate becomes U+FFFD."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text
 
 
 class _Answer:
@@ -129,6 +119,7 @@ class AnswerKeeper:
         config: Config,
         feed: Publisher,
         budget: DailyBudget,
+        session: Callable[[], aiohttp.ClientSession],
         *,
         retry_first: float = RETRY_FIRST,
         retry_max: float = RETRY_MAX,
@@ -143,17 +134,16 @@ class AnswerKeeper:
         self._retry_max = retry_max
         self._close_timeout = close_timeout
         self._store: Store | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session = session  # the app's, for titles (it opens after the store)
         self._answers: dict[str, _Answer] = {}  # by generation id
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._closed = asyncio.Event()  # set by close(): backoff waits end early
 
-    async def open(self, store: Store, session: aiohttp.ClientSession) -> None:
+    async def open(self, store: Store) -> None:
         """At start-up, once the store is open: answers that were streaming when the last
         process died are marked interrupted (their text up to the last write is kept)."""
         self._store = store
-        self._session = session
         if count := await store.mark_interrupted():
             log.warning("%d answers were cut off by the last stop: marked interrupted, their text kept", count)
 
@@ -266,8 +256,8 @@ class AnswerKeeper:
                     answer.owner,
                     answer.conversation,
                     answer.message,
-                    content=storable(answer.content),
-                    reasoning=storable(answer.reasoning),
+                    content=answer.content,
+                    reasoning=answer.reasoning,
                     last_event_id=answer.read_upto,
                     **ending,
                 )
@@ -275,7 +265,10 @@ class AnswerKeeper:
                 if answer.saved:
                     answer.saved = False
                     log.warning(
-                        "answer %s of conversation %s: not saved (%s), retrying", answer.message, answer.conversation, exc
+                        "answer %s of conversation %s: not saved (%s), retrying",
+                        answer.message,
+                        answer.conversation,
+                        exc,
                     )
                     self._publish_saved(answer)
                 if last_try:
@@ -330,7 +323,6 @@ class AnswerKeeper:
         self._feed.publish(answer.owner, "conversation", summary_of(conversation))
         if (
             self._titles is not None
-            and self._session is not None
             and stored["status"] == "done"
             and not conversation["title"]
             and conversation["title_source"] is None
@@ -338,7 +330,7 @@ class AnswerKeeper:
         ):
             question = next((m for m in messages if m["id"] == stored["parent"]), None)
             self._titles.request(
-                self._session,
+                self._session(),
                 self._store,
                 answer.generation,
                 owner=answer.owner,
