@@ -80,7 +80,8 @@ async def test_answer_is_written_in_batches_then_its_ending(rill: Rill, store: S
     assert announced["message"]["status"] == "done"
     assert announced["message"]["content"] == "".join(tokens)
     [summary] = feed.named("conversation")
-    assert summary["id"] == started.conversation and summary["streaming"] is False
+    assert summary["id"] == started.conversation
+    assert summary["streaming"] is False
     assert "messages" not in summary
     assert not feed.named("saved")  # every write landed: no transition to announce
     assert len(keeper) == 0
@@ -122,9 +123,11 @@ async def test_an_upstream_error_is_stored_with_its_code(rill: Rill, store: Stor
     started = await start_answer(rill, store, keeper)
     final = await wait_status(store, started, "error")
     terminal = started.generation.terminal
-    assert terminal is not None and terminal.name == "error"
+    assert terminal is not None
+    assert terminal.name == "error"
     code = json.loads(terminal.data)["code"]
-    assert final["error"]["code"] == code and code.startswith("upstream_")
+    assert final["error"]["code"] == code
+    assert code.startswith("upstream_")
     assert final["error"]["retryable"] is False
     assert final["error"]["message"]
     assert final["finish_reason"] is None
@@ -196,9 +199,11 @@ async def test_a_stored_answer_runs_to_its_end_with_no_reader(start_rill: StartR
     rill.fake.script(Reply(chunks=[chunk("alone")], end="hang"))
     generation_id = await rill.start_chat()
     stateless = rill.registry.get(generation_id)
-    assert stateless is not None and not stateless.keep_unread
+    assert stateless is not None
+    assert not stateless.keep_unread
     await wait_for(lambda: stateless.terminal is not None, timeout=3)
-    assert stateless.terminal is not None and json.loads(stateless.terminal.data)["code"] == "abandoned"
+    assert stateless.terminal is not None
+    assert json.loads(stateless.terminal.data)["code"] == "abandoned"
     await keeper.close()
 
 
@@ -210,7 +215,8 @@ async def test_without_keep_unread_a_stored_answer_is_abandoned(start_rill: Star
     started = await start_answer(rill, store, keeper)
     final = await wait_status(store, started, "abandoned")
     assert final["content"] == "so far"
-    assert final["error"]["code"] == "abandoned" and final["error"]["retryable"] is True
+    assert final["error"]["code"] == "abandoned"
+    assert final["error"]["retryable"] is True
     await keeper.close()
 
 
@@ -227,5 +233,6 @@ async def test_open_marks_answers_left_streaming_interrupted(rill: Rill, store: 
     await keeper.open(store)
     message = await stored_message(store, "local", cid, left["id"])
     assert message["status"] == "interrupted"
-    assert message["content"] == "partial" and message["last_event_id"] == 7
+    assert message["content"] == "partial"
+    assert message["last_event_id"] == 7
     await keeper.close()

@@ -22,8 +22,8 @@ import aiohttp
 
 from server.access.budget import DailyBudget
 from server.config import Config
-from server.http.errors import ApiError
 from server.history.titles import TitleMaker
+from server.http.errors import ApiError
 from server.relay.generation import FINISH_CANCELLED, SHUTDOWN_ERROR, Event, Generation
 from server.store import Store, StoreUnavailable
 
