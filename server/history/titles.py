@@ -51,8 +51,8 @@ def clean_title(text: str) -> str:
     """The model's reply as a title: its first line with words, no label, quotes or
     markup around it, at most TITLE_MAX_CHARS characters; "" when nothing is left."""
     for line in text.splitlines():
-        line = "".join(ch for ch in line if ch.isprintable())
-        line = _LABEL.sub("", line).strip(_WRAPPING).rstrip("。.").strip(_WRAPPING)
+        line = "".join(ch if ch.isprintable() else " " if ch.isspace() else "" for ch in line)
+        line = _LABEL.sub("", line.strip(_WRAPPING)).strip(_WRAPPING).rstrip("。.").strip(_WRAPPING)
         line = " ".join(line.split())
         if not line:
             continue
