@@ -14,7 +14,7 @@ from aiohttp import web
 
 from server.config import StreamConfig
 from server.history.feed import ChangeFeed, encode
-from server.relay.streaming import HEARTBEAT, EventStream, OpenStreams, OpenStream, retry_hint
+from server.relay.streaming import HEARTBEAT, EventStream, OpenStream, OpenStreams, retry_hint
 
 log = logging.getLogger(__name__)
 

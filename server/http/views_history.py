@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import re
-import time
 import uuid
 from typing import Any
 from urllib.parse import quote
@@ -261,9 +260,7 @@ def _export_response(request: web.Request, document: dict[str, Any], fmt: str, t
         text = "\n".join(conversation_markdown(c, label) for c in document["conversations"])
         filename = export_filename(title, "md")
         content_type = "text/markdown"
-    return web.Response(
-        text=text, content_type=content_type, headers={"Content-Disposition": _attachment(filename)}
-    )
+    return web.Response(text=text, content_type=content_type, headers={"Content-Disposition": _attachment(filename)})
 
 
 async def export_conversation(request: web.Request) -> web.Response:
@@ -390,7 +387,7 @@ async def add_message(request: web.Request) -> web.Response:
         question_id = question_id or _derived_id(owner, chat.client_id, cid, "user")
         answer_id = answer_id or _derived_id(owner, chat.client_id, cid, "assistant")
     question_id = question_id or uuid.uuid4().hex[:16]
-    answer_id = target_id if mode == "continue" else (answer_id or uuid.uuid4().hex[:16])
+    answer_id = (target_id if mode == "continue" else answer_id) or uuid.uuid4().hex[:16]
 
     existing = app[REGISTRY].find_by_client_id(registry_client_id) if registry_client_id else None
     if existing is not None:
@@ -407,15 +404,15 @@ async def add_message(request: web.Request) -> web.Response:
     if mode == "continue" and target is not None and target["status"] == "streaming":
         raise invalid("bad_target", "This answer is still streaming.")
 
+    await _check_quota(store, owner, 0 if mode == "continue" else 1 + (mode == "content"), content or "")
     generation = start_generation(request, chat.request, client_id=registry_client_id, fingerprint=fingerprint)
-    now = int(time.time() * 1000)
     try:
         question = None
         if mode == "content":
             question = await store.add_message(
                 owner,
                 cid,
-                {"id": question_id, "parent": parent, "role": "user", "content": content, "created": now},
+                {"id": question_id, "parent": parent, "role": "user", "content": content},
             )
         if mode == "continue":
             assert target is not None
@@ -443,7 +440,6 @@ async def add_message(request: web.Request) -> web.Response:
                     "status": "streaming",
                     "model": chat.request.model.id,
                     "generation": generation.id,
-                    "created": now,
                 },
             )
     except BaseException:
@@ -459,6 +455,25 @@ async def add_message(request: web.Request) -> web.Response:
     return web.json_response(
         {"message": question, "answer": answer, "generation": _generation_json(generation.id)}, status=201
     )
+
+
+async def _check_quota(store: Store, owner: str, adding: int, content: str) -> None:
+    """Refuses before the model is asked (the store checks again as it writes): a question
+    must not be stored without the answer it was sent for."""
+    usage = await store.usage(owner)
+    if usage["messages"] + adding > usage["max_messages"]:
+        raise ApiError(
+            409,
+            "quota_messages",
+            f"You have reached the limit of {usage['max_messages']} messages: delete some conversations to add more.",
+        )
+    if usage["bytes"] + len(content.encode()) > usage["max_bytes"]:
+        raise ApiError(
+            413,
+            "quota_bytes",
+            f"Your conversations have reached the storage limit of {usage['max_bytes']} bytes: "
+            "delete some to add more.",
+        )
 
 
 def _repeat(

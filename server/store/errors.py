@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy import exc
 
-from server.errors import ApiError
+from server.http.errors import ApiError
 
 log = logging.getLogger(__name__)
 

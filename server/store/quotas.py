@@ -7,7 +7,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.errors import ApiError
+from server.http.errors import ApiError
 
 from .schema import conversations, messages
 from .validation import StoreLimits

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.errors import ApiError
+from server.http.errors import ApiError
 
 from . import messages as message_queries
 from . import shapes, validation
