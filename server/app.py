@@ -17,7 +17,8 @@ from aiohttp import web
 from server.access.budget import DailyBudget
 from server.access.gate import Gate
 from server.access.middleware import access_middleware, add_cors_headers
-from server.config import Config
+from server.config import Config, StorageConfig
+from server.history.feed import ChangeFeed
 from server.http.accesslog import PathOnlyAccessLogger
 from server.http.connections import connection_middleware
 from server.http.errors import error_middleware
@@ -27,6 +28,7 @@ from server.keys import (
     BUDGET,
     CATALOG,
     CONFIG,
+    FEED,
     GATE,
     METRICS,
     MONITOR_TASK,
@@ -34,6 +36,7 @@ from server.keys import (
     REGISTRY,
     SESSION,
     STARTED_AT,
+    STORE,
 )
 from server.ops.logs import add_request_id_header, request_id_middleware
 from server.ops.metrics import Metrics
@@ -44,6 +47,7 @@ from server.relay.generation import SHUTDOWN_ERROR, Generation
 from server.relay.registry import GenerationRegistry
 from server.relay.streaming import OpenStreams
 from server.relay.upstream import client_timeout
+from server.store import Store, StoreLimits, open_store
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,8 @@ def create_app(config: Config) -> web.Application:
 
     app[REGISTRY] = GenerationRegistry(config, on_end=generation_ended)
     app[OPEN_STREAMS] = OpenStreams()
+    if config.storage.enabled:
+        app[FEED] = ChangeFeed()
     metrics.live_generations.set_function(lambda: len(app[REGISTRY].live()))
     metrics.subscribers.set_function(lambda: len(app[OPEN_STREAMS]))
     aiohttp_jinja2.setup(
@@ -79,6 +85,8 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_security_headers)
     app.on_response_prepare.append(add_request_id_header)
     app.on_response_prepare.append(add_cors_headers)
+    # First in, last out: answers still being written get the database until the end.
+    app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_catalog)
     app.cleanup_ctx.append(_monitor)
@@ -105,6 +113,36 @@ def stop_accepting(app: web.Application) -> None:
     """The first step of a stop: /readyz answers 503 and new answers are refused (503
     shutting_down, which clients retry), while everything else is still served."""
     app[REGISTRY].accepting = False
+
+
+def store_limits(storage: StorageConfig) -> StoreLimits:
+    return StoreLimits(
+        max_conversations=storage.max_conversations,
+        max_messages=storage.max_messages,
+        max_bytes=storage.max_bytes,
+        max_message_chars=storage.max_message_chars,
+    )
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    """Opens (and migrates) the conversations' database; StoreOpenError stops start-up."""
+    storage = app[CONFIG].storage
+    if not storage.enabled:
+        yield
+        return
+    store = await open_store(storage.url, store_limits(storage))
+    app[STORE] = store
+    log.info("conversations: %s database at %s (%s)", store.backend, storage.shown_url, storage.url_from)
+    try:
+        _start_answers(app, store)
+        yield
+    finally:
+        # B (AnswerKeeper): `await app[ANSWERS].close()` here, flushing every answer first.
+        await store.close()
+
+
+def _start_answers(app: web.Application, store: Store) -> None:
+    """The writer of stored answers (helper B's AnswerKeeper lands here as app[ANSWERS])."""
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
@@ -154,6 +192,8 @@ async def _end_streams(app: web.Application) -> None:
     upstream request, and give open streams the time to write that last event."""
     registry = app[REGISTRY]
     registry.accepting = False
+    if FEED in app:
+        app[FEED].close()  # change streams never end by themselves
     live = registry.live()
     for generation in live:
         generation.fail(str(SHUTDOWN_ERROR["code"]), str(SHUTDOWN_ERROR["message"]), retryable=True)

@@ -121,6 +121,7 @@ class Store:
         finish_reason: str | None = None,
         error: dict[str, Any] | None = None,
         usage: dict[str, Any] | None = None,
+        generation: str | None = None,
     ) -> None:
         """Raises 404 when the conversation or message was deleted meanwhile (the writer
         stops), StoreUnavailable when it should try again later."""
@@ -133,6 +134,10 @@ class Store:
             values["error"] = shapes.dumps(error)
         if usage is not None:
             values["usage"] = shapes.dumps(usage)
+        if generation is not None:
+            # Continue: the same message streams again, from a new generation.
+            values["generation"] = generation
+            values.update(finish_reason=None, error=None, usage=None)
         async with self._write() as connection:
             await messages.save_answer(connection, owner, cid, mid, values, now_ms())
 
