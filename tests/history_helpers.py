@@ -88,9 +88,7 @@ async def start_answer(
     generation = rill.registry.start(
         rill.app[SESSION], chat, client_key="test", client_id=None, fingerprint="-", owner=principal
     )
-    keeper.track(
-        generation, owner=owner, conversation=conversation, message=answer["id"], content_before=content_before
-    )
+    keeper.track(generation, owner=owner, conversation=conversation, message=answer)
     return Started(generation, conversation, user["id"], answer["id"])
 
 

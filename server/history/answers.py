@@ -150,26 +150,18 @@ class AnswerKeeper:
     def __len__(self) -> int:
         return len(self._answers)
 
-    def track(
-        self,
-        generation: Generation,
-        *,
-        owner: str,
-        conversation: str,
-        message: str,
-        content_before: str = "",
-        reasoning_before: str = "",
-    ) -> None:
-        """Writes `generation`'s answer into message `message` from now to its end.
-        `content_before`: the text a continued answer already has (the generation's is
-        added to it)."""
+    def track(self, generation: Generation, *, owner: str, conversation: str, message: Mapping[str, Any]) -> None:
+        """Writes `generation`'s answer into the stored answer `message` from now to its end.
+        A continued answer's text so far (its content) comes first."""
         if generation.id in self._answers:
             return  # the same request again (client_id): already written down
         if self._closing:
-            log.warning("answer %s started during shutdown: not written down", message)
+            log.warning("answer %s started during shutdown: not written down", message["id"])
             return
         generation.keep_unread = self._keep_unread  # the history reads it, to the end
-        answer = _Answer(generation, owner, conversation, message, content_before, reasoning_before)
+        answer = _Answer(
+            generation, owner, conversation, str(message["id"]), str(message["content"]), str(message["reasoning"])
+        )
         self._answers[generation.id] = answer
         generation.end_callbacks.append(lambda _: answer.wake.set())
         if generation.terminal is not None:

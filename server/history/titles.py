@@ -152,6 +152,8 @@ class TitleMaker:
             await stream_chat(session, chat, sink, self._config)
         except UpstreamError as exc:
             log.info("conversation %s: no automatic title: %s", conversation, exc.code)
+        except Exception:  # a background nicety: whatever went wrong, only logged
+            log.exception("conversation %s: the automatic title failed", conversation)
         finally:
             budget.settle(hold_id, principal, _tokens(chat, sink))
         title = clean_title("".join(sink.text))
