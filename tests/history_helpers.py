@@ -96,3 +96,25 @@ async def stored_message(store: Store, owner: str, conversation: str, message: s
     found = await store.get_conversation(owner, conversation)
     assert found is not None
     return next(m for m in found["messages"] if m["id"] == message)
+
+
+@dataclass
+class Asked:
+    conversation: str
+    answer: str
+    generation: str
+
+
+async def ask(rill: Rill, content: str = "Hi", conversation: str | None = None) -> Asked:
+    """A question in a stored conversation over the HTTP API, as the page asks it."""
+    session, url = rill.session, rill.url
+    if conversation is None:
+        async with session.post(url / "api/conversations", json={}) as response:
+            assert response.status == 201, await response.text()
+            conversation = str((await response.json())["id"])
+    async with session.post(
+        url / f"api/conversations/{conversation}/messages", json={"parent": None, "content": content}
+    ) as response:
+        assert response.status == 201, await response.text()
+        body = await response.json()
+    return Asked(conversation, body["answer"]["id"], body["generation"]["id"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +22,8 @@ STORAGE = {"save_interval": 0.2, "auto_titles": True}
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = await open_store(f"sqlite:///{tmp_path / 'rill.db'}", LIMITS)
+async def store(store_url: str) -> AsyncIterator[Store]:
+    store = await open_store(store_url, LIMITS)
     yield store
     await store.close()
 
