@@ -136,7 +136,7 @@ def message(data: Any, limits: StoreLimits, now: int, *, imported: bool = False)
     """A message to insert, every field checked; `parent` stays a public id (or None)."""
     if not isinstance(data, dict):
         raise bad_message("A message must be an object.")
-    unknown = set(data) - MESSAGE_KEYS
+    unknown = set(data) - (MESSAGE_KEYS if imported else MESSAGE_KEYS - {"created", "updated"})
     if unknown:
         raise bad_message(f"Unknown message field {sorted(unknown)[0]!r}.")
     role = data.get("role")
