@@ -172,7 +172,11 @@ async def test_owners_are_kept_apart(store: Store) -> None:
         (lambda s: s.update_conversation("ann", "c", {"active": "m", "owner": "bob"}), 400, "bad_message"),
         (lambda s: s.update_conversation("ann", "c", {"model": ""}), 400, "bad_message"),
         (lambda s: s.update_conversation("ann", "c", {"title": "t", "active": "gone"}), 404, "message_not_found"),
-        (lambda s: s.save_answer("ann", "c", "gone", content="", reasoning="", last_event_id=1), 404, "message_not_found"),
+        (
+            lambda s: s.save_answer("ann", "c", "gone", content="", reasoning="", last_event_id=1),
+            404,
+            "message_not_found",
+        ),
     ],
 )
 async def test_invalid_input_changes_nothing(store: Store, call: Any, status: int, code: str) -> None:
@@ -203,7 +207,9 @@ async def test_quotas(store_url: str) -> None:
         await refused(store.add_message("ann", "b", user("y", "m2")), 409, "quota_messages")
         assert await dump(store) == before
         # Over quota: the accepted answer is still saved, and reads and deletes work.
-        await store.save_answer("ann", "a", "a1", content="a long answer, far past 20 bytes", reasoning="", last_event_id=9)
+        await store.save_answer(
+            "ann", "a", "a1", content="a long answer, far past 20 bytes", reasoning="", last_event_id=9
+        )
         usage = await store.usage("ann")
         assert usage["bytes"] > usage["max_bytes"]
         assert (usage["conversations"], usage["messages"]) == (2, 3)
@@ -412,7 +418,9 @@ async def test_import_respects_quotas(store_url: str) -> None:
     try:
         before = await dump(store)
         await refused(
-            store.import_document("ann", _document({"id": "a"}, {"id": "b", "parent": "a"}, {"id": "c", "parent": "b"})),
+            store.import_document(
+                "ann", _document({"id": "a"}, {"id": "b", "parent": "a"}, {"id": "c", "parent": "b"})
+            ),
             409,
             "quota_messages",
         )
