@@ -12,6 +12,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from . import fts
 from .errors import StoreOpenError
 from .migrate import check_known, upgrade_to_head
 
@@ -72,6 +73,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
             cursor.close()
+        fts.register(dbapi_connection)  # the search index's triggers call it (migration 0002_search)
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(connection: Any) -> None:
