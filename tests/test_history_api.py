@@ -120,7 +120,8 @@ async def test_conversation_crud(hist: Rill) -> None:
     assert {c["id"] for c in listed["conversations"]} == {"c1", made}
     assert listed["next"] is None
     status, page = await call(hist, "GET", "/api/conversations?limit=1")
-    assert len(page["conversations"]) == 1 and page["next"] == page["conversations"][0]["updated"]
+    assert len(page["conversations"]) == 1
+    assert page["next"] == page["conversations"][0]["updated"]
 
     status, renamed = await call(hist, "PATCH", "/api/conversations/c1", {"title": "Renamed", "model": "fake-reasoner"})
     assert status == 200
@@ -169,9 +170,11 @@ async def test_owners_never_see_each_other(start_rill: StartRill, store_url: str
     assert [c["title"] for c in exported["conversations"]] == ["Bob's"]
     # Alice's are untouched.
     status, hers = await call(rill, "GET", f"/api/conversations/{other}", headers=alice)
-    assert status == 200 and hers["title"] == ""
+    assert status == 200
+    assert hers["title"] == ""
     status, hers = await call(rill, "GET", "/api/conversations/shared-id", headers=alice)
-    assert hers["title"] == "Alice's" and len(hers["messages"]) == 2
+    assert hers["title"] == "Alice's"
+    assert len(hers["messages"]) == 2
 
 
 # --- answering from the stored branch ------------------------------------------------------
@@ -202,7 +205,8 @@ async def test_the_model_gets_the_stored_branch(hist: Rill) -> None:
     # Regenerate A1: a sibling answer to Q1; Q2 and A2 stay on the other branch.
     again = await ask(hist, cid, regenerate=a1["id"])
     assert again["message"] is None
-    assert again["answer"]["parent"] == q1["id"] and again["answer"]["id"] != a1["id"]
+    assert again["answer"]["parent"] == q1["id"]
+    assert again["answer"]["id"] != a1["id"]
     await wait_requests(hist, 3)
     assert sent(hist) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"}]
     await finish(hist, cid, again["answer"]["id"], "A1 again")
@@ -216,7 +220,8 @@ async def test_the_model_gets_the_stored_branch(hist: Rill) -> None:
     status, full = await call(hist, "GET", f"/api/conversations/{cid}")
     assert full["active"] == edited["answer"]["id"]
     ids = [m["id"] for m in full["messages"]]
-    assert len(ids) == 7 and len(set(ids)) == 7  # Q1 A1 Q2 A2, A1 again, Q2 edited and its answer
+    assert len(ids) == 7
+    assert len(set(ids)) == 7
     # Switching back to the first branch is a PATCH of `active`.
     status, summary = await call(hist, "PATCH", f"/api/conversations/{cid}", {"active": second["answer"]["id"]})
     assert (status, summary["active"]) == (200, second["answer"]["id"])
@@ -261,7 +266,7 @@ async def test_the_same_client_id_asks_the_model_once(hist: Rill) -> None:
     hist.fake.default = Reply(chunks=answer(["slow"], delay=0.3))
     cid = await new_conversation(hist)
     body = {"content": "Hi", "client_id": str(uuid.uuid4())}
-    first = await ask(hist, cid, **body)
+    first = await ask(hist, cid, content="Hi", client_id=body["client_id"])
     status, repeated = await call(hist, "POST", f"/api/conversations/{cid}/messages", body)
     assert status == 200
     assert repeated == first
@@ -375,7 +380,8 @@ async def test_export_delete_import_round_trip(hist: Rill) -> None:
     await new_conversation(hist, id="empty-one")
     status, exported = await call(hist, "GET", "/api/export")
     assert status == 200
-    assert exported["format"] == "rill.conversations" and len(exported["conversations"]) == 2
+    assert exported["format"] == "rill.conversations"
+    assert len(exported["conversations"]) == 2
 
     status, counts = await call(hist, "DELETE", "/api/data")
     assert (status, counts) == (200, {"conversations": 2, "messages": 3})
@@ -385,13 +391,14 @@ async def test_export_delete_import_round_trip(hist: Rill) -> None:
     assert (status, counts) == (200, {"conversations": 2, "messages": 3})
     status, again = await call(hist, "GET", "/api/export")
     del exported["exported"], again["exported"]
-    streaming = lambda doc: [m for c in doc["conversations"] for m in c["messages"] if m["status"] == "streaming"]  # noqa: E731
     # Imported answers nobody writes any more show as interrupted; everything else is identical.
-    for message in streaming(exported):
-        message["status"] = "interrupted"
+    for conversation in exported["conversations"]:
+        for message in conversation["messages"]:
+            if message["status"] == "streaming":
+                message["status"] = "interrupted"
     assert again == exported
     status, counts = await call(hist, "POST", "/api/import", exported)  # idempotent by ids
-    assert counts == {"conversations": 0, "messages": 0} or status == 200
+    assert (status, counts) == (200, {"conversations": 0, "messages": 0})
     assert (await call(hist, "GET", "/api/export"))[1]["conversations"] == again["conversations"]
 
     async with hist.session.get(hist.url / f"api/conversations/{cid}/export", params={"format": "json"}) as response:
@@ -447,20 +454,25 @@ async def test_changes_reach_another_client_within_a_second(hist: Rill, other_se
     start_id = await first_id(feed)
     cid = await new_conversation(hist, title="Phone")
     event = await feed.next_event(timeout=1.0)
-    assert event is not None and event.event == "conversation"
+    assert event is not None
+    assert event.event == "conversation"
     assert (event.data["id"], event.data["title"]) == (cid, "Phone")
 
     await call(hist, "PATCH", f"/api/conversations/{cid}", {"title": "Renamed"})
     renamed = await feed.next_event(timeout=1.0)
-    assert renamed is not None and (renamed.event, renamed.data["title"]) == ("conversation", "Renamed")
+    assert renamed is not None
+    assert (renamed.event, renamed.data["title"]) == ("conversation", "Renamed")
     reply = await ask(hist, cid, content="Hi")
     added = [await feed.next_event(timeout=1.0) for _ in range(3)]
     assert [(e.event if e else None) for e in added] == ["message", "message", "conversation"]
-    assert added[0] is not None and added[0].data == {"conversation": cid, "message": reply["message"]}
-    assert added[2] is not None and added[2].data["streaming"] is True
+    assert added[0] is not None
+    assert added[0].data == {"conversation": cid, "message": reply["message"]}
+    assert added[2] is not None
+    assert added[2].data["streaming"] is True
     await call(hist, "DELETE", f"/api/conversations/{cid}")
     deleted = await feed.next_event(timeout=1.0)
-    assert deleted is not None and (deleted.event, deleted.data) == ("deleted", {"id": cid})
+    assert deleted is not None
+    assert (deleted.event, deleted.data) == ("deleted", {"id": cid})
 
     # Resume: from the first id, everything since comes again, in order.
     feed.response.close()
@@ -481,10 +493,12 @@ async def test_changes_reach_another_client_within_a_second(hist: Rill, other_se
 async def test_unknown_last_event_id_gets_reset(hist: Rill, last_id: str) -> None:
     feed = await open_changes(hist, hist.session, last_id)
     event = await feed.next_event(timeout=1.0)
-    assert event is not None and (event.event, event.data) == ("reset", {})
+    assert event is not None
+    assert (event.event, event.data) == ("reset", {})
     await new_conversation(hist)
     event = await feed.next_event(timeout=1.0)
-    assert event is not None and event.event == "conversation"
+    assert event is not None
+    assert event.event == "conversation"
 
 
 async def test_changes_are_owner_scoped(start_rill: StartRill, store_url: str) -> None:
@@ -495,10 +509,12 @@ async def test_changes_are_owner_scoped(start_rill: StartRill, store_url: str) -
     await first_id(alices)
     await new_conversation(rill, bearer(ALICE), title="Secret")
     event = await alices.next_event(timeout=1.0)
-    assert event is not None and event.data["title"] == "Secret"
+    assert event is not None
+    assert event.data["title"] == "Secret"
     await new_conversation(rill, bearer(BOB), title="Bob's")
     event = await bobs.next_event(timeout=1.0)
-    assert event is not None and event.data["title"] == "Bob's"  # not Alice's
+    assert event is not None
+    assert event.data["title"] == "Bob's"
     assert b"Secret" not in bobs.raw
 
 
@@ -517,4 +533,5 @@ async def test_delete_all_and_import_tell_the_feed_to_reset(hist: Rill, other_se
     await first_id(feed)
     await call(hist, "DELETE", "/api/data")
     event = await feed.next_event(timeout=1.0)
-    assert event is not None and event.event == "reset"
+    assert event is not None
+    assert event.event == "reset"
