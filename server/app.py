@@ -18,6 +18,7 @@ from server.access.budget import DailyBudget
 from server.access.gate import Gate
 from server.access.middleware import access_middleware, add_cors_headers
 from server.config import Config, StorageConfig
+from server.history.answers import AnswerKeeper
 from server.history.feed import ChangeFeed
 from server.http.accesslog import PathOnlyAccessLogger
 from server.http.connections import connection_middleware
@@ -25,6 +26,7 @@ from server.http.errors import error_middleware
 from server.http.routes import setup_routes
 from server.http.security import add_security_headers
 from server.keys import (
+    ANSWERS,
     BUDGET,
     CATALOG,
     CONFIG,
@@ -47,7 +49,7 @@ from server.relay.generation import SHUTDOWN_ERROR, Generation
 from server.relay.registry import GenerationRegistry
 from server.relay.streaming import OpenStreams
 from server.relay.upstream import client_timeout
-from server.store import Store, StoreLimits, open_store
+from server.store import StoreLimits, open_store
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ def create_app(config: Config) -> web.Application:
     app[REGISTRY] = GenerationRegistry(config, on_end=generation_ended)
     app[OPEN_STREAMS] = OpenStreams()
     if config.storage.enabled:
-        app[FEED] = ChangeFeed()
+        feed = app[FEED] = ChangeFeed()
+        app[ANSWERS] = AnswerKeeper(config, feed, budget, lambda: app[SESSION])
     metrics.live_generations.set_function(lambda: len(app[REGISTRY].live()))
     metrics.subscribers.set_function(lambda: len(app[OPEN_STREAMS]))
     aiohttp_jinja2.setup(
@@ -134,15 +137,11 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     log.info("conversations: %s database at %s (%s)", store.backend, storage.shown_url, storage.url_from)
     try:
-        _start_answers(app, store)
+        await app[ANSWERS].open(store)  # answers cut off by the last stop: interrupted
         yield
+        await app[ANSWERS].close()  # every answer's last write first
     finally:
-        # B (AnswerKeeper): `await app[ANSWERS].close()` here, flushing every answer first.
         await store.close()
-
-
-def _start_answers(app: web.Application, store: Store) -> None:
-    """The writer of stored answers (helper B's AnswerKeeper lands here as app[ANSWERS])."""
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:

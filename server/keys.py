@@ -10,6 +10,7 @@ from aiohttp import web
 from server.access.budget import DailyBudget
 from server.access.gate import Gate
 from server.config import Config
+from server.history.answers import AnswerKeeper
 from server.history.feed import ChangeFeed
 from server.ops.metrics import Metrics
 from server.relay.catalog import Catalog
@@ -29,3 +30,4 @@ GATE = web.AppKey("gate", Gate)
 BUDGET = web.AppKey("budget", DailyBudget)
 STORE = web.AppKey("store", Store)  # only with [storage] enabled
 FEED = web.AppKey("feed", ChangeFeed)  # each owner's changes, for GET /api/changes
+ANSWERS = web.AppKey("answers", AnswerKeeper)  # writes stored conversations' answers; with STORE

@@ -23,7 +23,7 @@ from server.history.stream import follow_changes
 from server.http.errors import ApiError
 from server.http.validation import invalid, parse_chat, raw_last_event_id, read_json_object
 from server.http.views_api import start_generation
-from server.keys import CATALOG, CONFIG, FEED, OPEN_STREAMS, REGISTRY, STORE
+from server.keys import ANSWERS, CATALOG, CONFIG, FEED, OPEN_STREAMS, REGISTRY, STORE
 from server.relay.generation import Generation
 from server.relay.streaming import check_stream_limit
 from server.store import Store
@@ -304,9 +304,9 @@ def _generation_json(generation_id: str) -> dict[str, str]:
 def _track_answer(
     request: web.Request, generation: Generation, *, owner: str, conversation: str, message: dict[str, Any]
 ) -> None:
-    """Hands the answer to the writer that saves it as it streams (helper B's AnswerKeeper:
-    `request.app[ANSWERS].track(generation, owner=owner, conversation=conversation, message=message)`).
-    `message` is the stored answer; for a continued one its content is the text kept so far."""
+    """Hands the answer to the writer that saves it as it streams. `message` is the stored
+    answer; for a continued one its content is the text kept so far."""
+    request.app[ANSWERS].track(generation, owner=owner, conversation=conversation, message=message)
 
 
 async def add_message(request: web.Request) -> web.Response:
