@@ -19,7 +19,7 @@ from server.keys import STORE
 from server.store import Store
 
 from .conftest import Rill, StartRill
-from .fakes import Reply, StreamReader, answer
+from .fakes import Reply, StreamReader, answer, chunk
 
 ALICE = "alice-0123456789abcdefghij"
 BOB = "bob-0123456789abcdefghijkl"
@@ -32,7 +32,8 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture
 async def hist(start_rill: StartRill, store_url: str) -> Rill:
-    return await start_rill(storage={"url": store_url})
+    # No automatic titles: they would be one more request to the fake upstream.
+    return await start_rill(storage={"url": store_url, "auto_titles": False, "save_interval": 0.1})
 
 
 async def call(
@@ -59,9 +60,20 @@ async def ask(rill: Rill, cid: str, headers: dict[str, str] | None = None, **bod
     return dict(reply)
 
 
-async def finish(rill: Rill, cid: str, mid: str, text: str, status: str = "done", owner: str = "local") -> None:
-    """Stands in for the answer writer: the answer's text as saved at its end."""
-    await store_of(rill).save_answer(owner, cid, mid, content=text, reasoning="", last_event_id=3, status=status)
+async def settled(rill: Rill, cid: str, mid: str, owner: str = "local") -> dict[str, Any]:
+    """The answer once the writer has saved its end."""
+    async with asyncio.timeout(5):
+        while True:
+            conversation = await store_of(rill).get_conversation(owner, cid)
+            assert conversation is not None
+            message = next(m for m in conversation["messages"] if m["id"] == mid)
+            if message["status"] != "streaming":
+                return message
+            await asyncio.sleep(0.02)
+
+
+def replies(rill: Rill, *texts: str) -> None:
+    rill.fake.script(*(Reply(chunks=answer([text])) for text in texts))
 
 
 def sent(rill: Rill, index: int = -1) -> list[dict[str, str]]:
@@ -181,6 +193,7 @@ async def test_owners_never_see_each_other(start_rill: StartRill, store_url: str
 
 
 async def test_the_model_gets_the_stored_branch(hist: Rill) -> None:
+    replies(hist, "A1", "A2", "A1 again")
     cid = await new_conversation(hist, system="Be brief.")
     first = await ask(hist, cid, content="Q1", client_id=str(uuid.uuid4()))
     q1, a1 = first["message"], first["answer"]
@@ -189,7 +202,7 @@ async def test_the_model_gets_the_stored_branch(hist: Rill) -> None:
     assert first["generation"] == {"id": a1["generation"], "events": f"/api/chat/{a1['generation']}/events"}
     await wait_requests(hist, 1)
     assert sent(hist) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"}]
-    await finish(hist, cid, a1["id"], "A1")
+    assert (await settled(hist, cid, a1["id"]))["content"] == "A1"
 
     second = await ask(hist, cid, parent=a1["id"], content="Q2", model="fake-reasoner")
     await wait_requests(hist, 2)
@@ -200,7 +213,7 @@ async def test_the_model_gets_the_stored_branch(hist: Rill) -> None:
         {"role": "user", "content": "Q2"},
     ]
     assert hist.fake.requests[-1].body["model"] == "fake-model-r"
-    await finish(hist, cid, second["answer"]["id"], "A2")
+    await settled(hist, cid, second["answer"]["id"])
 
     # Regenerate A1: a sibling answer to Q1; Q2 and A2 stay on the other branch.
     again = await ask(hist, cid, regenerate=a1["id"])
@@ -209,7 +222,7 @@ async def test_the_model_gets_the_stored_branch(hist: Rill) -> None:
     assert again["answer"]["id"] != a1["id"]
     await wait_requests(hist, 3)
     assert sent(hist) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"}]
-    await finish(hist, cid, again["answer"]["id"], "A1 again")
+    await settled(hist, cid, again["answer"]["id"])
 
     # Edit Q2: a new question under A1; only the active path is sent.
     edited = await ask(hist, cid, parent=a1["id"], content="Q2 edited")
@@ -235,9 +248,19 @@ async def test_the_model_gets_the_stored_branch(hist: Rill) -> None:
 
 async def test_continue_sends_the_partial_answer_and_keeps_the_message(hist: Rill) -> None:
     cid = await new_conversation(hist)
+    # The first answer stops half-way (Stop); the continuation stays open.
+    hist.fake.script(
+        Reply(chunks=[chunk("", reasoning=""), chunk("Roses are")], end="hang"),
+        Reply(chunks=[chunk("", reasoning="")], end="hang"),
+    )
     first = await ask(hist, cid, content="Write a poem")
     answer_id = first["answer"]["id"]
-    await finish(hist, cid, answer_id, "Roses are", status="stopped")
+    reader = StreamReader(await hist.session.get(hist.url / first["generation"]["events"].lstrip("/")))
+    hist.readers.append(reader)
+    await reader.read_until("delta")
+    assert (await call(hist, "DELETE", f"/api/chat/{first['generation']['id']}"))[0] == 200
+    stopped = await settled(hist, cid, answer_id)
+    assert (stopped["status"], stopped["content"]) == ("stopped", "Roses are")
     status, error = await call(hist, "POST", f"/api/conversations/{cid}/messages", {"continue": first["message"]["id"]})
     assert (status, error["error"]["code"]) == (400, "bad_target")  # a question cannot be continued
 
@@ -375,8 +398,9 @@ async def test_bad_requests_change_nothing(
 async def test_export_delete_import_round_trip(hist: Rill) -> None:
     cid = await new_conversation(hist, title="Trip", system="S")
     first = await ask(hist, cid, content="你好世界")
-    await finish(hist, cid, first["answer"]["id"], "Hello")
-    await ask(hist, cid, regenerate=first["answer"]["id"])
+    await settled(hist, cid, first["answer"]["id"])
+    again = await ask(hist, cid, regenerate=first["answer"]["id"])
+    await settled(hist, cid, again["answer"]["id"])
     await new_conversation(hist, id="empty-one")
     status, exported = await call(hist, "GET", "/api/export")
     assert status == 200
