@@ -5,6 +5,7 @@ idempotency, refusals that change nothing, export/import, delete-all, the change
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -559,3 +560,50 @@ async def test_delete_all_and_import_tell_the_feed_to_reset(hist: Rill, other_se
     event = await feed.next_event(timeout=1.0)
     assert event is not None
     assert event.event == "reset"
+
+
+async def test_import_takes_more_than_a_chat_request(hist: Rill) -> None:
+    big = "x" * 90_000
+    conversations = [
+        {
+            "id": f"c{i}",
+            "title": f"Big {i}",
+            "title_source": "user",
+            "system": "",
+            "model": None,
+            "active": f"m{i}",
+            "created": 1,
+            "updated": 1 + i,
+            "messages": [
+                {
+                    "id": f"m{i}",
+                    "parent": None,
+                    "role": "user",
+                    "content": big,
+                    "reasoning": "",
+                    "status": "done",
+                    "model": None,
+                    "finish_reason": None,
+                    "error": None,
+                    "usage": None,
+                    "generation": None,
+                    "last_event_id": 0,
+                    "created": 1,
+                    "updated": 1,
+                }
+            ],
+        }
+        for i in range(20)
+    ]
+    document = {"format": "rill.conversations", "version": 1, "exported": 1, "conversations": conversations}
+    assert len(json.dumps(document)) > 1_048_576  # over max_body_bytes
+    assert await post_big(hist, "api/import", document) == (200, {"conversations": 20, "messages": 20})
+    status, error = await post_big(hist, "api/chat", {"messages": [{"role": "user", "content": big * 12}]})
+    assert (status, error["error"]["code"]) == (413, "body_too_large")  # other requests keep their limit
+
+
+async def post_big(rill: Rill, path: str, body: Any) -> tuple[int, Any]:
+    data = io.BytesIO(json.dumps(body).encode())  # aiohttp warns about large bytes bodies
+    headers = {"Content-Type": "application/json"}
+    async with rill.session.post(rill.url / path, data=data, headers=headers) as response:
+        return response.status, await response.json()

@@ -36,6 +36,7 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 MAX_TITLE_CHARS = 500
 MAX_LIST = 200
 MAX_QUERY_CHARS = 200
+IMPORT_MAX_BYTES = 32 * 1024 * 1024
 # Statuses of an answer that ended early with its text kept: Continue picks it up.
 CONTINUABLE = frozenset({"interrupted", "stopped", "length", "error", "abandoned"})
 
@@ -282,8 +283,12 @@ async def export_all(request: web.Request) -> web.Response:
 
 async def import_document(request: web.Request) -> web.Response:
     store = _store(request)
-    document = await read_json_object(request)
-    counts = await store.import_document(owner_of(request), document)
+    owner = owner_of(request)
+    # A whole history (the page's one-time upload of its localStorage) is larger than a chat
+    # request; the store still holds every message to its limits.
+    reading = request.clone(client_max_size=max(IMPORT_MAX_BYTES, request.client_max_size))
+    document = await read_json_object(reading)
+    counts = await store.import_document(owner, document)
     if counts.get("conversations") or counts.get("messages"):
         _publish(request, "reset", {})  # many conversations at once: the page refetches its list
     return web.json_response(counts)
