@@ -402,8 +402,11 @@ async def add_message(request: web.Request) -> web.Response:
                 "client_id_reused",
                 "This client_id was already used for a different request; make a new one per message.",
             )
-        return _repeat(messages, mode, question_id, answer_id, existing.id)
-    if mode != "continue" and answer_id in messages:
+        made = messages.get(answer_id)
+        if made is not None and made["generation"] == existing.id:
+            return _repeat(messages, mode, question_id, answer_id, existing.id)
+        # The first attempt failed before its answer was stored (database down): try again.
+    elif mode != "continue" and answer_id in messages:
         # Sent before, and its generation already forgotten: what was made then stands.
         return _repeat(messages, mode, question_id, answer_id, messages[answer_id]["generation"])
     if mode == "continue" and target is not None and target["status"] == "streaming":
@@ -485,9 +488,9 @@ def _repeat(
     messages: dict[str, dict[str, Any]], mode: str, question_id: str, answer_id: str, generation_id: str | None
 ) -> web.Response:
     """The answer to a request sent again: what the first one made, no new upstream request."""
-    answer = messages.get(answer_id)
-    if answer is None or generation_id is None:
-        raise ApiError(409, "client_id_reused", "This client_id was already used for another conversation.")
+    answer = messages[answer_id]
+    if generation_id is None:  # an imported answer's id: not one this request made
+        raise ApiError(409, "client_id_reused", "These message ids are already used; make new ones per message.")
     question = messages.get(question_id) if mode == "content" else None
     log.info("generation %s: repeated request, no new upstream request", generation_id)
     return web.json_response({"message": question, "answer": answer, "generation": _generation_json(generation_id)})
