@@ -113,7 +113,7 @@ async def test_query_text_is_never_syntax(store: Store) -> None:
     mid = await say(store, "ann", "c1", 'he said "AND (" then NEAR(a b) * 100% of col:x -y ^z; d_o and \\path\' ok')
     await say(store, "ann", "c2", "dao and dxo")
     syntax = ['"', '""', "AND (", "*", "NEAR(a b)", "a OR b", "'", "%", "_", "\\", "^z", "col:x", "-y"]
-    for query in [*syntax, ")", "(", "\x00", "a\x00b", "\x00\x00x"]:
+    for query in [*syntax, ")", "(", "\x00", "a\x00b", "\x00\x00x", "\ud800", "x\udfff"]:
         await store.search("ann", query)  # no error, whatever it finds
     for query in ('"AND ("', "NEAR(a b)", "100%", "col:x", "d_o", "\\path'", "^z;"):
         results = await store.search("ann", query)
