@@ -20,7 +20,7 @@ from server.keys import STORE
 from server.store import Store, StoreUnavailable
 
 from .conftest import Rill, StartRill
-from .fakes import Reply, StreamReader, answer, chunk
+from .fakes import ReadEvent, Reply, StreamReader, answer, chunk
 
 ALICE = "alice-0123456789abcdefghij"
 BOB = "bob-0123456789abcdefghijkl"
@@ -522,6 +522,14 @@ async def test_changes_reach_another_client_within_a_second(hist: Rill, other_se
     assert added[0].data == {"conversation": cid, "message": reply["message"]}
     assert added[2] is not None
     assert added[2].data["streaming"] is True
+    # The writer's events follow (`saved`, the answer's text, the conversation at its end).
+    written = await settled(hist, cid, reply["answer"]["id"])
+    later: list[ReadEvent] = []
+    while not later or later[-1].event != "conversation":
+        next_one = await feed.next_event(timeout=1.0)
+        assert next_one is not None
+        later.append(next_one)
+    assert ("message", {"conversation": cid, "message": written}) in [(e.event, e.data) for e in later]
     await call(hist, "DELETE", f"/api/conversations/{cid}")
     deleted = await feed.next_event(timeout=1.0)
     assert deleted is not None
@@ -529,17 +537,26 @@ async def test_changes_reach_another_client_within_a_second(hist: Rill, other_se
 
     # Resume: from the first id, everything since comes again, in order.
     feed.response.close()
+    before = [event, renamed, *added, *later, deleted]
     again = await open_changes(hist, other_session, start_id)
-    names = [(await again.next_event(timeout=1.0)) for _ in range(6)]
-    assert [e.event for e in names if e] == [
-        "conversation",
-        "conversation",
-        "message",
-        "message",
-        "conversation",
-        "deleted",
-    ]
-    assert [e.id for e in names if e] == [e.id for e in [event, renamed, *added, deleted] if e]
+    resent = [await again.next_event(timeout=1.0) for _ in before]
+    assert [(e.id, e.event, e.data) for e in resent if e] == [(e.id, e.event, e.data) for e in before if e]
+
+
+async def test_deleting_a_conversation_while_its_answer_streams(hist: Rill) -> None:
+    hist.fake.script(Reply(chunks=answer(["word "] * 200, delay=0.01)))
+    cid = await new_conversation(hist)
+    reply = await ask(hist, cid, content="A long one, please")
+    await asyncio.sleep(0.35)  # a few of the writer's saves (every 0.1 s) have happened
+    status, body = await call(hist, "DELETE", f"/api/conversations/{cid}")
+    assert status == 204, body
+    assert (await call(hist, "GET", f"/api/conversations/{cid}"))[0] == 404
+    generation = hist.registry.get(reply["generation"]["id"])
+    assert generation is not None
+    await asyncio.wait_for(generation.wait_closed(), 10)
+    await asyncio.sleep(0.3)  # the writer's last save finds nothing to write into
+    assert (await store_of(hist).export("local"))["conversations"] == []
+    assert (await store_of(hist).usage("local"))["messages"] == 0  # nothing written back after the delete
 
 
 @pytest.mark.parametrize("last_id", ["nonsense", "deadbeef.1", "0.0", "999999999.5"])
