@@ -16,10 +16,10 @@ import pytest
 from yarl import URL
 
 from server.history.context import CONTINUE_PROMPT
-from server.keys import STORE
+from server.keys import OPEN_STREAMS, STORE
 from server.store import Store, StoreUnavailable
 
-from .conftest import Rill, StartRill
+from .conftest import Rill, StartRill, wait_for
 from .fakes import ReadEvent, Reply, StreamReader, answer, chunk
 
 ALICE = "alice-0123456789abcdefghij"
@@ -652,3 +652,27 @@ async def post_big(rill: Rill, path: str, body: Any) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json"}
     async with rill.session.post(rill.url / path, data=data, headers=headers) as response:
         return response.status, await response.json()
+
+
+async def test_change_streams_get_heartbeats_and_are_let_go(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(storage={"url": store_url}, stream={"heartbeat_interval": 0.2})
+    feed = await open_changes(rill, rill.session)
+    await first_id(feed)
+    streams = rill.app[OPEN_STREAMS]
+    assert len(streams) == 1
+    async with asyncio.timeout(3):
+        while b": hb\r\n" not in feed.raw:
+            feed.raw += await feed.response.content.readany()
+    feed.response.close()  # the tab goes away: the monitor notices, the stream is let go
+    await wait_for(lambda: len(streams) == 0)
+
+
+async def test_shutdown_ends_change_streams(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(storage={"url": store_url})
+    feed = await open_changes(rill, rill.session)
+    await first_id(feed)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await rill.runner.cleanup()
+    assert loop.time() - started < 2  # not the shutdown_timeout wait for streams that never end
+    assert await feed.next_event(timeout=1.0) is None  # the stream ended cleanly
