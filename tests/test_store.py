@@ -3,6 +3,7 @@ conversations, messages as a tree, owners kept apart, quotas, export and import.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -464,3 +465,75 @@ async def test_delete_owner(store: Store) -> None:
     assert len(conversations) == 1
     assert messages == []
     assert await store.delete_owner("ann") == {"conversations": 0, "messages": 0}
+
+
+async def test_concurrent_writes_with_the_same_ids(store: Store) -> None:
+    """Two devices (or a retry racing the original) sending the same ids at once: one row
+    each, both callers get it."""
+    results = await asyncio.gather(*(store.create_conversation("ann", {"id": "c"}) for _ in range(8)))
+    assert sum(created for _, created in results) == 1
+    assert len({json.dumps(summary, sort_keys=True) for summary, _ in results}) == 1
+    added = await asyncio.gather(*(store.add_message("ann", "c", user("hi", id="m")) for _ in range(8)))
+    assert all(message == added[0] for message in added)
+    document = _document({"id": "a"}, {"id": "b", "parent": "a"}, id="d")
+    imported = await asyncio.gather(*(store.import_document("ann", document) for _ in range(4)))
+    assert sorted(result["messages"] for result in imported) == [0, 0, 0, 2]
+    usage = await store.usage("ann")
+    assert (usage["conversations"], usage["messages"]) == (2, 3)
+
+
+async def test_cancelled_writes_still_land_whole(store_url: str) -> None:
+    """A caller cancelled mid-write (shutdown, a client gone) gets its CancelledError at
+    once; the write itself commits whole (the client's retry by id then finds it), its
+    connection goes back to the pool, and close() waits for it."""
+    store = await open_store(store_url, LIMITS)
+    try:
+        await store.create_conversation("ann", {"id": "c"})
+        for index, delay in enumerate((0, 0.0005, 0.001, 0.002, 0.005)):
+            task = asyncio.create_task(store.add_message("ann", "c", user("x" * 5000, id=f"m{index}")))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await store.add_message("ann", "c", user("after", id="after"))
+    finally:
+        await store.close()
+    store = await open_store(store_url, LIMITS)
+    try:
+        conversation = await store.get_conversation("ann", "c")
+        assert conversation is not None
+        assert sorted(m["id"] for m in conversation["messages"]) == ["after", "m0", "m1", "m2", "m3", "m4"]
+        assert (await store.usage("ann"))["bytes"] == 5 * 5000 + len("after")
+    finally:
+        await store.close()
+
+
+async def test_deletes_racing_answer_saves(store: Store) -> None:
+    """A conversation deleted while its answers are being saved (another device deletes
+    it mid-answer): each save either lands before the delete or finds it gone (404); never
+    a deadlock or another error."""
+    for round_ in range(15):
+        cid = f"c{round_}"
+        await store.create_conversation("ann", {"id": cid})
+        await store.add_message("ann", cid, user("hi", id="q"))
+        for index in range(3):
+            await store.add_message("ann", cid, assistant("", "q", id=f"a{index}", status="streaming"))
+
+        async def save(index: int, cid: str = cid) -> None:
+            for step in range(4):
+                text = "word " * (step + 1) * 50
+                await store.save_answer("ann", cid, f"a{index}", content=text, reasoning="", last_event_id=step)
+
+        results = await asyncio.gather(
+            *(save(index) for index in range(3)),
+            store.delete_conversation("ann", cid),
+            store.add_message("ann", cid, user("more", "q")),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                assert isinstance(result, ApiError), repr(result)
+                assert result.code in ("conversation_not_found", "message_not_found"), result.code
+        assert await store.get_conversation("ann", cid) is None
+    usage = await store.usage("ann")
+    assert (usage["conversations"], usage["messages"], usage["bytes"]) == (0, 0, 0)

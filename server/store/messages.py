@@ -18,8 +18,8 @@ from .validation import StoreLimits
 
 async def of_conversation(connection: AsyncConnection, pk: int) -> list[dict[str, Any]]:
     """All messages of the tree, parents before children (insertion order), oldest first."""
-    rows = await connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk))
-    return [shapes.message(row) for row in rows]
+    result = await connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk))
+    return [shapes.message(row) for row in result.all()]  # one fetch, not one per row
 
 
 async def find(connection: AsyncConnection, pk: int, mid: str) -> dict[str, Any] | None:
@@ -40,7 +40,7 @@ async def add(
     connection: AsyncConnection, owner: str, cid: str, data: Any, limits: StoreLimits, now: int
 ) -> dict[str, Any]:
     fields = validation.message(data, limits, now)
-    pk = await require_pk(connection, owner, cid)
+    pk = await require_pk(connection, owner, cid, lock=True)
     existing = await find(connection, pk, fields["id"])
     if existing is not None:
         return existing  # the same request again (idempotent by id): nothing changes
@@ -55,7 +55,12 @@ async def add(
     await connection.execute(
         update(conversations)
         .where(conversations.c.pk == pk)
-        .values(active=fields["id"], updated=now, bytes=conversations.c.bytes + size)
+        .values(
+            active=fields["id"],
+            updated=now,
+            bytes=conversations.c.bytes + size,
+            message_count=conversations.c.message_count + 1,
+        )
     )
     added = await find(connection, pk, fields["id"])
     assert added is not None
@@ -97,7 +102,7 @@ async def path(connection: AsyncConnection, owner: str, cid: str, leaf: Any) -> 
         .order_by(None)
         .order_by(ancestors.c.depth.desc())
     )
-    found = [shapes.message(row) for row in await connection.execute(query)]
+    found = [shapes.message(row) for row in (await connection.execute(query)).all()]
     if not found:
         raise not_found("message")
     return found
@@ -107,7 +112,7 @@ async def save_answer(
     connection: AsyncConnection, owner: str, cid: str, mid: str, values: dict[str, Any], now: int
 ) -> None:
     """The answer writer's flush: never refused for quota (the answer was accepted)."""
-    pk = await require_pk(connection, owner, cid)
+    pk = await require_pk(connection, owner, cid, lock=True)
     row = (
         await connection.execute(
             select(messages.c.pk, messages.c.content, messages.c.reasoning).where(
