@@ -553,7 +553,9 @@ async def test_deleting_a_conversation_while_its_answer_streams(hist: Rill) -> N
     assert (await call(hist, "GET", f"/api/conversations/{cid}"))[0] == 404
     generation = hist.registry.get(reply["generation"]["id"])
     assert generation is not None
-    await asyncio.wait_for(generation.wait_closed(), 10)
+    await asyncio.wait_for(generation.wait_closed(), 1)  # stopped: nobody would ever read the rest
+    assert generation.terminal is not None
+    assert json.loads(generation.terminal.data) == {"finish_reason": "cancelled"}
     await asyncio.sleep(0.3)  # the writer's last save finds nothing to write into
     assert (await store_of(hist).export("local"))["conversations"] == []
     assert (await store_of(hist).usage("local"))["messages"] == 0  # nothing written back after the delete
