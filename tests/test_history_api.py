@@ -678,3 +678,21 @@ async def test_shutdown_ends_change_streams(start_rill: StartRill, store_url: st
     await rill.runner.cleanup()
     assert loop.time() - started < 2  # not the shutdown_timeout wait for streams that never end
     assert await feed.next_event(timeout=1.0) is None  # the stream ended cleanly
+
+
+async def test_another_site_may_rename_only_when_allowed(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(
+        environ=TOKENS, storage={"url": store_url}, access={"cors_origins": ["https://app.example.com"]}
+    )
+    cid = await new_conversation(rill, bearer(ALICE), title="Old")
+    preflight = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "PATCH"}
+    async with rill.session.options(rill.url / f"api/conversations/{cid}", headers=preflight) as response:
+        assert response.status == 204
+        assert "PATCH" in response.headers["Access-Control-Allow-Methods"]
+    rename = {"title": "New"}
+    evil = bearer(ALICE) | {"Origin": "https://evil.example"}
+    status, body = await call(rill, "PATCH", f"/api/conversations/{cid}", rename, evil)
+    assert (status, body["error"]["code"]) == (403, "origin_not_allowed")
+    assert (await call(rill, "GET", f"/api/conversations/{cid}", headers=bearer(ALICE)))[1]["title"] == "Old"
+    allowed = bearer(ALICE) | {"Origin": "https://app.example.com"}
+    assert (await call(rill, "PATCH", f"/api/conversations/{cid}", rename, allowed))[0] == 200
