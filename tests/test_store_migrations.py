@@ -200,6 +200,20 @@ async def test_damaged_database_is_refused(tmp_path: Path) -> None:
         await open_store(url, LIMITS)
     assert "\n" not in str(caught.value)
     assert path.read_bytes() == bytes(data)
+    # Larger files are not read whole at start-up (a restart's downtime); `check` reads them.
+    checked = _cli("check", url=url)
+    assert checked.returncode == 2
+    assert "corrupt" in checked.stderr
+    assert checked.stderr.count("\n") == 1
+    assert path.read_bytes() == bytes(data)
+
+
+async def test_check_command_on_a_sound_database(store_url: str) -> None:
+    store = await open_store(store_url, LIMITS)
+    await store.close()
+    checked = _cli("check", url=store_url)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.startswith("ok, at ")
 
 
 async def test_unreachable_postgresql_is_refused() -> None:
@@ -225,6 +239,7 @@ async def test_missing_postgresql_database_is_refused(postgres_server: PostgresS
         ("sqlite+aiosqlite:////x.db", "sqlite+aiosqlite:////x.db"),
         ("postgresql://u:p@db:5433/rill", "postgresql+asyncpg://u:p@db:5433/rill"),
         ("postgresql+asyncpg://u@db/rill", "postgresql+asyncpg://u@db/rill"),
+        ("postgres://u@db/rill", "postgresql+asyncpg://u@db/rill"),
     ],
 )
 def test_engine_url(url: str, expected: str) -> None:
