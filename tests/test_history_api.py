@@ -289,7 +289,9 @@ async def test_continue_sends_the_partial_answer_and_keeps_the_message(hist: Ril
 
 
 async def test_a_repeated_continue_asks_the_model_once(hist: Rill) -> None:
-    hist.fake.script(Reply(chunks=answer(["Half"], finish="length")), Reply(chunks=[chunk("", reasoning="")], end="hang"))
+    hist.fake.script(
+        Reply(chunks=answer(["Half"], finish="length")), Reply(chunks=[chunk("", reasoning="")], end="hang")
+    )
     cid = await new_conversation(hist)
     first = await ask(hist, cid, content="Long story")
     assert (await settled(hist, cid, first["answer"]["id"]))["status"] == "length"
