@@ -266,6 +266,7 @@ async def test_continue_sends_the_partial_answer_and_keeps_the_message(hist: Ril
     assert (status, error["error"]["code"]) == (400, "bad_target")  # a question cannot be continued
 
     more = await ask(hist, cid, **{"continue": answer_id})
+    assert more["answer"]["finish_reason"] is None
     assert more["message"] is None
     assert (more["answer"]["id"], more["answer"]["content"], more["answer"]["status"]) == (
         answer_id,
@@ -284,6 +285,25 @@ async def test_continue_sends_the_partial_answer_and_keeps_the_message(hist: Ril
     assert (stored["status"], stored["generation"]) == ("streaming", more["generation"]["id"])
     status, error = await call(hist, "POST", f"/api/conversations/{cid}/messages", {"continue": answer_id})
     assert (status, error["error"]["code"]) == (400, "bad_target")  # still streaming
+    assert len(hist.fake.requests) == 2
+
+
+async def test_a_repeated_continue_asks_the_model_once(hist: Rill) -> None:
+    hist.fake.script(
+        Reply(chunks=answer(["Half"], finish="length")), Reply(chunks=[chunk("", reasoning="")], end="hang")
+    )
+    cid = await new_conversation(hist)
+    first = await ask(hist, cid, content="Long story")
+    assert (await settled(hist, cid, first["answer"]["id"]))["status"] == "length"
+    body = {"continue": first["answer"]["id"], "client_id": str(uuid.uuid4())}
+    status, more = await call(hist, "POST", f"/api/conversations/{cid}/messages", body)
+    assert status == 201
+    status, again = await call(hist, "POST", f"/api/conversations/{cid}/messages", body)
+    assert status == 200
+    # The same answer and generation (its saved text and times may have moved on meanwhile).
+    assert (again["message"], again["generation"]) == (None, more["generation"])
+    assert (again["answer"]["id"], again["answer"]["generation"]) == (first["answer"]["id"], more["generation"]["id"])
+    assert len(hist.fake.requests) == 2
 
 
 async def test_the_same_client_id_asks_the_model_once(hist: Rill) -> None:
@@ -553,7 +573,9 @@ async def test_deleting_a_conversation_while_its_answer_streams(hist: Rill) -> N
     assert (await call(hist, "GET", f"/api/conversations/{cid}"))[0] == 404
     generation = hist.registry.get(reply["generation"]["id"])
     assert generation is not None
-    await asyncio.wait_for(generation.wait_closed(), 10)
+    await asyncio.wait_for(generation.wait_closed(), 1)  # stopped: nobody would ever read the rest
+    assert generation.terminal is not None
+    assert json.loads(generation.terminal.data) == {"finish_reason": "cancelled"}
     await asyncio.sleep(0.3)  # the writer's last save finds nothing to write into
     assert (await store_of(hist).export("local"))["conversations"] == []
     assert (await store_of(hist).usage("local"))["messages"] == 0  # nothing written back after the delete
@@ -676,3 +698,53 @@ async def test_shutdown_ends_change_streams(start_rill: StartRill, store_url: st
     await rill.runner.cleanup()
     assert loop.time() - started < 2  # not the shutdown_timeout wait for streams that never end
     assert await feed.next_event(timeout=1.0) is None  # the stream ended cleanly
+
+
+async def test_another_site_may_rename_only_when_allowed(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(
+        environ=TOKENS, storage={"url": store_url}, access={"cors_origins": ["https://app.example.com"]}
+    )
+    cid = await new_conversation(rill, bearer(ALICE), title="Old")
+    preflight = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "PATCH"}
+    async with rill.session.options(rill.url / f"api/conversations/{cid}", headers=preflight) as response:
+        assert response.status == 204
+        assert "PATCH" in response.headers["Access-Control-Allow-Methods"]
+    rename = {"title": "New"}
+    evil = bearer(ALICE) | {"Origin": "https://evil.example"}
+    status, body = await call(rill, "PATCH", f"/api/conversations/{cid}", rename, evil)
+    assert (status, body["error"]["code"]) == (403, "origin_not_allowed")
+    assert (await call(rill, "GET", f"/api/conversations/{cid}", headers=bearer(ALICE)))[1]["title"] == "Old"
+    allowed = bearer(ALICE) | {"Origin": "https://app.example.com"}
+    assert (await call(rill, "PATCH", f"/api/conversations/{cid}", rename, allowed))[0] == 200
+
+
+async def test_quotas_refuse_before_the_model_is_asked(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(
+        storage={"url": store_url, "auto_titles": False, "max_conversations": 1, "max_messages": 3, "max_bytes": 100}
+    )
+    cid = await new_conversation(rill)
+    status, error = await call(rill, "POST", "/api/conversations", {})
+    assert (status, error["error"]["code"]) == (409, "quota_conversations")
+    first = await ask(rill, cid, content="Hi")
+    await wait_requests(rill, 1)
+    store = store_of(rill)
+    before = await store.export("local")
+    status, error = await call(
+        rill, "POST", f"/api/conversations/{cid}/messages", {"content": "Again", "parent": first["answer"]["id"]}
+    )
+    assert (status, error["error"]["code"]) == (409, "quota_messages")  # 2 stored + 2 would pass 3
+    assert (await store.export("local"))["conversations"] == before["conversations"]
+    assert len(rill.fake.requests) == 1
+    # Over quota, reading and deleting still work.
+    assert (await call(rill, "GET", f"/api/conversations/{cid}"))[0] == 200
+    assert (await call(rill, "DELETE", f"/api/conversations/{cid}"))[0] == 204
+    assert await new_conversation(rill)
+
+
+async def test_the_byte_quota_refuses_a_long_question(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(storage={"url": store_url, "auto_titles": False, "max_bytes": 10})
+    cid = await new_conversation(rill)
+    status, error = await call(rill, "POST", f"/api/conversations/{cid}/messages", {"content": "世界" * 2})  # 12 bytes
+    assert (status, error["error"]["code"]) == (413, "quota_bytes")
+    assert (await call(rill, "GET", f"/api/conversations/{cid}"))[1]["messages"] == []
+    assert rill.fake.requests == []
