@@ -1,0 +1,90 @@
+"""Rows to the one JSON shape used everywhere (API, export, store return values)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, exists, select
+from sqlalchemy.orm import aliased
+
+from .schema import conversations, messages
+
+CONVERSATION_FIELDS = ("id", "title", "title_source", "system", "model", "active", "created", "updated")
+MESSAGE_FIELDS = (
+    "id",
+    "parent",
+    "role",
+    "content",
+    "reasoning",
+    "status",
+    "model",
+    "finish_reason",
+    "error",
+    "usage",
+    "generation",
+    "last_event_id",
+    "created",
+    "updated",
+)
+
+_parent = aliased(messages, name="parent")
+
+
+def streaming_flag() -> ColumnElement[bool]:
+    """Whether an answer of this conversation is being written right now."""
+    return (
+        exists()
+        .where(messages.c.conversation_pk == conversations.c.pk, messages.c.status == "streaming")
+        .label("streaming")
+    )
+
+
+def summary_select() -> Select[Any]:
+    return select(*(conversations.c[name] for name in CONVERSATION_FIELDS), streaming_flag())
+
+
+def summary(row: Any) -> dict[str, Any]:
+    """A row of summary_select(): CONVERSATION_FIELDS in order, then the streaming flag."""
+    shaped = dict(zip(CONVERSATION_FIELDS, row, strict=False))
+    shaped["streaming"] = bool(row[len(CONVERSATION_FIELDS)])
+    return shaped
+
+
+def message_select() -> Select[Any]:
+    """Messages with their parent's public id; the caller adds the WHERE."""
+    columns = [_parent.c.id.label("parent") if name == "parent" else messages.c[name] for name in MESSAGE_FIELDS]
+    return (
+        select(*columns)
+        .select_from(messages.outerjoin(_parent, messages.c.parent_pk == _parent.c.pk))
+        .order_by(messages.c.pk)
+    )
+
+
+def message(row: Any) -> dict[str, Any]:
+    """A row of message_select(): its columns are MESSAGE_FIELDS, in order (by position:
+    opening a conversation of thousands of messages spends its time here)."""
+    shaped = dict(zip(MESSAGE_FIELDS, row, strict=True))
+    if shaped["error"] is not None:
+        shaped["error"] = json.loads(shaped["error"])
+    if shaped["usage"] is not None:
+        shaped["usage"] = json.loads(shaped["usage"])
+    return shaped
+
+
+def dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def text_bytes(content: str, reasoning: str) -> int:
+    return len(content.encode()) + len(reasoning.encode())
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """NUL (PostgreSQL's text cannot hold it) and lone surrogates (JSON allows them, UTF-8
+    does not) become U+FFFD, the same on both backends."""
+    return _UNSTORABLE.sub("\ufffd", text)
