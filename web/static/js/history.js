@@ -419,7 +419,14 @@ export function answerBody(conversation, answer, { model, continued = false } = 
     user.stored = false;
     answer.parent = user.id;
   }
-  return { ...body, parent: user.parent ?? null, content: user.content, id: user.id };
+  return { ...body, parent: storedParent(conversation, user), content: user.content, id: user.id };
+}
+
+/** The answer a new question follows on the server: the nearest earlier one it has (a failed
+ * exchange that never reached it is not part of the stored branch). */
+function storedParent(conversation, user) {
+  const before = conversation.messages.slice(0, conversation.messages.indexOf(user));
+  return before.findLast((message) => message.stored && message.role === "assistant")?.id ?? null;
 }
 
 function settingsOf(server) {
