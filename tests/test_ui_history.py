@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
+import pytest
 from playwright.async_api import Browser, Page, Request
+
+from server.keys import STORE
+from server.store import StoreUnavailable
 
 from .browser import ANSWER, WatchedPage, answer_text, send, wait_answer_ended, watch
 from .conftest import Rill, StartRill
@@ -73,7 +78,9 @@ async def stored_answer_ended(rill: Rill) -> list[dict[str, Any]]:
             await asyncio.sleep(0.1)
 
 
-async def test_a_conversation_written_on_one_device_appears_on_the_other(start_rill: StartRill, browser: Browser) -> None:
+async def test_a_conversation_written_on_one_device_appears_on_the_other(
+    start_rill: StartRill, browser: Browser
+) -> None:
     rill = await start(start_rill)
     laptop = await device(browser, rill)
     phone = await device(browser, rill)
@@ -354,3 +361,64 @@ async def test_another_token_sees_nothing(start_rill: StartRill, browser: Browse
     bob.allowed_console.append("404")
     for ui in (alice, bob):
         await ui.assert_clean()
+
+
+async def test_an_answer_the_database_cannot_take_says_not_saved_yet_until_it_can(
+    start_rill: StartRill, browser: Browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rill = await start_rill(
+        environ=TOKENS, storage={"url": f"sqlite:///{tmp_path}/down.db", "auto_titles": False, "save_interval": 0.2}
+    )
+    store = rill.app[STORE]
+    write = store.save_answers
+    down = True
+
+    async def save_answers(writes: Any) -> Any:
+        if down:
+            raise StoreUnavailable()  # as when the disk is full or PostgreSQL restarts
+        return await write(writes)
+
+    monkeypatch.setattr(store, "save_answers", save_answers)
+    words = [f"word{i} " for i in range(40)]
+    rill.fake.script(Reply(chunks=answer(words, delay=0.05)))
+    ui = await device(browser, rill)
+    page = ui.page
+    await send(page, "Keep this")
+    unsaved = page.locator(f"{ANSWER} >> .message-status.unsaved")
+    await unsaved.wait_for()
+    assert "Not saved yet" in await unsaved.inner_text()
+    await page.locator(ANSWER).get_by_text("word5").wait_for()  # the answer streams on meanwhile
+
+    down = False  # the database is back: the writer's retry lands, and the page hears of it
+    await unsaved.wait_for(state="detached")
+    await wait_answer_ended(page)
+    assert (await answer_text(page)).strip() == "".join(words).strip()
+    stored = await stored_answer_ended(rill)
+    assert stored[1]["content"].strip() == "".join(words).strip()
+    assert len(rill.fake.requests) == 1
+    await ui.assert_clean()
+
+
+async def test_without_server_history_the_page_keeps_conversations_in_local_storage(
+    start_rill: StartRill, browser: Browser
+) -> None:
+    rill = await start_rill(storage={"enabled": False})
+    context = await browser.new_context()
+    ui = await watch(await context.new_page())
+    page = ui.page
+    page.set_default_timeout(10_000)
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(request.url))
+    await page.goto(str(rill.url))
+    await models_loaded(page)
+    await send(page, "Only here")
+    await wait_answer_ended(page)
+    assert await answer_text(page) == "Hello world"
+    assert [c["messages"][0]["content"] for c in await ui.stored_conversations()] == ["Only here"]
+    assert any(url.endswith("/api/chat") for url in urls)
+    assert not [url for url in urls if "/api/conversations" in url or "/api/changes" in url]
+    assert await page.evaluate("() => localStorage.getItem('rill.v1.server')") is None
+    await page.reload()
+    await models_loaded(page)
+    await page.locator(SIDEBAR, has_text="Only here").wait_for()
+    await ui.assert_clean()

@@ -447,6 +447,7 @@ function mergeMessage(server, local) {
   if (local) for (const field of LOCAL_FIELDS) if (field in local) message[field] = local[field];
   if (server.status !== "streaming") {
     delete message.connection;
+    delete message.unsaved; // its end is in the database: all of it is saved
     if (message.stats && !message.stats.ended) message.stats = { ...message.stats, ended: server.updated };
     return message;
   }
