@@ -523,6 +523,11 @@ function mergeMessage(server, local) {
     return message;
   }
   if (!server.generation) return message;
+  if (local && local.status !== "streaming" && !local.pending && local.generation === server.generation) {
+    // This page saw that answer end; the server writes its end a moment later.
+    for (const field of ["content", "reasoning", "status", "error", "usage", "model"]) message[field] = local[field];
+    return message;
+  }
   const ahead = local?.pending?.generation === server.generation && local.pending.lastEventId >= server.last_event_id;
   if (ahead) {
     message.content = local.content;
