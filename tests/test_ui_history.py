@@ -275,7 +275,7 @@ async def test_an_old_local_storage_is_uploaded_once_and_seen_on_another_device(
 
     def on_request(request: Request) -> None:
         if request.url.endswith("/api/import"):
-            imports.append(request.post_data_json)
+            imports.append(dict(request.post_data_json or {}))
 
     context.on("request", on_request)
     laptop = await watch(await context.new_page())
