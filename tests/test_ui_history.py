@@ -143,6 +143,8 @@ async def test_an_answer_started_on_one_device_streams_live_on_the_other(
 
     await send(laptop.page, "Long one")
     await laptop.page.locator(ANSWER).get_by_text("word3").wait_for()
+    # Before opening it, the phone's sidebar marks it as answering.
+    await phone.page.locator("#conversations .conversation.streaming", has_text="Long one").wait_for()
     await phone.page.locator(SIDEBAR, has_text="Long one").click()
     # The phone shows the text saved so far, then the rest as the model writes it.
     await phone.page.locator(ANSWER).get_by_text("word20").wait_for()
