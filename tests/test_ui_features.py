@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Locator, Page, Request, Route, expect
 
-from .browser import ANSWER, PHONE, WatchedPage, answer_text, send, wait_answer_ended
+from .browser import ANSWER, PHONE, START_ANSWER, WatchedPage, answer_text, send, wait_answer_ended
 from .conftest import OpenPage, Rill, StartRill, wait_for
 from .fakes import Reply, answer, chunk
 
@@ -23,11 +23,12 @@ CONTINUE_PROMPT = "Continue exactly where your previous answer stopped. Do not r
 
 
 def capture_posts(page: Page) -> list[dict[str, Any]]:
-    """The JSON bodies of every POST /api/chat the page sends, in order."""
+    """The JSON bodies of every POST the page sends to start an answer, in order: POST
+    /api/chat, or with history on the server POST /api/conversations/{id}/messages."""
     posts: list[dict[str, Any]] = []
 
     def on_request(request: Request) -> None:
-        if request.method == "POST" and request.url.endswith("/api/chat"):
+        if request.method == "POST" and (request.url.endswith("/api/chat") or request.url.endswith("/messages")):
             posts.append(dict(request.post_data_json or {}))
 
     page.on("request", on_request)
@@ -137,9 +138,12 @@ async def test_rename_saves_on_enter_and_persists(rill: Rill, open_ui: OpenPage)
     await expect(page.locator("#chat-title")).to_have_text("Renamed chat")
 
     await reload(page)
-    await expect(page.locator(TITLES)).to_have_text(["Renamed chat", "Also renamed"])
+    # After a reload the list is in the server's order, which counts a rename as an update
+    # (the last renamed comes first): the titles persist, in either order.
+    await expect(page.locator(TITLES)).to_have_count(2)
+    assert sorted(await page.locator(TITLES).all_inner_texts()) == ["Also renamed", "Renamed chat"]
     await expect(page.locator("#chat-title")).to_have_text("Renamed chat")
-    assert [c["title"] for c in await ui.stored_conversations()] == ["Renamed chat", "Also renamed"]
+    assert sorted(c["title"] for c in await ui.stored_conversations()) == ["Also renamed", "Renamed chat"]
     await ui.assert_clean()
 
 
@@ -302,7 +306,7 @@ async def test_deleting_before_the_post_is_answered_still_closes_the_upstream_re
         await release.wait()
         await route.fulfill(response=response)
 
-    await page.route("**/api/chat", slow_post)
+    await page.route(START_ANSWER, slow_post)
     await send(page, "Talk forever")
     await wait_for(lambda: bool(rill.fake.requests), 3)
     delete = await conversation_button(page, "Talk forever", "delete")
@@ -658,7 +662,8 @@ async def test_composer_focus_shift_enter_enter_and_blank_input(rill: Rill, open
     await page.click("#send")
     await expect(page.locator(".message.user .message-body")).to_have_text(["line one\nline two", "Real one"])
     await wait_answer_ended(page)
-    assert [post["messages"][-1]["content"] for post in posts] == ["line one\nline two", "Real one"]
+    assert len(posts) == 2
+    assert [r.body["messages"][-1]["content"] for r in rill.fake.requests] == ["line one\nline two", "Real one"]
     assert len(rill.fake.requests) == 2
     await ui.assert_clean()
 

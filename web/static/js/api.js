@@ -48,7 +48,8 @@ function noteAuthRequired(code) {
 const POST_ATTEMPTS = 3;
 const POST_RETRY_DELAY_MS = 700;
 
-export async function request(method, url, body) {
+/** keepalive: the request completes even if the page is closed or reloaded meanwhile. */
+export async function request(method, url, body, { keepalive = false } = {}) {
   let response;
   try {
     response = await fetch(url, {
@@ -56,6 +57,7 @@ export async function request(method, url, body) {
       headers: body === undefined ? {} : { "Content-Type": "application/json" },
       body: body === undefined ? undefined : JSON.stringify(body),
       cache: "no-store",
+      keepalive,
     });
   } catch {
     throw new ApiError("network", t("error.network"), { retryable: true });

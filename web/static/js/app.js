@@ -3,6 +3,7 @@
 import { AUTH_REQUIRED_EVENT, listModels } from "./api.js";
 import { copyText, downloadText } from "./clipboard.js";
 import { describeError } from "./errors.js";
+import { HistoryStore, answerBody } from "./history.js";
 import { conversationMarkdown, exportFilename } from "./export.js";
 import { detectLanguage, setLanguage, t, translatePage } from "./i18n.js";
 import { newId } from "./ids.js";
@@ -10,18 +11,19 @@ import { MessageList } from "./messages.js";
 import { Runs } from "./runs.js";
 import { SignInDialog, sessionState, signOut } from "./session.js";
 import { Sidebar } from "./sidebar.js";
-import { Store, titleOf } from "./store.js";
+import { titleOf } from "./store.js";
 import { applyTheme, nextTheme, themeLabel } from "./theme.js";
 
 const TICK_MS = 250;
 const COPIED_MS = 1500;
 const MODELS_RETRY_MS = [2000, 5000, 15000, 30000];
+const HISTORY_RETRY_MS = [2000, 5000, 15000, 30000];
 
 const $ = (id) => document.getElementById(id);
 
 class ChatApp {
   constructor() {
-    this.store = new Store();
+    this.store = new HistoryStore(); // the server's history when it keeps one, else localStorage
     this.runs = new Runs(this.store);
     this.models = { default: null, models: [] };
     this.current = null; // the open conversation; null for a new chat not yet sent
@@ -66,9 +68,23 @@ class ChatApp {
     if (state?.required) $("sign-out").hidden = false;
     this.list.setLocalRun(state?.required === false); // unknown (unreachable): not local
     if (state?.required && !state.signed_in) await this.signIn.ask();
+    await this._connectHistory();
     this.runs.resumeAll();
     this.loadModels();
     $("prompt").focus();
+  }
+
+  /** Takes the server's history (uploading this browser's own the first time); retries while unreachable. */
+  async _connectHistory(attempt = 0) {
+    try {
+      await this.store.connect();
+      if (attempt > 0) this._notice("");
+    } catch (error) {
+      if (error.code === "auth_required") return; // signing in again connects
+      this._notice(t("history.unreachable"));
+      const delay = HISTORY_RETRY_MS[Math.min(attempt, HISTORY_RETRY_MS.length - 1)];
+      setTimeout(() => this._connectHistory(attempt + 1), delay);
+    }
   }
 
   /** The session ended while the page was open (expired, or its token was removed). */
@@ -77,6 +93,7 @@ class ChatApp {
     $("sign-out").hidden = false;
     await this.signIn.ask();
     this._notice("");
+    this._connectHistory();
     if (!this.models.models.length) this.loadModels();
     $("prompt").focus();
   }
@@ -140,6 +157,7 @@ class ChatApp {
         this._notice(describeError(error).text);
         return;
       }
+      this.store.clearCache(); // the next person at this browser sees none of it
       location.reload(); // the page comes back asking for a token
     });
     window.addEventListener(AUTH_REQUIRED_EVENT, () => this._signInAgain());
@@ -148,6 +166,10 @@ class ChatApp {
     this.store.addEventListener("external", (event) => this._onExternalChange(event.detail.id));
     this.store.addEventListener("removed", (event) => this._onExternalRemove(event.detail.ids));
     this.store.addEventListener("quota", () => this._notice(t("app.storageFull")));
+    this.store.addEventListener("failed", (event) => this._notice(describeError(event.detail).text));
+    this.store.addEventListener("message", (event) => {
+      if (event.detail.conversation === this.current) this.list.update(event.detail.message);
+    });
     this.runs.addEventListener("update", (event) => this._onRunUpdate(event.detail.run));
   }
 
@@ -199,7 +221,10 @@ class ChatApp {
     const conversation = this.current;
     const message = { id: newId(), role: "assistant", content: "", reasoning: "", status: "streaming" };
     conversation.messages.push(message);
-    const body = { model: this._modelFor(conversation), messages: requestMessages(conversation, -1) };
+    const model = this._modelFor(conversation);
+    const body = this.store.remote
+      ? answerBody(conversation, message, { model })
+      : { model, messages: requestMessages(conversation, -1) };
     this.runs.start(conversation, message, body);
     this._redraw();
     this._showTitle();
@@ -214,7 +239,8 @@ class ChatApp {
   regenerate(message) {
     const conversation = this.current;
     if (conversation.messages.at(-1) !== message || this._busy()) return;
-    conversation.messages.pop();
+    if (this.store.remote) this.store.branchFrom(conversation, conversation.messages.length - 1);
+    else conversation.messages.pop();
     this._answer();
   }
 
@@ -233,6 +259,11 @@ class ChatApp {
   continueAnswer(message) {
     const conversation = this.current;
     if (conversation.messages.at(-1) !== message || this._busy()) return;
+    if (this.store.remote) {
+      this.runs.start(conversation, message, answerBody(conversation, message, { model: this._modelFor(conversation), continued: true }));
+      this._redraw();
+      return;
+    }
     const history = requestMessages(conversation, -1);
     history.push({ role: "assistant", content: message.content }, { role: "user", content: t("continue.prompt") });
     const body = { model: this._modelFor(conversation), messages: mergeSameRole(history) };
@@ -260,8 +291,14 @@ class ChatApp {
     const conversation = this.current;
     const index = conversation.messages.indexOf(message);
     this.editing = null;
-    message.content = text;
-    conversation.messages.splice(index + 1);
+    if (this.store.remote) {
+      // The question as it was, and what followed, stay on the server as another version.
+      this.store.branchFrom(conversation, index);
+      conversation.messages.push({ id: newId(), role: "user", content: text });
+    } else {
+      message.content = text;
+      conversation.messages.splice(index + 1);
+    }
     this._answer();
   }
 
@@ -326,7 +363,9 @@ class ChatApp {
 
   _onRunUpdate(run) {
     if (run.conversation === this.current) {
-      this.list.update(run.message);
+      // A retry may answer into a new version of the message (history.js retryBody): draw it.
+      if (this.list.elements.has(run.message.id)) this.list.update(run.message);
+      else this._redraw({ keepScroll: true });
       // Covers answers resumed after a reload too, not only the ones sent from here.
       if (this._busy() !== this.running) {
         this._syncComposer();
@@ -506,6 +545,7 @@ class ChatApp {
     this._sidebarFrame = requestAnimationFrame(() => {
       this._sidebarFrame = 0;
       const streaming = new Set([...this.runs.active.values()].map((run) => run.conversation.id));
+      for (const entry of this.store.list()) if (entry.streaming) streaming.add(entry.id); // on another device
       this.sidebar.render(this.store.list(), this.current?.id ?? null, streaming);
     });
   }
