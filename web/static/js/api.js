@@ -48,7 +48,8 @@ function noteAuthRequired(code) {
 const POST_ATTEMPTS = 3;
 const POST_RETRY_DELAY_MS = 700;
 
-export async function request(method, url, body) {
+/** options.signal: an AbortSignal (a search the user typed past, say). */
+export async function request(method, url, body, { signal } = {}) {
   let response;
   try {
     response = await fetch(url, {
@@ -56,6 +57,7 @@ export async function request(method, url, body) {
       headers: body === undefined ? {} : { "Content-Type": "application/json" },
       body: body === undefined ? undefined : JSON.stringify(body),
       cache: "no-store",
+      signal,
     });
   } catch {
     throw new ApiError("network", t("error.network"), { retryable: true });

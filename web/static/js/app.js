@@ -8,10 +8,13 @@ import { detectLanguage, setLanguage, t, translatePage } from "./i18n.js";
 import { newId } from "./ids.js";
 import { MessageList } from "./messages.js";
 import { Runs } from "./runs.js";
+import { SearchBox } from "./search.js";
 import { SignInDialog, sessionState, signOut } from "./session.js";
 import { Sidebar } from "./sidebar.js";
 import { Store, titleOf } from "./store.js";
 import { applyTheme, nextTheme, themeLabel } from "./theme.js";
+import { DataDialog, historyInfo } from "./transfer.js";
+import { buildTree, newestLeaf, siblingsOf, switchTarget } from "./tree.js";
 
 const TICK_MS = 250;
 const COPIED_MS = 1500;
@@ -47,6 +50,24 @@ class ChatApp {
       onRename: (id, title) => this.rename(id, title),
       onDelete: (id) => this.remove(id),
     });
+    this.search = new SearchBox(
+      {
+        box: $("search"),
+        input: $("search-input"),
+        clear: $("search-clear"),
+        results: $("search-results"),
+        list: $("search-list"),
+        status: $("search-status"),
+        conversations: $("conversations"),
+      },
+      { onOpen: (id, messageId) => this.openAt(id, messageId) },
+    );
+    this.data = new DataDialog($("data-dialog"), {
+      current: () => (this.current ? { ...this.current, title: titleOf(this.current) } : null),
+      labels: () => this._markdownLabels(),
+      imported: () => this._afterImport(),
+      deletedAll: () => this._afterDeleteAll(),
+    });
     this._bind();
 
     const last = settings.current && this.store.get(settings.current);
@@ -66,6 +87,7 @@ class ChatApp {
     if (state?.required) $("sign-out").hidden = false;
     this.list.setLocalRun(state?.required === false); // unknown (unreachable): not local
     if (state?.required && !state.signed_in) await this.signIn.ask();
+    this._historyFeatures();
     this.runs.resumeAll();
     this.loadModels();
     $("prompt").focus();
@@ -117,6 +139,7 @@ class ChatApp {
     $("system-toggle").addEventListener("click", () => this._toggleSystemPanel());
     $("system-prompt").addEventListener("input", () => this._onSystemInput());
     $("export").addEventListener("click", () => this.exportConversation());
+    $("data-open").addEventListener("click", () => this.data.open());
     $("theme-toggle").addEventListener("click", () => {
       this.theme = nextTheme(this.theme);
       applyTheme(this.theme);
@@ -274,14 +297,83 @@ class ChatApp {
   exportConversation() {
     if (!this.current) return;
     const title = titleOf(this.current);
-    const text = conversationMarkdown({ ...this.current, title }, {
+    const text = conversationMarkdown({ ...this.current, title }, this._markdownLabels());
+    downloadText(exportFilename(title), text);
+  }
+
+  _markdownLabels() {
+    return {
       untitled: t("app.untitled"),
       system: t("app.systemPrompt"),
       user: t("msg.you"),
       assistant: t("msg.assistant"),
       error: (error) => describeError(error, { local: this.list.localRun }).text,
-    });
-    downloadText(exportFilename(title), text);
+    };
+  }
+
+  // Stored conversations: branches, search, export / import, delete all
+
+  /** Turns on what needs conversations stored on the server (GET /api/history says). */
+  async _historyFeatures() {
+    let info = null;
+    try {
+      info = await historyInfo();
+    } catch {
+      // An older server, or storage off: the page stays as it was.
+    }
+    const enabled = info?.enabled === true;
+    this.search.setEnabled(enabled);
+    $("data-open").hidden = !enabled;
+    this.list.branching = enabled;
+    this.list.refreshActions();
+  }
+
+  /** ‹ / ›: shows the sibling version of message, down to the newest leaf under it. */
+  switchBranch(message, step) {
+    if (!this.current || this._busy()) return;
+    const tree = buildTree(this.current.messages);
+    const leaf = switchTarget(tree, message.id, step);
+    if (!leaf) return;
+    const siblings = siblingsOf(tree, message.id);
+    const sibling = siblings[siblings.findIndex((item) => item.id === message.id) + step];
+    this._setActive(leaf.id);
+    // The buttons were rebuilt: keep the keyboard on the same control of the new version.
+    const action = step < 0 ? "branch-prev" : "branch-next";
+    const nav = $("messages").querySelector(`.message[data-message-id="${CSS.escape(sibling.id)}"] .branch-nav`);
+    const button = nav?.querySelector(`[data-action="${action}"]:not(:disabled)`) ?? nav?.querySelector("button:not(:disabled)");
+    button?.focus();
+  }
+
+  /** Shows the branch ending at leafId and tells the server (what it sends to the model). */
+  _setActive(leafId) {
+    this.current.active = leafId;
+    this.store.save(this.current, { touch: false });
+    this._redraw({ keepScroll: true });
+  }
+
+  /** A search result: opens its conversation on the branch that holds the message found. */
+  async openAt(id, messageId) {
+    this.open(id);
+    if (!this.current || !messageId) return;
+    const leaf = newestLeaf(buildTree(this.current.messages), messageId);
+    if (leaf && leaf.id !== this.current.active) this._setActive(leaf.id);
+    const element = $("messages").querySelector(`.message[data-message-id="${CSS.escape(messageId)}"]`);
+    element?.scrollIntoView({ block: "center" });
+    element?.classList.add("found");
+  }
+
+  _afterImport() {
+    this._renderSidebar();
+    this.search.refresh();
+  }
+
+  /** Everything of this owner is gone from the server: forget this page's copy too. */
+  _afterDeleteAll() {
+    const ids = this.store.list().map((summary) => summary.id);
+    this._discardAnswers(ids);
+    for (const id of ids) this.store.delete(id);
+    this.search.clear();
+    this.open(null);
   }
 
   async _onMessageAction(event) {
@@ -310,6 +402,8 @@ class ChatApp {
     else if (action === "retry") this.retry(message);
     else if (action === "cancel-retry") this.runs.cancelAutoRetry(message.id);
     else if (action === "continue") this.continueAnswer(message);
+    else if (action === "branch-prev") this.switchBranch(message, -1);
+    else if (action === "branch-next") this.switchBranch(message, 1);
   }
 
   _flashCopied(button, ok) {

@@ -5,6 +5,7 @@
 import { describeError } from "./errors.js";
 import { t, translatePage } from "./i18n.js";
 import { MarkdownView } from "./markdown.js";
+import { activePath, branchPosition, buildTree } from "./tree.js";
 
 const STICK_THRESHOLD_PX = 48;
 
@@ -19,6 +20,11 @@ export class MessageList {
     this.template = document.getElementById("message-template");
     this.elements = new Map(); // message id -> {element, view}
     this.conversation = null;
+    this.tree = buildTree([]);
+    this.shown = []; // the messages of the branch shown: root to the conversation's active leaf
+    // Stored conversations branch: any question can be edited and any answer regenerated
+    // (the old versions stay, behind `‹ 1 / 2 ›`). Without them only the last ones can.
+    this.branching = false;
     this.running = false;
     this.stick = true;
     this.dirty = new Set(); // messages to redraw at the next animation frame
@@ -36,11 +42,13 @@ export class MessageList {
     const stick = this.stick;
     this.dirty.clear();
     this.conversation = conversation;
+    this.tree = buildTree(conversation?.messages ?? []);
+    this.shown = activePath(conversation, this.tree);
     this.running = running;
     for (const { element } of this.elements.values()) element.remove();
     this.elements.clear();
-    for (const message of conversation?.messages ?? []) this._add(message);
-    this.empty.hidden = (conversation?.messages.length ?? 0) > 0;
+    for (const message of this.shown) this._add(message);
+    this.empty.hidden = this.shown.length > 0;
     this.refreshActions();
     if (keepScroll && !stick) {
       this.container.scrollTop = scrollTop;
@@ -78,12 +86,12 @@ export class MessageList {
   /** Whether the reader runs this Rill (GET /api/session: no access tokens); redraws errors. */
   setLocalRun(local) {
     this.localRun = local;
-    for (const message of this.conversation?.messages ?? []) if (message.error) this.update(message);
+    for (const message of this.shown) if (message.error) this.update(message);
   }
 
   /** The action buttons depend on position and on whether an answer is streaming. */
   refreshActions() {
-    for (const message of this.conversation?.messages ?? []) {
+    for (const message of this.shown) {
       const entry = this.elements.get(message.id);
       if (entry) this._fillActions(entry, message);
     }
@@ -95,7 +103,7 @@ export class MessageList {
    * is (after changing the model, say). Continue, when text was kept, is a different thing.
    */
   _fillActions(entry, message) {
-    const messages = this.conversation?.messages ?? [];
+    const messages = this.shown;
     const idle = !this.running;
     const isLast = message === messages.at(-1);
     const lastUser = messages.findLast((item) => item.role === "user");
@@ -104,11 +112,14 @@ export class MessageList {
     const counting = failed && this.autoRetryIn(message.id) !== null;
     const retry = idle && isLast && failed && message.error.retryable;
     const buttons = entry.element.querySelector(".message-actions");
-    buttons.querySelector('[data-action="edit"]').hidden = !(idle && message === lastUser);
-    buttons.querySelector('[data-action="regenerate"]').hidden = !(idle && assistant && isLast && !retry);
+    const editable = message.role === "user" && (this.branching || message === lastUser);
+    buttons.querySelector('[data-action="edit"]').hidden = !(idle && editable);
+    const renewable = assistant && ((this.branching && message.status !== "streaming") || isLast);
+    buttons.querySelector('[data-action="regenerate"]').hidden = !(idle && renewable && !(isLast && retry));
     const resumable = message.status === "length" || (failed && message.content);
     buttons.querySelector('[data-action="continue"]').hidden = !(idle && assistant && isLast && resumable && !counting);
     buttons.querySelector('[data-action="copy"]').hidden = !message.content;
+    this._fillBranches(entry, message, idle);
     const error = entry.element.querySelector(".message-error");
     error.querySelector('[data-action="retry"]').hidden = !(retry && !counting);
     error.querySelector('[data-action="cancel-retry"]').hidden = !(retry && counting);
@@ -150,7 +161,7 @@ export class MessageList {
 
   /** Updates every timing line (elapsed time while waiting for tokens). */
   tick() {
-    for (const message of this.conversation?.messages ?? []) {
+    for (const message of this.shown) {
       if (message.status === "streaming") this.update(message);
     }
   }
@@ -197,6 +208,20 @@ export class MessageList {
     }
     this._fillError(entry, message);
     this._fillActions(entry, message);
+  }
+
+  /** `‹ 2 / 3 ›` on a message that has other versions (edited questions, regenerated answers). */
+  _fillBranches(entry, message, idle) {
+    const nav = entry.element.querySelector(".branch-nav");
+    const { index, count } = branchPosition(this.tree, message.id);
+    nav.hidden = count < 2;
+    if (count < 2) return;
+    const position = t("branch.position", { index, count });
+    nav.setAttribute("aria-label", t("branch.label", { index, count }));
+    nav.querySelector(".branch-count").textContent = position;
+    // Not while an answer streams: the branch it writes into must stay on screen.
+    nav.querySelector('[data-action="branch-prev"]').disabled = !idle || index <= 1;
+    nav.querySelector('[data-action="branch-next"]').disabled = !idle || index >= count;
   }
 
   _fillError(entry, message) {
