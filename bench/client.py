@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from server.bodytap import tapped
+from server.relay.bodytap import tapped
 
 from .loops import install_fast_loop
 from .wire import EVENT_ID, TOKEN_BYTES

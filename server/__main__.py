@@ -17,13 +17,13 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from . import __version__
-from .app import create_app, stop_accepting
-from .config import Config, ConfigError, load_config
-from .httpserver import ListenError, raise_open_file_limit, start_server
-from .logs import configure_logging
-from .memory import pin_malloc_thresholds
-from .systemd import notify
+from server import __version__
+from server.app import create_app, stop_accepting
+from server.config import Config, ConfigError, load_config
+from server.http.httpserver import ListenError, raise_open_file_limit, start_server
+from server.ops.logs import configure_logging
+from server.ops.memory import pin_malloc_thresholds
+from server.ops.systemd import notify
 
 log = logging.getLogger("server")
 

@@ -14,25 +14,36 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from .access import access_middleware, add_cors_headers
-from .accesslog import PathOnlyAccessLogger
-from .budget import DailyBudget
-from .catalog import build_catalog
-from .config import Config
-from .connections import connection_middleware
-from .demo import DemoServer
-from .errors import error_middleware
-from .gate import Gate
-from .generation import SHUTDOWN_ERROR, Generation
-from .keys import BUDGET, CATALOG, CONFIG, GATE, METRICS, MONITOR_TASK, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
-from .logs import add_request_id_header, request_id_middleware
-from .metrics import Metrics
-from .monitor import run_monitor
-from .registry import GenerationRegistry
-from .routes import setup_routes
-from .security import add_security_headers
-from .streaming import OpenStreams
-from .upstream import client_timeout
+from server.access.budget import DailyBudget
+from server.access.gate import Gate
+from server.access.middleware import access_middleware, add_cors_headers
+from server.config import Config
+from server.http.accesslog import PathOnlyAccessLogger
+from server.http.connections import connection_middleware
+from server.http.errors import error_middleware
+from server.http.routes import setup_routes
+from server.http.security import add_security_headers
+from server.keys import (
+    BUDGET,
+    CATALOG,
+    CONFIG,
+    GATE,
+    METRICS,
+    MONITOR_TASK,
+    OPEN_STREAMS,
+    REGISTRY,
+    SESSION,
+    STARTED_AT,
+)
+from server.ops.logs import add_request_id_header, request_id_middleware
+from server.ops.metrics import Metrics
+from server.ops.monitor import run_monitor
+from server.relay.catalog import build_catalog
+from server.relay.demo import DemoServer
+from server.relay.generation import SHUTDOWN_ERROR, Generation
+from server.relay.registry import GenerationRegistry
+from server.relay.streaming import OpenStreams
+from server.relay.upstream import client_timeout
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from .budget import DailyBudget
-from .catalog import Catalog
-from .config import Config
-from .gate import Gate
-from .metrics import Metrics
-from .registry import GenerationRegistry
-from .streaming import OpenStreams
+from server.access.budget import DailyBudget
+from server.access.gate import Gate
+from server.config import Config
+from server.ops.metrics import Metrics
+from server.relay.catalog import Catalog
+from server.relay.registry import GenerationRegistry
+from server.relay.streaming import OpenStreams
 
 CONFIG = web.AppKey("config", Config)
 CATALOG = web.AppKey("catalog", Catalog)

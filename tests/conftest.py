@@ -20,9 +20,9 @@ from yarl import URL
 
 from server.app import create_app
 from server.config import Config, parse_config
-from server.httpserver import start_server
+from server.http.httpserver import start_server
 from server.keys import REGISTRY
-from server.registry import GenerationRegistry
+from server.relay.registry import GenerationRegistry
 
 from .browser import WatchedPage, launch, watch
 from .fakes import FakeUpstream, StreamReader

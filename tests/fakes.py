@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from server.sse import SSEParser
+from server.relay.sse import SSEParser
 
 # Items of Reply.chunks: bytes are written, numbers are seconds to sleep.
 Chunk = bytes | float
@@ -243,7 +243,7 @@ def free_port() -> int:
 
 
 class Sink:
-    """A BodySink (server/bodytap.py) that keeps what it is given."""
+    """A BodySink (server/relay/bodytap.py) that keeps what it is given."""
 
     def __init__(self) -> None:
         self.pieces: list[bytes] = []

@@ -15,11 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server.access import host_name, rate_key
-from server.budget import DailyBudget
-from server.clients import RateWindow
+from server.access.budget import DailyBudget
+from server.access.clients import RateWindow
+from server.access.gate import Gate
+from server.access.middleware import host_name, rate_key
 from server.config import AccessConfig, ConfigError, load_config, parse_access_tokens
-from server.gate import Gate
 from server.keys import BUDGET, OPEN_STREAMS
 
 from .conftest import BASE_DOCUMENT, Rill, StartRill, make_config, wait_for
@@ -135,7 +135,7 @@ def test_token_check_compares_with_every_token(monkeypatch: pytest.MonkeyPatch, 
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("server.gate.hmac.compare_digest", counting)
+    monkeypatch.setattr("server.access.gate.hmac.compare_digest", counting)
     assert gate().check_token(given) == name
     # Constant time: every token is compared (no early exit), always as 32-byte digests.
     assert len(calls) == 2

@@ -16,8 +16,8 @@ import pytest
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from server.bodies import decode_body
-from server.errors import ApiError
+from server.http.bodies import decode_body
+from server.http.errors import ApiError
 
 from .conftest import Rill, StartRill, wait_for
 from .fakes import Reply, answer, chunk, terminal, text_of
@@ -184,7 +184,7 @@ def check_error(answer: Answer, status: int, code: str) -> dict[str, Any]:
 
 def logged(caplog: pytest.LogCaptureFixture, status: int, code: str) -> bool:
     return any(
-        record.name == "server.errors" and code in record.getMessage() and str(status) in record.getMessage()
+        record.name == "server.http.errors" and code in record.getMessage() and str(status) in record.getMessage()
         for record in caplog.records
     )
 

@@ -8,7 +8,7 @@ import asyncio
 from aiohttp import ClientPayloadError, StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
-from server.bodytap import tapped
+from server.relay.bodytap import tapped
 
 from .fakes import Sink
 

@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from server.clients import RateWindow, client_address
+from server.access.clients import RateWindow, client_address
 
 from .conftest import StartRill
 

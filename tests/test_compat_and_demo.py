@@ -14,8 +14,8 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from server.demo import tokenize
-from server.sse import SSEEvent, SSEParser
+from server.relay.demo import tokenize
+from server.relay.sse import SSEEvent, SSEParser
 
 from .conftest import Rill, StartRill, wait_for
 from .fakes import Reply, answer, chunk, sse, terminal, text_of

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from server.connections import (
+from server.http.connections import (
     MAX_CUTS_PER_SWEEP,
     BodyTimeout,
     Connection,
@@ -297,7 +297,7 @@ async def test_at_the_total_bound_with_every_connection_busy_a_new_one_is_refuse
 
 
 async def test_notices_hold_back_repeats_and_count_them(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="server.connections")
+    caplog.set_level(logging.INFO, logger="server.http.connections")
     notices = Notices(interval=0.2)
     for _ in range(5):
         notices.note("refusals", logging.WARNING, "refused one from %s", "127.0.0.2")

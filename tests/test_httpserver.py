@@ -1,6 +1,6 @@
 """aiohttp's own parser refusals: JSON like every other error, nothing of the request
 echoed, and logged at INFO without header values. Also pins the aiohttp internals
-server/httpserver.py relies on (aiohttp 3.14.5): an upgrade that changes them fails here."""
+server/http/httpserver.py relies on (aiohttp 3.14.5): an upgrade that changes them fails here."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from server.httpserver import RillSite, _JsonRefusals
+from server.http.httpserver import RillSite, _JsonRefusals
 
 from .conftest import Rill, StartRill
 from .test_connections import HOLD, closed_within, connect, head_and_body
@@ -138,7 +138,7 @@ def test_rill_lifts_its_open_file_limit_to_the_hard_one() -> None:
         "import resource\n"
         "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
-        "from server.httpserver import raise_open_file_limit\n"
+        "from server.http.httpserver import raise_open_file_limit\n"
         "assert raise_open_file_limit() == hard\n"
         "assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)\n"
     )

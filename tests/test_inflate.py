@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 
-from server.inflate import PIECE_BYTES, BadEncoding, Inflating, inflate_some
+from server.relay.inflate import PIECE_BYTES, BadEncoding, Inflating, inflate_some
 
 from .fakes import Sink
 

@@ -178,7 +178,7 @@ async def _stalled_reader(rill: Rill, generation_id: str) -> socket.socket:
 async def test_slow_reader_does_not_hold_up_the_generation_or_other_readers(
     start_rill: StartRill, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.streaming")
+    caplog.set_level(logging.INFO, logger="server.relay.streaming")
     rill = await start_rill(stream={"send_timeout": 0.5})
     big = ["x" * 8000 + str(i) for i in range(1500)]  # ~12 MB: more than loopback's socket buffers
     rill.fake.script(Reply(chunks=answer(big)))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
-from server.logs import CONTINUATION, escape_block, escape_controls, log_handler
+from server.ops.logs import CONTINUATION, escape_block, escape_controls, log_handler
 
 from .conftest import Rill, StartRill
 from .fakes import free_port
@@ -29,7 +29,7 @@ from .fakes import free_port
 ROOT = Path(__file__).resolve().parent.parent
 # How every text record starts (TEXT_FORMAT): a line that does not is a continuation.
 RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
-FORGED = "2026-12-06 06:00:00,000 WARNING server.views_session [-]: signed in with access token admin"
+FORGED = "2026-12-06 06:00:00,000 WARNING server.http.views_session [-]: signed in with access token admin"
 # Everything a line could be broken or disguised with, one of each kind.
 UNSAFE = {
     "\n": "\\n",

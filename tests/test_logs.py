@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.logs import JsonFormatter, RequestIdFilter
+from server.ops.logs import JsonFormatter, RequestIdFilter
 
 from .conftest import Rill
 
@@ -41,7 +41,7 @@ async def test_log_lines_written_during_a_request_carry_its_id(rill: Rill, caplo
             rill.url / "api/chat", json={"messages": "nope"}, headers={"X-Request-ID": "trace-me"}
         ) as response:
             assert response.status == 400
-    lines = [r for r in caplog.records if r.name == "server.errors"]
+    lines = [r for r in caplog.records if r.name == "server.http.errors"]
     assert lines
     assert {getattr(r, "request_id", None) for r in lines} == {"trace-me"}
     access = [r for r in caplog.records if r.name == "aiohttp.access"]

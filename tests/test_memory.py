@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from bench.run import ROOT, free_port, http_probe, wait_ready
-from server.memory import pin_malloc_thresholds
+from server.ops.memory import pin_malloc_thresholds
 
 from .conftest import StartRill, wait_for
 from .fakes import FakeUpstream, Reply, answer

@@ -215,7 +215,7 @@ async def test_a_stalled_reader_reaches_rill_only_with_buffering_off(
     # Off: nginx reads from Rill only as fast as the client reads, so Rill sees the stall
     # and closes the stream after send_timeout. On: nginx spools the stream to a temp file
     # (up to 1 GB by default) and Rill never knows.
-    caplog.set_level(logging.INFO, logger="server.streaming")
+    caplog.set_level(logging.INFO, logger="server.relay.streaming")
     rill = await start_rill(access=PROXY_GUARDED, stream={"send_timeout": 2.0})
     proxy = await nginx(rill, site_with(buffering, "off"))
     rill.fake.script(Reply(chunks=[chunk("x" * 100_000) for _ in range(BIG_ANSWER)]))

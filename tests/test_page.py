@@ -7,7 +7,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-from server.security import CONTENT_SECURITY_POLICY
+from server.http.security import CONTENT_SECURITY_POLICY
 
 from .conftest import Rill
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from server.config import Config
 from server.keys import CONFIG
-from server.scrub import scrub, shown
+from server.ops.scrub import scrub, shown
 
 from .conftest import SENTINEL_KEY, Rill, StartRill, wait_for
 from .fakes import Reply, answer, chunk, sse, terminal, text_of

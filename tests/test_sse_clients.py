@@ -25,7 +25,7 @@ from playwright.async_api import Browser, Page
 from sseclient import SSEClient
 
 from server.keys import OPEN_STREAMS
-from server.streaming import OpenStream
+from server.relay.streaming import OpenStream
 
 from .conftest import Rill, StartRill, wait_for
 from .fakes import Reply, StreamReader, answer

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.sse import SSEEvent, SSEEventTooLarge, SSEParser, SSEProtocolError
+from server.relay.sse import SSEEvent, SSEEventTooLarge, SSEParser, SSEProtocolError
 
 BOM = b"\xef\xbb\xbf"
 

@@ -21,9 +21,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from server.budget import LEDGER_FILE, DailyBudget
+from server.access.budget import LEDGER_FILE, DailyBudget
+from server.access.gate import REVOKED_FILE, Gate
 from server.config import AccessConfig, ConfigError, load_config, parse_access_tokens, prepare_state_dir
-from server.gate import REVOKED_FILE, Gate
 
 from .conftest import make_config, wait_healthy
 from .fakes import free_port
@@ -179,7 +179,7 @@ def test_an_unreadable_state_file_stops_start_up_and_is_left_as_it_was(tmp_path:
 
 
 def error_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "server.state" and r.levelno == logging.ERROR]
+    return [r for r in caplog.records if r.name == "server.ops.state" and r.levelno == logging.ERROR]
 
 
 def test_a_corrupt_ledger_is_kept_aside_and_a_new_one_written_beside_it(

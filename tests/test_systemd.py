@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.systemd import notify
+from server.ops.systemd import notify
 
 
 def test_notify_sends_one_datagram_to_a_path_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpServer
 from playwright.async_api import Browser, Request
 
-from server import views_pages
+from server.http import views_pages
 from server.keys import OPEN_STREAMS
 
 from .browser import WatchedPage, watch

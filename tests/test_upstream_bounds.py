@@ -17,7 +17,7 @@ import pytest
 from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
-from server.upstream import ANSWER_BYTES_MIN, ANSWER_BYTES_PER_TOKEN, ChatRequest, answer_limit
+from server.relay.upstream import ANSWER_BYTES_MIN, ANSWER_BYTES_PER_TOKEN, ChatRequest, answer_limit
 
 from .conftest import Rill, StartRill, make_config
 from .fakes import Chunk, Reply, answer, chunk, compressed, sse, text_of

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from server import upstream as upstream_module
-from server.sse import SSEEvent, SSEParser
+from server.relay import upstream as upstream_module
+from server.relay.sse import SSEEvent, SSEParser
 
 from .conftest import BASE_DOCUMENT, KEY_ENV, SENTINEL_KEY, Rill, StartRill, wait_for
 from .fakes import USAGE, Chunk, FakeUpstream, ReadEvent, Reply, answer, chunk, sse, terminal, text_of

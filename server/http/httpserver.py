@@ -29,10 +29,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, InvalidHeader, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from .app import runner_options
-from .config import Config
-from .connections import ConnectionLimits, ConnectionTable
-from .errors import error_response
+from server.app import runner_options
+from server.config import Config
+from server.http.connections import ConnectionLimits, ConnectionTable
+from server.http.errors import error_response
 
 log = logging.getLogger(__name__)
 

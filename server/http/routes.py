@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import views_api, views_compat, views_pages, views_session
+from server.http import views_api, views_compat, views_pages, views_session
 
 
 def setup_routes(app: web.Application) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .config import StreamConfig
-from .metrics import Metrics
-from .registry import GenerationRegistry
-from .streaming import OpenStreams
+from server.config import StreamConfig
+from server.ops.metrics import Metrics
+from server.relay.registry import GenerationRegistry
+from server.relay.streaming import OpenStreams
 
 log = logging.getLogger(__name__)
 

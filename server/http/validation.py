@@ -11,11 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .bodies import read_body
-from .catalog import Catalog
-from .config import LimitsConfig
-from .errors import ApiError
-from .upstream import ChatRequest
+from server.config import LimitsConfig
+from server.http.bodies import read_body
+from server.http.errors import ApiError
+from server.relay.catalog import Catalog
+from server.relay.upstream import ChatRequest
 
 ROLES = frozenset({"system", "user", "assistant"})
 _GENERATION_ID = re.compile(r"[0-9a-f]{32}")

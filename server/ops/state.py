@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import ConfigError
+from server.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .access import PRINCIPAL, client_key
-from .errors import ApiError
-from .generation import Event, Generation
-from .keys import CATALOG, CONFIG, METRICS, OPEN_STREAMS, REGISTRY
-from .streaming import check_stream_limit, serve
-from .upstream import ChatRequest
-from .validation import raw_last_event_id
-from .views_api import all_delivered, start_generation
+from server.access.middleware import PRINCIPAL, client_key
+from server.http.errors import ApiError
+from server.http.validation import raw_last_event_id
+from server.http.views_api import all_delivered, start_generation
+from server.keys import CATALOG, CONFIG, METRICS, OPEN_STREAMS, REGISTRY
+from server.relay.generation import Event, Generation
+from server.relay.streaming import check_stream_limit, serve
+from server.relay.upstream import ChatRequest
 
 log = logging.getLogger(__name__)
 

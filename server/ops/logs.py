@@ -14,7 +14,7 @@ from typing import TextIO
 from aiohttp import web
 from multidict import istr
 
-from .errors import Handler
+from server.http.errors import Handler
 
 REQUEST_ID: ContextVar[str] = ContextVar("rill_request_id", default="-")
 REQUEST_ID_KEY = web.RequestKey("request_id", str)

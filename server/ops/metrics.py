@@ -9,7 +9,7 @@ import json
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .generation import Generation
+from server.relay.generation import Generation
 
 # How each ending counts as a cancellation (a generation that ended before its answer).
 _CANCELLED = {"cancelled": "stop", "abandoned": "abandoned", "server_shutdown": "shutdown"}

@@ -11,11 +11,11 @@ from collections.abc import Callable
 
 import aiohttp
 
-from .clients import RateWindow
-from .config import Config
-from .errors import ApiError
-from .generation import Generation
-from .upstream import ChatRequest
+from server.access.clients import RateWindow
+from server.config import Config
+from server.http.errors import ApiError
+from server.relay.generation import Generation
+from server.relay.upstream import ChatRequest
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from .logs import REQUEST_ID_KEY
+from server.ops.logs import REQUEST_ID_KEY
 
 
 class PathOnlyAccessLogger(AbstractAccessLogger):

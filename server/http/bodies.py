@@ -12,8 +12,8 @@ import zlib
 
 from aiohttp import hdrs, web
 
-from .errors import ApiError
-from .inflate import ENCODINGS, decompressor
+from server.http.errors import ApiError
+from server.relay.inflate import ENCODINGS, decompressor
 
 
 def bad_encoding(message: str) -> ApiError:

@@ -2,7 +2,7 @@
 
 glibc raises its mmap threshold to the size of any large block freed (up to 32 MiB),
 and its trim threshold to twice that. Signing in one access token's cookie key takes
-a 16 MiB scrypt buffer (server/gate.py), so from the second token on such buffers come
+a 16 MiB scrypt buffer (server/access/gate.py), so from the second token on such buffers come
 from the heap and stay there: +16 MiB of RSS from start-up, for good, and the heap is
 given back only once 32 MiB at its top are free, which fragmentation makes rare.
 Pinning both thresholds at glibc's own defaults turns that adjustment off."""

@@ -10,11 +10,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
-from . import __version__
-from .errors import ApiError
-from .keys import CATALOG
+from server import __version__
+from server.http.errors import ApiError
+from server.keys import CATALOG
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "web" / "static"
+STATIC_DIR = Path(__file__).resolve().parents[2] / "web" / "static"
 
 
 @aiohttp_jinja2.template("index.html")

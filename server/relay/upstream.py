@@ -20,11 +20,11 @@ try:
 except ImportError:  # optional: a faster parser for the model API's chunks
     orjson = None  # type: ignore[assignment]
 
-from .bodytap import tapped
-from .config import Config, ModelConfig, ProviderConfig
-from .inflate import ENCODINGS, BadEncoding, Inflating, inflate_some
-from .scrub import shown
-from .sse import SSEEvent, SSEEventTooLarge, SSEParser, SSEProtocolError
+from server.config import Config, ModelConfig, ProviderConfig
+from server.ops.scrub import shown
+from server.relay.bodytap import tapped
+from server.relay.inflate import ENCODINGS, BadEncoding, Inflating, inflate_some
+from server.relay.sse import SSEEvent, SSEEventTooLarge, SSEParser, SSEProtocolError
 
 log = logging.getLogger(__name__)
 

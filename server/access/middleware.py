@@ -13,11 +13,11 @@ from ipaddress import IPv6Address, ip_address, ip_network
 
 from aiohttp import hdrs, web
 
-from .clients import client_address, is_trusted_proxy
-from .config import is_loopback_host
-from .errors import ApiError, Handler
-from .gate import Session
-from .keys import CONFIG, GATE, METRICS
+from server.access.clients import client_address, is_trusted_proxy
+from server.access.gate import Session
+from server.config import is_loopback_host
+from server.http.errors import ApiError, Handler
+from server.keys import CONFIG, GATE, METRICS
 
 log = logging.getLogger(__name__)
 

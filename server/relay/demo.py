@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from .config import DemoConfig
+from server.config import DemoConfig
 
 DEMO_NOTICE = (
     "> **Demo mode.** This answer comes from Rill's built-in offline demo, not from a "

@@ -8,7 +8,7 @@ from typing import Any
 
 from yarl import URL
 
-from .config import Config, ModelConfig, ProviderConfig
+from server.config import Config, ModelConfig, ProviderConfig
 
 DEMO_MODELS = (
     ModelConfig(id="rill-demo", upstream_id="rill-demo", label="Demo (offline)", reasoning=False),

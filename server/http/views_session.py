@@ -7,11 +7,11 @@ import time
 
 from aiohttp import web
 
-from .access import check_access_token, clear_session_cookie, current_session, set_session_cookie
-from .clients import client_address
-from .errors import ApiError
-from .keys import CONFIG, GATE
-from .validation import invalid, read_json_object
+from server.access.clients import client_address
+from server.access.middleware import check_access_token, clear_session_cookie, current_session, set_session_cookie
+from server.http.errors import ApiError
+from server.http.validation import invalid, read_json_object
+from server.keys import CONFIG, GATE
 
 log = logging.getLogger(__name__)
 

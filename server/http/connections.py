@@ -23,8 +23,8 @@ from typing import cast
 
 from aiohttp import StreamReader, web
 
-from .config import Config
-from .errors import ApiError, Handler
+from server.config import Config
+from server.http.errors import ApiError, Handler
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import aiohttp
 
-from .config import Config
-from .upstream import ChatRequest, UpstreamError, stream_chat
+from server.config import Config
+from server.relay.upstream import ChatRequest, UpstreamError, stream_chat
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
-from .config import StreamConfig
-from .errors import ApiError
-from .generation import Event, Generation, Subscriber
+from server.config import StreamConfig
+from server.http.errors import ApiError
+from server.relay.generation import Event, Generation, Subscriber
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .errors import ApiError
-from .generation import Generation
-from .state import load_state, save_state
-from .upstream import ChatRequest
+from server.http.errors import ApiError
+from server.ops.state import load_state, save_state
+from server.relay.generation import Generation
+from server.relay.upstream import ChatRequest
 
 log = logging.getLogger(__name__)
 

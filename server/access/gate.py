@@ -17,9 +17,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from .clients import RateWindow
-from .config import AccessConfig
-from .state import load_state, save_state
+from server.access.clients import RateWindow
+from server.config import AccessConfig
+from server.ops.state import load_state, save_state
 
 _COOKIE_KEY_SALT = b"rill session cookie v1:"
 REVOKED_FILE = "revoked-sessions.json"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from aiohttp import ClientPayloadError
 
-from .bodytap import BodySink
+from server.relay.bodytap import BodySink
 
 # Inflated bytes per loop turn: with the parsing they feed, a few ms (the relay parses
 # ~100 MB/s of stream), so no other client waits long for this one.

@@ -9,14 +9,14 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
-from .access import PRINCIPAL, client_key
-from .errors import ApiError
-from .generation import Generation
-from .keys import BUDGET, CATALOG, CONFIG, GATE, METRICS, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
-from .streaming import check_stream_limit, serve
-from .upstream import ChatRequest
-from .validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
+from server import __version__
+from server.access.middleware import PRINCIPAL, client_key
+from server.http.errors import ApiError
+from server.http.validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
+from server.keys import BUDGET, CATALOG, CONFIG, GATE, METRICS, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from server.relay.generation import Generation
+from server.relay.streaming import check_stream_limit, serve
+from server.relay.upstream import ChatRequest
 
 log = logging.getLogger(__name__)
 

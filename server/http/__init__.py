@@ -1,0 +1,1 @@
+"""The HTTP layer: the listener, the URL table, handlers, request parsing and errors."""

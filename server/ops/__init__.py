@@ -1,0 +1,1 @@
+"""Operations: logging, metrics, the monitor, process memory, systemd, state files."""

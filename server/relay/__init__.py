@@ -1,0 +1,1 @@
+"""The relay: the model API's request and stream, generations, their buffers and readers."""
