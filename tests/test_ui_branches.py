@@ -32,37 +32,47 @@ from .history_ui import (
 TREE_CHECKS = """
 async () => {
   const tree = await import("/static/js/tree.js");
+  const branches = await import("/static/js/branches.js");
   const m = (id, parent, created) => ({ id, parent, created, role: "user", content: id });
-  // q1 -> a1 -> q2 -> a2, and the edit q1b (sibling of q1) -> a1b, and a regenerated a1c.
-  const messages = [
+  // q1 -> a1 -> q2 -> a2, the edit q1b (a sibling of q1) -> a1b, and a regenerated a1c.
+  const all = () => [
     m("q1", null, 1), m("a1", "q1", 2), m("q2", "a1", 3), m("a2", "q2", 4),
     m("q1b", null, 5), m("a1b", "q1b", 6), m("a1c", "q1", 7),
   ];
-  const t = tree.buildTree(messages);
   const ids = (list) => list.map((x) => x?.id ?? null);
-  const legacy = tree.buildTree([{ id: "x" }, { id: "y" }, { id: "z" }]);
-  const cyclic = tree.buildTree([m("c1", "c2", 1), m("c2", "c1", 2)]);
+  const messages = all();
+  // The page's shape: the branch shown in messages, the rest in branches.
+  const conversation = { messages: all(), branches: [] };
+  tree.showBranch(conversation, "a2");
+  const shown = ids(conversation.messages);
+  const a1 = conversation.messages[1];
+  const position = branches.branchPosition(conversation, a1);
+  const next = branches.versionAt(conversation, a1, 1)?.id;
+  const previous = branches.versionAt(conversation, a1, -1);
+  tree.showBranch(conversation, tree.newestLeaf(tree.allMessages(conversation), "q1b"));
+  const afterSwitch = ids(conversation.messages);
+  const q1b = conversation.messages[0];
+  const cyclic = [m("c1", "c2", 1), m("c2", "c1", 2)];
   return {
-    roots: ids(tree.childrenOf(t, null)),
-    childrenQ1: ids(tree.childrenOf(t, "q1")),
-    siblingsA1: ids(tree.siblingsOf(t, "a1")),
-    pathA2: ids(tree.pathTo(t, "a2")),
-    pathUnknown: ids(tree.pathTo(t, "nope")),
-    newestUnderQ1: tree.newestLeaf(t, "q1").id,
-    newestUnderA1: tree.newestLeaf(t, "a1").id,
-    newestAnywhere: tree.newestLeaf(t, null).id,
-    activeA1: ids(tree.activePath({ messages, active: "a1" })),
-    activeUnset: ids(tree.activePath({ messages, active: null })),
-    activeGone: ids(tree.activePath({ messages, active: "deleted" })),
-    position: tree.branchPosition(t, "a1c"),
-    switchPrevFromA1c: tree.switchTarget(t, "a1c", -1)?.id,
-    switchNextFromA1c: tree.switchTarget(t, "a1c", 1),
-    switchNextFromQ1: tree.switchTarget(t, "q1", 1)?.id,
-    legacyPath: ids(tree.activePath({ messages: [{ id: "x" }, { id: "y" }, { id: "z" }] })),
-    legacyChildrenX: ids(tree.childrenOf(legacy, "x")),
+    roots: ids(tree.childrenOf(messages, null)),
+    childrenQ1: ids(tree.childrenOf(messages, "q1")),
+    pathA2: ids(tree.pathTo(messages, "a2")),
+    pathUnknown: ids(tree.pathTo(messages, "nope")),
+    newestUnderQ1: tree.newestLeaf(messages, "q1"),
+    newestUnderA1: tree.newestLeaf(messages, "a1"),
+    defaultLeaf: tree.defaultLeaf(messages),
+    shown,
+    hidden: ids(conversation.branches).sort(),
+    position,
+    next,
+    previous,
+    afterSwitch,
+    q1bPosition: branches.branchPosition(conversation, q1b),
+    storedPath: ids(branches.shownPath({ messages, active: "a1" })),
+    storedDefault: ids(branches.shownPath({ messages, active: null })),
+    browserOnly: branches.branchPosition({ messages: [{ id: "x" }, { id: "y" }] }, { id: "x" }),
     cyclicPath: ids(tree.pathTo(cyclic, "c1")),
-    cyclicActive: ids(tree.activePath({ messages: [m("c1", "c2", 1), m("c2", "c1", 2)] })),
-    empty: ids(tree.activePath({ messages: [] })),
+    empty: ids(branches.shownPath({ messages: [] })),
   };
 }
 """
@@ -75,24 +85,23 @@ async def test_tree_helpers(start_rill: StartRill, tmp_path: Path, open_ui: Open
     assert result == {
         "roots": ["q1", "q1b"],
         "childrenQ1": ["a1", "a1c"],
-        "siblingsA1": ["a1", "a1c"],
         "pathA2": ["q1", "a1", "q2", "a2"],
         "pathUnknown": [],
-        "newestUnderQ1": "a1c",
+        "newestUnderQ1": "a1c",  # its newest child, then that one's newest, down to a leaf
         "newestUnderA1": "a2",
-        "newestAnywhere": "a1c",
-        "activeA1": ["q1", "a1", "q2", "a2"],  # not a leaf: down to the newest leaf under it
-        "activeUnset": ["q1", "a1c"],
-        "activeGone": ["q1", "a1c"],
-        "position": {"index": 2, "count": 2},
-        "switchPrevFromA1c": "a2",
-        "switchNextFromA1c": None,
-        "switchNextFromQ1": "a1b",
-        "legacyPath": ["x", "y", "z"],  # no parent fields: one branch in list order
-        "legacyChildrenX": ["y"],
-        # A cycle (never stored: the server refuses one) neither hangs nor shows twice.
+        "defaultLeaf": "a1c",
+        "shown": ["q1", "a1", "q2", "a2"],
+        "hidden": ["a1b", "a1c", "q1b"],
+        "position": {"index": 1, "count": 2},
+        "next": "a1c",
+        "previous": None,
+        "afterSwitch": ["q1b", "a1b"],
+        "q1bPosition": {"index": 2, "count": 2},
+        "storedPath": ["q1", "a1", "q2", "a2"],  # active not a leaf: down to the newest one under it
+        "storedDefault": ["q1", "a1c"],
+        "browserOnly": {"index": 0, "count": 0},  # no parent links: no versions to switch
+        # A cycle (never stored: the server refuses one) ends the walk instead of hanging.
         "cyclicPath": ["c2", "c1"],
-        "cyclicActive": [],
         "empty": [],
     }
     await ui.assert_clean()

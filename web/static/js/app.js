@@ -14,7 +14,8 @@ import { Sidebar } from "./sidebar.js";
 import { Store, titleOf } from "./store.js";
 import { applyTheme, nextTheme, themeLabel } from "./theme.js";
 import { DataDialog, historyInfo } from "./transfer.js";
-import { buildTree, newestLeaf, siblingsOf, switchTarget } from "./tree.js";
+import { versionAt } from "./branches.js";
+import { allMessages } from "./tree.js";
 
 const TICK_MS = 250;
 const COPIED_MS = 1500;
@@ -328,38 +329,55 @@ class ChatApp {
     this.list.refreshActions();
   }
 
-  /** ‹ / ›: shows the sibling version of message, down to the newest leaf under it. */
+  /** ‹ / ›: shows the version `step` away from message, with the newest answers under it. */
   switchBranch(message, step) {
     if (!this.current || this._busy()) return;
-    const tree = buildTree(this.current.messages);
-    const leaf = switchTarget(tree, message.id, step);
-    if (!leaf) return;
-    const siblings = siblingsOf(tree, message.id);
-    const sibling = siblings[siblings.findIndex((item) => item.id === message.id) + step];
-    this._setActive(leaf.id);
+    const version = versionAt(this.current, message, step);
+    if (!version) return;
+    this.cancelEdit();
+    this.store.switchTo(this.current, version.id); // and PATCHes active: what is sent to the model
+    this._redraw({ keepScroll: true });
     // The buttons were rebuilt: keep the keyboard on the same control of the new version.
     const action = step < 0 ? "branch-prev" : "branch-next";
-    const nav = $("messages").querySelector(`.message[data-message-id="${CSS.escape(sibling.id)}"] .branch-nav`);
+    const nav = $("messages").querySelector(`.message[data-message-id="${CSS.escape(version.id)}"] .branch-nav`);
     const button = nav?.querySelector(`[data-action="${action}"]:not(:disabled)`) ?? nav?.querySelector("button:not(:disabled)");
     button?.focus();
-  }
-
-  /** Shows the branch ending at leafId and tells the server (what it sends to the model). */
-  _setActive(leafId) {
-    this.current.active = leafId;
-    this.store.save(this.current, { touch: false });
-    this._redraw({ keepScroll: true });
   }
 
   /** A search result: opens its conversation on the branch that holds the message found. */
   async openAt(id, messageId) {
     this.open(id);
-    if (!this.current || !messageId) return;
-    const leaf = newestLeaf(buildTree(this.current.messages), messageId);
-    if (leaf && leaf.id !== this.current.active) this._setActive(leaf.id);
+    if (!messageId) return;
+    const conversation = await this._loaded(id, messageId);
+    if (!conversation || this.current !== conversation || this._busy()) return;
+    if (!conversation.messages.some((message) => message.id === messageId)) {
+      this.store.switchTo(conversation, messageId);
+      this._redraw();
+    }
     const element = $("messages").querySelector(`.message[data-message-id="${CSS.escape(messageId)}"]`);
     element?.scrollIntoView({ block: "center" });
     element?.classList.add("found");
+  }
+
+  /** The conversation once the page's copy of it holds messageId (it may still be on its way). */
+  _loaded(id, messageId, timeout = 5000) {
+    const has = () => {
+      const conversation = this.store.get(id);
+      return conversation && allMessages(conversation).some((message) => message.id === messageId) ? conversation : null;
+    };
+    if (has()) return Promise.resolve(has());
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.store.removeEventListener("external", check);
+        resolve(has());
+      };
+      const check = (event) => {
+        if (event.detail.id === id && has()) done();
+      };
+      const timer = setTimeout(done, timeout);
+      this.store.addEventListener("external", check);
+    });
   }
 
   _afterImport() {
@@ -369,9 +387,8 @@ class ChatApp {
 
   /** Everything of this owner is gone from the server: forget this page's copy too. */
   _afterDeleteAll() {
-    const ids = this.store.list().map((summary) => summary.id);
-    this._discardAnswers(ids);
-    for (const id of ids) this.store.delete(id);
+    this._discardAnswers(this.store.list().map((summary) => summary.id));
+    this.store.clearCache();
     this.search.clear();
     this.open(null);
   }

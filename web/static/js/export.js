@@ -1,13 +1,11 @@
 // A conversation as a Markdown document, for the export button: the branch shown (the
 // other versions of edited questions and regenerated answers are in the JSON export).
 
-import { activePath } from "./tree.js";
-
 /** labels: the headings in the page's language, and error(error): what the page says about one. */
 export function conversationMarkdown(conversation, labels) {
   const lines = [`# ${conversation.title || labels.untitled}`, ""];
   if (conversation.system?.trim()) lines.push(`> **${labels.system}:** ${conversation.system.trim()}`, "");
-  for (const message of activePath(conversation)) {
+  for (const message of conversation.messages) {
     if (message.role === "user") {
       lines.push(`## ${labels.user}`, "", message.content, "");
     } else if (message.role === "assistant" && (message.content || message.error)) {

@@ -4,8 +4,8 @@
 
 import { describeError } from "./errors.js";
 import { t, translatePage } from "./i18n.js";
+import { branchPosition } from "./branches.js";
 import { MarkdownView } from "./markdown.js";
-import { activePath, branchPosition, buildTree } from "./tree.js";
 
 const STICK_THRESHOLD_PX = 48;
 
@@ -20,8 +20,6 @@ export class MessageList {
     this.template = document.getElementById("message-template");
     this.elements = new Map(); // message id -> {element, view}
     this.conversation = null;
-    this.tree = buildTree([]);
-    this.shown = []; // the messages of the branch shown: root to the conversation's active leaf
     // Stored conversations branch: any question can be edited and any answer regenerated
     // (the old versions stay, behind `‹ 1 / 2 ›`). Without them only the last ones can.
     this.branching = false;
@@ -42,13 +40,11 @@ export class MessageList {
     const stick = this.stick;
     this.dirty.clear();
     this.conversation = conversation;
-    this.tree = buildTree(conversation?.messages ?? []);
-    this.shown = activePath(conversation, this.tree);
     this.running = running;
     for (const { element } of this.elements.values()) element.remove();
     this.elements.clear();
-    for (const message of this.shown) this._add(message);
-    this.empty.hidden = this.shown.length > 0;
+    for (const message of conversation?.messages ?? []) this._add(message);
+    this.empty.hidden = (conversation?.messages.length ?? 0) > 0;
     this.refreshActions();
     if (keepScroll && !stick) {
       this.container.scrollTop = scrollTop;
@@ -86,12 +82,12 @@ export class MessageList {
   /** Whether the reader runs this Rill (GET /api/session: no access tokens); redraws errors. */
   setLocalRun(local) {
     this.localRun = local;
-    for (const message of this.shown) if (message.error) this.update(message);
+    for (const message of this.conversation?.messages ?? []) if (message.error) this.update(message);
   }
 
   /** The action buttons depend on position and on whether an answer is streaming. */
   refreshActions() {
-    for (const message of this.shown) {
+    for (const message of this.conversation?.messages ?? []) {
       const entry = this.elements.get(message.id);
       if (entry) this._fillActions(entry, message);
     }
@@ -103,7 +99,7 @@ export class MessageList {
    * is (after changing the model, say). Continue, when text was kept, is a different thing.
    */
   _fillActions(entry, message) {
-    const messages = this.shown;
+    const messages = this.conversation?.messages ?? [];
     const idle = !this.running;
     const isLast = message === messages.at(-1);
     const lastUser = messages.findLast((item) => item.role === "user");
@@ -114,7 +110,7 @@ export class MessageList {
     const buttons = entry.element.querySelector(".message-actions");
     const editable = message.role === "user" && (this.branching || message === lastUser);
     buttons.querySelector('[data-action="edit"]').hidden = !(idle && editable);
-    const renewable = assistant && ((this.branching && message.status !== "streaming") || isLast);
+    const renewable = assistant && (this.branching || isLast);
     buttons.querySelector('[data-action="regenerate"]').hidden = !(idle && renewable && !(isLast && retry));
     const resumable = message.status === "length" || (failed && message.content);
     buttons.querySelector('[data-action="continue"]').hidden = !(idle && assistant && isLast && resumable && !counting);
@@ -123,6 +119,19 @@ export class MessageList {
     const error = entry.element.querySelector(".message-error");
     error.querySelector('[data-action="retry"]').hidden = !(retry && !counting);
     error.querySelector('[data-action="cancel-retry"]').hidden = !(retry && counting);
+  }
+
+  /** `‹ 2 / 3 ›` on a message that has other versions (edited questions, regenerated answers). */
+  _fillBranches(entry, message, idle) {
+    const nav = entry.element.querySelector(".branch-nav");
+    const { index, count } = this.branching ? branchPosition(this.conversation, message) : { index: 0, count: 0 };
+    nav.hidden = count < 2 || index < 1;
+    if (nav.hidden) return;
+    nav.setAttribute("aria-label", t("branch.label", { index, count }));
+    nav.querySelector(".branch-count").textContent = t("branch.position", { index, count });
+    // Not while an answer streams: the branch it writes into must stay on screen.
+    nav.querySelector('[data-action="branch-prev"]').disabled = !idle || index <= 1;
+    nav.querySelector('[data-action="branch-next"]').disabled = !idle || index >= count;
   }
 
   messageIdOf(node) {
@@ -161,7 +170,7 @@ export class MessageList {
 
   /** Updates every timing line (elapsed time while waiting for tokens). */
   tick() {
-    for (const message of this.shown) {
+    for (const message of this.conversation?.messages ?? []) {
       if (message.status === "streaming") this.update(message);
     }
   }
@@ -208,20 +217,6 @@ export class MessageList {
     }
     this._fillError(entry, message);
     this._fillActions(entry, message);
-  }
-
-  /** `‹ 2 / 3 ›` on a message that has other versions (edited questions, regenerated answers). */
-  _fillBranches(entry, message, idle) {
-    const nav = entry.element.querySelector(".branch-nav");
-    const { index, count } = branchPosition(this.tree, message.id);
-    nav.hidden = count < 2;
-    if (count < 2) return;
-    const position = t("branch.position", { index, count });
-    nav.setAttribute("aria-label", t("branch.label", { index, count }));
-    nav.querySelector(".branch-count").textContent = position;
-    // Not while an answer streams: the branch it writes into must stay on screen.
-    nav.querySelector('[data-action="branch-prev"]').disabled = !idle || index <= 1;
-    nav.querySelector('[data-action="branch-next"]').disabled = !idle || index >= count;
   }
 
   _fillError(entry, message) {

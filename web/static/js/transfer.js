@@ -3,6 +3,7 @@
 // exactly, every branch included); Markdown is the branch shown, in the page's language.
 
 import { request } from "./api.js";
+import { shownPath } from "./branches.js";
 import { downloadText } from "./clipboard.js";
 import { describeError } from "./errors.js";
 import { conversationMarkdown, exportFilename } from "./export.js";
@@ -45,9 +46,11 @@ export async function readExportFile(file) {
   return document;
 }
 
-/** Several conversations as one Markdown file, separated by rules. */
+/** Several stored conversations (all their messages) as one Markdown file of the branches shown. */
 export function documentMarkdown(document, labels) {
-  return document.conversations.map((conversation) => conversationMarkdown(conversation, labels)).join("\n---\n\n");
+  return document.conversations
+    .map((conversation) => conversationMarkdown({ ...conversation, messages: shownPath(conversation) }, labels))
+    .join("\n---\n\n");
 }
 
 const today = () => new Date().toISOString().slice(0, 10);
