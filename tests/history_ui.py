@@ -27,7 +27,9 @@ async def stored_rill(start_rill: StartRill, tmp_path: Path, *, auto_titles: boo
 
 async def api(rill: Rill, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """One call to Rill's JSON API: (status, parsed body or None)."""
-    async with rill.session.request(method, rill.url / path.lstrip("/"), json=body) as response:
+    where, _, query = path.lstrip("/").partition("?")
+    url = (rill.url / where).with_query(query) if query else rill.url / where
+    async with rill.session.request(method, url, json=body) as response:
         payload = await response.json() if response.content_type == "application/json" else None
         return response.status, payload
 

@@ -45,6 +45,7 @@ async () => {
   const conversation = { messages: all(), branches: [] };
   tree.showBranch(conversation, "a2");
   const shown = ids(conversation.messages);
+  const hidden = ids(conversation.branches).sort();
   const a1 = conversation.messages[1];
   const position = branches.branchPosition(conversation, a1);
   const next = branches.versionAt(conversation, a1, 1)?.id;
@@ -62,7 +63,7 @@ async () => {
     newestUnderA1: tree.newestLeaf(messages, "a1"),
     defaultLeaf: tree.defaultLeaf(messages),
     shown,
-    hidden: ids(conversation.branches).sort(),
+    hidden,
     position,
     next,
     previous,
