@@ -144,7 +144,8 @@ async def test_each_send_has_a_fresh_client_id_and_a_double_enter_sends_once(ril
     posts: list[dict[str, Any]] = []
 
     def on_request(request: Request) -> None:
-        if request.method == "POST":
+        # The requests that start answers (with history on, creating the conversation is another POST).
+        if request.method == "POST" and (request.url.endswith("/api/chat") or request.url.endswith("/messages")):
             posts.append(dict(request.post_data_json or {}))
 
     page.on("request", on_request)

@@ -1,8 +1,10 @@
 // The chat page: wires the store, the running generations and the views together.
 
 import { AUTH_REQUIRED_EVENT, listModels } from "./api.js";
+import { versionAt } from "./branches.js";
 import { copyText, downloadText } from "./clipboard.js";
 import { describeError } from "./errors.js";
+import { HistoryStore, answerBody } from "./history.js";
 import { conversationMarkdown, exportFilename } from "./export.js";
 import { detectLanguage, setLanguage, t, translatePage } from "./i18n.js";
 import { newId } from "./ids.js";
@@ -11,21 +13,21 @@ import { Runs } from "./runs.js";
 import { SearchBox } from "./search.js";
 import { SignInDialog, sessionState, signOut } from "./session.js";
 import { Sidebar } from "./sidebar.js";
-import { Store, titleOf } from "./store.js";
+import { titleOf } from "./store.js";
 import { applyTheme, nextTheme, themeLabel } from "./theme.js";
-import { DataDialog, historyInfo } from "./transfer.js";
-import { versionAt } from "./branches.js";
+import { DataDialog } from "./transfer.js";
 import { allMessages } from "./tree.js";
 
 const TICK_MS = 250;
 const COPIED_MS = 1500;
 const MODELS_RETRY_MS = [2000, 5000, 15000, 30000];
+const HISTORY_RETRY_MS = [2000, 5000, 15000, 30000];
 
 const $ = (id) => document.getElementById(id);
 
 class ChatApp {
   constructor() {
-    this.store = new Store();
+    this.store = new HistoryStore(); // the server's history when it keeps one, else localStorage
     this.runs = new Runs(this.store);
     this.models = { default: null, models: [] };
     this.current = null; // the open conversation; null for a new chat not yet sent
@@ -88,10 +90,24 @@ class ChatApp {
     if (state?.required) $("sign-out").hidden = false;
     this.list.setLocalRun(state?.required === false); // unknown (unreachable): not local
     if (state?.required && !state.signed_in) await this.signIn.ask();
-    this._historyFeatures();
+    await this._connectHistory();
     this.runs.resumeAll();
     this.loadModels();
     $("prompt").focus();
+  }
+
+  /** Takes the server's history (uploading this browser's own the first time); retries while unreachable. */
+  async _connectHistory(attempt = 0) {
+    try {
+      await this.store.connect();
+      this._historyFeatures();
+      if (attempt > 0) this._notice("");
+    } catch (error) {
+      if (error.code === "auth_required") return; // signing in again connects
+      this._notice(t("history.unreachable"));
+      const delay = HISTORY_RETRY_MS[Math.min(attempt, HISTORY_RETRY_MS.length - 1)];
+      setTimeout(() => this._connectHistory(attempt + 1), delay);
+    }
   }
 
   /** The session ended while the page was open (expired, or its token was removed). */
@@ -100,6 +116,7 @@ class ChatApp {
     $("sign-out").hidden = false;
     await this.signIn.ask();
     this._notice("");
+    this._connectHistory();
     if (!this.models.models.length) this.loadModels();
     $("prompt").focus();
   }
@@ -164,6 +181,7 @@ class ChatApp {
         this._notice(describeError(error).text);
         return;
       }
+      this.store.clearCache(); // the next person at this browser sees none of it
       location.reload(); // the page comes back asking for a token
     });
     window.addEventListener(AUTH_REQUIRED_EVENT, () => this._signInAgain());
@@ -172,6 +190,10 @@ class ChatApp {
     this.store.addEventListener("external", (event) => this._onExternalChange(event.detail.id));
     this.store.addEventListener("removed", (event) => this._onExternalRemove(event.detail.ids));
     this.store.addEventListener("quota", () => this._notice(t("app.storageFull")));
+    this.store.addEventListener("failed", (event) => this._notice(describeError(event.detail).text));
+    this.store.addEventListener("message", (event) => {
+      if (event.detail.conversation === this.current) this.list.update(event.detail.message);
+    });
     this.runs.addEventListener("update", (event) => this._onRunUpdate(event.detail.run));
   }
 
@@ -223,7 +245,10 @@ class ChatApp {
     const conversation = this.current;
     const message = { id: newId(), role: "assistant", content: "", reasoning: "", status: "streaming" };
     conversation.messages.push(message);
-    const body = { model: this._modelFor(conversation), messages: requestMessages(conversation, -1) };
+    const model = this._modelFor(conversation);
+    const body = this.store.remote
+      ? answerBody(conversation, message, { model })
+      : { model, messages: requestMessages(conversation, -1) };
     this.runs.start(conversation, message, body);
     this._redraw();
     this._showTitle();
@@ -237,8 +262,14 @@ class ChatApp {
 
   regenerate(message) {
     const conversation = this.current;
-    if (conversation.messages.at(-1) !== message || this._busy()) return;
-    conversation.messages.pop();
+    if (this._busy()) return;
+    if (this.store.remote) {
+      // Any answer: it and what followed stay on the server as another version.
+      const index = conversation.messages.indexOf(message);
+      if (index < 1) return;
+      this.store.branchFrom(conversation, index);
+    } else if (conversation.messages.at(-1) === message) conversation.messages.pop();
+    else return;
     this._answer();
   }
 
@@ -257,6 +288,11 @@ class ChatApp {
   continueAnswer(message) {
     const conversation = this.current;
     if (conversation.messages.at(-1) !== message || this._busy()) return;
+    if (this.store.remote) {
+      this.runs.start(conversation, message, answerBody(conversation, message, { model: this._modelFor(conversation), continued: true }));
+      this._redraw();
+      return;
+    }
     const history = requestMessages(conversation, -1);
     history.push({ role: "assistant", content: message.content }, { role: "user", content: t("continue.prompt") });
     const body = { model: this._modelFor(conversation), messages: mergeSameRole(history) };
@@ -284,8 +320,14 @@ class ChatApp {
     const conversation = this.current;
     const index = conversation.messages.indexOf(message);
     this.editing = null;
-    message.content = text;
-    conversation.messages.splice(index + 1);
+    if (this.store.remote) {
+      // The question as it was, and what followed, stay on the server as another version.
+      this.store.branchFrom(conversation, index);
+      conversation.messages.push({ id: newId(), role: "user", content: text });
+    } else {
+      message.content = text;
+      conversation.messages.splice(index + 1);
+    }
     this._answer();
   }
 
@@ -314,15 +356,9 @@ class ChatApp {
 
   // Stored conversations: branches, search, export / import, delete all
 
-  /** Turns on what needs conversations stored on the server (GET /api/history says). */
-  async _historyFeatures() {
-    let info = null;
-    try {
-      info = await historyInfo();
-    } catch {
-      // An older server, or storage off: the page stays as it was.
-    }
-    const enabled = info?.enabled === true;
+  /** Turns on what needs conversations stored on the server (GET /api/history said so). */
+  _historyFeatures() {
+    const enabled = this.store.remote;
     this.search.setEnabled(enabled);
     $("data-open").hidden = !enabled;
     this.list.branching = enabled;
@@ -437,7 +473,9 @@ class ChatApp {
 
   _onRunUpdate(run) {
     if (run.conversation === this.current) {
-      this.list.update(run.message);
+      // A retry may answer into a new version of the message (history.js retryBody): draw it.
+      if (this.list.elements.has(run.message.id)) this.list.update(run.message);
+      else this._redraw({ keepScroll: true });
       // Covers answers resumed after a reload too, not only the ones sent from here.
       if (this._busy() !== this.running) {
         this._syncComposer();

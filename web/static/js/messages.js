@@ -112,7 +112,9 @@ export class MessageList {
     buttons.querySelector('[data-action="edit"]').hidden = !(idle && editable);
     const renewable = assistant && (this.branching || isLast);
     buttons.querySelector('[data-action="regenerate"]').hidden = !(idle && renewable && !(isLast && retry));
-    const resumable = message.status === "length" || (failed && message.content);
+    // interrupted: the server stopped (a restart) while the answer was being written; its text was kept.
+    const cut = message.status === "interrupted" || message.status === "abandoned";
+    const resumable = message.status === "length" || ((failed || cut) && message.content);
     buttons.querySelector('[data-action="continue"]').hidden = !(idle && assistant && isLast && resumable && !counting);
     buttons.querySelector('[data-action="copy"]').hidden = !message.content;
     this._fillBranches(entry, message, idle);
@@ -268,6 +270,10 @@ export class MessageList {
     } else if (message.status === "stopped") text = t("msg.stopped");
     else if (message.status === "length") text = t("msg.truncated");
     else if (message.status === "filtered") text = t("msg.filtered");
+    else if (message.status === "interrupted" || message.status === "abandoned") text = t("msg.interrupted");
+    // The server could not write the latest text to its database (yet): it keeps trying.
+    if (message.unsaved) text = text ? `${text} · ${t("msg.notSaved")}` : t("msg.notSaved");
+    status.classList.toggle("unsaved", Boolean(message.unsaved));
     status.textContent = text;
     status.hidden = !text;
   }

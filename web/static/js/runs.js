@@ -3,7 +3,7 @@
 // the last event id into the conversation together, so a reload resumes exactly where
 // the stored text ends, from the same generation, without a second upstream request.
 
-import { ApiError, startChat, stopChat } from "./api.js";
+import { ApiError, stopChat } from "./api.js";
 import { autoRetryDelay } from "./errors.js";
 import { uuid4 } from "./ids.js";
 import { EventFollower } from "./stream.js";
@@ -27,6 +27,7 @@ export class Runs extends EventTarget {
   constructor(store) {
     super();
     this.store = store;
+    store.runs = this; // the history store leaves alone what this tab is writing
     this.active = new Map(); // message id -> Run
     this.starting = new Set(); // conversation ids with a new answer waiting for its lock
     this.waiting = new Set(); // message ids another tab follows, that this tab would take over
@@ -75,11 +76,17 @@ export class Runs extends EventTarget {
       this._resume(conversation, message, message.error.resume, autoRetries);
       return;
     }
-    message.content = request.prefix;
-    message.reasoning = request.reasoning;
+    // A conversation stored on the server (no `messages` in the body): a request it took
+    // is asked again as a new version of the answer, or continues from the text it kept.
+    const stored = !Array.isArray(request.body.messages) && request.acknowledged;
+    if (!(stored && request.body.continue)) {
+      message.content = request.prefix;
+      message.reasoning = request.reasoning;
+    }
+    const body = stored ? this.store.retryBody(conversation, message, request.body) : request.body;
     // Same client_id only if the server never confirmed the first POST: then it may exist.
     const clientId = request.acknowledged ? uuid4() : request.body.client_id;
-    this.start(conversation, message, request.body, { clientId, autoRetries });
+    this.start(conversation, message, body, { clientId, autoRetries });
   }
 
   /**
@@ -265,7 +272,7 @@ class Run {
       let created;
       try {
         // Same client_id on every attempt, including after a reload mid-POST.
-        created = await startChat(this.pending.body);
+        created = await this.runs.store.startGeneration(this.conversation, this.pending.body);
       } catch (error) {
         if (this.pending.stopRequested) this._finish("stopped");
         else this._fail(error);

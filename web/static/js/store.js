@@ -1,18 +1,19 @@
 // Conversations and settings in localStorage: an index of conversations plus one key per
 // conversation, so saving the one being streamed does not rewrite all the others.
 
+import { startChat } from "./api.js";
 import { newId } from "./ids.js";
 
-const PREFIX = "rill.v1.";
-const INDEX_KEY = `${PREFIX}conversations`;
+export const PREFIX = "rill.v1.";
+export const INDEX_KEY = `${PREFIX}conversations`;
 const SETTINGS_KEY = `${PREFIX}settings`;
-const conversationKey = (id) => `${PREFIX}conversation.${id}`;
+export const conversationKey = (id) => `${PREFIX}conversation.${id}`;
 
 export const TITLE_MAX_CHARS = 60;
 
 const readIndex = () => read(INDEX_KEY, []).filter((entry) => entry && typeof entry.id === "string");
 
-function read(key, fallback) {
+export function read(key, fallback) {
   try {
     const raw = localStorage.getItem(key);
     return raw === null ? fallback : JSON.parse(raw);
@@ -132,6 +133,11 @@ export class Store extends EventTarget {
       this.dispatchEvent(new CustomEvent("change"));
     }
     return ok;
+  }
+
+  /** Starts the answer a Run follows: {id} of its generation (history.js stores it on the server instead). */
+  startGeneration(conversation, body) {
+    return startChat(body);
   }
 
   settings() {
