@@ -24,6 +24,7 @@ from server.http.httpserver import ListenError, raise_open_file_limit, start_ser
 from server.ops.logs import configure_logging
 from server.ops.memory import pin_malloc_thresholds
 from server.ops.systemd import notify
+from server.store import StoreOpenError
 
 log = logging.getLogger("server")
 
@@ -81,6 +82,10 @@ def main() -> int:
     except ListenError as exc:
         print(f"rill: {exc}", file=sys.stderr)
         return 1
+    except StoreOpenError as exc:
+        # A corrupt or newer-than-known database: stop, never recreate or overwrite it.
+        print(f"rill: cannot open the conversations' database: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -17,16 +17,20 @@ from aiohttp import web
 from server.access.budget import DailyBudget
 from server.access.gate import Gate
 from server.access.middleware import access_middleware, add_cors_headers
-from server.config import Config
+from server.config import Config, StorageConfig
+from server.history.answers import AnswerKeeper
+from server.history.feed import ChangeFeed
 from server.http.accesslog import PathOnlyAccessLogger
 from server.http.connections import connection_middleware
 from server.http.errors import error_middleware
 from server.http.routes import setup_routes
 from server.http.security import add_security_headers
 from server.keys import (
+    ANSWERS,
     BUDGET,
     CATALOG,
     CONFIG,
+    FEED,
     GATE,
     METRICS,
     MONITOR_TASK,
@@ -34,6 +38,7 @@ from server.keys import (
     REGISTRY,
     SESSION,
     STARTED_AT,
+    STORE,
 )
 from server.ops.logs import add_request_id_header, request_id_middleware
 from server.ops.metrics import Metrics
@@ -44,6 +49,7 @@ from server.relay.generation import SHUTDOWN_ERROR, Generation
 from server.relay.registry import GenerationRegistry
 from server.relay.streaming import OpenStreams
 from server.relay.upstream import client_timeout
+from server.store import StoreLimits, open_store
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,9 @@ def create_app(config: Config) -> web.Application:
 
     app[REGISTRY] = GenerationRegistry(config, on_end=generation_ended)
     app[OPEN_STREAMS] = OpenStreams()
+    if config.storage.enabled:
+        feed = app[FEED] = ChangeFeed()
+        app[ANSWERS] = AnswerKeeper(config, feed, budget, lambda: app[SESSION])
     metrics.live_generations.set_function(lambda: len(app[REGISTRY].live()))
     metrics.subscribers.set_function(lambda: len(app[OPEN_STREAMS]))
     aiohttp_jinja2.setup(
@@ -79,6 +88,8 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_security_headers)
     app.on_response_prepare.append(add_request_id_header)
     app.on_response_prepare.append(add_cors_headers)
+    # First in, last out: answers still being written get the database until the end.
+    app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_catalog)
     app.cleanup_ctx.append(_monitor)
@@ -105,6 +116,32 @@ def stop_accepting(app: web.Application) -> None:
     """The first step of a stop: /readyz answers 503 and new answers are refused (503
     shutting_down, which clients retry), while everything else is still served."""
     app[REGISTRY].accepting = False
+
+
+def store_limits(storage: StorageConfig) -> StoreLimits:
+    return StoreLimits(
+        max_conversations=storage.max_conversations,
+        max_messages=storage.max_messages,
+        max_bytes=storage.max_bytes,
+        max_message_chars=storage.max_message_chars,
+    )
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    """Opens (and migrates) the conversations' database; StoreOpenError stops start-up."""
+    storage = app[CONFIG].storage
+    if not storage.enabled:
+        yield
+        return
+    store = await open_store(storage.url, store_limits(storage))
+    app[STORE] = store
+    log.info("conversations: %s database at %s (%s)", store.backend, storage.shown_url, storage.url_from)
+    try:
+        await app[ANSWERS].open(store)  # answers cut off by the last stop: interrupted
+        yield
+        await app[ANSWERS].close()  # every answer's last write first
+    finally:
+        await store.close()
 
 
 async def _http_client(app: web.Application) -> AsyncIterator[None]:
@@ -154,6 +191,8 @@ async def _end_streams(app: web.Application) -> None:
     upstream request, and give open streams the time to write that last event."""
     registry = app[REGISTRY]
     registry.accepting = False
+    if FEED in app:
+        app[FEED].close()  # change streams never end by themselves
     live = registry.live()
     for generation in live:
         generation.fail(str(SHUTDOWN_ERROR["code"]), str(SHUTDOWN_ERROR["message"]), retryable=True)

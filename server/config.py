@@ -179,6 +179,40 @@ class CompatConfig:
     get_stream: bool = False
 
 
+@dataclass(frozen=True)
+class StorageConfig:
+    """Conversations kept on the server ([storage]). `url` is resolved: the file's or
+    RILL_DATABASE_URL's, else a SQLite file in the state directory; "" only when there is
+    no state directory to put it in, and then `enabled` is False."""
+
+    enabled: bool = True
+    url: str = field(default="", repr=False)  # may hold a PostgreSQL password
+    url_from: str = ""  # what chose the url, for messages
+    save_interval: float = 2.0  # seconds between two writes of an answer in progress
+    auto_titles: bool = True
+    keep_unread: bool = True  # a stored answer runs to its end with nobody reading it
+    max_conversations: int = 10_000  # per owner
+    max_messages: int = 250_000  # per owner
+    max_bytes: int = 1_073_741_824  # per owner: content + reasoning, UTF-8
+    max_message_chars: int = LimitsConfig.max_message_chars
+
+    @property
+    def backend(self) -> str:
+        return "postgresql" if self.url.startswith("postgres") else "sqlite"
+
+    @property
+    def shown_url(self) -> str:
+        """The url without its password, for logs and messages."""
+        return _without_password(self.url)
+
+    @property
+    def password(self) -> str:
+        try:
+            return URL(self.url).password or ""
+        except ValueError:
+            return ""
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     providers: tuple[ProviderConfig, ...]
@@ -191,12 +225,14 @@ class Config:
     demo: DemoConfig = DemoConfig()
     compat: CompatConfig = CompatConfig()
     access: AccessConfig = AccessConfig()
+    storage: StorageConfig = StorageConfig(enabled=False)
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for scrubbing text that came from outside."""
         keys = tuple(p.api_key.reveal() for p in self.providers if p.api_key)
-        return keys + tuple(token.secret.reveal() for token in self.access.tokens)
+        password = (self.storage.password,) if self.storage.password else ()
+        return keys + tuple(token.secret.reveal() for token in self.access.tokens) + password
 
 
 # --- reading the TOML document -------------------------------------------------------
@@ -450,6 +486,8 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
             f"put one or more in {access.tokens_env} (see the README, 'Access tokens'), or listen on 127.0.0.1"
         )
 
+    storage = _parse_storage(root.table("storage"), environ, access, limits)
+
     providers = [_parse_provider(p) for p in root.tables("providers")]
     if not providers:
         raise ConfigError("providers: at least one [[providers]] table is required")
@@ -475,6 +513,7 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
         demo=demo,
         compat=compat,
         access=access,
+        storage=storage,
     )
 
 
@@ -529,6 +568,70 @@ def _parse_access(section: _Section, environ: Mapping[str, str]) -> AccessConfig
     return access
 
 
+DATABASE_FILE = "rill.db"
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
+
+
+def _without_password(url: str) -> str:
+    try:
+        parsed = URL(url)
+        return str(parsed.with_password("***")) if parsed.password else url
+    except ValueError:
+        return "(unparsable URL)"
+
+
+def _database_url(text: str, key: str) -> str:
+    scheme = text.partition(":")[0].partition("+")[0].lower()
+    if scheme not in _DATABASE_SCHEMES or "://" not in text:
+        raise ConfigError(
+            f"{key}: must be a sqlite:///path/to/file.db or postgresql://user@host/database URL, "
+            f"got {_without_password(text)!r}"
+        )
+    if scheme == "sqlite" and text.partition("://")[2] in ("", "/", "/:memory:"):
+        raise ConfigError(f"{key}: a SQLite URL names a file, as in sqlite:////var/lib/rill/rill.db")
+    return text
+
+
+def _parse_storage(
+    section: _Section, environ: Mapping[str, str], access: AccessConfig, limits: LimitsConfig
+) -> StorageConfig:
+    enabled = section.get("enabled", bool, True)
+    file_url = section.get("url", str, "")
+    if env_url := environ.get("RILL_DATABASE_URL", ""):
+        url, url_from = _database_url(env_url, "RILL_DATABASE_URL"), "RILL_DATABASE_URL"
+    elif file_url:
+        url, url_from = _database_url(file_url, section.key("url")), section.key("url")
+    elif access.state_dir is not None:
+        url, url_from = f"sqlite:///{access.state_dir / DATABASE_FILE}", "the default, in the state directory"
+    else:
+        # Nowhere to keep it (no RILL_STATE_DIR, no HOME): the page keeps today's browser-only history.
+        url, url_from, enabled = "", "", False
+    storage = StorageConfig(
+        enabled=enabled,
+        url=url,
+        url_from=url_from,
+        save_interval=_positive(section, "save_interval", StorageConfig.save_interval),
+        auto_titles=section.get("auto_titles", bool, StorageConfig.auto_titles),
+        keep_unread=section.get("keep_unread", bool, StorageConfig.keep_unread),
+        max_conversations=_positive_int(section, "max_conversations", StorageConfig.max_conversations),
+        max_messages=_positive_int(section, "max_messages", StorageConfig.max_messages),
+        max_bytes=_positive_int(section, "max_bytes", StorageConfig.max_bytes),
+        max_message_chars=_positive_int(section, "max_message_chars", limits.max_message_chars),
+    )
+    section.finish()
+    return storage
+
+
+def uses_state_dir(config: Config) -> bool:
+    """Whether the database is the default SQLite file in the state directory."""
+    state_dir = config.access.state_dir
+    return (
+        config.storage.enabled
+        and state_dir is not None
+        and config.storage.url == f"sqlite:///{state_dir / DATABASE_FILE}"
+    )
+
+
 def parse_access_tokens(text: str, source: str) -> tuple[AccessToken, ...]:
     """One token per line or comma-separated, each `name:token` or a bare `token`.
 
@@ -575,21 +678,22 @@ def _state_dir(environ: Mapping[str, str]) -> tuple[Path | None, str]:
     return None, ""
 
 
-def prepare_state_dir(access: AccessConfig) -> None:
+def prepare_state_dir(access: AccessConfig, *, database: bool = False) -> None:
     """Make the state directory if it is missing (0700, the XDG spec's mode) and prove
     that Rill can list it and write in it, when anything is to be kept there.
 
     Every failure is a ConfigError naming the directory: found at start-up, it is one
     clear line, not a traceback at the first sign-out or a budget that forgets."""
     path = access.state_dir
-    if path is None or not access.keeps_state:
+    if path is None or not (access.keeps_state or database):
         return
 
     def fail(problem: str, exc: OSError | None = None) -> ConfigError:
         reason = f" ({exc.strerror or exc})" if exc is not None else ""
         return ConfigError(
-            f"state directory {str(path)!r} ({access.state_dir_from}) {problem}{reason}: Rill keeps sign-outs and "
-            "the token budget there; give it to the user Rill runs as, or set RILL_STATE_DIR to another directory"
+            f"state directory {str(path)!r} ({access.state_dir_from}) {problem}{reason}: Rill keeps sign-outs, "
+            "the token budget and the conversations' database there; "
+            "give it to the user Rill runs as, or set RILL_STATE_DIR to another directory"
         )
 
     try:
@@ -715,5 +819,5 @@ def load_config(environ: Mapping[str, str] | None = None, cwd: Path | None = Non
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     config = parse_config(document, env)
-    prepare_state_dir(config.access)
+    prepare_state_dir(config.access, database=uses_state_dir(config))
     return config

@@ -10,10 +10,13 @@ from aiohttp import web
 from server.access.budget import DailyBudget
 from server.access.gate import Gate
 from server.config import Config
+from server.history.answers import AnswerKeeper
+from server.history.feed import ChangeFeed
 from server.ops.metrics import Metrics
 from server.relay.catalog import Catalog
 from server.relay.registry import GenerationRegistry
 from server.relay.streaming import OpenStreams
+from server.store import Store
 
 CONFIG = web.AppKey("config", Config)
 CATALOG = web.AppKey("catalog", Catalog)
@@ -25,3 +28,6 @@ STARTED_AT = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)
 GATE = web.AppKey("gate", Gate)
 BUDGET = web.AppKey("budget", DailyBudget)
+STORE = web.AppKey("store", Store)  # only with [storage] enabled
+FEED = web.AppKey("feed", ChangeFeed)  # each owner's changes, for GET /api/changes
+ANSWERS = web.AppKey("answers", AnswerKeeper)  # writes stored conversations' answers; with STORE

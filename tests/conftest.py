@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import glob
+import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -240,3 +245,88 @@ def open_ui(open_page: OpenPage) -> OpenPage:
         return ui
 
     return open_ui
+
+
+# -- PostgreSQL: a throwaway cluster per test session, a fresh database per test ----------
+
+
+@dataclass
+class PostgresServer:
+    """A real PostgreSQL (Debian's package) in a temp dir on a free port; tests may stop
+    and start it again on the same port to play "the database restarts"."""
+
+    bin: str
+    directory: str
+    port: int
+    user: str = "rill"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        command = list(args)
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = f"{self.directory}/log"
+        self._run(f"{self.bin}/pg_ctl", "-D", f"{self.directory}/data", "-l", log, "-w", "-o", options, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(f"{self.bin}/pg_ctl", "-D", f"{self.directory}/data", "-m", mode, "-w", "stop")
+
+    def psql(self, sql: str, database: str = "postgres") -> None:
+        url = f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+        subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", url, "-c", sql], check=True, capture_output=True)
+
+
+def _postgres_bin() -> str:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found or shutil.which("psql") is None:
+        # Never a skip: CI installs the package (.ci/run), so a missing one is a broken setup.
+        pytest.fail("PostgreSQL is not installed (apt-get install postgresql): the store's tests need it")
+    return os.path.dirname(found[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    binaries = _postgres_bin()
+    directory = tempfile.mkdtemp(prefix="rill-pg-")
+    if os.geteuid() == 0:
+        shutil.chown(directory, "postgres")
+    server = PostgresServer(binaries, directory, free_port())
+    server._run(f"{binaries}/initdb", "-D", f"{directory}/data", "-A", "trust", "-U", server.user, "--no-sync")
+    server.start()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass  # a test left it stopped
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database for this test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres_server.psql(f"CREATE DATABASE {name} TEMPLATE template0")
+    return f"postgresql://{postgres_server.user}@127.0.0.1:{postgres_server.port}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Both backends: a SQLite file, and a database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/rill.db"
+    return str(request.getfixturevalue("postgres_url"))

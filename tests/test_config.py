@@ -567,3 +567,103 @@ def test_connection_settings_are_read(tmp_path: Path) -> None:
     server = load(tmp_path, text + PROVIDERS).server
     assert (server.drain_delay, server.header_timeout, server.max_connections_per_address) == (5.0, 3.0, 8)
     assert server.body_timeout == 30.0  # the defaults for the rest
+
+
+# --- [storage] ---------------------------------------------------------------------------
+
+
+def test_storage_defaults_to_sqlite_in_the_state_directory(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = load(tmp_path, PROVIDERS, RILL_STATE_DIR=str(state))
+    storage = config.storage
+    assert storage.enabled
+    assert storage.url == f"sqlite:///{state}/rill.db"
+    assert storage.backend == "sqlite"
+    assert (storage.save_interval, storage.auto_titles, storage.keep_unread) == (2.0, True, True)
+    assert (storage.max_conversations, storage.max_messages, storage.max_bytes) == (10_000, 250_000, 1_073_741_824)
+    assert storage.max_message_chars == config.limits.max_message_chars == 100_000
+    assert state.is_dir()  # made for the database, though nothing else is kept there
+    assert state.stat().st_mode & 0o777 == 0o700
+
+
+def test_storage_is_off_without_a_place_for_its_file(tmp_path: Path) -> None:
+    config = load(tmp_path, PROVIDERS)  # no RILL_STATE_DIR, no HOME
+    assert not config.storage.enabled
+    assert config.storage.url == ""
+
+
+def test_bundled_storage_section_matches_the_defaults(tmp_path: Path) -> None:
+    config = load_config(environ={"RILL_STATE_DIR": str(tmp_path)}, cwd=tmp_path)
+    assert config.storage.enabled
+    assert config.storage.url == f"sqlite:///{tmp_path}/rill.db"
+    assert config.storage.max_message_chars == config.limits.max_message_chars
+
+
+def test_storage_settings_are_read(tmp_path: Path) -> None:
+    toml = (
+        '[storage]\nenabled = false\nurl = "postgresql://rill:pw-5e1f@db.internal:5433/rill"\nsave_interval = 0.5\n'
+        "auto_titles = false\nkeep_unread = false\nmax_conversations = 3\nmax_messages = 4\nmax_bytes = 5\n"
+        "max_message_chars = 6\n" + PROVIDERS
+    )
+    storage = load(tmp_path, toml).storage
+    assert not storage.enabled
+    assert storage.backend == "postgresql"
+    assert (storage.save_interval, storage.auto_titles, storage.keep_unread) == (0.5, False, False)
+    assert (storage.max_conversations, storage.max_messages, storage.max_bytes, storage.max_message_chars) == (
+        3,
+        4,
+        5,
+        6,
+    )
+    assert storage.shown_url == "postgresql://rill:***@db.internal:5433/rill"
+    config = load(tmp_path, toml)
+    assert "pw-5e1f" not in repr(config)
+    assert "pw-5e1f" in config.secrets  # scrubbed from text that comes from outside
+
+
+def test_storage_max_message_chars_follows_the_limit(tmp_path: Path) -> None:
+    config = load(tmp_path, "[limits]\nmax_message_chars = 777\n" + PROVIDERS, RILL_STATE_DIR=str(tmp_path))
+    assert config.storage.max_message_chars == 777
+
+
+def test_rill_database_url_overrides_the_file(tmp_path: Path) -> None:
+    toml = '[storage]\nurl = "sqlite:////tmp/elsewhere.db"\n' + PROVIDERS
+    config = load(tmp_path, toml, RILL_DATABASE_URL="postgresql://u@127.0.0.1/rill", RILL_STATE_DIR=str(tmp_path))
+    assert config.storage.url == "postgresql://u@127.0.0.1/rill"
+    assert config.storage.url_from == "RILL_DATABASE_URL"
+    assert load(tmp_path, toml, RILL_DATABASE_URL="").storage.url == "sqlite:////tmp/elsewhere.db"  # empty: unset
+    state = tmp_path / "unused-state"
+    load(tmp_path, PROVIDERS, RILL_DATABASE_URL="sqlite:////tmp/x.db", RILL_STATE_DIR=str(state))
+    assert not state.exists()  # the database is elsewhere, and nothing else is kept
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("enabled = 1", "storage.enabled"),
+        ('url = "mysql://x@y/z"', "storage.url"),
+        ('url = "/var/lib/rill/rill.db"', "storage.url"),
+        ('url = "sqlite://"', "storage.url"),
+        ('url = "sqlite:///:memory:"', "storage.url"),
+        ("url = 5", "storage.url"),
+        ("save_interval = 0", "storage.save_interval"),
+        ("auto_titles = 1", "storage.auto_titles"),
+        ('keep_unread = "yes"', "storage.keep_unread"),
+        ("max_conversations = 0", "storage.max_conversations"),
+        ("max_messages = -1", "storage.max_messages"),
+        ("max_bytes = 1.5", "storage.max_bytes"),
+        ("max_message_chars = 0", "storage.max_message_chars"),
+        ('databse = "x"', "storage.databse"),
+    ],
+)
+def test_storage_settings_are_checked(tmp_path: Path, line: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, f"[storage]\n{line}\n" + PROVIDERS)
+    assert str(caught.value).startswith(f"{key}:"), str(caught.value)
+
+
+def test_a_bad_rill_database_url_never_shows_its_password(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, PROVIDERS, RILL_DATABASE_URL="mysql://u:hunter2-secret@db/rill")
+    assert str(caught.value).startswith("RILL_DATABASE_URL:")
+    assert "hunter2-secret" not in str(caught.value)

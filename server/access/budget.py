@@ -118,6 +118,13 @@ class DailyBudget:
         if self.enabled and generation.owner is not None:
             self.charge(generation.owner, tokens_used(generation))
 
+    def settle(self, hold_id: str, name: str | None, tokens: int) -> None:
+        """A request other than an answer (an automatic title) has ended: its hold goes,
+        what it used is charged."""
+        self._holds.pop(hold_id, None)
+        if self.enabled and name is not None:
+            self.charge(name, tokens)
+
     def charge(self, name: str, tokens: int) -> None:
         self._roll()
         self._used[name] = self._used.get(name, 0) + tokens

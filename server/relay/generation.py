@@ -118,6 +118,14 @@ def event_from_wire(event_id: int, wire: bytes) -> Event:
     return Event(event_id, name.decode(), rest[:-4].decode())
 
 
+def _joined(literals: list[bytes | bytearray]) -> str:
+    """The texts of JSON string literals, joined."""
+    if not literals:
+        return ""
+    texts: list[str] = json.loads(b"[" + b",".join(literals) + b"]")
+    return "".join(texts)
+
+
 # Writes the next event (its id, its wire bytes) to a reader straight away if it can
 # do so without waiting; False when it cannot (the reader's task must then be woken).
 Push = Callable[[int, bytes], bool]
@@ -181,6 +189,7 @@ class Generation:
         fingerprint: str,
         on_end: Callable[[Generation], None],
         owner: str | None = None,
+        keep_unread: bool = False,
     ) -> None:
         self.id = generation_id
         self.request = request
@@ -205,8 +214,13 @@ class Generation:
         self.terminal: Event | None = None
         self.usage: dict[str, Any] | None = None
         self.subscribers: set[Subscriber] = set()
+        # Runs to its end with no reader (an answer the history writes down is read by
+        # the history itself); Stop, max_tokens and the budget still bound it.
+        self.keep_unread = keep_unread
         self._config = config
         self._on_end = on_end
+        # Told once the answer has ended, after the registry (the history's writer).
+        self.end_callbacks: list[Callable[[Generation], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
 
@@ -318,6 +332,8 @@ class Generation:
         self._disarm_grace_timer()
         log.info("generation %s ended: %s %s", self.id, name, data.get("finish_reason") or data.get("code"))
         self._on_end(self)
+        for callback in self.end_callbacks:
+            callback(self)
 
     # --- the upstream's sink --------------------------------------------------------
 
@@ -427,6 +443,26 @@ class Generation:
         indexes = range(event_id, len(self._starts))
         return [event_from_wire(index + 1, self._wire(plain, base, index)) for index in indexes]
 
+    def texts_after(self, event_id: int) -> tuple[str, str]:
+        """The answer's text and reasoning in the events after `event_id`: what the
+        history's writer saves, read a batch at a time (one JSON decode per batch)."""
+        starts = self._starts
+        count = len(starts)
+        if event_id >= count:
+            return "", ""
+        base, plain = self._plain_from(starts[event_id])
+        content: list[bytes | bytearray] = []
+        reasoning: list[bytes | bytearray] = []
+        for index in range(event_id, count):
+            start = starts[index] - base
+            end = starts[index + 1] - base if index + 1 < count else len(plain)
+            first = plain[start]
+            if first == _QUOTE:
+                content.append(plain[start:end])
+            elif first == _REASONING_MARK:
+                reasoning.append(plain[start + 1 : end])
+        return _joined(content), _joined(reasoning)
+
     @property
     def events(self) -> list[Event]:
         return self.events_after(0)
@@ -450,6 +486,8 @@ class Generation:
 
     def _arm_grace_timer(self) -> None:
         self._disarm_grace_timer()
+        if self.keep_unread:
+            return
         loop = asyncio.get_running_loop()
         self._grace_timer = loop.call_later(self._config.stream.resume_grace, self._abandon)
 
@@ -460,7 +498,7 @@ class Generation:
 
     def _abandon(self) -> None:
         self._grace_timer = None
-        if self.subscribers or self.terminal is not None:
+        if self.subscribers or self.terminal is not None or self.keep_unread:
             return
         log.info("generation %s abandoned: no reader for %g s", self.id, self._config.stream.resume_grace)
         self.fail(

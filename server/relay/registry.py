@@ -62,6 +62,7 @@ class GenerationRegistry:
         client_id: str | None,
         fingerprint: str,
         owner: str | None = None,
+        keep_unread: bool = False,
     ) -> Generation:
         """Check the limits, then create and start a generation (the upstream call begins now)."""
         if not self.accepting:
@@ -100,6 +101,7 @@ class GenerationRegistry:
             fingerprint=fingerprint,
             on_end=self._ended_callback,
             owner=owner,
+            keep_unread=keep_unread,
         )
         self._by_id[generation.id] = generation
         if client_id is not None:

@@ -40,7 +40,7 @@ def retry_hint(retry_ms: int) -> bytes:
 EventEncoder = Callable[[Event], bytes]
 
 
-class _EventStream(EventSourceResponse):
+class EventStream(EventSourceResponse):
     """aiohttp-sse's response without its ping loop: the single monitor task sends every
     stream's heartbeats, and a task asleep per stream costs ~1.3 KB of memory."""
 
@@ -191,7 +191,7 @@ async def serve(
     until the terminal event. Returns how the stream ended; a client that went away is
     an outcome, not an exception."""
     # The library's own ping task is replaced by one app-wide heartbeat (inf = never).
-    response = _EventStream(ping_interval=math.inf, send_timeout=config.send_timeout)
+    response = EventStream(ping_interval=math.inf, send_timeout=config.send_timeout)
     writer = await response.prepare(request)
     assert writer is not None
     async with response:

@@ -1,0 +1,285 @@
+"""`python -m bench store` (or `python -m bench.store`): how fast the conversation store
+answers with one owner's large history in SQLite.
+
+Builds a database of 10,000 conversations and 200,000 messages (English prose, some
+Chinese, some mixed, a little code and emoji; one conversation of 2,000 messages) for one
+owner: rows go in by bulk inserts into the schema's tables on the Store's own engine, so
+the migrations' triggers index them for search as a real write would. Then times, through
+the Store's methods, the sidebar's first page, opening the 2,000-message conversation, and
+searches of each kind, and prints p50/p95 against the targets of issue 14 (list and open
+p95 < 20 ms, search p95 < 50 ms)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.store import Store, StoreLimits, open_store
+from server.store.schema import conversations, messages
+
+OWNER = "bench"
+BIG_ID = "big0000000000000"
+BATCH = 5000
+TARGETS_MS = {"list": 20.0, "open": 20.0, "search": 50.0}
+
+WORDS = (
+    "the a to of and in is it that for you with on this be are as can not your or we have will an by from "
+    "if at all more one about so when what which there use but they some would like just how time make "
+    "server client request response stream token model answer question database index query latency "
+    "memory thread process connection timeout retry cache network browser page function value error "
+    "config file system user data list table search result message conversation history title python "
+    "async await event loop socket buffer write read commit transaction lock backup restore migration "
+    "schema column row key owner limit quota budget deploy proxy nginx certificate domain version release"
+).split()
+CHINESE = (
+    "你好世界",
+    "我们今天讨论数据库的性能问题",
+    "这个模型的回答非常准确",
+    "请帮我写一个函数来计算平均值",
+    "服务器在重启之后恢复了连接",
+    "搜索功能需要支持中文和英文",
+    "历史记录会保存在服务器上",
+    "用户可以在手机和电脑上继续对话",
+    "这是一个关于网络延迟的问题",
+    "备份和恢复都应该经过测试",
+    "世界各地的用户都在使用它",
+    "请把这段文字翻译成英文",
+)
+EMOJI = ("🙂", "🚀", "👍🏻", "✅", "🔥")
+CODE = "```python\nasync def handler(request):\n    return web.json_response({'ok': True})\n```"
+
+
+@dataclass(frozen=True)
+class Size:
+    conversations: int
+    messages: int
+    big: int  # messages in the one long conversation
+
+
+FULL = Size(10_000, 200_000, 2_000)
+
+# (name, query, whether the data must hold hits)
+QUERIES = (
+    ("search 3+ Latin", "latency", True),
+    ("search 3+ Latin, 2 words", "database index", True),
+    ("search 2 CJK", "世界", True),
+    ("search 1 CJK", "的", True),
+    ("search no hit, Latin", "zyxwvutq", False),
+    ("search no hit, 2 CJK", "据世", False),  # two common characters, never adjacent
+)
+
+
+def sentence(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.15:
+        return rng.choice(CHINESE) + "。"
+    words = rng.choices(WORDS, k=rng.randint(6, 18))
+    text = " ".join(words).capitalize() + "."
+    if kind < 0.22:
+        text += " " + rng.choice(CHINESE) + "，" + rng.choice(WORDS)
+    if kind > 0.97:
+        text += " " + rng.choice(EMOJI)
+    return text
+
+
+def message_text(rng: random.Random, role: str) -> str:
+    count = rng.randint(1, 3) if role == "user" else rng.randint(3, 12)
+    text = " ".join(sentence(rng) for _ in range(count))
+    if role == "assistant" and rng.random() < 0.05:
+        text += "\n\n" + CODE
+    return text
+
+
+def plan(size: Size) -> list[int]:
+    """Messages per conversation: the long one first, the rest spread over the others."""
+    rest = size.conversations - 1
+    each, extra = divmod(size.messages - size.big, rest)
+    return [size.big] + [each + (1 if index < extra else 0) for index in range(rest)]
+
+
+async def build(store: Store, size: Size, seed: int = 14) -> None:
+    """One owner's history, bulk-inserted on the Store's engine (its triggers index it)."""
+    rng = random.Random(seed)
+    start = 1_700_000_000_000
+    conversation_rows: list[dict[str, Any]] = []
+    message_rows: list[dict[str, Any]] = []
+    message_pk = 0
+    clock = start
+    async with store.engine.begin() as connection:
+        for number, count in enumerate(plan(size)):
+            conversation_pk = number + 1
+            cid = BIG_ID if number == 0 else f"{rng.getrandbits(64):016x}"
+            created = clock
+            parent: int | None = None
+            total = 0
+            last = ""
+            for index in range(count):
+                message_pk += 1
+                role = "user" if index % 2 == 0 else "assistant"
+                content = message_text(rng, role)
+                total += len(content.encode())
+                clock += rng.randint(1_000, 60_000)
+                last = f"{rng.getrandbits(64):016x}"
+                message_rows.append(
+                    {
+                        "pk": message_pk,
+                        "conversation_pk": conversation_pk,
+                        "owner": OWNER,
+                        "id": last,
+                        "parent_pk": parent,
+                        "role": role,
+                        "content": content,
+                        "reasoning": "",
+                        "status": "done",
+                        "model": None if role == "user" else "bench-model",
+                        "finish_reason": None if role == "user" else "stop",
+                        "last_event_id": 0 if role == "user" else 40,
+                        "created": clock,
+                        "updated": clock,
+                    }
+                )
+                parent = message_pk
+            conversation_rows.append(
+                {
+                    "pk": conversation_pk,
+                    "owner": OWNER,
+                    "id": cid,
+                    "title": " ".join(rng.choices(WORDS, k=4)).capitalize()
+                    if rng.random() > 0.1
+                    else rng.choice(CHINESE),
+                    "title_source": "auto",
+                    "system": "",
+                    "model": "bench-model",
+                    "active": last or None,
+                    "created": created,
+                    "updated": clock,
+                    "bytes": total,
+                }
+            )
+            if len(message_rows) >= BATCH or number == size.conversations - 1:
+                # Conversations first: messages refer to them.
+                await connection.execute(conversations.insert(), conversation_rows)
+                await connection.execute(messages.insert(), message_rows)
+                conversation_rows, message_rows = [], []
+
+
+async def timed(call: Callable[[], Awaitable[Any]], repeat: int) -> tuple[list[float], Any]:
+    await call()  # warm: the first read pulls pages into the cache
+    samples = []
+    result = None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = await call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples, result
+
+
+def percentile(samples: list[float], share: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+async def measure(store: Store, size: Size, repeat: int) -> list[dict[str, Any]]:
+    """One row per operation: p50/p95 in ms, the target, and how many results."""
+    rows = []
+
+    async def row(name: str, kind: str, call: Callable[[], Awaitable[Any]], count: Callable[[Any], int]) -> int:
+        samples, result = await timed(call, repeat)
+        found = count(result)
+        rows.append(
+            {
+                "operation": name,
+                "p50_ms": statistics.median(samples),
+                "p95_ms": percentile(samples, 0.95),
+                "target_ms": TARGETS_MS[kind],
+                "results": found,
+            }
+        )
+        return found
+
+    listed = await row("list (first page)", "list", lambda: store.list_conversations(OWNER), len)
+    if listed == 0:
+        raise RuntimeError("the list is empty: the database was not built")
+    opened = await row(
+        f"open ({size.big:,} messages)",
+        "open",
+        lambda: store.get_conversation(OWNER, BIG_ID),
+        lambda conversation: len(conversation["messages"]) if conversation else 0,
+    )
+    if opened != size.big:
+        raise RuntimeError(f"opened {opened} messages, expected {size.big}")
+    for name, query, hits in QUERIES:
+        found = await row(f"{name}: {query}", "search", lambda q=query: store.search(OWNER, q), len)  # type: ignore[misc]
+        if bool(found) != hits:
+            raise RuntimeError(f"search {query!r} found {found} results: the data or the search is wrong")
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| operation | p50 ms | p95 ms | target p95 ms | results | met |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        met = "yes" if row["p95_ms"] < row["target_ms"] else "NO"
+        lines.append(
+            f"| {row['operation']} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | < {row['target_ms']:.0f} "
+            f"| {row['results']} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+async def run(size: Size, directory: Path, repeat: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Build in `directory`, measure: (rows, facts about the build)."""
+    path = directory / "bench-store.db"
+    limits = StoreLimits(
+        max_conversations=size.conversations,
+        max_messages=size.messages,
+        max_bytes=1 << 40,
+        max_message_chars=100_000,
+    )
+    started = time.monotonic()
+    store = await open_store(f"sqlite:///{path}", limits)
+    try:
+        await build(store, size)
+        built = time.monotonic() - started
+        rows = await measure(store, size, repeat)
+    finally:
+        await store.close()
+    return rows, {"build_s": built, "file_mb": path.stat().st_size / 1e6}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench store")
+    parser.add_argument("--conversations", type=int, default=FULL.conversations)
+    parser.add_argument("--messages", type=int, default=FULL.messages)
+    parser.add_argument("--big", type=int, default=FULL.big, help="messages in the conversation opened")
+    parser.add_argument("--repeat", type=int, default=100, help="timed calls per operation")
+    parser.add_argument("--keep", type=Path, help="build the database in this folder and keep it")
+    args = parser.parse_args(argv)
+    size = Size(args.conversations, args.messages, args.big)
+    if size.conversations < 2 or size.messages < size.big + size.conversations - 1:
+        parser.error("need 2+ conversations and enough messages for one each beyond the long one")
+    print(f"… building {size.conversations:,} conversations, {size.messages:,} messages", file=sys.stderr, flush=True)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        rows, facts = asyncio.run(run(size, args.keep, args.repeat))
+    else:
+        with tempfile.TemporaryDirectory(prefix="rill-bench-store-") as work:
+            rows, facts = asyncio.run(run(size, Path(work), args.repeat))
+    print(
+        f"\nConversation store (SQLite), {size.conversations:,} conversations, {size.messages:,} messages, "
+        f"one owner; built in {facts['build_s']:.1f} s, {facts['file_mb']:.0f} MB; {args.repeat} calls each\n"
+    )
+    print(table(rows))
+    return 0 if all(row["p95_ms"] < row["target_ms"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

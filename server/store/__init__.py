@@ -1,0 +1,7 @@
+"""Conversations stored on the server: SQLite by default, PostgreSQL by configuration."""
+
+from .errors import StoreOpenError, StoreUnavailable
+from .store import Store, open_store
+from .validation import StoreLimits
+
+__all__ = ["Store", "StoreLimits", "StoreOpenError", "StoreUnavailable", "open_store"]

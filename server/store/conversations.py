@@ -1,0 +1,149 @@
+"""Queries on one owner's conversations: find, list, create, change, delete, count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import shapes, validation
+from .errors import bad_message, not_found
+from .quotas import check_conversations, totals
+from .schema import conversations, messages
+from .validation import StoreLimits
+
+
+async def find_pk(connection: AsyncConnection, owner: str, cid: str) -> int | None:
+    result = await connection.execute(
+        select(conversations.c.pk).where(conversations.c.owner == owner, conversations.c.id == cid)
+    )
+    return result.scalar_one_or_none()
+
+
+async def require_pk(connection: AsyncConnection, owner: str, cid: Any) -> int:
+    """The conversation's key, or 404 (also for another owner's id and malformed ids)."""
+    if not isinstance(cid, str) or not validation.ID.fullmatch(cid):
+        raise not_found()
+    pk = await find_pk(connection, owner, cid)
+    if pk is None:
+        raise not_found()
+    return pk
+
+
+async def summary(connection: AsyncConnection, pk: int) -> dict[str, Any]:
+    row = (await connection.execute(shapes.summary_select().where(conversations.c.pk == pk))).one()
+    return shapes.summary(row)
+
+
+async def list_summaries(
+    connection: AsyncConnection, owner: str, limit: int, before: int | None
+) -> list[dict[str, Any]]:
+    query = shapes.summary_select().where(conversations.c.owner == owner)
+    if before is not None:
+        query = query.where(conversations.c.updated < before)
+    query = query.order_by(conversations.c.updated.desc(), conversations.c.pk.desc()).limit(limit)
+    return [shapes.summary(row) for row in await connection.execute(query)]
+
+
+CREATE_KEYS = frozenset({"id", "title", "title_source", "system", "model"})
+
+
+async def create(
+    connection: AsyncConnection, owner: str, data: Any, limits: StoreLimits, now: int
+) -> tuple[dict[str, Any], bool]:
+    if not isinstance(data, dict):
+        raise bad_message("A conversation must be an object.")
+    unknown = set(data) - CREATE_KEYS
+    if unknown:
+        raise bad_message(f"Unknown conversation field {sorted(unknown)[0]!r}.")
+    cid = validation.valid_id(data["id"], "conversation id") if data.get("id") is not None else validation.new_id()
+    title = validation.title(data.get("title", ""))
+    source = validation.title_source(data.get("title_source", "user" if title else None))
+    system = validation.text(data.get("system", ""), "system", limits.max_message_chars)
+    model = validation.model(data.get("model"))
+    existing = await find_pk(connection, owner, cid)
+    if existing is not None:
+        return await summary(connection, existing), False
+    await check_conversations(connection, owner, limits, 1)
+    pk = await insert_row(
+        connection,
+        owner,
+        {"id": cid, "title": title, "title_source": source, "system": system, "model": model, "active": None},
+        now,
+        now,
+    )
+    return await summary(connection, pk), True
+
+
+async def insert_row(
+    connection: AsyncConnection, owner: str, fields: dict[str, Any], created: int, updated: int
+) -> int:
+    result = await connection.execute(
+        insert(conversations)
+        .values(owner=owner, created=created, updated=updated, bytes=0, **fields)
+        .returning(conversations.c.pk)
+    )
+    return int(result.scalar_one())
+
+
+UPDATE_KEYS = frozenset({"title", "title_source", "system", "model", "active"})
+
+
+async def change(
+    connection: AsyncConnection, owner: str, cid: str, changes: Any, limits: StoreLimits, now: int
+) -> dict[str, Any] | None:
+    if not isinstance(changes, dict):
+        raise bad_message("Changes must be an object.")
+    unknown = set(changes) - UPDATE_KEYS
+    if unknown:
+        raise bad_message(f"Unknown conversation field {sorted(unknown)[0]!r}.")
+    pk = await find_pk(connection, owner, cid) if validation.ID.fullmatch(str(cid)) else None
+    if pk is None:
+        return None
+    values: dict[str, Any] = {}
+    if "title" in changes:
+        values["title"] = validation.title(changes["title"])
+        values["title_source"] = validation.title_source(changes.get("title_source", "user"))
+    elif "title_source" in changes:
+        values["title_source"] = validation.title_source(changes["title_source"])
+    if "system" in changes:
+        values["system"] = validation.text(changes["system"], "system", limits.max_message_chars)
+    if "model" in changes:
+        values["model"] = validation.model(changes["model"])
+    if "active" in changes:
+        active = validation.optional_id(changes["active"], "active")
+        if active is not None and not await message_exists(connection, pk, active):
+            raise not_found("message")
+        values["active"] = active
+    if set(values) - {"active"}:
+        # Switching branches is not news for the sidebar's order; a rename or new settings are.
+        values["updated"] = now
+    if values:
+        await connection.execute(update(conversations).where(conversations.c.pk == pk).values(**values))
+    return await summary(connection, pk)
+
+
+async def message_exists(connection: AsyncConnection, pk: int, mid: str) -> bool:
+    result = await connection.execute(
+        select(messages.c.pk).where(messages.c.conversation_pk == pk, messages.c.id == mid)
+    )
+    return result.first() is not None
+
+
+async def remove(connection: AsyncConnection, owner: str, cid: str) -> bool:
+    if not isinstance(cid, str) or not validation.ID.fullmatch(cid):
+        return False
+    result = await connection.execute(
+        delete(conversations).where(conversations.c.owner == owner, conversations.c.id == cid)
+    )
+    return bool(result.rowcount)
+
+
+async def remove_owner(connection: AsyncConnection, owner: str) -> dict[str, int]:
+    counts = await totals(connection, owner)
+    # Messages first, in one statement: cascading one conversation at a time would walk
+    # the parent links row by row.
+    await connection.execute(delete(messages).where(messages.c.owner == owner))
+    await connection.execute(delete(conversations).where(conversations.c.owner == owner))
+    return {"conversations": counts["conversations"], "messages": counts["messages"]}

@@ -1,0 +1,76 @@
+"""The store's errors: refusals a client can act on (ApiError, 4xx), the database being
+unreachable for now (StoreUnavailable, 503), and a database Rill must not start on."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import exc
+
+from server.http.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+class StoreOpenError(Exception):
+    """A database Rill must not start on (corrupt, newer than this code, unreachable):
+    one line for the operator; `python -m server` exits 2 with it."""
+
+
+class StoreUnavailable(ApiError):
+    """The database is down, locked or full right now; the same call later may work."""
+
+    retryable = True
+
+    def __init__(self, message: str = "The conversation store is unavailable right now; try again shortly.") -> None:
+        super().__init__(503, "storage_unavailable", message)
+
+
+def not_found(what: str = "conversation") -> ApiError:
+    if what == "message":
+        return ApiError(404, "message_not_found", "There is no such message in this conversation.")
+    return ApiError(404, "conversation_not_found", "There is no such conversation.")
+
+
+def bad_id(field: str) -> ApiError:
+    return ApiError(400, "bad_id", f"{field} must be 1 to 64 letters, digits, '_' or '-'.")
+
+
+def bad_message(reason: str) -> ApiError:
+    return ApiError(400, "bad_message", reason)
+
+
+def bad_document(reason: str) -> ApiError:
+    return ApiError(400, "bad_document", f"Not a Rill conversations export: {reason}")
+
+
+def too_long(limit: int) -> ApiError:
+    return ApiError(413, "message_too_long", f"A message is longer than the {limit} characters the server accepts.")
+
+
+def _unavailable(error: BaseException) -> bool:
+    if isinstance(error, exc.DBAPIError):
+        # Locked, disk full, connection refused or dropped, server shutting down.
+        return error.connection_invalidated or isinstance(error, exc.OperationalError | exc.InterfaceError)
+    # Reaching the server failed before the driver had a connection to wrap it in.
+    return isinstance(error, OSError | TimeoutError | exc.TimeoutError)
+
+
+@asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Database outages become StoreUnavailable; the engine's pool reconnects by itself
+    (pre-ping) once the database is back, so nothing here needs to be reopened."""
+    try:
+        yield
+    except Exception as error:
+        if not _unavailable(error):
+            raise
+        log.warning("conversation store unavailable: %s", _one_line(error))
+        raise StoreUnavailable() from error
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error) or type(error).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,133 @@
+"""Queries on messages: add one under its parent, the path from a root to a leaf, the
+answer writer's saves, and start-up recovery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import insert, literal, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import shapes, validation
+from .conversations import require_pk
+from .errors import not_found
+from .quotas import check_messages
+from .schema import conversations, messages
+from .validation import StoreLimits
+
+
+async def of_conversation(connection: AsyncConnection, pk: int) -> list[dict[str, Any]]:
+    """All messages of the tree, parents before children (insertion order), oldest first."""
+    rows = await connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk))
+    return [shapes.message(row) for row in rows]
+
+
+async def find(connection: AsyncConnection, pk: int, mid: str) -> dict[str, Any] | None:
+    row = (
+        await connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk, messages.c.id == mid))
+    ).first()
+    return None if row is None else shapes.message(row)
+
+
+async def find_pk(connection: AsyncConnection, pk: int, mid: str) -> int | None:
+    result = await connection.execute(
+        select(messages.c.pk).where(messages.c.conversation_pk == pk, messages.c.id == mid)
+    )
+    return result.scalar_one_or_none()
+
+
+async def add(
+    connection: AsyncConnection, owner: str, cid: str, data: Any, limits: StoreLimits, now: int
+) -> dict[str, Any]:
+    fields = validation.message(data, limits, now)
+    pk = await require_pk(connection, owner, cid)
+    existing = await find(connection, pk, fields["id"])
+    if existing is not None:
+        return existing  # the same request again (idempotent by id): nothing changes
+    parent_pk = None
+    if fields["parent"] is not None:
+        parent_pk = await find_pk(connection, pk, fields["parent"])
+        if parent_pk is None:
+            raise not_found("message")
+    size = shapes.text_bytes(fields["content"], fields["reasoning"])
+    await check_messages(connection, owner, limits, 1, size)
+    await insert_row(connection, owner, pk, parent_pk, fields)
+    await connection.execute(
+        update(conversations)
+        .where(conversations.c.pk == pk)
+        .values(active=fields["id"], updated=now, bytes=conversations.c.bytes + size)
+    )
+    added = await find(connection, pk, fields["id"])
+    assert added is not None
+    return added
+
+
+async def insert_row(
+    connection: AsyncConnection, owner: str, conversation_pk: int, parent_pk: int | None, fields: dict[str, Any]
+) -> int:
+    values = {name: value for name, value in fields.items() if name != "parent"}
+    values["error"] = shapes.dumps(values["error"])
+    values["usage"] = shapes.dumps(values["usage"])
+    result = await connection.execute(
+        insert(messages)
+        .values(owner=owner, conversation_pk=conversation_pk, parent_pk=parent_pk, **values)
+        .returning(messages.c.pk)
+    )
+    return int(result.scalar_one())
+
+
+async def path(connection: AsyncConnection, owner: str, cid: str, leaf: Any) -> list[dict[str, Any]]:
+    """Root .. leaf: the branch the model is shown."""
+    pk = await require_pk(connection, owner, cid)
+    if not isinstance(leaf, str) or not validation.ID.fullmatch(leaf):
+        raise not_found("message")
+    ancestors = (
+        select(messages.c.pk, messages.c.parent_pk, literal(0).label("depth"))
+        .where(messages.c.conversation_pk == pk, messages.c.id == leaf)
+        .cte("ancestors", recursive=True)
+    )
+    ancestors = ancestors.union_all(
+        select(messages.c.pk, messages.c.parent_pk, (ancestors.c.depth + 1).label("depth")).join(
+            ancestors, messages.c.pk == ancestors.c.parent_pk
+        )
+    )
+    query = (
+        shapes.message_select()
+        .join(ancestors, messages.c.pk == ancestors.c.pk)
+        .order_by(None)
+        .order_by(ancestors.c.depth.desc())
+    )
+    found = [shapes.message(row) for row in await connection.execute(query)]
+    if not found:
+        raise not_found("message")
+    return found
+
+
+async def save_answer(
+    connection: AsyncConnection, owner: str, cid: str, mid: str, values: dict[str, Any], now: int
+) -> None:
+    """The answer writer's flush: never refused for quota (the answer was accepted)."""
+    pk = await require_pk(connection, owner, cid)
+    row = (
+        await connection.execute(
+            select(messages.c.pk, messages.c.content, messages.c.reasoning).where(
+                messages.c.conversation_pk == pk, messages.c.id == mid
+            )
+        )
+    ).first()
+    if row is None:
+        raise not_found("message")
+    values["content"] = shapes.storable(values["content"])
+    values["reasoning"] = shapes.storable(values["reasoning"])
+    delta = shapes.text_bytes(values["content"], values["reasoning"]) - shapes.text_bytes(row.content, row.reasoning)
+    await connection.execute(update(messages).where(messages.c.pk == row.pk).values(updated=now, **values))
+    await connection.execute(
+        update(conversations).where(conversations.c.pk == pk).values(updated=now, bytes=conversations.c.bytes + delta)
+    )
+
+
+async def mark_interrupted(connection: AsyncConnection, now: int) -> int:
+    result = await connection.execute(
+        update(messages).where(messages.c.status == "streaming").values(status="interrupted", updated=now)
+    )
+    return int(result.rowcount)

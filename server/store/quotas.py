@@ -1,0 +1,62 @@
+"""Per-owner limits: how much one owner stores, and the refusals when a write would pass
+a limit. Only writes that add are refused: reads, deletes and an accepted answer's
+saves always go through."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from server.http.errors import ApiError
+
+from .schema import conversations, messages
+from .validation import StoreLimits
+
+
+async def totals(connection: AsyncConnection, owner: str) -> dict[str, int]:
+    row = (
+        await connection.execute(
+            select(func.count(), func.coalesce(func.sum(conversations.c.bytes), 0)).where(
+                conversations.c.owner == owner
+            )
+        )
+    ).one()
+    count = (await connection.execute(select(func.count()).where(messages.c.owner == owner))).scalar_one()
+    return {"conversations": int(row[0]), "messages": int(count), "bytes": int(row[1])}
+
+
+def usage(totals: dict[str, int], limits: StoreLimits) -> dict[str, int]:
+    return totals | {
+        "max_conversations": limits.max_conversations,
+        "max_messages": limits.max_messages,
+        "max_bytes": limits.max_bytes,
+        "max_message_chars": limits.max_message_chars,
+    }
+
+
+async def check_conversations(connection: AsyncConnection, owner: str, limits: StoreLimits, adding: int) -> None:
+    count = (await connection.execute(select(func.count()).where(conversations.c.owner == owner))).scalar_one()
+    if count + adding > limits.max_conversations:
+        raise ApiError(
+            409,
+            "quota_conversations",
+            f"You have reached the limit of {limits.max_conversations} conversations: delete some to start new ones.",
+        )
+
+
+async def check_messages(
+    connection: AsyncConnection, owner: str, limits: StoreLimits, adding: int, adding_bytes: int
+) -> None:
+    have = await totals(connection, owner)
+    if have["messages"] + adding > limits.max_messages:
+        raise ApiError(
+            409,
+            "quota_messages",
+            f"You have reached the limit of {limits.max_messages} messages: delete some conversations to add more.",
+        )
+    if have["bytes"] + adding_bytes > limits.max_bytes:
+        raise ApiError(
+            413,
+            "quota_bytes",
+            f"Your conversations have reached the storage limit of {limits.max_bytes} bytes: delete some to add more.",
+        )

@@ -1,0 +1,185 @@
+"""Search across one owner's conversations: titles and message texts, with a snippet
+around the first match and every match in it highlighted.
+
+SQLite asks the FTS5 indexes of migration 0002_search (trigram for 3+ characters, the
+one-token-per-CJK-character index for 1-2, see fts.py); PostgreSQL asks ILIKE (pg_trgm's
+GIN indexes when present). Either way each hit is confirmed here by a case-insensitive
+substring test, which is also what places the snippet and highlights, so both backends
+give the same meaning to a query: its text, case aside, never a query language."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import fts
+
+SNIPPET_CHARS = 160  # window shown around the first match
+BEFORE_CHARS = 50  # of which before it, when the text allows
+SHORT_QUERY = 3  # below this many characters the trigram index cannot answer
+ELLIPSIS = "…"
+_SPACE = re.compile(r"\s")  # one for one, so offsets survive
+
+
+async def search(connection: AsyncConnection, backend: str, owner: str, query: str, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` SearchResults, most recently updated first: title hits (`message`
+    None) and message hits."""
+    needle = query.strip()
+    if not needle or limit <= 0:
+        return []
+    short = len(needle) < SHORT_QUERY
+    if short and not any(fts.indexed(char) for char in needle):
+        return []  # "%", "?!": punctuation alone is not in the index
+    fetch = limit + 10  # spare rows for hits the substring test turns down
+    if backend == "sqlite":
+        titles, messages = await _sqlite_rows(connection, owner, needle, fetch)
+    else:
+        titles, messages = await _postgresql_rows(connection, owner, needle, fetch)
+    folded = fold(needle)
+    results = [
+        result
+        for result in (
+            *(_result(row, row.title, None, folded, short) for row in titles),
+            *(_result(row, row.content, row.message, folded, short) for row in messages),
+        )
+        if result is not None
+    ]
+    results.sort(key=lambda result: result["updated"], reverse=True)
+    return results[:limit]
+
+
+async def _sqlite_rows(connection: AsyncConnection, owner: str, needle: str, fetch: int) -> tuple[list[Any], list[Any]]:
+    # FTS5 strings end at a NUL: ask the index for the longest piece without one (a
+    # superset), the substring test keeps the real matches.
+    needle = max(needle.split("\x00"), key=len)
+    if len(needle) >= SHORT_QUERY:
+        suffix = ""
+        match = _fts_string(needle)
+    else:
+        tokens = fts.search_text(needle).split()
+        if not tokens:
+            return [], []  # punctuation only: nothing an index holds
+        suffix = "_short"
+        match = _fts_string(" ".join(tokens)) + ("*" if fts.ends_in_word(needle) else "")
+    # The FTS index drives (newest rows first, stopping at the limit); the owner check
+    # joins by primary key.
+    titles = await connection.execute(
+        text(
+            f"SELECT c.id AS conversation, c.title, c.updated FROM search_titles{suffix} AS s "
+            "JOIN conversations AS c ON c.pk = s.rowid "
+            f"WHERE search_titles{suffix} MATCH :match AND c.owner = :owner "
+            "ORDER BY s.rowid DESC LIMIT :fetch"
+        ),
+        {"match": match, "owner": owner, "fetch": fetch},
+    )
+    messages = await connection.execute(
+        text(
+            "SELECT c.id AS conversation, c.title, m.id AS message, m.role, m.content, m.updated "
+            f"FROM search_messages{suffix} AS s JOIN messages AS m ON m.pk = s.rowid "
+            "JOIN conversations AS c ON c.pk = m.conversation_pk "
+            f"WHERE search_messages{suffix} MATCH :match AND m.owner = :owner "
+            "ORDER BY s.rowid DESC LIMIT :fetch"
+        ),
+        {"match": match, "owner": owner, "fetch": fetch},
+    )
+    return list(titles), list(messages)
+
+
+async def _postgresql_rows(
+    connection: AsyncConnection, owner: str, needle: str, fetch: int
+) -> tuple[list[Any], list[Any]]:
+    pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    titles = await connection.execute(
+        text(
+            "SELECT c.id AS conversation, c.title, c.updated FROM conversations AS c "
+            "WHERE c.owner = :owner AND c.title ILIKE :pattern ESCAPE '\\' "
+            "ORDER BY c.updated DESC LIMIT :fetch"
+        ),
+        {"pattern": pattern, "owner": owner, "fetch": fetch},
+    )
+    messages = await connection.execute(
+        text(
+            "SELECT c.id AS conversation, c.title, m.id AS message, m.role, m.content, m.updated "
+            "FROM messages AS m JOIN conversations AS c ON c.pk = m.conversation_pk "
+            "WHERE m.owner = :owner AND m.content ILIKE :pattern ESCAPE '\\' "
+            "ORDER BY m.pk DESC LIMIT :fetch"
+        ),
+        {"pattern": pattern, "owner": owner, "fetch": fetch},
+    )
+    return list(titles), list(messages)
+
+
+def _fts_string(value: str) -> str:
+    """An FTS5 string: everything inside is text to tokenize, nothing is syntax."""
+    return '"' + value.replace('"', '""') + '"'
+
+
+def _result(row: Any, haystack: str, message: str | None, folded_needle: str, short: bool) -> dict[str, Any] | None:
+    found = snippet(haystack, folded_needle, word_start=short)
+    if found is None:
+        return None
+    text_, highlights = found
+    return {
+        "conversation": row.conversation,
+        "title": row.title,
+        "message": message,
+        "role": row.role if message is not None else None,
+        "snippet": text_,
+        "highlights": highlights,
+        "updated": row.updated,
+    }
+
+
+def fold(value: str) -> str:
+    """Lower case, one character for one (İ lowers to two: kept as is), so positions in
+    the folded text are positions in the original."""
+    lowered = value.lower()
+    if len(lowered) == len(value):
+        return lowered
+    return "".join(char.lower() if len(char.lower()) == 1 else char for char in value)
+
+
+def matches(folded_haystack: str, folded_needle: str, word_start: bool = False) -> Iterable[int]:
+    """Start of every non-overlapping occurrence; with `word_start`, only where the
+    short-query index finds one: 1-2 letters at the start of a word (ok in "okay", not in
+    "took"), while a CJK character or emoji matches anywhere."""
+    start = folded_haystack.find(folded_needle)
+    anywhere = not word_start or not fts.in_word(folded_needle[0])
+    while start >= 0:
+        if anywhere or start == 0 or not fts.in_word(folded_haystack[start - 1]):
+            yield start
+            start = folded_haystack.find(folded_needle, start + len(folded_needle))
+        else:
+            start = folded_haystack.find(folded_needle, start + 1)
+
+
+def snippet(haystack: str, folded_needle: str, word_start: bool = False) -> tuple[str, list[list[int]]] | None:
+    """(window of about SNIPPET_CHARS around the first match, with … where cut; every
+    whole match in it as [start, end] in UTF-16 code units), or None: no match."""
+    folded = fold(haystack)
+    starts = list(matches(folded, folded_needle, word_start))
+    if not starts:
+        return None
+    size = len(folded_needle)
+    first = starts[0]
+    begin = max(0, first - BEFORE_CHARS)
+    end = min(len(haystack), max(begin + SNIPPET_CHARS, first + size))
+    begin = max(0, min(begin, end - SNIPPET_CHARS))  # near the end: show more before it
+    lead = ELLIPSIS if begin > 0 else ""
+    window = lead + _SPACE.sub(" ", haystack[begin:end]) + (ELLIPSIS if end < len(haystack) else "")
+    highlights = []
+    for start in starts:
+        if begin <= start and start + size <= end:
+            offset = len(lead) + utf16_length(haystack[begin:start])
+            highlights.append([offset, offset + utf16_length(haystack[start : start + size])])
+    return window, highlights
+
+
+def utf16_length(value: str) -> int:
+    """Length in UTF-16 code units, as a JavaScript string counts: astral characters
+    (most emoji) are two."""
+    return len(value) + sum(1 for char in value if ord(char) > 0xFFFF)
