@@ -1,5 +1,5 @@
-"""`python -m bench [--quick] [--only NAME ...] [--repeat N]`, `python -m bench soak --minutes 60`:
-see bench/README.md."""
+"""`python -m bench [--quick] [--only NAME ...] [--repeat N]`, `python -m bench soak --minutes 60`,
+`python -m bench store`: see bench/README.md."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ def main() -> int:
         from .soak import main as soak
 
         return soak(sys.argv[2:])
+    if sys.argv[1:2] == ["store"]:
+        from .store import main as store
+
+        return store(sys.argv[2:])
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="small loads: checks the instrument, not the speed")
     parser.add_argument("--only", nargs="*", help="scenario names to run")

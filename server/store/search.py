@@ -5,7 +5,11 @@ SQLite asks the FTS5 indexes of migration 0002_search (trigram for 3+ characters
 one-token-per-CJK-character index for 1-2, see fts.py); PostgreSQL asks ILIKE (pg_trgm's
 GIN indexes when present). Either way each hit is confirmed here by a case-insensitive
 substring test, which is also what places the snippet and highlights, so both backends
-give the same meaning to a query: its text, case aside, never a query language."""
+give the same meaning to a query: its text, case aside, never a query language. A query
+of 3+ characters matches anywhere; one of 1-2 matches anywhere when it starts with a CJK
+character or emoji (世界 in 你好世界), and at a word's start when it starts with a letter
+of a spaced script ("ok" finds "okay", not "took"): what the short-query index can
+answer without scanning, kept the same on PostgreSQL."""
 
 from __future__ import annotations
 

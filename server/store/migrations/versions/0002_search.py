@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 # (index prefix, table, column): messages.content and conversations.title.
 SOURCES = (("search_messages", "messages", "content"), ("search_titles", "conversations", "title"))
 SHORT_TOKENIZER = "unicode61 remove_diacritics 0"  # trigram keeps diacritics too: one meaning of a match
-TRGM_INDEXES = (("ix_messages_content_trgm", "messages", "content"), ("ix_conversations_title_trgm", "conversations", "title"))
+TRGM_INDEXES = (
+    ("ix_messages_content_trgm", "messages", "content"),
+    ("ix_conversations_title_trgm", "conversations", "title"),
+)
 
 
 def _sqlite_statements(name: str, table: str, column: str) -> list[str]:
