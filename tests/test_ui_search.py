@@ -86,6 +86,12 @@ async def test_search_finds_chinese_two_characters_and_highlights_with_marks(
     await expect(page.locator("#search-results")).to_be_hidden()
     await expect(page.locator("#conversations .conversation")).to_have_count(3)
 
+    # A title hit: the title itself, highlighted.
+    await search.fill("greet")
+    await expect(result).to_have_count(1)
+    await expect(result.locator(".result-title mark")).to_have_text(["Greet"])
+    await expect(result.locator(".result-snippet")).to_be_hidden()
+
     # Nothing found says so.
     await search.fill("xylophone")
     await expect(page.locator("#search-status")).to_have_text("Nothing found.")

@@ -133,10 +133,16 @@ export class SearchBox {
     const button = item.querySelector(".search-open");
     button.dataset.conversation = String(result.conversation ?? "");
     if (typeof result.message === "string") button.dataset.message = result.message;
-    item.querySelector(".result-title").textContent = result.title || t("app.untitled");
+    const title = item.querySelector(".result-title");
     const snippet = item.querySelector(".result-snippet");
-    if (result.message === null && !result.snippet) snippet.textContent = t("search.inTitle");
-    else snippet.replaceChildren(...highlightedNodes(result.snippet, result.highlights));
+    if (typeof result.message === "string") {
+      title.textContent = result.title || t("app.untitled");
+      snippet.replaceChildren(...highlightedNodes(result.snippet, result.highlights));
+    } else {
+      // A title hit: its snippet is the title itself, highlighted in place.
+      title.replaceChildren(...highlightedNodes(result.snippet || result.title, result.highlights));
+      snippet.hidden = true;
+    }
     return item;
   }
 
