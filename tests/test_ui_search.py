@@ -177,3 +177,15 @@ async def test_opening_a_result_shows_the_branch_with_the_message(
         while (await conversation(rill, "branched"))["active"] != "a2":
             await asyncio.sleep(0.05)
     await ui.assert_clean()
+
+
+async def test_without_stored_conversations_search_and_the_data_dialog_stay_hidden(
+    start_rill: StartRill, open_ui: OpenPage
+) -> None:
+    rill = await start_rill(storage={"enabled": False})
+    ui = await open_ui(rill)
+    page = ui.page
+    await page.wait_for_timeout(300)  # past GET /api/history
+    await expect(page.locator("#search")).to_be_hidden()
+    await expect(page.locator("#data-open")).to_be_hidden()
+    await ui.assert_clean()

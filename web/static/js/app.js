@@ -417,7 +417,7 @@ class ChatApp {
   }
 
   _afterImport() {
-    this._renderSidebar();
+    this.store.refreshAll().catch(() => {}); // the feed brings it too; this does not wait for it
     this.search.refresh();
   }
 
