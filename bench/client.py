@@ -1,8 +1,9 @@
 """The load client: opens many streams through a target and records every token.
 
 `python -m bench.client '<json job>'` prints a JSON result. Targets: `direct` (the
-fake upstream itself: the physical limit), `naive` (the baseline relay) and `rill`
-(POST /api/chat, then its event stream). Per token it checks delivered, lost,
+fake upstream itself: the physical limit), `naive` (the baseline relay), `rill`
+(POST /api/chat, then its event stream) and `rill-history` (a stored conversation: POST
+/api/conversations, POST .../messages, then the answer's event stream). Per token it checks delivered, lost,
 duplicated and reordered, and how long after the upstream wrote it the token arrived.
 It also reports its own CPU time and event-loop lag, to show it was not the bottleneck."""
 
@@ -27,7 +28,7 @@ from .wire import EVENT_ID, TOKEN_BYTES
 
 @dataclass
 class Job:
-    target: str  # direct | naive | rill
+    target: str  # direct | naive | rill | rill-history
     url: str  # the target's base URL
     streams: int
     scenario: dict[str, Any]  # what the fake upstream should send: tokens, interval, split, seed
@@ -119,7 +120,7 @@ class _EventReader:
             return
         complete, self.pending = pending[:end], pending[end:]
         self.stream.take(complete, arrived, self.started)
-        if self.target == "rill":
+        if self.target.startswith("rill"):
             if ids := EVENT_ID.findall(complete):
                 self.last_id = ids[-1].decode()
             if b"event: error" in complete:
@@ -153,6 +154,19 @@ async def _one(session: aiohttp.ClientSession, job: Job, number: int, rng: rando
             )
         elif job.target == "naive":
             response = await session.get(f"{job.url}/relay", params={"scenario": json.dumps(job.scenario)})
+        elif job.target == "rill-history":
+            async with session.post(f"{job.url}/api/conversations", json={}) as created:
+                if created.status != 201:
+                    stream.error = f"POST conversation {created.status}"
+                    return stream
+                conversation = (await created.json())["id"]
+            question = {"parent": None, "content": _body(job)["messages"][0]["content"]}
+            async with session.post(f"{job.url}/api/conversations/{conversation}/messages", json=question) as created:
+                if created.status != 201:
+                    stream.error = f"POST message {created.status}"
+                    return stream
+                events = (await created.json())["generation"]["events"]
+            response = await session.get(f"{job.url}{events}")
         else:
             async with session.post(f"{job.url}/api/chat", json=_body(job)) as created:
                 if created.status != 201:

@@ -88,6 +88,18 @@ def targets(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
             "–" if cap100 is None else f"{_num(cap100.cpu_us_per_token)} µs{floor}",
         )
     )
+    stored = {r.scenario: r for r in rows if r.target == "rill-history"}
+    pair = next(((rill[n], stored[n]) for n in ("capacity-100", "capacity-20") if n in rill and n in stored), None)
+    if pair is not None:
+        off, on = pair[0].cpu_us_per_token, pair[1].cpu_us_per_token
+        ratio = None if off is None or on is None or off <= 0 else on / off - 1
+        checks.append(
+            (
+                f"history on within 10 % of off, CPU per token ({pair[0].scenario})",
+                None if ratio is None else ratio <= 0.10,
+                "–" if ratio is None else f"{_num(on)} vs {_num(off)} µs: {ratio * 100:+.1f} %",
+            )
+        )
     cap1000 = rill.get("capacity-1000")
     if cap1000 is None:
         checks.append(("1,000 streams: all delivered, p99 within 20 ms of direct", None, "not run"))

@@ -42,7 +42,15 @@ class Scenario:
 
 FULL = [
     Scenario("latency", 1, 2000, 0.001, note="1 stream, 2,000 tokens at 1 ms"),
-    Scenario("capacity-100", 100, 300, 1 / 30, ramp=1.0, note="100 streams × 300 tokens at 30/s"),
+    Scenario(
+        "capacity-100",
+        100,
+        300,
+        1 / 30,
+        ("direct", "pipe", "naive", "rill", "rill-history"),
+        ramp=1.0,
+        note="100 streams × 300 tokens at 30/s; rill-history: the same through stored conversations",
+    ),
     Scenario("capacity-500", 500, 300, 1 / 30, ramp=2.0, note="500 streams × 300 tokens at 30/s"),
     Scenario("capacity-1000", 1000, 300, 1 / 30, ramp=3.0, note="1,000 streams × 300 tokens at 30/s"),
     Scenario("throughput", 20, 5000, 0.0, note="20 streams × 5,000 tokens, as fast as possible"),
@@ -71,7 +79,7 @@ FULL = [
 
 QUICK = [
     Scenario("latency", 1, 200, 0.001),
-    Scenario("capacity-20", 20, 60, 0.01, ramp=0.2),
+    Scenario("capacity-20", 20, 60, 0.01, ("direct", "pipe", "naive", "rill", "rill-history"), ramp=0.2),
     Scenario("split", 10, 100, 0.002, split=0.3),
     Scenario("resume-storm", 10, 100, 0.01, ("rill",), resume_after=(20, 60)),
     Scenario("abort-storm", 10, 200, 0.01, ("naive", "rill"), abort_after=(10, 40)),
@@ -211,9 +219,12 @@ def rill_config(
     resume_grace: float = RESUME_GRACE,
     finished_ttl: float | None = None,
     buffer_memory_mb: float | None = None,
+    history: bool = False,
 ) -> Path:
     """The bundled config with limits opened up for the load, and a short resume grace
-    (the soak passes its own, and its finished_ttl and buffer cap)."""
+    (the soak passes its own, and its finished_ttl and buffer cap). history: conversations
+    stored in a fresh SQLite file in `work` (no automatic titles: the fake upstream answers
+    scenarios only); else [storage] off."""
     text = (ROOT / "config.toml").read_text()
     document = tomllib.loads(text)  # check that it parses before editing
     assert "limits" in document
@@ -224,6 +235,12 @@ def rill_config(
         "generations_per_minute = 20": "generations_per_minute = 100000",
         "resume_grace = 15.0": f"resume_grace = {resume_grace}",
     }
+    if history:
+        database = work / f"history-{time.monotonic_ns()}.db"
+        overrides['url = ""'] = f'url = "sqlite:///{database}"'
+        overrides["auto_titles = true "] = "auto_titles = false"
+    else:
+        overrides["as before.\nenabled = true"] = "as before.\nenabled = false"
     if finished_ttl is not None:
         overrides["finished_ttl = 600.0"] = f"finished_ttl = {finished_ttl}"
     if buffer_memory_mb is not None:
@@ -269,7 +286,8 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
             url = f"http://127.0.0.1:{port}"
             wait_ready(port_probe(port), server, log, "the naive relay")
         else:
-            server, _, url = processes.start_rill(rill_config(work), up_port, base_env, server_core)
+            config = rill_config(work, history=target == "rill-history")
+            server, _, url = processes.start_rill(config, up_port, base_env, server_core)
         job = {
             "target": "direct" if target == "pipe" else target,  # the pipe is read as the upstream is
             "url": url,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from server.store import Store, open_store
 
 from .conftest import Rill, StartRill, wait_for
 from .fakes import USAGE, Reply, answer, chunk
-from .history_helpers import LIMITS, Feed, count_answer_writes, make_keeper, start_answer, stored_message
+from .history_helpers import LIMITS, Feed, ask, count_answer_writes, make_keeper, start_answer, stored_message
 
 SAVE_INTERVAL = 0.2
 STORAGE = {"save_interval": SAVE_INTERVAL, "auto_titles": False}
@@ -235,3 +236,26 @@ async def test_open_marks_answers_left_streaming_interrupted(rill: Rill, store: 
     assert message["content"] == "partial"
     assert message["last_event_id"] == 7
     await keeper.close()
+
+
+async def test_an_answer_asked_over_http_runs_to_its_end_with_no_reader(start_rill: StartRill, tmp_path: Path) -> None:
+    # keep_unread from the generation's start: nobody ever reads this one.
+    rill = await start_rill(
+        storage={**STORAGE, "url": f"sqlite:///{tmp_path / 'rill.db'}"}, stream={"resume_grace": 0.2}
+    )
+    tokens = [f"h{i} " for i in range(25)]
+    rill.fake.script(Reply(chunks=answer(tokens, delay=0.04)))  # ~1 s: five grace periods
+    asked = await ask(rill)
+    generation = rill.registry.get(asked.generation)
+    assert generation is not None
+    assert generation.keep_unread
+    async with asyncio.timeout(10):
+        while True:
+            async with rill.session.get(rill.url / f"api/conversations/{asked.conversation}") as response:
+                conversation = await response.json()
+            message = next(m for m in conversation["messages"] if m["id"] == asked.answer)
+            if message["status"] != "streaming":
+                break
+            await asyncio.sleep(0.1)
+    assert message["status"] == "done"
+    assert message["content"] == "".join(tokens)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from server.access.budget import DailyBudget, prompt_tokens_estimate
-from server.config import Config
+from server.config import Config, ModelConfig, ProviderConfig
 from server.http.errors import ApiError
 from server.relay.generation import Generation
 from server.relay.upstream import ChatRequest, UpstreamError, stream_chat
@@ -101,26 +101,18 @@ class TitleMaker:
         *,
         owner: str,
         conversation: str,
-        question: str,
+        message: str,
         answer: str,
     ) -> None:
-        """Names the conversation in the background (one request at a time per conversation)."""
+        """Names the conversation in the background (one request at a time per conversation)
+        from the answer `message` and its question."""
         key = (owner, conversation)
         if key in self._running:
             return
-        chat = ChatRequest(
-            provider=generation.request.provider,
-            model=generation.request.model,
-            messages=(
-                {"role": "system", "content": instruction_for(question + answer)},
-                {"role": "user", "content": question[:EXCERPT_CHARS]},
-                {"role": "assistant", "content": answer[:EXCERPT_CHARS]},
-                {"role": "user", "content": instruction_for(question + answer)},
-            ),
-            max_tokens=TITLE_MAX_TOKENS,
-        )
+        model = (generation.request.provider, generation.request.model)
         task = asyncio.create_task(
-            self._name(session, store, chat, generation.owner, owner, conversation), name=f"title-{conversation}"
+            self._name(session, store, model, generation.owner, owner, conversation, message, answer),
+            name=f"title-{conversation}",
         )
         self._running[key] = task
         task.add_done_callback(lambda _: self._running.pop(key, None))
@@ -133,11 +125,31 @@ class TitleMaker:
         self,
         session: aiohttp.ClientSession,
         store: Store,
-        chat: ChatRequest,
+        model: tuple[ProviderConfig, ModelConfig],
         principal: str | None,
         owner: str,
         conversation: str,
+        message: str,
+        answer: str,
     ) -> None:
+        try:
+            path = await store.path(owner, conversation, message)
+        except (StoreUnavailable, ApiError):
+            log.info("conversation %s: no automatic title, its question could not be read", conversation)
+            return
+        question = str(path[-2]["content"]) if len(path) >= 2 else ""
+        instruction = instruction_for(question + answer)
+        chat = ChatRequest(
+            provider=model[0],
+            model=model[1],
+            messages=(
+                {"role": "system", "content": instruction},
+                {"role": "user", "content": question[:EXCERPT_CHARS]},
+                {"role": "assistant", "content": answer[:EXCERPT_CHARS]},
+                {"role": "user", "content": instruction},
+            ),
+            max_tokens=TITLE_MAX_TOKENS,
+        )
         budget = self._budget
         hold_id = f"title-{uuid.uuid4().hex}"
         if principal is not None and budget.enabled:

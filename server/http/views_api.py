@@ -39,8 +39,11 @@ def _generation(request: web.Request) -> Generation:
     return generation
 
 
-def start_generation(request: web.Request, chat: ChatRequest, *, client_id: str | None, fingerprint: str) -> Generation:
-    """Starts an answer for this request's client, within its token's daily budget."""
+def start_generation(
+    request: web.Request, chat: ChatRequest, *, client_id: str | None, fingerprint: str, keep_unread: bool = False
+) -> Generation:
+    """Starts an answer for this request's client, within its token's daily budget.
+    keep_unread: it runs to its end with no reader (a stored conversation's answer)."""
     app = request.app
     owner = request.get(PRINCIPAL)
     budget = app[BUDGET]
@@ -48,7 +51,13 @@ def start_generation(request: web.Request, chat: ChatRequest, *, client_id: str 
     if owner is not None and budget.enabled:
         chat, hold = budget.plan(owner, chat, app[CONFIG].limits.max_tokens)
     generation = app[REGISTRY].start(
-        app[SESSION], chat, client_key=client_key(request), client_id=client_id, fingerprint=fingerprint, owner=owner
+        app[SESSION],
+        chat,
+        client_key=client_key(request),
+        client_id=client_id,
+        fingerprint=fingerprint,
+        owner=owner,
+        keep_unread=keep_unread,
     )
     if owner is not None and hold:
         budget.hold(generation.id, owner, hold)

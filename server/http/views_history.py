@@ -405,7 +405,15 @@ async def add_message(request: web.Request) -> web.Response:
         raise invalid("bad_target", "This answer is still streaming.")
 
     await _check_quota(store, owner, 0 if mode == "continue" else 1 + (mode == "content"), content or "")
-    generation = start_generation(request, chat.request, client_id=registry_client_id, fingerprint=fingerprint)
+    # keep_unread from the start: the writing begins only once the rows below are in, and
+    # a busy database must not let the grace period abandon the answer before that.
+    generation = start_generation(
+        request,
+        chat.request,
+        client_id=registry_client_id,
+        fingerprint=fingerprint,
+        keep_unread=app[CONFIG].storage.keep_unread,
+    )
     try:
         question = None
         if mode == "content":

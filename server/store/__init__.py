@@ -1,7 +1,8 @@
 """Conversations stored on the server: SQLite by default, PostgreSQL by configuration."""
 
+from .batch import AnswerWrite, Saved
 from .errors import StoreOpenError, StoreUnavailable
 from .store import Store, open_store
 from .validation import StoreLimits
 
-__all__ = ["Store", "StoreLimits", "StoreOpenError", "StoreUnavailable", "open_store"]
+__all__ = ["AnswerWrite", "Saved", "Store", "StoreLimits", "StoreOpenError", "StoreUnavailable", "open_store"]

@@ -13,7 +13,8 @@ from typing import Any
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import conversations, messages, quotas, shapes, transfer
+from . import batch, conversations, messages, quotas, shapes, transfer
+from .batch import AnswerWrite, Saved
 from .database import open_engine
 from .errors import translated
 from .search import search as search_messages
@@ -140,6 +141,12 @@ class Store:
             values.update(finish_reason=None, error=None, usage=None)
         async with self._write() as connection:
             await messages.save_answer(connection, owner, cid, mid, values, now_ms())
+
+    async def save_answers(self, writes: list[AnswerWrite]) -> Saved:
+        """The answer writer's batched flush (batch.py): one transaction for every answer
+        streaming at once. StoreUnavailable when it should try again later."""
+        async with self._write() as connection:
+            return await batch.save_answers(connection, writes, now_ms())
 
     async def mark_interrupted(self) -> int:
         async with self._write() as connection:

@@ -1,0 +1,182 @@
+"""The chat keeps streaming whatever the database does: PostgreSQL stopped mid-answer,
+SQLite full, SQLite locked by another connection. The reader gets the whole answer, the
+owner's change feed says `saved: false` once and `saved: true` when the writes land
+again, and then the whole answer is in the database: nothing accepted is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from server.keys import STORE
+from server.store import Store
+
+from .conftest import PostgresServer, Rill, StartRill
+from .fakes import Reply, StreamReader, answer, text_of
+from .history_helpers import Asked, ask
+
+STORAGE = {"save_interval": 0.2, "auto_titles": False}
+
+
+async def changes(rill: Rill) -> StreamReader:
+    response = await rill.session.get(rill.url / "api/changes")
+    assert response.status == 200, await response.text()
+    reader = StreamReader(response)
+    rill.readers.append(reader)
+    return reader
+
+
+async def next_saved(feed: StreamReader, asked: Asked, timeout: float) -> dict[str, Any]:
+    while True:
+        event_ = await feed.read_until("saved", timeout=timeout)
+        if event_.data["message"] == asked.answer:
+            return dict(event_.data)
+
+
+async def stored(rill: Rill, asked: Asked) -> dict[str, Any]:
+    async with rill.session.get(rill.url / f"api/conversations/{asked.conversation}") as response:
+        assert response.status == 200, await response.text()
+        conversation = await response.json()
+    return next(m for m in conversation["messages"] if m["id"] == asked.answer)
+
+
+async def survive(
+    rill: Rill,
+    *,
+    tokens: int,
+    delay: float,
+    break_db: Callable[[], Awaitable[None]],
+    mend_db: Callable[[], Awaitable[None]],
+    outage: float,
+) -> None:
+    """Asks, breaks the database after a few tokens, checks the answer streams on and the
+    feed says not saved, mends it, and checks everything lands."""
+    pieces = [f"piece {i:03d} " + "x" * 200 for i in range(tokens)]  # grows the message past free pages
+    rill.fake.script(Reply(chunks=answer(pieces, delay=delay)))
+    feed = await changes(rill)
+    asked = await ask(rill, "Tell me everything")
+    reader = await rill.open_stream(asked.generation)
+    for _ in range(3):
+        await reader.read_until("delta")
+    await break_db()
+    saved = await next_saved(feed, asked, timeout=15)
+    assert saved["saved"] is False
+    assert saved["conversation"] == asked.conversation
+    # Readers are unaffected: the answer streams on while the database is away.
+    deltas_before = len([e for e in reader.events if e.event == "delta"])
+    await asyncio.sleep(outage)
+    assert len([e for e in reader.events if e.event == "delta"]) >= deltas_before
+    await mend_db()
+    events = await reader.read_all(timeout=30)
+    assert text_of(events) == "".join(pieces)
+    assert events[-1].event == "done"
+    again = await next_saved(feed, asked, timeout=30)
+    assert again["saved"] is True
+    # The whole answer lands (the final write may follow the `saved` transition).
+    async with asyncio.timeout(30):
+        while (message := await stored(rill, asked))["status"] != "done":
+            await asyncio.sleep(0.1)
+    assert message["content"] == "".join(pieces)
+    assert message["finish_reason"] == "stop"
+    assert message["last_event_id"] == int(events[-1].id)
+
+
+async def test_postgresql_stopped_mid_answer(
+    start_rill: StartRill, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    rill = await start_rill(storage={**STORAGE, "url": postgres_url})
+
+    down = False
+
+    async def stop() -> None:
+        nonlocal down
+        await asyncio.to_thread(postgres_server.stop, "immediate")
+        down = True
+
+    async def start() -> None:
+        nonlocal down
+        await asyncio.to_thread(postgres_server.start)
+        down = False
+
+    try:
+        await survive(rill, tokens=60, delay=0.05, break_db=stop, mend_db=start, outage=1.0)
+    finally:
+        if down:
+            await start()  # for the session's other tests
+
+
+def _full_when(store: Store, flag: dict[str, bool]) -> None:
+    """Every new connection of the store cannot grow the file while flag["full"]: SQLite
+    answers "database or disk is full" (SQLITE_FULL), as on a full disk."""
+
+    @event.listens_for(store.engine.sync_engine, "connect")
+    def limit(dbapi_connection: Any, _record: Any) -> None:
+        if flag["full"]:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA page_count")
+            pages = cursor.fetchone()[0]
+            cursor.execute(f"PRAGMA max_page_count = {pages}")
+            cursor.close()
+
+
+async def test_sqlite_disk_full_mid_answer(start_rill: StartRill, tmp_path: Path) -> None:
+    rill = await start_rill(storage={**STORAGE, "url": f"sqlite:///{tmp_path / 'rill.db'}"})
+    store = rill.app[STORE]
+    flag = {"full": False}
+    _full_when(store, flag)
+
+    async def fill() -> None:
+        flag["full"] = True
+        await store.engine.dispose()  # the pooled connections go; new ones meet the limit
+
+    async def free() -> None:
+        flag["full"] = False
+        await store.engine.dispose()
+
+    await survive(rill, tokens=60, delay=0.05, break_db=fill, mend_db=free, outage=1.0)
+
+
+async def test_sqlite_locked_by_another_connection(start_rill: StartRill, tmp_path: Path) -> None:
+    path = tmp_path / "rill.db"
+    rill = await start_rill(storage={**STORAGE, "url": f"sqlite:///{path}"})
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+    async def lock() -> None:
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock: busy_timeout runs out
+
+    async def unlock() -> None:
+        other.execute("ROLLBACK")
+
+    try:
+        # The store waits busy_timeout (5 s) before a write fails: a long answer and outage.
+        await survive(rill, tokens=200, delay=0.05, break_db=lock, mend_db=unlock, outage=2.0)
+    finally:
+        other.close()
+
+
+async def test_shutdown_with_the_database_down_logs_what_is_lost(
+    start_rill: StartRill, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rill = await start_rill(storage={**STORAGE, "url": f"sqlite:///{tmp_path / 'rill.db'}"})
+    store = rill.app[STORE]
+    flag = {"full": False}
+    _full_when(store, flag)
+    rill.fake.script(Reply(chunks=answer(["y" * 300 for _ in range(200)], delay=0.05)))
+    asked = await ask(rill)
+    reader = await rill.open_stream(asked.generation)
+    await reader.read_until("delta")
+    flag["full"] = True
+    await store.engine.dispose()
+    await asyncio.sleep(1.0)
+    with caplog.at_level(logging.ERROR, logger="server.history.answers"):
+        await rill.close()
+    lost = [r for r in caplog.records if "not saved at shutdown" in r.getMessage()]
+    assert len(lost) == 1
+    assert asked.answer in lost[0].getMessage()
