@@ -7,7 +7,7 @@ DEV := $(VENV)/.dev-installed
 # npm's eventsource for tests/test_sse_clients.py, pinned in tests/sse_clients/package-lock.json.
 NODE_CLIENTS := tests/sse_clients/node_modules/.installed
 
-.PHONY: run test lint fmt bench clean vendor vendor-check install-service
+.PHONY: run test lint fmt bench backup clean vendor vendor-check install-service
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ fmt: $(DEV)
 # bench/results/latest.json. About 3 minutes on 2 cores. BENCH_ARGS="--quick" for a smoke run.
 bench: $(DEV)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# A consistent copy of the conversations database (SQLite), safe while Rill runs:
+#   make backup BACKUP=/path/to/rill-backup.db   (the database: RILL_DATABASE_URL, the
+# config's [storage] url, or rill.db in the state directory; PostgreSQL: use pg_dump).
+backup: $(RUNTIME)
+	$(if $(BACKUP),,$(error make backup needs BACKUP=/path/to/copy.db))
+	$(BIN)/python -m server.store backup $(BACKUP)
 
 # Browser libraries: pinned in web/vendor/package-lock.json, copied into web/static/vendor/ (committed).
 # Needs Node/npm only when updating them; see web/vendor/README.md.

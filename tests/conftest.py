@@ -4,6 +4,7 @@ server`), in front of a scripted fake upstream on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import glob
 import os
@@ -309,10 +310,8 @@ def postgres_server() -> Iterator[PostgresServer]:
     try:
         yield server
     finally:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # a test left it stopped
             server.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass  # a test left it stopped
         shutil.rmtree(directory, ignore_errors=True)
 
 

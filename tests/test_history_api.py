@@ -5,6 +5,7 @@ idempotency, refusals that change nothing, export/import, delete-all, the change
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from yarl import URL
 
 from server.history.context import CONTINUE_PROMPT
 from server.keys import STORE
-from server.store import Store
+from server.store import Store, StoreUnavailable
 
 from .conftest import Rill, StartRill
 from .fakes import Reply, StreamReader, answer, chunk
@@ -68,7 +69,7 @@ async def settled(rill: Rill, cid: str, mid: str, owner: str = "local") -> dict[
             assert conversation is not None
             message = next(m for m in conversation["messages"] if m["id"] == mid)
             if message["status"] != "streaming":
-                return message
+                return dict(message)
             await asyncio.sleep(0.02)
 
 
@@ -305,6 +306,34 @@ async def test_the_same_client_id_asks_the_model_once(hist: Rill) -> None:
     events = await reader.read_all()
     assert events[-1].event == "done"
     response.close()
+
+
+async def test_a_retry_after_a_failed_write_starts_again(hist: Rill, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = store_of(hist)
+    cid = await new_conversation(hist)
+    real_add = store.add_message
+    calls = 0
+
+    async def add_failing_once(owner: str, conversation: str, message: dict[str, Any]) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the answer, after the question was stored
+            raise StoreUnavailable()
+        return await real_add(owner, conversation, message)
+
+    monkeypatch.setattr(store, "add_message", add_failing_once)
+    hist.fake.script(Reply(chunks=[chunk("", reasoning="")], end="hang"))  # ends only if stopped
+    body = {"content": "Hi", "client_id": str(uuid.uuid4())}
+    status, error = await call(hist, "POST", f"/api/conversations/{cid}/messages", body)
+    assert (status, error["error"]["code"]) == (503, "storage_unavailable")
+    first = hist.registry.find_by_client_id(body["client_id"])
+    assert first is not None
+    assert first.terminal is not None  # stopped at once: nothing to write its answer into
+    assert json.loads(first.terminal.data) == {"finish_reason": "cancelled"}
+    again = await ask(hist, cid, content="Hi", client_id=body["client_id"])
+    assert (await settled(hist, cid, again["answer"]["id"]))["content"] == "Hello world"
+    status, full = await call(hist, "GET", f"/api/conversations/{cid}")
+    assert [m["role"] for m in full["messages"]] == ["user", "assistant"]  # the question once
 
 
 BAD_BODIES: list[tuple[Any, int, str]] = [
@@ -559,3 +588,50 @@ async def test_delete_all_and_import_tell_the_feed_to_reset(hist: Rill, other_se
     event = await feed.next_event(timeout=1.0)
     assert event is not None
     assert event.event == "reset"
+
+
+async def test_import_takes_more_than_a_chat_request(hist: Rill) -> None:
+    big = "x" * 90_000
+    conversations = [
+        {
+            "id": f"c{i}",
+            "title": f"Big {i}",
+            "title_source": "user",
+            "system": "",
+            "model": None,
+            "active": f"m{i}",
+            "created": 1,
+            "updated": 1 + i,
+            "messages": [
+                {
+                    "id": f"m{i}",
+                    "parent": None,
+                    "role": "user",
+                    "content": big,
+                    "reasoning": "",
+                    "status": "done",
+                    "model": None,
+                    "finish_reason": None,
+                    "error": None,
+                    "usage": None,
+                    "generation": None,
+                    "last_event_id": 0,
+                    "created": 1,
+                    "updated": 1,
+                }
+            ],
+        }
+        for i in range(20)
+    ]
+    document = {"format": "rill.conversations", "version": 1, "exported": 1, "conversations": conversations}
+    assert len(json.dumps(document)) > 1_048_576  # over max_body_bytes
+    assert await post_big(hist, "api/import", document) == (200, {"conversations": 20, "messages": 20})
+    status, error = await post_big(hist, "api/chat", {"messages": [{"role": "user", "content": big * 12}]})
+    assert (status, error["error"]["code"]) == (413, "body_too_large")  # other requests keep their limit
+
+
+async def post_big(rill: Rill, path: str, body: Any) -> tuple[int, Any]:
+    data = io.BytesIO(json.dumps(body).encode())  # aiohttp warns about large bytes bodies
+    headers = {"Content-Type": "application/json"}
+    async with rill.session.post(rill.url / path, data=data, headers=headers) as response:
+        return response.status, await response.json()

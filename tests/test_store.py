@@ -4,13 +4,13 @@ conversations, messages as a tree, owners kept apart, quotas, export and import.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from server.errors import ApiError
+from server.http.errors import ApiError
 from server.store import Store, open_store
 
 from .store_helpers import LIMITS, assistant, dump, user
@@ -59,7 +59,7 @@ async def test_list_order_and_paging(store: Store) -> None:
         await store.add_message("ann", f"c{index}", user("hi"))
     await store.add_message("ann", "c1", user("again"))  # c1 is now the most recent
     listed = await store.list_conversations("ann")
-    assert [item["id"] for item in listed][0] == "c1"
+    assert next(item["id"] for item in listed) == "c1"
     assert [item["updated"] for item in listed] == sorted((item["updated"] for item in listed), reverse=True)
     first = await store.list_conversations("ann", limit=2)
     assert len(first) == 2
@@ -75,8 +75,11 @@ async def test_messages_tree_branches_and_path(store: Store) -> None:
     # Regenerate the first answer: a sibling of a1; edit the second question: a sibling of q2.
     a1b = await store.add_message("ann", "c", assistant("four", "q1", id="a1b", status="streaming"))
     q2b = await store.add_message("ann", "c", user("And 5+5?", "a1", id="q2b"))
-    assert q1["parent"] is None and a1["parent"] == "q1" and q2["parent"] == "a1"
-    assert a1b["status"] == "streaming" and q2b["parent"] == "a1"
+    assert q1["parent"] is None
+    assert a1["parent"] == "q1"
+    assert q2["parent"] == "a1"
+    assert a1b["status"] == "streaming"
+    assert q2b["parent"] == "a1"
     assert [m["id"] for m in await store.path("ann", "c", "q2")] == ["q1", "a1", "q2"]
     assert [m["id"] for m in await store.path("ann", "c", "q2b")] == ["q1", "a1", "q2b"]
     assert [m["id"] for m in await store.path("ann", "c", "a1b")] == ["q1", "a1b"]
@@ -88,7 +91,8 @@ async def test_messages_tree_branches_and_path(store: Store) -> None:
     assert summary["streaming"] is True
     # Switching branches.
     switched = await store.update_conversation("ann", "c", {"active": "q2"})
-    assert switched is not None and switched["active"] == "q2"
+    assert switched is not None
+    assert switched["active"] == "q2"
     await refused(store.update_conversation("ann", "c", {"active": "nope"}), 404, "message_not_found")
     await refused(store.path("ann", "c", "nope"), 404, "message_not_found")
     await refused(store.path("ann", "zz", "q1"), 404, "conversation_not_found")
@@ -111,9 +115,11 @@ async def test_update_and_delete(store: Store) -> None:
     assert changed is not None
     assert (changed["title"], changed["title_source"], changed["model"]) == ("New", "user", "x")
     auto = await store.update_conversation("ann", "c", {"title": "Auto", "title_source": "auto"})
-    assert auto is not None and auto["title_source"] == "auto"
+    assert auto is not None
+    assert auto["title_source"] == "auto"
     conversation = await store.get_conversation("ann", "c")
-    assert conversation is not None and conversation["system"] == "Be brief."
+    assert conversation is not None
+    assert conversation["system"] == "Be brief."
     assert await store.update_conversation("ann", "zz", {"title": "x"}) is None
     assert await store.delete_conversation("ann", "c") is True
     assert await store.delete_conversation("ann", "c") is False
@@ -129,7 +135,8 @@ async def test_owners_are_kept_apart(store: Store) -> None:
     await store.add_message("ann", "c", user("secret", id="m"))
     # Bob may use the same ids: his own conversation, not Ann's.
     bob, created = await store.create_conversation("bob", {"id": "c", "title": "Bob's"})
-    assert created and bob["title"] == "Bob's"
+    assert created
+    assert bob["title"] == "Bob's"
     assert await store.get_conversation("eve", "c") is None
     assert await store.list_conversations("eve") == []
     await refused(store.add_message("eve", "c", user("x")), 404, "conversation_not_found")
@@ -144,48 +151,50 @@ async def test_owners_are_kept_apart(store: Store) -> None:
     assert (await store.export("eve"))["conversations"] == []
     await refused(store.export("eve", ["c"]), 404, "conversation_not_found")
     ann = await store.get_conversation("ann", "c")
-    assert ann is not None and ann["title"] == "Ann's" and len(ann["messages"]) == 1
+    assert ann is not None
+    assert ann["title"] == "Ann's"
+    assert len(ann["messages"]) == 1
 
 
-@pytest.mark.parametrize(
-    ("call", "status", "code"),
-    [
-        (lambda s: s.create_conversation("ann", {"id": "bad id"}), 400, "bad_id"),
-        (lambda s: s.create_conversation("ann", {"id": "x" * 65}), 400, "bad_id"),
-        (lambda s: s.create_conversation("ann", {"title": 5}), 400, "bad_message"),
-        (lambda s: s.create_conversation("ann", {"surprise": 1}), 400, "bad_message"),
-        (lambda s: s.create_conversation("ann", {"system": "x" * 10_001}), 413, "message_too_long"),
-        (lambda s: s.add_message("ann", "c", user("hi", id="../x")), 400, "bad_id"),
-        (lambda s: s.add_message("ann", "c", {"role": "system", "content": "hi"}), 400, "bad_message"),
-        (lambda s: s.add_message("ann", "c", {"role": "user", "content": 5}), 400, "bad_message"),
-        (lambda s: s.add_message("ann", "c", user("hi", status="streaming")), 400, "bad_message"),
-        (lambda s: s.add_message("ann", "c", assistant("hi", "m", status="later")), 400, "bad_message"),
-        (lambda s: s.add_message("ann", "c", assistant("hi", "m", error={"code": 1})), 400, "bad_message"),
-        (lambda s: s.add_message("ann", "c", user("hi", created="now")), 400, "bad_message"),
-        (lambda s: s.add_message("ann", "c", user("x" * 10_001)), 413, "message_too_long"),
-        (lambda s: s.add_message("ann", "c", user("hi", "nope")), 404, "message_not_found"),
-        (lambda s: s.add_message("ann", "c", user("hi", "bad parent")), 400, "bad_id"),
-        (lambda s: s.add_message("ann", "other", user("hi", "m")), 404, "message_not_found"),
-        (lambda s: s.add_message("ann", "none", user("hi")), 404, "conversation_not_found"),
-        (lambda s: s.add_message("bob", "c", user("hi")), 404, "conversation_not_found"),
-        (lambda s: s.update_conversation("ann", "c", {"title_source": "robot"}), 400, "bad_message"),
-        (lambda s: s.update_conversation("ann", "c", {"active": "m", "owner": "bob"}), 400, "bad_message"),
-        (lambda s: s.update_conversation("ann", "c", {"model": ""}), 400, "bad_message"),
-        (lambda s: s.update_conversation("ann", "c", {"title": "t", "active": "gone"}), 404, "message_not_found"),
-        (
-            lambda s: s.save_answer("ann", "c", "gone", content="", reasoning="", last_event_id=1),
-            404,
-            "message_not_found",
-        ),
-    ],
-)
-async def test_invalid_input_changes_nothing(store: Store, call: Any, status: int, code: str) -> None:
+# One database per backend for all of these (a fresh PostgreSQL database costs ~1 s).
+INVALID: list[tuple[Callable[[Store], Awaitable[Any]], int, str]] = [
+    (lambda s: s.create_conversation("ann", {"id": "bad id"}), 400, "bad_id"),
+    (lambda s: s.create_conversation("ann", {"id": "x" * 65}), 400, "bad_id"),
+    (lambda s: s.create_conversation("ann", {"title": 5}), 400, "bad_message"),
+    (lambda s: s.create_conversation("ann", {"surprise": 1}), 400, "bad_message"),
+    (lambda s: s.create_conversation("ann", {"system": "x" * 10_001}), 413, "message_too_long"),
+    (lambda s: s.add_message("ann", "c", user("hi", id="../x")), 400, "bad_id"),
+    (lambda s: s.add_message("ann", "c", {"role": "system", "content": "hi"}), 400, "bad_message"),
+    (lambda s: s.add_message("ann", "c", {"role": "user", "content": 5}), 400, "bad_message"),
+    (lambda s: s.add_message("ann", "c", user("hi", status="streaming")), 400, "bad_message"),
+    (lambda s: s.add_message("ann", "c", assistant("hi", "m", status="later")), 400, "bad_message"),
+    (lambda s: s.add_message("ann", "c", assistant("hi", "m", error={"code": 1})), 400, "bad_message"),
+    (lambda s: s.add_message("ann", "c", user("hi", created="now")), 400, "bad_message"),
+    (lambda s: s.add_message("ann", "c", user("x" * 10_001)), 413, "message_too_long"),
+    (lambda s: s.add_message("ann", "c", user("hi", "nope")), 404, "message_not_found"),
+    (lambda s: s.add_message("ann", "c", user("hi", "bad parent")), 400, "bad_id"),
+    (lambda s: s.add_message("ann", "other", user("hi", "m")), 404, "message_not_found"),
+    (lambda s: s.add_message("ann", "none", user("hi")), 404, "conversation_not_found"),
+    (lambda s: s.add_message("bob", "c", user("hi")), 404, "conversation_not_found"),
+    (lambda s: s.update_conversation("ann", "c", {"title_source": "robot"}), 400, "bad_message"),
+    (lambda s: s.update_conversation("ann", "c", {"active": "m", "owner": "bob"}), 400, "bad_message"),
+    (lambda s: s.update_conversation("ann", "c", {"model": ""}), 400, "bad_message"),
+    (lambda s: s.update_conversation("ann", "c", {"title": "t", "active": "gone"}), 404, "message_not_found"),
+    (lambda s: s.save_answer("ann", "c", "gone", content="", reasoning="", last_event_id=1), 404, "message_not_found"),
+]
+
+
+async def test_invalid_input_changes_nothing(store: Store) -> None:
     await store.create_conversation("ann", {"id": "c"})
     await store.add_message("ann", "c", user("hi", id="m"))
     await store.create_conversation("ann", {"id": "other"})
     before = await dump(store)
-    await refused(call(store), status, code)
-    assert await dump(store) == before
+    for index, (call, status, code) in enumerate(INVALID):
+        try:
+            await refused(call(store), status, code)
+        except BaseException as error:
+            raise AssertionError(f"case {index}: {error}") from error
+        assert await dump(store) == before, f"case {index} changed the database"
 
 
 async def test_quotas(store_url: str) -> None:
@@ -248,7 +257,7 @@ async def test_save_answer_keeps_bytes_and_fields(store: Store) -> None:
     assert answer["error"] == {"code": "upstream_cut", "message": "cut", "retryable": True}
     assert answer["usage"] == {"total_tokens": 12}
     assert answer["generation"] == "g1"
-    assert (await store.usage("ann"))["bytes"] == len("hi".encode()) + len("Hello, 世界\ufffdhmm".encode())
+    assert (await store.usage("ann"))["bytes"] == len(b"hi") + len("Hello, 世界\ufffdhmm".encode())
 
 
 async def test_mark_interrupted(store: Store) -> None:
@@ -293,10 +302,12 @@ async def _populate(store: Store) -> None:
 async def test_export_delete_import_round_trip(store: Store) -> None:
     await _populate(store)
     exported = await store.export("ann")
-    assert exported["format"] == "rill.conversations" and exported["version"] == 1
+    assert exported["format"] == "rill.conversations"
+    assert exported["version"] == 1
     assert [c["id"] for c in exported["conversations"]] == ["c2", "c1"]
     first = exported["conversations"][1]
-    assert first["active"] == "a1" and first["system"] == "Be kind."
+    assert first["active"] == "a1"
+    assert first["system"] == "Be kind."
     assert [m["id"] for m in first["messages"]] == ["q1", "a1", "a2"]
     usage = await store.usage("ann")
     # Through JSON, as the HTTP API carries it.
@@ -377,40 +388,44 @@ def _message(**fields: Any) -> dict[str, Any]:
     } | fields
 
 
-@pytest.mark.parametrize(
-    ("document", "code"),
-    [
-        ([], "bad_document"),
-        ({"format": "other", "version": 1, "conversations": []}, "bad_document"),
-        ({"format": "rill.conversations", "version": 2, "conversations": []}, "bad_document"),
-        ({"format": "rill.conversations", "version": 1, "conversations": {}}, "bad_document"),
-        (_document(id="bad id"), "bad_document"),
-        (_document(created="yesterday"), "bad_document"),
-        (_document(title_source="robot"), "bad_document"),
-        (_document(active="nope"), "bad_document"),
-        (_document({"id": "a", "parent": "b"}, {"id": "b", "parent": "a"}), "bad_document"),  # a cycle
-        (_document({"id": "a", "parent": "b"}, {"id": "b"}), "bad_document"),  # a forward reference
-        (_document({"id": "a", "parent": "a"}), "bad_document"),  # its own parent
-        (_document({"id": "a"}, {"id": "a"}), "bad_document"),  # the same id twice
-        (_document({"id": "a", "parent": "elsewhere"}), "bad_document"),
-        (_document({"id": "a", "role": "system"}), "bad_document"),
-        (_document({"id": "a", "status": "streaming"}), "bad_document"),  # a user message is done
-        (_document({"id": "a", "usage": []}), "bad_document"),
-        (_document({"id": "a", "surprise": 1}), "bad_document"),
-        ({"format": "rill.conversations", "version": 1, "conversations": [{"id": "c"}]}, "bad_document"),
-        (_document({"id": "a", "content": "x" * 10_001}), "message_too_long"),
-    ],
-)
-async def test_import_refuses_bad_documents_whole(store: Store, document: Any, code: str) -> None:
+BAD_DOCUMENTS: list[tuple[Any, str]] = [
+    ([], "bad_document"),
+    ({"format": "other", "version": 1, "conversations": []}, "bad_document"),
+    ({"format": "rill.conversations", "version": 2, "conversations": []}, "bad_document"),
+    ({"format": "rill.conversations", "version": 1, "conversations": {}}, "bad_document"),
+    (_document(id="bad id"), "bad_document"),
+    (_document(created="yesterday"), "bad_document"),
+    (_document(title_source="robot"), "bad_document"),
+    (_document(active="nope"), "bad_document"),
+    (_document({"id": "a", "parent": "b"}, {"id": "b", "parent": "a"}), "bad_document"),  # a cycle
+    (_document({"id": "a", "parent": "b"}, {"id": "b"}), "bad_document"),  # a forward reference
+    (_document({"id": "a", "parent": "a"}), "bad_document"),  # its own parent
+    (_document({"id": "a"}, {"id": "a"}), "bad_document"),  # the same id twice
+    (_document({"id": "a", "parent": "elsewhere"}), "bad_document"),
+    (_document({"id": "a", "role": "system"}), "bad_document"),
+    (_document({"id": "a", "status": "streaming"}), "bad_document"),  # a user message is done
+    (_document({"id": "a", "usage": []}), "bad_document"),
+    (_document({"id": "a", "surprise": 1}), "bad_document"),
+    ({"format": "rill.conversations", "version": 1, "conversations": [{"id": "c"}]}, "bad_document"),
+    (_document({"id": "a", "content": "x" * 10_001}), "message_too_long"),
+]
+
+
+async def test_import_refuses_bad_documents_whole(store: Store) -> None:
     await store.create_conversation("ann", {"id": "keep"})
-    if isinstance(document, dict) and isinstance(document.get("conversations"), list):
-        # A good conversation before the bad one: not written either.
-        good = _document({"id": "ok"}, id="good")["conversations"][0]
-        document = document | {"conversations": [good, *document["conversations"]]}
     before = await dump(store)
-    error = await refused(store.import_document("ann", document), 413 if code == "message_too_long" else 400, code)
-    assert error.message
-    assert await dump(store) == before
+    good = _document({"id": "ok"}, id="good")["conversations"][0]
+    for index, (document, code) in enumerate(BAD_DOCUMENTS):
+        if isinstance(document, dict) and isinstance(document.get("conversations"), list):
+            # A good conversation before the bad one: not written either.
+            document = document | {"conversations": [good, *document["conversations"]]}
+        status = 413 if code == "message_too_long" else 400
+        try:
+            error = await refused(store.import_document("ann", document), status, code)
+        except BaseException as failure:
+            raise AssertionError(f"document {index}: {failure}") from failure
+        assert error.message
+        assert await dump(store) == before, f"document {index} changed the database"
 
 
 async def test_import_respects_quotas(store_url: str) -> None:
@@ -438,10 +453,14 @@ async def test_import_respects_quotas(store_url: str) -> None:
 
 async def test_delete_owner(store: Store) -> None:
     await _populate(store)
+    assert await store.search("ann", "世界")
     assert await store.delete_owner("ann") == {"conversations": 2, "messages": 4}
+    assert await store.search("ann", "世界") == []
+    assert await store.search("ann", "First") == []
     assert await store.list_conversations("ann") == []
     usage = await store.usage("ann")
     assert (usage["conversations"], usage["messages"], usage["bytes"]) == (0, 0, 0)
     conversations, messages = await dump(store)
-    assert len(conversations) == 1 and messages == []  # Bob's empty conversation stays
+    assert len(conversations) == 1
+    assert messages == []
     assert await store.delete_owner("ann") == {"conversations": 0, "messages": 0}

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from server.store import Store, StoreLimits, open_store
 from server.store.database import create_engine, engine_url
 from server.store.migrate import alembic_config
-from server.store.search import SNIPPET_CHARS, snippet
+from server.store.search import SNIPPET_CHARS, fold, snippet
 
 LIMITS = StoreLimits(max_conversations=50, max_messages=500, max_bytes=1_000_000, max_message_chars=10_000)
 FTS_TABLES = ("search_messages", "search_messages_short", "search_titles", "search_titles_short")
@@ -113,7 +113,7 @@ async def test_query_text_is_never_syntax(store: Store) -> None:
     mid = await say(store, "ann", "c1", 'he said "AND (" then NEAR(a b) * 100% of col:x -y ^z; d_o and \\path\' ok')
     await say(store, "ann", "c2", "dao and dxo")
     syntax = ['"', '""', "AND (", "*", "NEAR(a b)", "a OR b", "'", "%", "_", "\\", "^z", "col:x", "-y"]
-    for query in [*syntax, ")", "(", "\x00", "a\x00b", "\x00\x00x"]:
+    for query in [*syntax, ")", "(", "\x00", "a\x00b", "\x00\x00x", "\ud800", "x\udfff"]:
         await store.search("ann", query)  # no error, whatever it finds
     for query in ('"AND ("', "NEAR(a b)", "100%", "col:x", "d_o", "\\path'", "^z;"):
         results = await store.search("ann", query)
@@ -295,6 +295,7 @@ def test_snippet_window() -> None:
     assert snippet("İSTANBUL", "stanbul") == ("İSTANBUL", [[1, 8]])  # İ lowers to two: kept, offsets hold
     assert snippet("took okay ok", "ok", word_start=True) == ("took okay ok", [[5, 7], [10, 12]])
     assert snippet("你好世界", "世", word_start=True) == ("你好世界", [[2, 3]])
+    assert snippet("ΟΔΟΣ οδος", fold("ΟΔΟΣ")) == ("ΟΔΟΣ οδος", [[0, 4], [5, 9]])  # final sigma folds to sigma
     assert snippet("no match here", "needle") is None
 
 

@@ -36,6 +36,7 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 MAX_TITLE_CHARS = 500
 MAX_LIST = 200
 MAX_QUERY_CHARS = 200
+IMPORT_MAX_BYTES = 32 * 1024 * 1024
 # Statuses of an answer that ended early with its text kept: Continue picks it up.
 CONTINUABLE = frozenset({"interrupted", "stopped", "length", "error", "abandoned"})
 
@@ -282,8 +283,12 @@ async def export_all(request: web.Request) -> web.Response:
 
 async def import_document(request: web.Request) -> web.Response:
     store = _store(request)
-    document = await read_json_object(request)
-    counts = await store.import_document(owner_of(request), document)
+    owner = owner_of(request)
+    # A whole history (the page's one-time upload of its localStorage) is larger than a chat
+    # request; the store still holds every message to its limits.
+    reading = request.clone(client_max_size=max(IMPORT_MAX_BYTES, request.client_max_size))
+    document = await read_json_object(reading)
+    counts = await store.import_document(owner, document)
     if counts.get("conversations") or counts.get("messages"):
         _publish(request, "reset", {})  # many conversations at once: the page refetches its list
     return web.json_response(counts)
@@ -397,8 +402,11 @@ async def add_message(request: web.Request) -> web.Response:
                 "client_id_reused",
                 "This client_id was already used for a different request; make a new one per message.",
             )
-        return _repeat(messages, mode, question_id, answer_id, existing.id)
-    if mode != "continue" and answer_id in messages:
+        made = messages.get(answer_id)
+        if made is not None and made["generation"] == existing.id:
+            return _repeat(messages, mode, question_id, answer_id, existing.id)
+        # The first attempt failed before its answer was stored (database down): try again.
+    elif mode != "continue" and answer_id in messages:
         # Sent before, and its generation already forgotten: what was made then stands.
         return _repeat(messages, mode, question_id, answer_id, messages[answer_id]["generation"])
     if mode == "continue" and target is not None and target["status"] == "streaming":
@@ -488,9 +496,9 @@ def _repeat(
     messages: dict[str, dict[str, Any]], mode: str, question_id: str, answer_id: str, generation_id: str | None
 ) -> web.Response:
     """The answer to a request sent again: what the first one made, no new upstream request."""
-    answer = messages.get(answer_id)
-    if answer is None or generation_id is None:
-        raise ApiError(409, "client_id_reused", "This client_id was already used for another conversation.")
+    answer = messages[answer_id]
+    if generation_id is None:  # an imported answer's id: not one this request made
+        raise ApiError(409, "client_id_reused", "These message ids are already used; make new ones per message.")
     question = messages.get(question_id) if mode == "content" else None
     log.info("generation %s: repeated request, no new upstream request", generation_id)
     return web.json_response({"message": question, "answer": answer, "generation": _generation_json(generation_id)})

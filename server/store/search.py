@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from . import fts
+from . import fts, shapes
 
 SNIPPET_CHARS = 160  # window shown around the first match
 BEFORE_CHARS = 50  # of which before it, when the text allows
@@ -32,7 +32,7 @@ _SPACE = re.compile(r"\s")  # one for one, so offsets survive
 async def search(connection: AsyncConnection, backend: str, owner: str, query: str, limit: int) -> list[dict[str, Any]]:
     """Up to `limit` SearchResults, most recently updated first: title hits (`message`
     None) and message hits."""
-    needle = query.strip()
+    needle = shapes.storable(query).strip()  # NUL and lone surrogates as the stored text has them
     if not needle or limit <= 0:
         return []
     short = len(needle) < SHORT_QUERY
@@ -57,9 +57,6 @@ async def search(connection: AsyncConnection, backend: str, owner: str, query: s
 
 
 async def _sqlite_rows(connection: AsyncConnection, owner: str, needle: str, fetch: int) -> tuple[list[Any], list[Any]]:
-    # FTS5 strings end at a NUL: ask the index for the longest piece without one (a
-    # superset), the substring test keeps the real matches.
-    needle = max(needle.split("\x00"), key=len)
     if len(needle) >= SHORT_QUERY:
         suffix = ""
         match = _fts_string(needle)
@@ -140,11 +137,12 @@ def _result(row: Any, haystack: str, message: str | None, folded_needle: str, sh
 
 def fold(value: str) -> str:
     """Lower case, one character for one (İ lowers to two: kept as is), so positions in
-    the folded text are positions in the original."""
+    the folded text are positions in the original. Final sigma is sigma, as in Unicode
+    case folding (str.lower picks ς by context, SQLite's indexes fold both to σ)."""
     lowered = value.lower()
-    if len(lowered) == len(value):
-        return lowered
-    return "".join(char.lower() if len(char.lower()) == 1 else char for char in value)
+    if len(lowered) != len(value):
+        lowered = "".join(char.lower() if len(char.lower()) == 1 else char for char in value)
+    return lowered.replace("ς", "σ")
 
 
 def matches(folded_haystack: str, folded_needle: str, word_start: bool = False) -> Iterable[int]:
@@ -187,3 +185,9 @@ def utf16_length(value: str) -> int:
     """Length in UTF-16 code units, as a JavaScript string counts: astral characters
     (most emoji) are two."""
     return len(value) + sum(1 for char in value if ord(char) > 0xFFFF)
+
+
+def index_object(name: str | None) -> bool:
+    """Whether a table or index is migration 0002_search's (FTS5 tables and their shadow
+    tables, pg_trgm indexes): schema.py's metadata does not describe them."""
+    return name is not None and (name.startswith("search_") or name.endswith("_trgm"))
