@@ -3,6 +3,8 @@ conversations, messages as a tree, owners kept apart, quotas, export and import.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -464,3 +466,36 @@ async def test_delete_owner(store: Store) -> None:
     assert len(conversations) == 1
     assert messages == []
     assert await store.delete_owner("ann") == {"conversations": 0, "messages": 0}
+
+
+async def test_concurrent_writes_with_the_same_ids(store: Store) -> None:
+    """Two devices (or a retry racing the original) sending the same ids at once: one row
+    each, both callers get it."""
+    results = await asyncio.gather(*(store.create_conversation("ann", {"id": "c"}) for _ in range(8)))
+    assert sum(created for _, created in results) == 1
+    assert len({json.dumps(summary, sort_keys=True) for summary, _ in results}) == 1
+    added = await asyncio.gather(*(store.add_message("ann", "c", user("hi", id="m")) for _ in range(8)))
+    assert all(message == added[0] for message in added)
+    document = _document({"id": "a"}, {"id": "b", "parent": "a"}, id="d")
+    imported = await asyncio.gather(*(store.import_document("ann", document) for _ in range(4)))
+    assert sorted(result["messages"] for result in imported) == [0, 0, 0, 2]
+    usage = await store.usage("ann")
+    assert (usage["conversations"], usage["messages"]) == (2, 3)
+
+
+async def test_cancelled_call_leaves_the_store_usable(store: Store) -> None:
+    """A caller cancelled mid-write (shutdown, a client gone) rolls back or commits whole;
+    the connection goes back to the pool and the next calls work."""
+    await store.create_conversation("ann", {"id": "c"})
+    for delay in (0, 0.0005, 0.001, 0.002, 0.005):
+        task = asyncio.create_task(store.add_message("ann", "c", user("x" * 5000)))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    conversation = await store.get_conversation("ann", "c")
+    assert conversation is not None
+    count = len(conversation["messages"])
+    assert (await store.usage("ann"))["bytes"] == 5000 * count  # whole messages only
+    await store.add_message("ann", "c", user("after"))
+    assert (await store.usage("ann"))["messages"] == count + 1

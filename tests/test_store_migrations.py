@@ -225,6 +225,7 @@ async def test_missing_postgresql_database_is_refused(postgres_server: PostgresS
         ("sqlite+aiosqlite:////x.db", "sqlite+aiosqlite:////x.db"),
         ("postgresql://u:p@db:5433/rill", "postgresql+asyncpg://u:p@db:5433/rill"),
         ("postgresql+asyncpg://u@db/rill", "postgresql+asyncpg://u@db/rill"),
+        ("postgres://u@db/rill", "postgresql+asyncpg://u@db/rill"),
     ],
 )
 def test_engine_url(url: str, expected: str) -> None:

@@ -28,6 +28,8 @@ def engine_url(url: str) -> URL:
         parsed = make_url(url)
     except exc.ArgumentError as error:
         raise StoreOpenError(f"storage url is not a database URL: {error}") from None
+    if parsed.drivername in ("postgres", "postgres+asyncpg"):
+        parsed = parsed.set(drivername="postgresql")  # Heroku-style URLs; SQLAlchemy wants the long name
     backend = parsed.get_backend_name()
     drivers = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
     if backend not in drivers:
