@@ -338,3 +338,14 @@ async def test_postgresql_search_uses_the_trigram_index(postgres_url: str) -> No
             assert "ix_messages_content_trgm" in "\n".join(row[0] for row in plan)
     finally:
         await opened.close()
+
+
+async def test_short_latin_queries_are_not_crowded_out(store: Store) -> None:
+    """ "e" inside 45 newer messages' words does not use up the limit: the one message
+    with a word starting with e is found on both backends."""
+    eel = await say(store, "ann", "c1", "an eel")
+    for _ in range(45):
+        await say(store, "ann", "c1", "the tree")
+    assert await hits(store, "e") == [("c1", eel)]
+    assert await hits(store, "EE") == [("c1", eel)]
+    assert await hits(store, "tr") != []

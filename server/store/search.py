@@ -94,22 +94,29 @@ async def _postgresql_rows(
     connection: AsyncConnection, owner: str, needle: str, fetch: int
 ) -> tuple[list[Any], list[Any]]:
     pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    # 1-2 letters match at a word's start (as on SQLite): said in SQL too, so the limit
+    # is not spent on rows the substring test would turn down ("e" inside every word).
+    regex = None
+    if len(needle) < SHORT_QUERY and fts.in_word(needle[0]):
+        regex = "(^|[^[:alnum:]])" + "".join(char if char.isalnum() else "\\" + char for char in needle)
+    where = "ILIKE :pattern ESCAPE '\\'" + ("" if regex is None else " AND {column} ~* :regex")
+    values = {"pattern": pattern, "regex": regex, "owner": owner, "fetch": fetch}
     titles = await connection.execute(
         text(
             "SELECT c.id AS conversation, c.title, c.updated FROM conversations AS c "
-            "WHERE c.owner = :owner AND c.title ILIKE :pattern ESCAPE '\\' "
+            f"WHERE c.owner = :owner AND c.title {where.format(column='c.title')} "
             "ORDER BY c.updated DESC LIMIT :fetch"
         ),
-        {"pattern": pattern, "owner": owner, "fetch": fetch},
+        values,
     )
     messages = await connection.execute(
         text(
             "SELECT c.id AS conversation, c.title, m.id AS message, m.role, m.content, m.updated "
             "FROM messages AS m JOIN conversations AS c ON c.pk = m.conversation_pk "
-            "WHERE m.owner = :owner AND m.content ILIKE :pattern ESCAPE '\\' "
+            f"WHERE m.owner = :owner AND m.content {where.format(column='m.content')} "
             "ORDER BY m.pk DESC LIMIT :fetch"
         ),
-        {"pattern": pattern, "owner": owner, "fetch": fetch},
+        values,
     )
     return list(titles), list(messages)
 
