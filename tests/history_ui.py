@@ -3,6 +3,7 @@ its HTTP API called directly, and export documents built by hand."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,17 @@ async def conversation(rill: Rill, cid: str) -> dict[str, Any]:
     assert status == 200, body
     assert isinstance(body, dict)
     return body
+
+
+async def settled_conversation(rill: Rill, cid: str) -> dict[str, Any]:
+    """The conversation once no answer in it is streaming (the page sees an answer end a
+    moment before the server's writer stores its text and ending)."""
+    async with asyncio.timeout(10):
+        while True:
+            stored = await conversation(rill, cid)
+            if all(m["status"] != "streaming" for m in stored["messages"]):
+                return stored
+            await asyncio.sleep(0.1)
 
 
 def message(mid: str, parent: str | None, role: str, content: str, created: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from .history_ui import (
     import_document,
     message,
     reload,
+    settled_conversation,
     stored_conversation,
     stored_rill,
 )
@@ -149,7 +150,7 @@ async def test_edit_and_regenerate_keep_old_versions_and_switching_follows_the_s
     await expect(nav.locator(".branch-count")).to_have_text("2 / 2")
     await expect(nav).to_have_attribute("aria-label", "Version 2 of 2")
     await expect(nav.locator('[data-action="branch-next"]')).to_be_disabled()
-    stored = await conversation(rill, cid)
+    stored = await settled_conversation(rill, cid)
     assert len(stored["messages"]) == 6
     by_content = {m["content"]: m for m in stored["messages"]}
     assert stored["active"] == by_content["A1 edited"]["id"]
@@ -175,7 +176,7 @@ async def test_edit_and_regenerate_keep_old_versions_and_switching_follows_the_s
     assert user_texts(rill.fake.requests[3].body) == [("user", "Q1")]
     answer_nav = page.locator(".message.assistant").first.locator(".branch-nav")
     await expect(answer_nav.locator(".branch-count")).to_have_text("2 / 2")
-    stored = await conversation(rill, cid)
+    stored = await settled_conversation(rill, cid)
     again = next(m for m in stored["messages"] if m["content"] == "A1 again")
     assert again["parent"] == by_content["Q1"]["id"]
     assert stored["active"] == again["id"]

@@ -5,6 +5,7 @@ page's own copy cleared with the server's."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,20 @@ async def server_export(rill: Rill) -> dict[str, Any]:
     return body
 
 
+async def settled_export(rill: Rill) -> dict[str, Any]:
+    """The export once the answers' last writes are in (the page sees an answer end before
+    the server's writer stores its ending): no message streaming, and the same twice."""
+    previous: dict[str, Any] | None = None
+    async with asyncio.timeout(10):
+        while True:
+            document = await server_export(rill)
+            streaming = any(m["status"] == "streaming" for c in document["conversations"] for m in c["messages"])
+            if not streaming and previous is not None and without_exported(document) == without_exported(previous):
+                return document
+            previous = document
+            await asyncio.sleep(0.3)
+
+
 async def test_export_all_delete_all_import_round_trip(
     start_rill: StartRill, tmp_path: Path, open_ui: OpenPage
 ) -> None:
@@ -57,7 +72,7 @@ async def test_export_all_delete_all_import_round_trip(
     await page.click("#new-chat")
     await ask(page, "Second question")
     await ask(page, "Third question")
-    before = await server_export(rill)
+    before = await settled_export(rill)
     assert len(before["conversations"]) == 2
 
     await page.click("#data-open")
