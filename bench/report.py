@@ -100,6 +100,18 @@ def targets(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
                 "–" if ratio is None else f"{_num(on)} vs {_num(off)} µs: {ratio * 100:+.1f} %",
             )
         )
+        end_only = next((r for r in rows if r.scenario == pair[0].scenario and r.target == "rill-history-end"), None)
+        if end_only is not None and end_only.cpu_us_per_token is not None and on is not None and off:
+            # Both ask through stored conversations; they differ only in the writes while streaming.
+            share = (on - end_only.cpu_us_per_token) / off
+            checks.append(
+                (
+                    f"writes while streaming (every save_interval) within 10 % of history off ({pair[0].scenario})",
+                    share <= 0.10,
+                    f"{_num(on)} vs {_num(end_only.cpu_us_per_token)} µs written at the end only: "
+                    f"{share * 100:+.1f} % of {_num(off)}",
+                )
+            )
     cap1000 = rill.get("capacity-1000")
     if cap1000 is None:
         checks.append(("1,000 streams: all delivered, p99 within 20 ms of direct", None, "not run"))

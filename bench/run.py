@@ -47,9 +47,10 @@ FULL = [
         100,
         300,
         1 / 30,
-        ("direct", "pipe", "naive", "rill", "rill-history"),
+        ("direct", "pipe", "naive", "rill", "rill-history", "rill-history-end"),
         ramp=1.0,
-        note="100 streams × 300 tokens at 30/s; rill-history: the same through stored conversations",
+        note="100 streams × 300 tokens at 30/s; rill-history: the same through stored conversations, "
+        "rill-history-end: written at the end only (what the writes every save_interval cost is the difference)",
     ),
     Scenario("capacity-500", 500, 300, 1 / 30, ramp=2.0, note="500 streams × 300 tokens at 30/s"),
     Scenario("capacity-1000", 1000, 300, 1 / 30, ramp=3.0, note="1,000 streams × 300 tokens at 30/s"),
@@ -79,7 +80,9 @@ FULL = [
 
 QUICK = [
     Scenario("latency", 1, 200, 0.001),
-    Scenario("capacity-20", 20, 60, 0.01, ("direct", "pipe", "naive", "rill", "rill-history"), ramp=0.2),
+    Scenario(
+        "capacity-20", 20, 60, 0.01, ("direct", "pipe", "naive", "rill", "rill-history", "rill-history-end"), ramp=0.2
+    ),
     Scenario("split", 10, 100, 0.002, split=0.3),
     Scenario("resume-storm", 10, 100, 0.01, ("rill",), resume_after=(20, 60)),
     Scenario("abort-storm", 10, 200, 0.01, ("naive", "rill"), abort_after=(10, 40)),
@@ -220,6 +223,7 @@ def rill_config(
     finished_ttl: float | None = None,
     buffer_memory_mb: float | None = None,
     history: bool = False,
+    save_interval: float | None = None,
 ) -> Path:
     """The bundled config with limits opened up for the load, and a short resume grace
     (the soak passes its own, and its finished_ttl and buffer cap). history: conversations
@@ -239,6 +243,8 @@ def rill_config(
         database = work / f"history-{time.monotonic_ns()}.db"
         overrides['url = ""'] = f'url = "sqlite:///{database}"'
         overrides["auto_titles = true "] = "auto_titles = false"
+        if save_interval is not None:
+            overrides["save_interval = 2.0"] = f"save_interval = {save_interval}"
     else:
         overrides["as before.\nenabled = true"] = "as before.\nenabled = false"
     if finished_ttl is not None:
@@ -286,10 +292,12 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
             url = f"http://127.0.0.1:{port}"
             wait_ready(port_probe(port), server, log, "the naive relay")
         else:
-            config = rill_config(work, history=target == "rill-history")
+            history = target.startswith("rill-history")
+            config = rill_config(work, history=history, save_interval=3600.0 if target == "rill-history-end" else None)
             server, _, url = processes.start_rill(config, up_port, base_env, server_core)
         job = {
-            "target": "direct" if target == "pipe" else target,  # the pipe is read as the upstream is
+            # The pipe is read as the upstream is; both history targets ask as the page does.
+            "target": "direct" if target == "pipe" else "rill-history" if target.startswith("rill-history") else target,
             "url": url,
             "streams": scenario.streams,
             "scenario": {"tokens": scenario.tokens, "interval": scenario.interval, "split": scenario.split, "seed": 7},

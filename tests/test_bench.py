@@ -25,6 +25,7 @@ from bench.upstream import Upstream, listen
 from bench.wire import SSELines, token_text
 from server.app import create_app
 from server.config import parse_config
+from server.keys import STORE
 
 from .conftest import BASE_DOCUMENT
 
@@ -117,6 +118,44 @@ async def test_the_client_reads_rill_and_resumes_it(
     assert (result["delivered"], result["lost"], result["duplicated"], result["reordered"]) == (1000, 0, 0, 0)
     assert result["reconnects"] == 5
     assert model.requests == 5  # resumed from Rill's buffer, not asked again
+
+
+async def test_the_client_reads_rill_through_stored_conversations(
+    aiohttp_server: AiohttpServer, upstream: tuple[Upstream, str], tmp_path: Path
+) -> None:
+    model, upstream_url = upstream
+    document = BASE_DOCUMENT | {
+        "default_model": "bench",
+        "limits": {"max_concurrent_per_client": 50},
+        "storage": {"url": f"sqlite:///{tmp_path / 'rill.db'}", "auto_titles": False},
+    }
+    environ = {"RILL_UPSTREAM_URL": f"{upstream_url}/v1", "RILL_MODEL": "bench"}
+    app = create_app(parse_config(document, environ))
+    rill = await aiohttp_server(app)
+    job = Job(
+        target="rill-history",
+        url=str(rill.make_url("")).rstrip("/"),
+        streams=5,
+        scenario={"tokens": 100, "interval": 0.002, "seed": 1},
+    )
+    result = await run(job)
+    assert (result["delivered"], result["lost"], result["failed_streams"]) == (500, 0, 0)
+    assert model.requests == 5
+    listed = await app[STORE].list_conversations("local")
+    assert len(listed) == 5
+
+
+def test_the_history_checks_compare_the_same_scenario() -> None:
+    def row(target: str, cpu_s: float) -> Row:
+        client = {"delivered": 1000, "lost": 0, "duplicated": 0, "reordered": 0, "failed_streams": 0}
+        return Row("capacity-100", target, client, server_cpu_s=cpu_s)
+
+    rows = [row("rill", 0.020), row("rill-history", 0.030), row("rill-history-end", 0.029)]
+    checks = {name: (met, figure) for name, met, figure in targets(rows)}
+    assert checks["history on within 10 % of off, CPU per token (capacity-100)"][0] is False
+    streaming = checks["writes while streaming (every save_interval) within 10 % of history off (capacity-100)"]
+    assert streaming[0] is True
+    assert "+5.0 %" in streaming[1]
 
 
 def test_only_complete_events_are_read() -> None:

@@ -16,11 +16,11 @@ import pytest
 from yarl import URL
 
 from server.history.context import CONTINUE_PROMPT
-from server.keys import STORE
+from server.keys import OPEN_STREAMS, STORE
 from server.store import Store, StoreUnavailable
 
-from .conftest import Rill, StartRill
-from .fakes import Reply, StreamReader, answer, chunk
+from .conftest import Rill, StartRill, wait_for
+from .fakes import ReadEvent, Reply, StreamReader, answer, chunk
 
 ALICE = "alice-0123456789abcdefghij"
 BOB = "bob-0123456789abcdefghijkl"
@@ -522,6 +522,14 @@ async def test_changes_reach_another_client_within_a_second(hist: Rill, other_se
     assert added[0].data == {"conversation": cid, "message": reply["message"]}
     assert added[2] is not None
     assert added[2].data["streaming"] is True
+    # The writer's events follow (`saved`, the answer's text, the conversation at its end).
+    written = await settled(hist, cid, reply["answer"]["id"])
+    later: list[ReadEvent] = []
+    while not later or later[-1].event != "conversation":
+        next_one = await feed.next_event(timeout=1.0)
+        assert next_one is not None
+        later.append(next_one)
+    assert ("message", {"conversation": cid, "message": written}) in [(e.event, e.data) for e in later]
     await call(hist, "DELETE", f"/api/conversations/{cid}")
     deleted = await feed.next_event(timeout=1.0)
     assert deleted is not None
@@ -529,17 +537,28 @@ async def test_changes_reach_another_client_within_a_second(hist: Rill, other_se
 
     # Resume: from the first id, everything since comes again, in order.
     feed.response.close()
+    before = [event, renamed, *added, *later, deleted]
     again = await open_changes(hist, other_session, start_id)
-    names = [(await again.next_event(timeout=1.0)) for _ in range(6)]
-    assert [e.event for e in names if e] == [
-        "conversation",
-        "conversation",
-        "message",
-        "message",
-        "conversation",
-        "deleted",
-    ]
-    assert [e.id for e in names if e] == [e.id for e in [event, renamed, *added, deleted] if e]
+    resent = [await again.next_event(timeout=1.0) for _ in before]
+    assert [(e.id, e.event, e.data) for e in resent if e] == [(e.id, e.event, e.data) for e in before if e]
+
+
+async def test_deleting_a_conversation_while_its_answer_streams(hist: Rill) -> None:
+    hist.fake.script(Reply(chunks=answer(["word "] * 200, delay=0.01)))
+    cid = await new_conversation(hist)
+    reply = await ask(hist, cid, content="A long one, please")
+    await asyncio.sleep(0.35)  # a few of the writer's saves (every 0.1 s) have happened
+    status, body = await call(hist, "DELETE", f"/api/conversations/{cid}")
+    assert status == 204, body
+    assert (await call(hist, "GET", f"/api/conversations/{cid}"))[0] == 404
+    generation = hist.registry.get(reply["generation"]["id"])
+    assert generation is not None
+    await asyncio.wait_for(generation.wait_closed(), 1)  # stopped: nobody would ever read the rest
+    assert generation.terminal is not None
+    assert json.loads(generation.terminal.data) == {"finish_reason": "cancelled"}
+    await asyncio.sleep(0.3)  # the writer's last save finds nothing to write into
+    assert (await store_of(hist).export("local"))["conversations"] == []
+    assert (await store_of(hist).usage("local"))["messages"] == 0  # nothing written back after the delete
 
 
 @pytest.mark.parametrize("last_id", ["nonsense", "deadbeef.1", "0.0", "999999999.5"])
@@ -635,3 +654,45 @@ async def post_big(rill: Rill, path: str, body: Any) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json"}
     async with rill.session.post(rill.url / path, data=data, headers=headers) as response:
         return response.status, await response.json()
+
+
+async def test_change_streams_get_heartbeats_and_are_let_go(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(storage={"url": store_url}, stream={"heartbeat_interval": 0.2})
+    feed = await open_changes(rill, rill.session)
+    await first_id(feed)
+    streams = rill.app[OPEN_STREAMS]
+    assert len(streams) == 1
+    async with asyncio.timeout(3):
+        while b": hb\r\n" not in feed.raw:
+            feed.raw += await feed.response.content.readany()
+    feed.response.close()  # the tab goes away: the monitor notices, the stream is let go
+    await wait_for(lambda: len(streams) == 0)
+
+
+async def test_shutdown_ends_change_streams(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(storage={"url": store_url})
+    feed = await open_changes(rill, rill.session)
+    await first_id(feed)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await rill.runner.cleanup()
+    assert loop.time() - started < 2  # not the shutdown_timeout wait for streams that never end
+    assert await feed.next_event(timeout=1.0) is None  # the stream ended cleanly
+
+
+async def test_another_site_may_rename_only_when_allowed(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(
+        environ=TOKENS, storage={"url": store_url}, access={"cors_origins": ["https://app.example.com"]}
+    )
+    cid = await new_conversation(rill, bearer(ALICE), title="Old")
+    preflight = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "PATCH"}
+    async with rill.session.options(rill.url / f"api/conversations/{cid}", headers=preflight) as response:
+        assert response.status == 204
+        assert "PATCH" in response.headers["Access-Control-Allow-Methods"]
+    rename = {"title": "New"}
+    evil = bearer(ALICE) | {"Origin": "https://evil.example"}
+    status, body = await call(rill, "PATCH", f"/api/conversations/{cid}", rename, evil)
+    assert (status, body["error"]["code"]) == (403, "origin_not_allowed")
+    assert (await call(rill, "GET", f"/api/conversations/{cid}", headers=bearer(ALICE)))[1]["title"] == "Old"
+    allowed = bearer(ALICE) | {"Origin": "https://app.example.com"}
+    assert (await call(rill, "PATCH", f"/api/conversations/{cid}", rename, allowed))[0] == 200

@@ -45,3 +45,13 @@ def test_rill_database_url_names_the_database(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert not (tmp_path / "state" / "rill.db").exists()
+
+
+def test_an_unreachable_postgresql_stops_start_up_without_its_password(tmp_path: Path) -> None:
+    result = run_server({"RILL_DATABASE_URL": "postgresql://rill:pw-secret-1@127.0.0.1:9/rill"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("rill: cannot open the conversations' database:")
+    assert "127.0.0.1:9" in lines[0]
+    assert "pw-secret-1" not in result.stderr

@@ -35,7 +35,7 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="rill"'}
 _CORS_EXPOSED = "Retry-After, X-Request-ID"
 _CORS_PREFLIGHT = {
-    "Access-Control-Allow-Methods": "GET, POST, DELETE",
+    "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID, X-Request-ID",
     "Access-Control-Max-Age": "600",
 }

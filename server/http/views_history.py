@@ -202,8 +202,17 @@ async def update_conversation(request: web.Request) -> web.Response:
 async def delete_conversation(request: web.Request) -> web.Response:
     store = _store(request)
     cid = _path_id(request)
+    conversation = await _conversation(request, store, cid)
     if not await store.delete_conversation(owner_of(request), cid):
         raise ApiError(404, "conversation_not_found", "No such conversation.")
+    # Its answers still streaming would run to their end for nobody: stopped (after the
+    # delete, so the writer's last save finds nothing to write into).
+    registry = request.app[REGISTRY]
+    for message in conversation["messages"]:
+        if message["status"] == "streaming" and message["generation"]:
+            generation = registry.get(message["generation"])
+            if generation is not None and generation.owner == request.get(PRINCIPAL):
+                generation.stop()
     _publish(request, "deleted", {"id": cid})
     return web.Response(status=204)
 

@@ -1,4 +1,4 @@
-"""`python -m server.store upgrade|current|backup PATH [--url URL]`: the conversation
+"""`python -m server.store upgrade|current|check|backup PATH [--url URL]`: the conversation
 store's migrations and backups from a shell. The database is the one Rill uses: --url,
 else RILL_DATABASE_URL, else the config's [storage] url, else rill.db in the state dir."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from server.config import ConfigError, load_config
 
 from .backup import backup_sqlite
-from .database import create_engine, engine_url, open_engine
+from .database import check_sqlite, create_engine, engine_url, open_engine
 from .errors import StoreOpenError
 from .migrate import current, revisions
 
@@ -50,6 +50,19 @@ async def show_current(url: str) -> None:
     print(f"{', '.join(revision) or 'empty (no migrations applied)'} (latest {revisions()[-1]})")
 
 
+async def check(url: str) -> None:
+    parsed = engine_url(url)
+    engine = create_engine(parsed)
+    try:
+        async with engine.connect() as connection:
+            if parsed.get_backend_name() == "sqlite":
+                await connection.run_sync(check_sqlite, str(parsed.database))
+            revision = await connection.run_sync(current)
+    finally:
+        await engine.dispose()
+    print(f"ok, at {', '.join(revision) or 'no revision'}")
+
+
 def backup(url: str, target: Path) -> int:
     parsed = engine_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -70,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("upgrade", help="apply the migrations this Rill has")
     commands.add_parser("current", help="show the database's schema revision")
+    commands.add_parser("check", help="read every page of the SQLite database (PRAGMA quick_check)")
     backup_parser = commands.add_parser("backup", help="a consistent copy of the SQLite database, also while Rill runs")
     backup_parser.add_argument("path", type=Path)
     arguments = parser.parse_args(argv)
@@ -77,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         url = arguments.url or default_url()
         if arguments.command == "upgrade":
             asyncio.run(upgrade(url))
-        elif arguments.command == "current":
+        elif arguments.command in ("current", "check"):
             parsed = engine_url(url)
             if parsed.get_backend_name() == "sqlite" and not Path(str(parsed.database)).is_file():
                 raise StoreOpenError(f"{parsed.database}: no such database file")  # not created by looking
-            asyncio.run(show_current(url))
+            asyncio.run(show_current(url) if arguments.command == "current" else check(url))
         else:
             return backup(url, arguments.path)
     except (StoreOpenError, ConfigError) as error:

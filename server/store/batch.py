@@ -96,6 +96,13 @@ async def save_answers(connection: AsyncConnection, writes: list[AnswerWrite], n
     saved = Saved(gone, {}, {})
     if not live:
         return saved
+    # Conversations first, then their messages, each in key order: the order DELETE takes
+    # its locks in (the conversation, then its messages), so the two never deadlock.
+    live.sort(key=lambda w: w.keys)  # type: ignore[arg-type, return-value]
+    await connection.execute(
+        _GROW_CONVERSATION,
+        [{"c_pk": w.keys[0], "c_updated": now, "c_delta": w.bytes - w.saved_bytes} for w in live],  # type: ignore[index]
+    )
     await connection.execute(
         _SET_ANSWER,
         [
@@ -112,10 +119,6 @@ async def save_answers(connection: AsyncConnection, writes: list[AnswerWrite], n
             }
             for w in live
         ],
-    )
-    await connection.execute(
-        _GROW_CONVERSATION,
-        [{"c_pk": w.keys[0], "c_updated": now, "c_delta": w.bytes - w.saved_bytes} for w in live],  # type: ignore[index]
     )
     ended = [w for w in live if w.status != "streaming"]
     if ended:

@@ -43,7 +43,7 @@ async def list_summaries(
     if before is not None:
         query = query.where(conversations.c.updated < before)
     query = query.order_by(conversations.c.updated.desc(), conversations.c.pk.desc()).limit(limit)
-    return [shapes.summary(row) for row in await connection.execute(query)]
+    return [shapes.summary(row) for row in (await connection.execute(query)).all()]
 
 
 CREATE_KEYS = frozenset({"id", "title", "title_source", "system", "model"})

@@ -19,6 +19,7 @@ from .migrate import check_known, upgrade_to_head
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000  # another process (a backup, a second Rill) holding the write lock
+CHECK_AT_START_BYTES = 128 * 1024 * 1024
 
 
 def engine_url(url: str) -> URL:
@@ -90,14 +91,15 @@ async def open_engine(url: str) -> AsyncEngine:
     not start on it (unreadable, newer than this code, unreachable)."""
     parsed = engine_url(url)
     shown = parsed.render_as_string(hide_password=True)
+    check = False
     if parsed.get_backend_name() == "sqlite":
         shown = str(parsed.database)
-        _prepare_sqlite_file(Path(str(parsed.database)))
+        check = _prepare_sqlite_file(Path(str(parsed.database))) <= CHECK_AT_START_BYTES
     engine = create_engine(parsed)
     try:
         async with engine.connect() as connection:
-            if parsed.get_backend_name() == "sqlite":
-                await connection.run_sync(_check_sqlite, shown)
+            if check:
+                await connection.run_sync(check_sqlite, shown)
             await connection.run_sync(check_known)
             await connection.run_sync(upgrade_to_head)
             await connection.commit()
@@ -113,19 +115,24 @@ async def open_engine(url: str) -> AsyncEngine:
     return engine
 
 
-def _prepare_sqlite_file(path: Path) -> None:
+def _prepare_sqlite_file(path: Path) -> int:
+    """Its size; the folder made when missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size > 0:
+    size = path.stat().st_size if path.exists() else 0
+    if size > 0:
         # A file that is not a database: say so before SQLite is asked to write to it.
         with path.open("rb") as handle:
             header = handle.read(16)
         if header != b"SQLite format 3\x00":
             raise StoreOpenError(f"{path} is not a SQLite database (or is corrupt); refusing to touch it")
+    return size
 
 
-def _check_sqlite(connection: Connection, shown: str) -> None:
-    """A damaged file is found at start-up, not by the first conversation that touches the
-    damaged page (quick_check reads every page: about a second per few hundred MB)."""
+def check_sqlite(connection: Connection, shown: str) -> None:
+    """A damaged file found now rather than by the first conversation that touches the
+    damaged page. quick_check reads every page, about a second per few hundred MB: at
+    start-up only up to CHECK_AT_START_BYTES (a restart's downtime), always in
+    `python -m server.store check` and after each backup."""
     problems = [str(row[0]) for row in connection.exec_driver_sql("PRAGMA quick_check(3)")]
     if problems != ["ok"]:
         found = " ".join("; ".join(problems).split())[:200]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from functools import cache
+from functools import lru_cache
 from typing import Any
 
 FUNCTION = "rill_search_text"
@@ -24,7 +24,7 @@ MARK = "\ue000"
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
-@cache
+@lru_cache(maxsize=16384)  # bounded: text may hold any of Unicode's characters
 def _token(char: str) -> str:
     """How one non-ASCII character appears in the short-query index."""
     category = unicodedata.category(char)

@@ -18,8 +18,8 @@ from .validation import StoreLimits
 
 async def of_conversation(connection: AsyncConnection, pk: int) -> list[dict[str, Any]]:
     """All messages of the tree, parents before children (insertion order), oldest first."""
-    rows = await connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk))
-    return [shapes.message(row) for row in rows]
+    result = await connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk))
+    return [shapes.message(row) for row in result.all()]  # one fetch, not one per row
 
 
 async def find(connection: AsyncConnection, pk: int, mid: str) -> dict[str, Any] | None:
@@ -97,7 +97,7 @@ async def path(connection: AsyncConnection, owner: str, cid: str, leaf: Any) -> 
         .order_by(None)
         .order_by(ancestors.c.depth.desc())
     )
-    found = [shapes.message(row) for row in await connection.execute(query)]
+    found = [shapes.message(row) for row in (await connection.execute(query)).all()]
     if not found:
         raise not_found("message")
     return found

@@ -192,9 +192,3 @@ def utf16_length(value: str) -> int:
     """Length in UTF-16 code units, as a JavaScript string counts: astral characters
     (most emoji) are two."""
     return len(value) + sum(1 for char in value if ord(char) > 0xFFFF)
-
-
-def index_object(name: str | None) -> bool:
-    """Whether a table or index is migration 0002_search's (FTS5 tables and their shadow
-    tables, pg_trgm indexes): schema.py's metadata does not describe them."""
-    return name is not None and (name.startswith("search_") or name.endswith("_trgm"))

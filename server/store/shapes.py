@@ -46,26 +46,30 @@ def summary_select() -> Select[Any]:
 
 
 def summary(row: Any) -> dict[str, Any]:
-    mapping = row._mapping
-    return {name: mapping[name] for name in CONVERSATION_FIELDS} | {"streaming": bool(mapping["streaming"])}
+    """A row of summary_select(): CONVERSATION_FIELDS in order, then the streaming flag."""
+    shaped = dict(zip(CONVERSATION_FIELDS, row, strict=False))
+    shaped["streaming"] = bool(row[len(CONVERSATION_FIELDS)])
+    return shaped
 
 
 def message_select() -> Select[Any]:
     """Messages with their parent's public id; the caller adds the WHERE."""
-    columns = [messages.c[name] for name in MESSAGE_FIELDS if name != "parent"]
+    columns = [_parent.c.id.label("parent") if name == "parent" else messages.c[name] for name in MESSAGE_FIELDS]
     return (
-        select(*columns, _parent.c.id.label("parent"))
+        select(*columns)
         .select_from(messages.outerjoin(_parent, messages.c.parent_pk == _parent.c.pk))
         .order_by(messages.c.pk)
     )
 
 
 def message(row: Any) -> dict[str, Any]:
-    mapping = row._mapping
-    shaped = {name: mapping[name] for name in MESSAGE_FIELDS}
-    for name in ("error", "usage"):
-        if shaped[name] is not None:
-            shaped[name] = json.loads(shaped[name])
+    """A row of message_select(): its columns are MESSAGE_FIELDS, in order (by position:
+    opening a conversation of thousands of messages spends its time here)."""
+    shaped = dict(zip(MESSAGE_FIELDS, row, strict=True))
+    if shaped["error"] is not None:
+        shaped["error"] = json.loads(shaped["error"])
+    if shaped["usage"] is not None:
+        shaped["usage"] = json.loads(shaped["usage"])
     return shaped
 
 

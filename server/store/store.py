@@ -157,7 +157,7 @@ class Store:
 
     async def search(self, owner: str, query: str, *, limit: int = 30) -> list[dict[str, Any]]:
         async with self._read() as connection:
-            return await search_messages(connection, self.backend, owner, query, limit)
+            return await search_messages(connection, self.backend, owner, shapes.storable(query), limit)
 
     async def export(self, owner: str, ids: list[str] | None = None) -> dict[str, Any]:
         async with self._read() as connection:
