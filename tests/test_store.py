@@ -499,3 +499,34 @@ async def test_cancelled_call_leaves_the_store_usable(store: Store) -> None:
     assert (await store.usage("ann"))["bytes"] == 5000 * count  # whole messages only
     await store.add_message("ann", "c", user("after"))
     assert (await store.usage("ann"))["messages"] == count + 1
+
+
+async def test_deletes_racing_answer_saves(store: Store) -> None:
+    """A conversation deleted while its answers are being saved (another device deletes
+    it mid-answer): each save either lands before the delete or finds it gone (404); never
+    a deadlock or another error."""
+    for round_ in range(15):
+        cid = f"c{round_}"
+        await store.create_conversation("ann", {"id": cid})
+        await store.add_message("ann", cid, user("hi", id="q"))
+        for index in range(3):
+            await store.add_message("ann", cid, assistant("", "q", id=f"a{index}", status="streaming"))
+
+        async def save(index: int, cid: str = cid) -> None:
+            for step in range(4):
+                text = "word " * (step + 1) * 50
+                await store.save_answer("ann", cid, f"a{index}", content=text, reasoning="", last_event_id=step)
+
+        results = await asyncio.gather(
+            *(save(index) for index in range(3)),
+            store.delete_conversation("ann", cid),
+            store.add_message("ann", cid, user("more", "q")),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                assert isinstance(result, ApiError), repr(result)
+                assert result.code in ("conversation_not_found", "message_not_found"), result.code
+        assert await store.get_conversation("ann", cid) is None
+    usage = await store.usage("ann")
+    assert (usage["conversations"], usage["messages"], usage["bytes"]) == (0, 0, 0)

@@ -14,18 +14,20 @@ from .schema import conversations, messages
 from .validation import StoreLimits
 
 
-async def find_pk(connection: AsyncConnection, owner: str, cid: str) -> int | None:
-    result = await connection.execute(
-        select(conversations.c.pk).where(conversations.c.owner == owner, conversations.c.id == cid)
-    )
+async def find_pk(connection: AsyncConnection, owner: str, cid: str, *, lock: bool = False) -> int | None:
+    """lock: for writers. Every write transaction locks the conversation's row before any
+    of its messages (PostgreSQL; SQLite has one writer), the order a delete's cascade
+    takes, so a delete and an answer's save never deadlock."""
+    query = select(conversations.c.pk).where(conversations.c.owner == owner, conversations.c.id == cid)
+    result = await connection.execute(query.with_for_update() if lock else query)
     return result.scalar_one_or_none()
 
 
-async def require_pk(connection: AsyncConnection, owner: str, cid: Any) -> int:
+async def require_pk(connection: AsyncConnection, owner: str, cid: Any, *, lock: bool = False) -> int:
     """The conversation's key, or 404 (also for another owner's id and malformed ids)."""
     if not isinstance(cid, str) or not validation.ID.fullmatch(cid):
         raise not_found()
-    pk = await find_pk(connection, owner, cid)
+    pk = await find_pk(connection, owner, cid, lock=lock)
     if pk is None:
         raise not_found()
     return pk
@@ -98,7 +100,7 @@ async def change(
     unknown = set(changes) - UPDATE_KEYS
     if unknown:
         raise bad_message(f"Unknown conversation field {sorted(unknown)[0]!r}.")
-    pk = await find_pk(connection, owner, cid) if validation.ID.fullmatch(str(cid)) else None
+    pk = await find_pk(connection, owner, cid, lock=True) if validation.ID.fullmatch(str(cid)) else None
     if pk is None:
         return None
     values: dict[str, Any] = {}
@@ -141,6 +143,8 @@ async def remove(connection: AsyncConnection, owner: str, cid: str) -> bool:
 
 
 async def remove_owner(connection: AsyncConnection, owner: str) -> dict[str, int]:
+    # The conversations' rows first, as every writer locks them (see find_pk).
+    await connection.execute(select(conversations.c.pk).where(conversations.c.owner == owner).with_for_update())
     counts = await totals(connection, owner)
     # Messages first, in one statement: cascading one conversation at a time would walk
     # the parent links row by row.

@@ -40,7 +40,7 @@ async def add(
     connection: AsyncConnection, owner: str, cid: str, data: Any, limits: StoreLimits, now: int
 ) -> dict[str, Any]:
     fields = validation.message(data, limits, now)
-    pk = await require_pk(connection, owner, cid)
+    pk = await require_pk(connection, owner, cid, lock=True)
     existing = await find(connection, pk, fields["id"])
     if existing is not None:
         return existing  # the same request again (idempotent by id): nothing changes
@@ -107,7 +107,7 @@ async def save_answer(
     connection: AsyncConnection, owner: str, cid: str, mid: str, values: dict[str, Any], now: int
 ) -> None:
     """The answer writer's flush: never refused for quota (the answer was accepted)."""
-    pk = await require_pk(connection, owner, cid)
+    pk = await require_pk(connection, owner, cid, lock=True)
     row = (
         await connection.execute(
             select(messages.c.pk, messages.c.content, messages.c.reasoning).where(

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -23,6 +23,10 @@ from .validation import ID, StoreLimits
 log = logging.getLogger(__name__)
 
 MAX_LIST = 1000
+RETRIES = 3
+T = TypeVar("T")
+# PostgreSQL: unique_violation (the same id at once), serialization_failure, deadlock_detected.
+CONFLICTS = frozenset({"23505", "40001", "40P01"})
 
 
 def now_ms() -> int:
@@ -58,14 +62,19 @@ class Store:
                 async with connection.begin():
                     yield connection
 
-    async def _retrying_race(self, attempt: Any) -> Any:
-        """Idempotent writes: two callers inserting the same id at once (PostgreSQL; SQLite
-        writes are serialized) -- the loser runs again and finds the winner's row."""
-        try:
-            return await attempt()
-        except exc.IntegrityError:
-            log.info("conversation store: concurrent insert of the same id, reading it back")
-            return await attempt()
+    async def _written(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """One write transaction, run again when PostgreSQL refuses it for a conflict with
+        another one: the same id inserted at once (the loser then finds the winner's row:
+        idempotent), or a deadlock / serialization failure (nothing was written)."""
+        for attempt in range(RETRIES + 1):
+            try:
+                async with self._write() as connection:
+                    return await work(connection)
+            except exc.DBAPIError as error:
+                if attempt == RETRIES or not _conflict(error):
+                    raise
+                log.info("conversation store: write conflicted with another (%s), again", type(error.orig).__name__)
+        raise AssertionError("unreachable")
 
     async def list_conversations(
         self, owner: str, *, limit: int = 200, before: int | None = None
@@ -84,26 +93,16 @@ class Store:
             return conversation
 
     async def create_conversation(self, owner: str, data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        async def attempt() -> tuple[dict[str, Any], bool]:
-            async with self._write() as connection:
-                return await conversations.create(connection, owner, data, self.limits, now_ms())
-
-        return await self._retrying_race(attempt)  # type: ignore[no-any-return]
+        return await self._written(lambda c: conversations.create(c, owner, data, self.limits, now_ms()))
 
     async def update_conversation(self, owner: str, cid: str, changes: dict[str, Any]) -> dict[str, Any] | None:
-        async with self._write() as connection:
-            return await conversations.change(connection, owner, cid, changes, self.limits, now_ms())
+        return await self._written(lambda c: conversations.change(c, owner, cid, changes, self.limits, now_ms()))
 
     async def delete_conversation(self, owner: str, cid: str) -> bool:
-        async with self._write() as connection:
-            return await conversations.remove(connection, owner, cid)
+        return await self._written(lambda c: conversations.remove(c, owner, cid))
 
     async def add_message(self, owner: str, cid: str, message: dict[str, Any]) -> dict[str, Any]:
-        async def attempt() -> dict[str, Any]:
-            async with self._write() as connection:
-                return await messages.add(connection, owner, cid, message, self.limits, now_ms())
-
-        return await self._retrying_race(attempt)  # type: ignore[no-any-return]
+        return await self._written(lambda c: messages.add(c, owner, cid, message, self.limits, now_ms()))
 
     async def path(self, owner: str, cid: str, leaf_id: str) -> list[dict[str, Any]]:
         async with self._read() as connection:
@@ -139,8 +138,7 @@ class Store:
             # Continue: the same message streams again, from a new generation.
             values["generation"] = generation
             values.update(finish_reason=None, error=None, usage=None)
-        async with self._write() as connection:
-            await messages.save_answer(connection, owner, cid, mid, values, now_ms())
+        await self._written(lambda c: messages.save_answer(c, owner, cid, mid, dict(values), now_ms()))
 
     async def save_answers(self, writes: list[AnswerWrite]) -> Saved:
         """The answer writer's batched flush (batch.py): one transaction for every answer
@@ -149,8 +147,7 @@ class Store:
             return await batch.save_answers(connection, writes, now_ms())
 
     async def mark_interrupted(self) -> int:
-        async with self._write() as connection:
-            count = await messages.mark_interrupted(connection, now_ms())
+        count = await self._written(lambda c: messages.mark_interrupted(c, now_ms()))
         if count:
             log.info("conversation store: %d answers cut short by the last shutdown marked interrupted", count)
         return count
@@ -164,15 +161,10 @@ class Store:
             return await transfer.export(connection, owner, ids, now_ms())
 
     async def import_document(self, owner: str, document: dict[str, Any]) -> dict[str, int]:
-        async def attempt() -> dict[str, int]:
-            async with self._write() as connection:
-                return await transfer.import_document(connection, owner, document, self.limits)
-
-        return await self._retrying_race(attempt)  # type: ignore[no-any-return]
+        return await self._written(lambda c: transfer.import_document(c, owner, document, self.limits))
 
     async def delete_owner(self, owner: str) -> dict[str, int]:
-        async with self._write() as connection:
-            return await conversations.remove_owner(connection, owner)
+        return await self._written(lambda c: conversations.remove_owner(c, owner))
 
     async def usage(self, owner: str) -> dict[str, int]:
         async with self._read() as connection:
@@ -182,6 +174,10 @@ class Store:
 async def open_store(url: str, limits: StoreLimits) -> Store:
     """Migrated to this code's head; StoreOpenError when Rill must not start on it."""
     return Store(await open_engine(url), limits)
+
+
+def _conflict(error: exc.DBAPIError) -> bool:
+    return isinstance(error, exc.IntegrityError) or getattr(error.orig, "sqlstate", None) in CONFLICTS
 
 
 def valid_id(value: object) -> bool:

@@ -124,7 +124,7 @@ async def import_document(
     plan: list[tuple[dict[str, Any], int | None, set[str]]] = []
     new_conversations = new_messages = new_bytes = 0
     for conversation in parsed:
-        pk = await find_pk(connection, owner, conversation["id"])
+        pk = await find_pk(connection, owner, conversation["id"], lock=True)
         existing: set[str] = set()
         if pk is None:
             new_conversations += 1
