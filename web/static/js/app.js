@@ -377,7 +377,7 @@ class ChatApp {
     const action = step < 0 ? "branch-prev" : "branch-next";
     const nav = $("messages").querySelector(`.message[data-message-id="${CSS.escape(version.id)}"] .branch-nav`);
     const button = nav?.querySelector(`[data-action="${action}"]:not(:disabled)`) ?? nav?.querySelector("button:not(:disabled)");
-    button?.focus();
+    button?.focus({ preventScroll: true });
   }
 
   /** A search result: opens its conversation on the branch that holds the message found. */

@@ -38,6 +38,7 @@ export class MessageList {
   show(conversation, running, { keepScroll = false } = {}) {
     const scrollTop = this.container.scrollTop;
     const stick = this.stick;
+    const focused = this._focusedControl();
     this.dirty.clear();
     this.conversation = conversation;
     this.running = running;
@@ -46,12 +47,30 @@ export class MessageList {
     for (const message of conversation?.messages ?? []) this._add(message);
     this.empty.hidden = (conversation?.messages.length ?? 0) > 0;
     this.refreshActions();
+    this._restoreFocus(focused);
     if (keepScroll && !stick) {
       this.container.scrollTop = scrollTop;
     } else {
       this.stick = true;
       this.scrollToEnd(true);
     }
+  }
+
+  /** The message button the keyboard is on (a rebuild would drop it to the page's start). */
+  _focusedControl() {
+    const active = document.activeElement;
+    if (!active || !this.container.contains(active) || !active.dataset?.action) return null;
+    return { id: this.messageIdOf(active), action: active.dataset.action };
+  }
+
+  _restoreFocus(focused) {
+    const element = focused && this.elements.get(focused.id)?.element;
+    if (!element) return;
+    const usable = (button) => button && !button.disabled && !button.closest("[hidden]");
+    let target = element.querySelector(`[data-action="${focused.action}"]`);
+    // ‹ at the first version (or › at the last) is disabled: the other one of the pair.
+    if (!usable(target) && focused.action.startsWith("branch-")) target = element.querySelector(".branch-nav button:not(:disabled)");
+    if (usable(target)) target.focus({ preventScroll: true });
   }
 
   /**
