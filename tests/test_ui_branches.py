@@ -55,6 +55,8 @@ async () => {
   const afterSwitch = ids(conversation.messages);
   const q1b = conversation.messages[0];
   const cyclic = [m("c1", "c2", 1), m("c2", "c1", 2)];
+  // x's older version went on later (xa -> xa2 at 10) than its newer one (xb at 2) was written.
+  const wentOn = [m("x", null, 0), m("xa", "x", 1), m("xb", "x", 2), m("xa2", "xa", 10)];
   return {
     roots: ids(tree.childrenOf(messages, null)),
     childrenQ1: ids(tree.childrenOf(messages, "q1")),
@@ -62,6 +64,10 @@ async () => {
     pathUnknown: ids(tree.pathTo(messages, "nope")),
     newestUnderQ1: tree.newestLeaf(messages, "q1"),
     newestUnderA1: tree.newestLeaf(messages, "a1"),
+    newestUnderA2: tree.newestLeaf(messages, "a2"),
+    newestUnderUnknown: tree.newestLeaf(messages, "nope"),
+    newestWentOn: tree.newestLeaf(wentOn, "x"),
+    newestInCycle: tree.newestLeaf(cyclic, "c1"),
     defaultLeaf: tree.defaultLeaf(messages),
     shown,
     hidden,
@@ -89,8 +95,13 @@ async def test_tree_helpers(start_rill: StartRill, tmp_path: Path, open_ui: Open
         "childrenQ1": ["a1", "a1c"],
         "pathA2": ["q1", "a1", "q2", "a2"],
         "pathUnknown": [],
-        "newestUnderQ1": "a1c",  # its newest child, then that one's newest, down to a leaf
+        "newestUnderQ1": "a1c",
         "newestUnderA1": "a2",
+        "newestUnderA2": "a2",  # a leaf: itself
+        "newestUnderUnknown": "nope",
+        # The leaf written last under it, not the newest child's: the branch used most recently.
+        "newestWentOn": "xa2",
+        "newestInCycle": "c1",
         "defaultLeaf": "a1c",
         "shown": ["q1", "a1", "q2", "a2"],
         "hidden": ["a1b", "a1c", "q1b"],
