@@ -157,12 +157,20 @@ async def fake_upstream(aiohttp_server: AiohttpServer) -> FakeUpstream:
 
 
 @pytest.fixture
-async def start_rill(fake_upstream: FakeUpstream) -> AsyncIterator[StartRill]:
+async def start_rill(
+    fake_upstream: FakeUpstream, request: pytest.FixtureRequest, tmp_path: Any
+) -> AsyncIterator[StartRill]:
     started: list[Rill] = []
+    # The page's tests run against what an install does by default: conversations kept on
+    # the server, in SQLite (automatic titles off: they would be one more upstream request).
+    # A test passes storage={"enabled": False} for the page without server history.
+    page_test = request.module.__name__.rpartition(".")[2].startswith("test_ui_")
 
     async def start(
         *, key: bool = True, upstream_url: str | None = None, environ: dict[str, str] | None = None, **sections: Any
     ) -> Rill:
+        if page_test and "storage" not in sections:
+            sections["storage"] = {"url": f"sqlite:///{tmp_path}/rill-{len(started)}.db", "auto_titles": False}
         config = make_config(upstream_url or fake_upstream.url, key=key, environ=environ, **sections)
         app = create_app(config)
         runner, url = await serve(app, config)

@@ -266,6 +266,7 @@ async def test_continue_sends_the_partial_answer_and_keeps_the_message(hist: Ril
     assert (status, error["error"]["code"]) == (400, "bad_target")  # a question cannot be continued
 
     more = await ask(hist, cid, **{"continue": answer_id})
+    assert more["answer"]["finish_reason"] is None
     assert more["message"] is None
     assert (more["answer"]["id"], more["answer"]["content"], more["answer"]["status"]) == (
         answer_id,
@@ -284,6 +285,25 @@ async def test_continue_sends_the_partial_answer_and_keeps_the_message(hist: Ril
     assert (stored["status"], stored["generation"]) == ("streaming", more["generation"]["id"])
     status, error = await call(hist, "POST", f"/api/conversations/{cid}/messages", {"continue": answer_id})
     assert (status, error["error"]["code"]) == (400, "bad_target")  # still streaming
+    assert len(hist.fake.requests) == 2
+
+
+async def test_a_repeated_continue_asks_the_model_once(hist: Rill) -> None:
+    hist.fake.script(
+        Reply(chunks=answer(["Half"], finish="length")), Reply(chunks=[chunk("", reasoning="")], end="hang")
+    )
+    cid = await new_conversation(hist)
+    first = await ask(hist, cid, content="Long story")
+    assert (await settled(hist, cid, first["answer"]["id"]))["status"] == "length"
+    body = {"continue": first["answer"]["id"], "client_id": str(uuid.uuid4())}
+    status, more = await call(hist, "POST", f"/api/conversations/{cid}/messages", body)
+    assert status == 201
+    status, again = await call(hist, "POST", f"/api/conversations/{cid}/messages", body)
+    assert status == 200
+    # The same answer and generation (its saved text and times may have moved on meanwhile).
+    assert (again["message"], again["generation"]) == (None, more["generation"])
+    assert (again["answer"]["id"], again["answer"]["generation"]) == (first["answer"]["id"], more["generation"]["id"])
+    assert len(hist.fake.requests) == 2
 
 
 async def test_the_same_client_id_asks_the_model_once(hist: Rill) -> None:

@@ -23,11 +23,12 @@ CONTINUE_PROMPT = "Continue exactly where your previous answer stopped. Do not r
 
 
 def capture_posts(page: Page) -> list[dict[str, Any]]:
-    """The JSON bodies of every POST /api/chat the page sends, in order."""
+    """The JSON bodies of every POST the page sends to start an answer, in order: POST
+    /api/chat, or with history on the server POST /api/conversations/{id}/messages."""
     posts: list[dict[str, Any]] = []
 
     def on_request(request: Request) -> None:
-        if request.method == "POST" and request.url.endswith("/api/chat"):
+        if request.method == "POST" and (request.url.endswith("/api/chat") or request.url.endswith("/messages")):
             posts.append(dict(request.post_data_json or {}))
 
     page.on("request", on_request)
@@ -658,7 +659,8 @@ async def test_composer_focus_shift_enter_enter_and_blank_input(rill: Rill, open
     await page.click("#send")
     await expect(page.locator(".message.user .message-body")).to_have_text(["line one\nline two", "Real one"])
     await wait_answer_ended(page)
-    assert [post["messages"][-1]["content"] for post in posts] == ["line one\nline two", "Real one"]
+    assert len(posts) == 2
+    assert [r.body["messages"][-1]["content"] for r in rill.fake.requests] == ["line one\nline two", "Real one"]
     assert len(rill.fake.requests) == 2
     await ui.assert_clean()
 

@@ -356,7 +356,7 @@ async def add_message(request: web.Request) -> web.Response:
             raise ApiError(404, "message_not_found", "No such message in this conversation.")
         if target["role"] != "assistant":
             raise invalid("bad_target", f"'{mode}' must name an answer (an assistant message).")
-        if mode == "continue" and (target["status"] not in CONTINUABLE or not target["content"]):
+        if mode == "continue" and not target["content"]:
             raise invalid("bad_target", "Only an answer that stopped early with some text can be continued.")
     elif parent is not None:
         if parent not in messages:
@@ -418,8 +418,9 @@ async def add_message(request: web.Request) -> web.Response:
     elif mode != "continue" and answer_id in messages:
         # Sent before, and its generation already forgotten: what was made then stands.
         return _repeat(messages, mode, question_id, answer_id, messages[answer_id]["generation"])
-    if mode == "continue" and target is not None and target["status"] == "streaming":
-        raise invalid("bad_target", "This answer is still streaming.")
+    if mode == "continue" and target is not None and target["status"] not in CONTINUABLE:
+        # Checked after the repeat above: a continued answer is streaming again.
+        raise invalid("bad_target", "Only an answer that stopped early with some text can be continued.")
 
     await _check_quota(store, owner, 0 if mode == "continue" else 1 + (mode == "content"), content or "")
     # keep_unread from the start: the writing begins only once the rows below are in, and
@@ -452,7 +453,7 @@ async def add_message(request: web.Request) -> web.Response:
                 generation=generation.id,
             )
             answer = {**target, "status": "streaming", "generation": generation.id, "last_event_id": 0}
-            answer.update({"finish_reason": None, "error": None, "model": chat.request.model.id})
+            answer.update({"finish_reason": None, "error": None, "usage": None})
         else:
             answer = await store.add_message(
                 owner,

@@ -31,7 +31,7 @@ export class HistoryStore extends Store {
     this.runs = null; // set by Runs: whether this tab writes a conversation
     this.feed = null;
     this.fetchTimers = new Map(); // conversation id -> timer
-    this.patchTimers = new Map();
+    this.patches = new Map(); // conversation id -> {changes, timer}: settings not yet on the server
   }
 
   /**
@@ -125,7 +125,9 @@ export class HistoryStore extends Store {
 
   _entry(summary) {
     const cached = this.cache.get(summary.id) ?? read(conversationKey(summary.id), null);
-    const title = summary.title || (cached ? titleOf(cached) : "");
+    const unsent = this.patches.get(summary.id)?.changes ?? {};
+    const given = "title" in unsent ? unsent.title : summary.title;
+    const title = given || (cached ? titleOf({ ...cached, titled: false }) : "");
     return { id: summary.id, title, updated: summary.updated };
   }
 
@@ -181,7 +183,7 @@ export class HistoryStore extends Store {
   }
 
   async _fetch(id) {
-    if (this.deleted.has(id)) return;
+    if (this.deleted.has(id) || !this._onServer(id)) return; // a new chat is created with its first message
     let server;
     try {
       server = await api.getConversation(id);
@@ -201,7 +203,7 @@ export class HistoryStore extends Store {
   _mergeSettings(id, server) {
     const conversation = this.cache.get(id);
     if (!conversation) return;
-    Object.assign(conversation, settingsOf(server));
+    Object.assign(conversation, this._settings(server));
     super.save(conversation, { touch: false });
     this.dispatchEvent(new CustomEvent("external", { detail: { id } }));
   }
@@ -226,13 +228,14 @@ export class HistoryStore extends Store {
       id,
       created: server.created,
       updated: server.updated,
-      ...settingsOf(server),
+      ...this._settings(server),
       stored: true,
       messages: [...messages, ...(sending ? tail : [])],
       branches: [],
     };
     const leaf = sending ? tail.at(-1).id : (server.active ?? defaultLeaf(messages));
     showBranch(conversation, leaf);
+    conversation.title = titleOf(conversation); // untitled on the server: its first question, as before
     if (!this._write(conversationKey(id), conversation)) return;
     const position = this.index.findIndex((entry) => entry.id === id);
     const entry = { id, title: titleOf(conversation), updated: conversation.updated };
@@ -365,16 +368,34 @@ export class HistoryStore extends Store {
     this._patch(conversation.id, changes);
   }
 
-  /** One PATCH per conversation once the changes pause, with everything changed meanwhile. */
+  /**
+   * One PATCH per conversation once the changes pause, with everything changed meanwhile.
+   * Until the server has them, they win over the server's version (a fetch in between
+   * must not put the old title back).
+   */
   _patch(id, changes) {
-    const pending = this.patchTimers.get(id);
+    const pending = this.patches.get(id);
     clearTimeout(pending?.timer);
-    const merged = { ...(pending?.changes ?? {}), ...changes };
-    const timer = setTimeout(() => {
-      this.patchTimers.delete(id);
-      api.patchConversation(id, merged).catch((error) => this._failed(error));
+    const entry = { changes: { ...(pending?.changes ?? {}), ...changes }, timer: 0 };
+    entry.timer = setTimeout(() => {
+      api
+        .patchConversation(id, entry.changes)
+        .catch((error) => this._failed(error))
+        .finally(() => {
+          if (this.patches.get(id) === entry) this.patches.delete(id);
+        });
     }, PATCH_DELAY_MS);
-    this.patchTimers.set(id, { timer, changes: merged });
+    this.patches.set(id, entry);
+  }
+
+  /** The server's settings of a conversation, with the changes this page has not sent yet. */
+  _settings(server) {
+    const settings = settingsOf(server);
+    const unsent = this.patches.get(server.id)?.changes ?? {};
+    if ("title" in unsent) Object.assign(settings, { title: unsent.title, titled: Boolean(unsent.title) });
+    if ("system" in unsent) settings.system = unsent.system;
+    if ("model" in unsent) settings.model = unsent.model;
+    return settings;
   }
 
   _failed(error) {
@@ -399,7 +420,14 @@ export function answerBody(conversation, answer, { model, continued = false } = 
     user.stored = false;
     answer.parent = user.id;
   }
-  return { ...body, parent: user.parent ?? null, content: user.content, id: user.id };
+  return { ...body, parent: storedParent(conversation, user), content: user.content, id: user.id };
+}
+
+/** The answer a new question follows on the server: the nearest earlier one it has (a failed
+ * exchange that never reached it is not part of the stored branch). */
+function storedParent(conversation, user) {
+  const before = conversation.messages.slice(0, conversation.messages.indexOf(user));
+  return before.findLast((message) => message.stored && message.role === "assistant")?.id ?? null;
 }
 
 function settingsOf(server) {
@@ -420,6 +448,7 @@ function mergeMessage(server, local) {
   if (local) for (const field of LOCAL_FIELDS) if (field in local) message[field] = local[field];
   if (server.status !== "streaming") {
     delete message.connection;
+    delete message.unsaved; // its end is in the database: all of it is saved
     if (message.stats && !message.stats.ended) message.stats = { ...message.stats, ended: server.updated };
     return message;
   }
