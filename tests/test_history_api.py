@@ -716,3 +716,35 @@ async def test_another_site_may_rename_only_when_allowed(start_rill: StartRill, 
     assert (await call(rill, "GET", f"/api/conversations/{cid}", headers=bearer(ALICE)))[1]["title"] == "Old"
     allowed = bearer(ALICE) | {"Origin": "https://app.example.com"}
     assert (await call(rill, "PATCH", f"/api/conversations/{cid}", rename, allowed))[0] == 200
+
+
+async def test_quotas_refuse_before_the_model_is_asked(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(
+        storage={"url": store_url, "auto_titles": False, "max_conversations": 1, "max_messages": 3, "max_bytes": 100}
+    )
+    cid = await new_conversation(rill)
+    status, error = await call(rill, "POST", "/api/conversations", {})
+    assert (status, error["error"]["code"]) == (409, "quota_conversations")
+    first = await ask(rill, cid, content="Hi")
+    await wait_requests(rill, 1)
+    store = store_of(rill)
+    before = await store.export("local")
+    status, error = await call(
+        rill, "POST", f"/api/conversations/{cid}/messages", {"content": "Again", "parent": first["answer"]["id"]}
+    )
+    assert (status, error["error"]["code"]) == (409, "quota_messages")  # 2 stored + 2 would pass 3
+    assert (await store.export("local"))["conversations"] == before["conversations"]
+    assert len(rill.fake.requests) == 1
+    # Over quota, reading and deleting still work.
+    assert (await call(rill, "GET", f"/api/conversations/{cid}"))[0] == 200
+    assert (await call(rill, "DELETE", f"/api/conversations/{cid}"))[0] == 204
+    assert await new_conversation(rill)
+
+
+async def test_the_byte_quota_refuses_a_long_question(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(storage={"url": store_url, "auto_titles": False, "max_bytes": 10})
+    cid = await new_conversation(rill)
+    status, error = await call(rill, "POST", f"/api/conversations/{cid}/messages", {"content": "世界" * 2})  # 12 bytes
+    assert (status, error["error"]["code"]) == (413, "quota_bytes")
+    assert (await call(rill, "GET", f"/api/conversations/{cid}"))[1]["messages"] == []
+    assert rill.fake.requests == []

@@ -46,7 +46,8 @@ def summary_select() -> Select[Any]:
 
 
 def summary(row: Any) -> dict[str, Any]:
-    """A row of summary_select(): CONVERSATION_FIELDS in order, then the streaming flag."""
+    """A row of summary_select(): CONVERSATION_FIELDS in order, then the streaming flag
+    (then any columns a caller added, left out)."""
     shaped = dict(zip(CONVERSATION_FIELDS, row, strict=False))
     shaped["streaming"] = bool(row[len(CONVERSATION_FIELDS)])
     return shaped
@@ -63,9 +64,10 @@ def message_select() -> Select[Any]:
 
 
 def message(row: Any) -> dict[str, Any]:
-    """A row of message_select(): its columns are MESSAGE_FIELDS, in order (by position:
-    opening a conversation of thousands of messages spends its time here)."""
-    shaped = dict(zip(MESSAGE_FIELDS, row, strict=True))
+    """A row of message_select(): its first columns are MESSAGE_FIELDS, in order (read by
+    position: opening a conversation of thousands of messages spends its time here); any
+    columns a caller added after them are left out."""
+    shaped = dict(zip(MESSAGE_FIELDS, row, strict=False))
     if shaped["error"] is not None:
         shaped["error"] = json.loads(shaped["error"])
     if shaped["usage"] is not None:

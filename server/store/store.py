@@ -41,8 +41,11 @@ class Store:
         # One writer at a time in this process: SQLite has one write lock anyway, and
         # waiting here is cheaper than waiting in busy_timeout.
         self._write_lock = asyncio.Lock() if self.backend == "sqlite" else None
+        self._writing: set[asyncio.Task[Any]] = set()
 
     async def close(self) -> None:
+        if self._writing:  # writes whose callers were cancelled, finishing on their own
+            await asyncio.gather(*self._writing, return_exceptions=True)
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -63,6 +66,20 @@ class Store:
                     yield connection
 
     async def _written(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """A write whose caller is cancelled (shutdown, a request given up) still commits
+        or rolls back whole on its own, and its connection goes back to the pool; the
+        caller gets its CancelledError at once."""
+        task = asyncio.ensure_future(self._retrying(work))
+        self._writing.add(task)
+        task.add_done_callback(self._written_done)
+        return await asyncio.shield(task)
+
+    def _written_done(self, task: asyncio.Task[Any]) -> None:
+        self._writing.discard(task)
+        if not task.cancelled():
+            task.exception()  # the caller may be gone: no "exception never retrieved" noise
+
+    async def _retrying(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """One write transaction, run again when PostgreSQL refuses it for a conflict with
         another one: the same id inserted at once (the loser then finds the winner's row:
         idempotent), or a deadlock / serialization failure (nothing was written)."""
