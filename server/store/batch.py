@@ -126,8 +126,7 @@ async def save_answers(connection: AsyncConnection, writes: list[AnswerWrite], n
         rows = await connection.execute(
             shapes.message_select().add_columns(messages.c.pk.label("m_pk")).where(messages.c.pk.in_(message_pks))
         )
-        # shapes.message reads MESSAGE_FIELDS by position: the extra m_pk stays out.
-        saved.messages = {int(row._mapping["m_pk"]): shapes.message(row[: len(shapes.MESSAGE_FIELDS)]) for row in rows}
+        saved.messages = {int(row._mapping["m_pk"]): shapes.message(row) for row in rows}
         conversation_pks = sorted({w.keys[0] for w in ended})  # type: ignore[index]
         rows = await connection.execute(
             shapes.summary_select()
