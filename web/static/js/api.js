@@ -48,8 +48,11 @@ function noteAuthRequired(code) {
 const POST_ATTEMPTS = 3;
 const POST_RETRY_DELAY_MS = 700;
 
-/** options.signal: an AbortSignal (a search the user typed past, say). */
-export async function request(method, url, body, { signal } = {}) {
+/**
+ * options.signal: an AbortSignal (a search the user typed past, say); options.keepalive:
+ * the request outlives the page (a small change sent just before a reload).
+ */
+export async function request(method, url, body, { signal, keepalive = false } = {}) {
   let response;
   try {
     response = await fetch(url, {
@@ -58,6 +61,7 @@ export async function request(method, url, body, { signal } = {}) {
       body: body === undefined ? undefined : JSON.stringify(body),
       cache: "no-store",
       signal,
+      keepalive,
     });
   } catch {
     throw new ApiError("network", t("error.network"), { retryable: true });

@@ -32,6 +32,10 @@ export class HistoryStore extends Store {
     this.feed = null;
     this.fetchTimers = new Map(); // conversation id -> timer
     this.patches = new Map(); // conversation id -> {changes, timer}: settings not yet on the server
+    // A reload or a closed tab right after a change: send what waits now (keepalive outlives the page).
+    window.addEventListener("pagehide", () => {
+      for (const [id, entry] of this.patches) if (entry.timer) this._sendPatch(id, entry);
+    });
   }
 
   /**
@@ -274,7 +278,7 @@ export class HistoryStore extends Store {
     super.rename(id, title);
     const conversation = this.get(id);
     if (this.remote && conversation?.stored) {
-      this._patch(id, { title: conversation.titled ? conversation.title : "" });
+      this._patch(id, { title: conversation.titled ? conversation.title : "" }, { now: true });
     }
   }
 
@@ -354,7 +358,9 @@ export class HistoryStore extends Store {
   switchTo(conversation, messageId) {
     showBranch(conversation, newestLeaf(allMessages(conversation), messageId));
     super.save(conversation, { touch: false });
-    if (this.remote && conversation.stored && conversation.active) this._patch(conversation.id, { active: conversation.active });
+    if (this.remote && conversation.stored && conversation.active) {
+      this._patch(conversation.id, { active: conversation.active }, { now: true }); // a click, not typing: at once
+    }
   }
 
   _syncSettings(conversation) {
@@ -373,19 +379,25 @@ export class HistoryStore extends Store {
    * Until the server has them, they win over the server's version (a fetch in between
    * must not put the old title back).
    */
-  _patch(id, changes) {
+  _patch(id, changes, { now = false } = {}) {
     const pending = this.patches.get(id);
     clearTimeout(pending?.timer);
     const entry = { changes: { ...(pending?.changes ?? {}), ...changes }, timer: 0 };
-    entry.timer = setTimeout(() => {
-      api
-        .patchConversation(id, entry.changes)
-        .catch((error) => this._failed(error))
-        .finally(() => {
-          if (this.patches.get(id) === entry) this.patches.delete(id);
-        });
-    }, PATCH_DELAY_MS);
     this.patches.set(id, entry);
+    // A rename is one deliberate act: sent at once. Typing (the system prompt) waits for a pause.
+    if (now) this._sendPatch(id, entry);
+    else entry.timer = setTimeout(() => this._sendPatch(id, entry), PATCH_DELAY_MS);
+  }
+
+  _sendPatch(id, entry) {
+    clearTimeout(entry.timer);
+    entry.timer = 0;
+    api
+      .patchConversation(id, entry.changes)
+      .catch((error) => this._failed(error))
+      .finally(() => {
+        if (this.patches.get(id) === entry) this.patches.delete(id);
+      });
   }
 
   /** The server's settings of a conversation, with the changes this page has not sent yet. */

@@ -40,7 +40,8 @@ export function createConversation(fields) {
 }
 
 export function patchConversation(id, changes) {
-  return request("PATCH", conversationUrl(id), changes);
+  // keepalive: a change made just before a reload or a closed tab still arrives.
+  return request("PATCH", conversationUrl(id), changes, { keepalive: true });
 }
 
 export async function deleteConversation(id) {
