@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,9 @@ async def screenshot(page: Page, name: str) -> Path:
 
 
 ANSWER = ".message.assistant >> nth=-1"
+# The request that starts an answer, for page.route: POST /api/chat, or with history on
+# the server POST /api/conversations/{id}/messages.
+START_ANSWER = re.compile(r"/api/(chat|conversations/[^/?]+/messages)$")
 
 
 async def send(page: Page, text: str) -> None:

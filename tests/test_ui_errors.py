@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Locator, Page, Route, expect
 
-from .browser import ANSWER, answer_text, send, wait_answer_ended
+from .browser import ANSWER, START_ANSWER, answer_text, send, wait_answer_ended
 from .conftest import KEY_ENV, SENTINEL_KEY, OpenPage, Rill, StartRill
 from .fakes import Reply, answer, chunk
 from .test_ui_access import TOKEN, TOKENS, models_loaded, open_locked, sign_in
@@ -207,7 +207,7 @@ async def test_a_refused_post_with_retry_after_is_retried_by_itself_with_the_sam
         body = {"error": {"code": "rate_limited", "message": said}}
         await route.fulfill(status=429, json=body, headers={"Retry-After": "2"})
 
-    await page.route("**/api/chat", limited_once)
+    await page.route(START_ANSWER, limited_once)
     last = await fails(page)
     await expect(last.text).to_have_text("You have started as many answers as this server allows per minute.")
     await expect(last.countdown).to_have_text(re.compile(r"^Trying again in [12] s…$"))
@@ -222,7 +222,8 @@ async def test_a_refused_post_with_retry_after_is_retried_by_itself_with_the_sam
 async def test_a_refused_stream_resumes_the_same_answer_instead_of_asking_again(
     start_rill: StartRill, open_ui: OpenPage
 ) -> None:
-    rill = await start_rill(limits={"max_streams_per_client": 1})
+    # Two: the page's change feed (history on the server) holds one of them.
+    rill = await start_rill(limits={"max_streams_per_client": 2})
     rill.fake.script(Reply(chunks=[chunk("Held")], end="hang"), Reply(chunks=answer(["Paid", " once"])))
     ui = await open_ui(rill)
     ui.allowed_console.append("429")  # the refused stream, and the page asking why
@@ -340,7 +341,7 @@ async def test_an_unknown_code_shows_the_servers_message(rill: Rill, open_ui: Op
         body = {"error": {"code": "brand_new_code", "message": "A newer Rill refuses this for a new reason."}}
         await route.fulfill(status=400, json=body)
 
-    await page.route("**/api/chat", newer_server)
+    await page.route(START_ANSWER, newer_server)
     last = await fails(page)
     await expect(last.text).to_have_text("A newer Rill refuses this for a new reason.")
     await expect(last.details).to_be_hidden()  # nothing more to show

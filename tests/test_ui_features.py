@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Locator, Page, Request, Route, expect
 
-from .browser import ANSWER, PHONE, WatchedPage, answer_text, send, wait_answer_ended
+from .browser import ANSWER, PHONE, START_ANSWER, WatchedPage, answer_text, send, wait_answer_ended
 from .conftest import OpenPage, Rill, StartRill, wait_for
 from .fakes import Reply, answer, chunk
 
@@ -303,7 +303,7 @@ async def test_deleting_before_the_post_is_answered_still_closes_the_upstream_re
         await release.wait()
         await route.fulfill(response=response)
 
-    await page.route("**/api/chat", slow_post)
+    await page.route(START_ANSWER, slow_post)
     await send(page, "Talk forever")
     await wait_for(lambda: bool(rill.fake.requests), 3)
     delete = await conversation_button(page, "Talk forever", "delete")

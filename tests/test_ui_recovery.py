@@ -12,7 +12,7 @@ from playwright.async_api import Request, Route
 
 from server.keys import OPEN_STREAMS
 
-from .browser import ANSWER, answer_text, send, wait_answer_ended
+from .browser import ANSWER, START_ANSWER, answer_text, send, wait_answer_ended
 from .conftest import OpenPage, Rill, StartRill
 from .fakes import Reply, chunk
 
@@ -91,13 +91,13 @@ async def test_retry_after_a_lost_post_answer_reuses_the_client_id(rill: Rill, o
         await route.fetch()  # the server gets the POST and starts the generation...
         await route.abort("connectionreset")  # ...but its answer never reaches the page
 
-    await page.route("**/api/chat", deliver_then_lose)
+    await page.route(START_ANSWER, deliver_then_lose)
     await send(page, "Hello")
     await wait_answer_ended(page)
     error = page.locator(f"{ANSWER} >> .message-error")
     assert "Could not reach the Rill server" in await error.inner_text()
 
-    await page.unroute("**/api/chat")
+    await page.unroute(START_ANSWER)
     posts: list[dict[str, Any]] = []
 
     def on_request(request: Request) -> None:

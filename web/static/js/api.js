@@ -49,10 +49,10 @@ const POST_ATTEMPTS = 3;
 const POST_RETRY_DELAY_MS = 700;
 
 /**
- * options.signal: an AbortSignal (a search the user typed past, say); options.keepalive:
- * the request outlives the page (a small change sent just before a reload).
+ * keepalive: the request completes even if the page is closed or reloaded meanwhile;
+ * signal: an AbortSignal (a search the user typed past, say).
  */
-export async function request(method, url, body, { signal, keepalive = false } = {}) {
+export async function request(method, url, body, { keepalive = false, signal } = {}) {
   let response;
   try {
     response = await fetch(url, {

@@ -32,10 +32,7 @@ export class HistoryStore extends Store {
     this.feed = null;
     this.fetchTimers = new Map(); // conversation id -> timer
     this.patches = new Map(); // conversation id -> {changes, timer}: settings not yet on the server
-    // A reload or a closed tab right after a change: send what waits now (keepalive outlives the page).
-    window.addEventListener("pagehide", () => {
-      for (const [id, entry] of this.patches) if (entry.timer) this._sendPatch(id, entry);
-    });
+    window.addEventListener("pagehide", () => this.flushPatches());
   }
 
   /**
@@ -98,7 +95,20 @@ export class HistoryStore extends Store {
     const conversations = read(INDEX_KEY, [])
       .map((entry) => entry && read(conversationKey(entry.id), null))
       .filter((conversation) => conversation?.messages?.length);
-    if (conversations.length) await api.importDocument(exportDocument(conversations));
+    if (!conversations.length) return;
+    await api.importDocument(exportDocument(conversations));
+    // An answer that was streaming went up as interrupted (the server that streamed it has
+    // restarted since): do not follow its generation here either.
+    for (const conversation of conversations) {
+      const cut = conversation.messages.filter((message) => message.pending);
+      if (!cut.length) continue;
+      for (const message of cut) {
+        delete message.pending;
+        message.status = "interrupted";
+      }
+      this._write(conversationKey(conversation.id), conversation);
+      this.reload(conversation.id);
+    }
   }
 
   /** The server's list replaces the cached one; stale or missing conversations are loaded. */
@@ -142,7 +152,7 @@ export class HistoryStore extends Store {
     if (name === "reset") this.refreshAll().catch(() => {});
     else if (name === "deleted") this._removeLocal(data.id);
     else if (name === "conversation") {
-      if (this.deleted.has(data.id)) return;
+      if (this.deleted.has(data.id) || this._stale(data)) return;
       const position = this.index.findIndex((entry) => entry.id === data.id);
       const entry = this._entry(data);
       if (position < 0) this.index.push(entry);
@@ -162,6 +172,19 @@ export class HistoryStore extends Store {
     message.unsaved = !saved;
     if (!this.runs?.owns(id)) super.save(conversation, { touch: false });
     this.dispatchEvent(new CustomEvent("message", { detail: { conversation, message } }));
+  }
+
+  /** Whether server (a summary or conversation) is older than the version this page has merged:
+   * a reply or an event that was overtaken on the way must not undo a later change. */
+  _stale(server) {
+    const cached = this.cache.get(server.id) ?? read(conversationKey(server.id), null);
+    return typeof cached?.serverUpdated === "number" && server.updated < cached.serverUpdated;
+  }
+
+  /** Whether this tab writes conversation id right now (an answer streaming or about to be retried). */
+  _busy(id) {
+    if (!this.runs) return false;
+    return this.runs.owns(id) || [...this.runs.countdowns.values()].some((c) => c.conversation.id === id);
   }
 
   _removeLocal(id) {
@@ -195,7 +218,8 @@ export class HistoryStore extends Store {
       if (error.code === "conversation_not_found" && this._onServer(id)) this._removeLocal(id);
       return; // unreachable for now: the feed's next change (or reset) brings it again
     }
-    if (this.runs?.owns(id)) {
+    if (this._stale(server)) return;
+    if (this._busy(id)) {
       // This tab is answering into it: its copy is the newer one. Settings now, the rest later.
       this._mergeSettings(id, server);
       this._scheduleFetch(id, OWNED_RETRY_MS);
@@ -207,7 +231,11 @@ export class HistoryStore extends Store {
   _mergeSettings(id, server) {
     const conversation = this.cache.get(id);
     if (!conversation) return;
-    Object.assign(conversation, this._settings(server));
+    const settings = this._settings(server);
+    if (!settings.titled) settings.title = titleOf({ ...conversation, titled: false });
+    const changed = ["title", "titled", "system", "model"].some((key) => conversation[key] !== settings[key]);
+    Object.assign(conversation, settings);
+    if (!changed) return;
     super.save(conversation, { touch: false });
     this.dispatchEvent(new CustomEvent("external", { detail: { id } }));
   }
@@ -232,6 +260,7 @@ export class HistoryStore extends Store {
       id,
       created: server.created,
       updated: server.updated,
+      serverUpdated: server.updated,
       ...this._settings(server),
       stored: true,
       messages: [...messages, ...(sending ? tail : [])],
@@ -240,6 +269,16 @@ export class HistoryStore extends Store {
     const leaf = sending ? tail.at(-1).id : (server.active ?? defaultLeaf(messages));
     showBranch(conversation, leaf);
     conversation.title = titleOf(conversation); // untitled on the server: its first question, as before
+    // Nothing the page shows changed (the echo of this page's own change): leave the page alone.
+    if (local && fingerprint(local) === fingerprint(conversation)) {
+      if (local.serverUpdated !== server.updated) {
+        local.serverUpdated = server.updated;
+        const cached = this.cache.get(id);
+        if (cached) cached.serverUpdated = server.updated;
+        this._write(conversationKey(id), cached ?? local);
+      }
+      return;
+    }
     if (!this._write(conversationKey(id), conversation)) return;
     const position = this.index.findIndex((entry) => entry.id === id);
     const entry = { id, title: titleOf(conversation), updated: conversation.updated };
@@ -359,7 +398,7 @@ export class HistoryStore extends Store {
     showBranch(conversation, newestLeaf(allMessages(conversation), messageId));
     super.save(conversation, { touch: false });
     if (this.remote && conversation.stored && conversation.active) {
-      this._patch(conversation.id, { active: conversation.active }, { now: true }); // a click, not typing: at once
+      this._patch(conversation.id, { active: conversation.active }, { now: true });
     }
   }
 
@@ -383,21 +422,23 @@ export class HistoryStore extends Store {
     const pending = this.patches.get(id);
     clearTimeout(pending?.timer);
     const entry = { changes: { ...(pending?.changes ?? {}), ...changes }, timer: 0 };
+    const send = () => {
+      entry.timer = 0;
+      api
+        .patchConversation(id, entry.changes)
+        .catch((error) => this._failed(error))
+        .finally(() => {
+          if (this.patches.get(id) === entry) this.patches.delete(id);
+        });
+    };
     this.patches.set(id, entry);
-    // A rename is one deliberate act: sent at once. Typing (the system prompt) waits for a pause.
-    if (now) this._sendPatch(id, entry);
-    else entry.timer = setTimeout(() => this._sendPatch(id, entry), PATCH_DELAY_MS);
+    if (now) send();
+    else entry.timer = setTimeout(send, PATCH_DELAY_MS);
   }
 
-  _sendPatch(id, entry) {
-    clearTimeout(entry.timer);
-    entry.timer = 0;
-    api
-      .patchConversation(id, entry.changes)
-      .catch((error) => this._failed(error))
-      .finally(() => {
-        if (this.patches.get(id) === entry) this.patches.delete(id);
-      });
+  /** Sends every change still waiting for its pause (the page is going away). */
+  flushPatches() {
+    for (const [id, entry] of this.patches) if (entry.timer) this._patch(id, {}, { now: true });
   }
 
   /** The server's settings of a conversation, with the changes this page has not sent yet. */
@@ -440,6 +481,24 @@ export function answerBody(conversation, answer, { model, continued = false } = 
 function storedParent(conversation, user) {
   const before = conversation.messages.slice(0, conversation.messages.indexOf(user));
   return before.findLast((message) => message.stored && message.role === "assistant")?.id ?? null;
+}
+
+/** What the page shows of a conversation, to tell a change from an echo. */
+function fingerprint(conversation) {
+  const messages = allMessages(conversation).map((m) => [
+    m.id,
+    m.parent ?? null,
+    m.status ?? "done",
+    m.content?.length ?? 0,
+    m.reasoning?.length ?? 0,
+    m.error?.code ?? null,
+    Boolean(m.unsaved),
+    Boolean(m.pending),
+    Boolean(m.stored),
+  ]);
+  messages.sort((a, b) => (a[0] < b[0] ? -1 : 1));
+  const { title, titled, system, model, active } = conversation;
+  return JSON.stringify([title, titled, system ?? "", model ?? null, active ?? null, messages]);
 }
 
 function settingsOf(server) {

@@ -40,7 +40,7 @@ export function createConversation(fields) {
 }
 
 export function patchConversation(id, changes) {
-  // keepalive: a change made just before a reload or a closed tab still arrives.
+  // keepalive: a rename just before a reload or a closed tab still reaches the server.
   return request("PATCH", conversationUrl(id), changes, { keepalive: true });
 }
 
