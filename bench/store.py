@@ -168,6 +168,7 @@ async def build(store: Store, size: Size, seed: int = 14) -> None:
                     "created": created,
                     "updated": clock,
                     "bytes": total,
+                    "message_count": count,
                 }
             )
             if len(message_rows) >= BATCH or number == size.conversations - 1:

@@ -74,8 +74,13 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA synchronous = NORMAL")
-        finally:
+        except BaseException:
+            # Not set up (the file locked past busy_timeout): closed now, not left to the
+            # garbage collector (aiosqlite warns of a connection deleted unclosed).
             cursor.close()
+            dbapi_connection.close()
+            raise
+        cursor.close()
         fts.register(dbapi_connection)  # the search index's triggers call it (migration 0002_search)
 
     @event.listens_for(engine.sync_engine, "begin")

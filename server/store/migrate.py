@@ -57,3 +57,8 @@ def upgrade(connection: Connection, target: str) -> None:
         command.upgrade(alembic_config(connection), target)
     except CommandError as error:
         raise StoreOpenError(f"cannot migrate the conversation store: {error}") from None
+
+
+def downgrade(connection: Connection, target: str) -> None:
+    """Only for tests and by hand: Rill itself never downgrades (restore a backup)."""
+    command.downgrade(alembic_config(connection), target)
