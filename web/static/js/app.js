@@ -68,7 +68,7 @@ class ChatApp {
     this.data = new DataDialog($("data-dialog"), {
       current: () => (this.current ? { ...this.current, title: titleOf(this.current) } : null),
       labels: () => this._markdownLabels(),
-      imported: () => this._afterImport(),
+      imported: (ids) => this._afterImport(ids),
       deletedAll: () => this._afterDeleteAll(),
     });
     this._bind();
@@ -416,7 +416,9 @@ class ChatApp {
     });
   }
 
-  _afterImport() {
+  _afterImport(ids) {
+    // Deleted here before (delete all, say) and now back: the page may show them again.
+    for (const id of ids) this.store.deleted.delete(id);
     this.store.refreshAll().catch(() => {}); // the feed brings it too; this does not wait for it
     this.search.refresh();
   }
@@ -424,9 +426,9 @@ class ChatApp {
   /** Everything of this owner is gone from the server: forget this page's copy too. */
   _afterDeleteAll() {
     this._discardAnswers(this.store.list().map((summary) => summary.id));
+    this.open(null); // first: nothing asks the server for the open one any more
     this.store.clearCache();
     this.search.clear();
-    this.open(null);
   }
 
   async _onMessageAction(event) {

@@ -58,7 +58,7 @@ const today = () => new Date().toISOString().slice(0, 10);
 export class DataDialog {
   /**
    * hooks: current() -> the open conversation or null, labels() -> Markdown headings,
-   * imported(counts) and deletedAll(counts) -> the page refreshes what it shows.
+   * imported(ids) and deletedAll(counts) -> the page refreshes what it shows.
    */
   constructor(dialog, hooks) {
     this.dialog = dialog;
@@ -125,9 +125,10 @@ export class DataDialog {
     if (!file) return;
     await this._run(async () => {
       this._setStatus(t("data.importing"));
-      const counts = await importDocument(await readExportFile(file));
+      const document = await readExportFile(file);
+      const counts = await importDocument(document);
       this._setStatus(t("data.imported", counts));
-      this.hooks.imported(counts);
+      this.hooks.imported(document.conversations.map((conversation) => conversation?.id));
     });
   }
 
