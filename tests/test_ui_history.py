@@ -143,6 +143,8 @@ async def test_an_answer_started_on_one_device_streams_live_on_the_other(
 
     await send(laptop.page, "Long one")
     await laptop.page.locator(ANSWER).get_by_text("word3").wait_for()
+    # Before opening it, the phone's sidebar marks it as answering.
+    await phone.page.locator("#conversations .conversation.streaming", has_text="Long one").wait_for()
     await phone.page.locator(SIDEBAR, has_text="Long one").click()
     # The phone shows the text saved so far, then the rest as the model writes it.
     await phone.page.locator(ANSWER).get_by_text("word20").wait_for()
@@ -275,7 +277,7 @@ async def test_an_old_local_storage_is_uploaded_once_and_seen_on_another_device(
 
     def on_request(request: Request) -> None:
         if request.url.endswith("/api/import"):
-            imports.append(request.post_data_json)
+            imports.append(dict(request.post_data_json or {}))
 
     context.on("request", on_request)
     laptop = await watch(await context.new_page())

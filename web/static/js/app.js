@@ -657,6 +657,7 @@ class ChatApp {
     this._sidebarFrame = requestAnimationFrame(() => {
       this._sidebarFrame = 0;
       const streaming = new Set([...this.runs.active.values()].map((run) => run.conversation.id));
+      for (const entry of this.store.list()) if (entry.streaming) streaming.add(entry.id); // on another device
       this.sidebar.render(this.store.list(), this.current?.id ?? null, streaming);
     });
   }

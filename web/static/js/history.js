@@ -142,7 +142,8 @@ export class HistoryStore extends Store {
     const unsent = this.patches.get(summary.id)?.changes ?? {};
     const given = "title" in unsent ? unsent.title : summary.title;
     const title = given || (cached ? titleOf({ ...cached, titled: false }) : "");
-    return { id: summary.id, title, updated: summary.updated };
+    // streaming: an answer arriving, maybe on another device (the sidebar marks it).
+    return { id: summary.id, title, updated: summary.updated, streaming: Boolean(summary.streaming) };
   }
 
   // The change feed
@@ -281,7 +282,8 @@ export class HistoryStore extends Store {
     }
     if (!this._write(conversationKey(id), conversation)) return;
     const position = this.index.findIndex((entry) => entry.id === id);
-    const entry = { id, title: titleOf(conversation), updated: conversation.updated };
+    const streaming = allMessages(conversation).some((message) => message.status === "streaming");
+    const entry = { id, title: titleOf(conversation), updated: conversation.updated, streaming };
     if (position < 0) this.index.push(entry);
     else this.index[position] = entry;
     this._writeIndex();
@@ -524,6 +526,11 @@ function mergeMessage(server, local) {
     return message;
   }
   if (!server.generation) return message;
+  if (local && local.status !== "streaming" && !local.pending && local.generation === server.generation) {
+    // This page saw that answer end; the server writes its end a moment later.
+    for (const field of ["content", "reasoning", "status", "error", "usage", "model"]) message[field] = local[field];
+    return message;
+  }
   const ahead = local?.pending?.generation === server.generation && local.pending.lastEventId >= server.last_event_id;
   if (ahead) {
     message.content = local.content;

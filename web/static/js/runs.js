@@ -284,6 +284,7 @@ class Run {
         return;
       }
       this.pending.generation = created.id;
+      this.message.generation = created.id; // the history store tells its end from the server's lag by it
       if (this.message.request) this.message.request.acknowledged = true;
       this.save(true);
     }
