@@ -118,8 +118,10 @@ async def change(
         if active is not None and not await message_exists(connection, pk, active):
             raise not_found("message")
         values["active"] = active
-    if set(values) - {"active"}:
-        # Switching branches is not news for the sidebar's order; a rename or new settings are.
+    if set(values) - {"active", "title", "title_source"}:
+        # Switching branches is not news for the sidebar's order, nor is a name (the user's
+        # or the automatic one): renaming must not move the row under the pointer. New
+        # settings are.
         values["updated"] = now
     if values:
         await connection.execute(update(conversations).where(conversations.c.pk == pk).values(**values))

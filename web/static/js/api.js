@@ -48,8 +48,11 @@ function noteAuthRequired(code) {
 const POST_ATTEMPTS = 3;
 const POST_RETRY_DELAY_MS = 700;
 
-/** keepalive: the request completes even if the page is closed or reloaded meanwhile. */
-export async function request(method, url, body, { keepalive = false } = {}) {
+/**
+ * keepalive: the request completes even if the page is closed or reloaded meanwhile;
+ * signal: an AbortSignal (a search the user typed past, say).
+ */
+export async function request(method, url, body, { keepalive = false, signal } = {}) {
   let response;
   try {
     response = await fetch(url, {
@@ -57,6 +60,7 @@ export async function request(method, url, body, { keepalive = false } = {}) {
       headers: body === undefined ? {} : { "Content-Type": "application/json" },
       body: body === undefined ? undefined : JSON.stringify(body),
       cache: "no-store",
+      signal,
       keepalive,
     });
   } catch {

@@ -1,6 +1,7 @@
 // The chat page: wires the store, the running generations and the views together.
 
 import { AUTH_REQUIRED_EVENT, listModels } from "./api.js";
+import { versionAt } from "./branches.js";
 import { copyText, downloadText } from "./clipboard.js";
 import { describeError } from "./errors.js";
 import { HistoryStore, answerBody } from "./history.js";
@@ -9,10 +10,13 @@ import { detectLanguage, setLanguage, t, translatePage } from "./i18n.js";
 import { newId } from "./ids.js";
 import { MessageList } from "./messages.js";
 import { Runs } from "./runs.js";
+import { SearchBox } from "./search.js";
 import { SignInDialog, sessionState, signOut } from "./session.js";
 import { Sidebar } from "./sidebar.js";
 import { titleOf } from "./store.js";
 import { applyTheme, nextTheme, themeLabel } from "./theme.js";
+import { DataDialog } from "./transfer.js";
+import { allMessages } from "./tree.js";
 
 const TICK_MS = 250;
 const COPIED_MS = 1500;
@@ -49,6 +53,24 @@ class ChatApp {
       onRename: (id, title) => this.rename(id, title),
       onDelete: (id) => this.remove(id),
     });
+    this.search = new SearchBox(
+      {
+        box: $("search"),
+        input: $("search-input"),
+        clear: $("search-clear"),
+        results: $("search-results"),
+        list: $("search-list"),
+        status: $("search-status"),
+        conversations: $("conversations"),
+      },
+      { onOpen: (id, messageId) => this.openAt(id, messageId) },
+    );
+    this.data = new DataDialog($("data-dialog"), {
+      current: () => (this.current ? { ...this.current, title: titleOf(this.current) } : null),
+      labels: () => this._markdownLabels(),
+      imported: (ids) => this._afterImport(ids),
+      deletedAll: () => this._afterDeleteAll(),
+    });
     this._bind();
 
     const last = settings.current && this.store.get(settings.current);
@@ -78,6 +100,7 @@ class ChatApp {
   async _connectHistory(attempt = 0) {
     try {
       await this.store.connect();
+      this._historyFeatures();
       if (attempt > 0) this._notice("");
     } catch (error) {
       if (error.code === "auth_required") return; // signing in again connects
@@ -134,6 +157,7 @@ class ChatApp {
     $("system-toggle").addEventListener("click", () => this._toggleSystemPanel());
     $("system-prompt").addEventListener("input", () => this._onSystemInput());
     $("export").addEventListener("click", () => this.exportConversation());
+    $("data-open").addEventListener("click", () => this.data.open());
     $("theme-toggle").addEventListener("click", () => {
       this.theme = nextTheme(this.theme);
       applyTheme(this.theme);
@@ -238,9 +262,14 @@ class ChatApp {
 
   regenerate(message) {
     const conversation = this.current;
-    if (conversation.messages.at(-1) !== message || this._busy()) return;
-    if (this.store.remote) this.store.branchFrom(conversation, conversation.messages.length - 1);
-    else conversation.messages.pop();
+    if (this._busy()) return;
+    if (this.store.remote) {
+      // Any answer: it and what followed stay on the server as another version.
+      const index = conversation.messages.indexOf(message);
+      if (index < 1) return;
+      this.store.branchFrom(conversation, index);
+    } else if (conversation.messages.at(-1) === message) conversation.messages.pop();
+    else return;
     this._answer();
   }
 
@@ -311,14 +340,95 @@ class ChatApp {
   exportConversation() {
     if (!this.current) return;
     const title = titleOf(this.current);
-    const text = conversationMarkdown({ ...this.current, title }, {
+    const text = conversationMarkdown({ ...this.current, title }, this._markdownLabels());
+    downloadText(exportFilename(title), text);
+  }
+
+  _markdownLabels() {
+    return {
       untitled: t("app.untitled"),
       system: t("app.systemPrompt"),
       user: t("msg.you"),
       assistant: t("msg.assistant"),
       error: (error) => describeError(error, { local: this.list.localRun }).text,
+    };
+  }
+
+  // Stored conversations: branches, search, export / import, delete all
+
+  /** Turns on what needs conversations stored on the server (GET /api/history said so). */
+  _historyFeatures() {
+    const enabled = this.store.remote;
+    this.search.setEnabled(enabled);
+    $("data-open").hidden = !enabled;
+    this.list.branching = enabled;
+    this.list.refreshActions();
+  }
+
+  /** ‹ / ›: shows the version `step` away from message, with the newest answers under it. */
+  switchBranch(message, step) {
+    if (!this.current || this._busy()) return;
+    const version = versionAt(this.current, message, step);
+    if (!version) return;
+    this.cancelEdit();
+    this.store.switchTo(this.current, version.id); // and PATCHes active: what is sent to the model
+    this._redraw({ keepScroll: true });
+    // The buttons were rebuilt: keep the keyboard on the same control of the new version.
+    const action = step < 0 ? "branch-prev" : "branch-next";
+    const nav = $("messages").querySelector(`.message[data-message-id="${CSS.escape(version.id)}"] .branch-nav`);
+    const button = nav?.querySelector(`[data-action="${action}"]:not(:disabled)`) ?? nav?.querySelector("button:not(:disabled)");
+    button?.focus({ preventScroll: true });
+  }
+
+  /** A search result: opens its conversation on the branch that holds the message found. */
+  async openAt(id, messageId) {
+    this.open(id);
+    if (!messageId) return;
+    const conversation = await this._loaded(id, messageId);
+    if (!conversation || this.current !== conversation || this._busy()) return;
+    if (!conversation.messages.some((message) => message.id === messageId)) {
+      this.store.switchTo(conversation, messageId);
+      this._redraw();
+    }
+    const element = $("messages").querySelector(`.message[data-message-id="${CSS.escape(messageId)}"]`);
+    element?.scrollIntoView({ block: "center" });
+    element?.classList.add("found");
+  }
+
+  /** The conversation once the page's copy of it holds messageId (it may still be on its way). */
+  _loaded(id, messageId, timeout = 5000) {
+    const has = () => {
+      const conversation = this.store.get(id);
+      return conversation && allMessages(conversation).some((message) => message.id === messageId) ? conversation : null;
+    };
+    if (has()) return Promise.resolve(has());
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.store.removeEventListener("external", check);
+        resolve(has());
+      };
+      const check = (event) => {
+        if (event.detail.id === id && has()) done();
+      };
+      const timer = setTimeout(done, timeout);
+      this.store.addEventListener("external", check);
     });
-    downloadText(exportFilename(title), text);
+  }
+
+  _afterImport(ids) {
+    // Deleted here before (delete all, say) and now back: the page may show them again.
+    for (const id of ids) this.store.deleted.delete(id);
+    this.store.refreshAll().catch(() => {}); // the feed brings it too; this does not wait for it
+    this.search.refresh();
+  }
+
+  /** Everything of this owner is gone from the server: forget this page's copy too. */
+  _afterDeleteAll() {
+    this._discardAnswers(this.store.list().map((summary) => summary.id));
+    this.open(null); // first: nothing asks the server for the open one any more
+    this.store.clearCache();
+    this.search.clear();
   }
 
   async _onMessageAction(event) {
@@ -347,6 +457,8 @@ class ChatApp {
     else if (action === "retry") this.retry(message);
     else if (action === "cancel-retry") this.runs.cancelAutoRetry(message.id);
     else if (action === "continue") this.continueAnswer(message);
+    else if (action === "branch-prev") this.switchBranch(message, -1);
+    else if (action === "branch-next") this.switchBranch(message, 1);
   }
 
   _flashCopied(button, ok) {

@@ -1,4 +1,5 @@
-// A conversation as a Markdown document, for the export button.
+// A conversation as a Markdown document, for the export button: the branch shown (the
+// other versions of edited questions and regenerated answers are in the JSON export).
 
 /** labels: the headings in the page's language, and error(error): what the page says about one. */
 export function conversationMarkdown(conversation, labels) {
@@ -18,7 +19,7 @@ export function conversationMarkdown(conversation, labels) {
 }
 
 /** A file name from a title: keeps letters of any script, drops what file systems dislike. */
-export function exportFilename(title) {
+export function exportFilename(title, extension = "md") {
   const base = (title || "conversation").replace(/[\\/:*?"<>|\u0000-\u001f]+/g, " ").trim().slice(0, 80);
-  return `${base || "conversation"}.md`;
+  return `${base || "conversation"}.${extension}`;
 }

@@ -338,7 +338,8 @@ export class HistoryStore extends Store {
   updateSettings(changes) {
     super.updateSettings(changes);
     // Opening a conversation: take the server's latest (another device may have moved on).
-    if (this.remote && changes.current) this._scheduleFetch(changes.current);
+    // (Not a new chat: the server has it only once its first message is on the way.)
+    if (this.remote && changes.current && this._onServer(changes.current)) this._scheduleFetch(changes.current);
   }
 
   /** Posts the message and its answer; the server builds the context and starts the generation. */

@@ -4,6 +4,7 @@
 
 import { describeError } from "./errors.js";
 import { t, translatePage } from "./i18n.js";
+import { branchPosition } from "./branches.js";
 import { MarkdownView } from "./markdown.js";
 
 const STICK_THRESHOLD_PX = 48;
@@ -19,6 +20,9 @@ export class MessageList {
     this.template = document.getElementById("message-template");
     this.elements = new Map(); // message id -> {element, view}
     this.conversation = null;
+    // Stored conversations branch: any question can be edited and any answer regenerated
+    // (the old versions stay, behind `‹ 1 / 2 ›`). Without them only the last ones can.
+    this.branching = false;
     this.running = false;
     this.stick = true;
     this.dirty = new Set(); // messages to redraw at the next animation frame
@@ -34,6 +38,7 @@ export class MessageList {
   show(conversation, running, { keepScroll = false } = {}) {
     const scrollTop = this.container.scrollTop;
     const stick = this.stick;
+    const focused = this._focusedControl();
     this.dirty.clear();
     this.conversation = conversation;
     this.running = running;
@@ -42,12 +47,30 @@ export class MessageList {
     for (const message of conversation?.messages ?? []) this._add(message);
     this.empty.hidden = (conversation?.messages.length ?? 0) > 0;
     this.refreshActions();
+    this._restoreFocus(focused);
     if (keepScroll && !stick) {
       this.container.scrollTop = scrollTop;
     } else {
       this.stick = true;
       this.scrollToEnd(true);
     }
+  }
+
+  /** The message button the keyboard is on (a rebuild would drop it to the page's start). */
+  _focusedControl() {
+    const active = document.activeElement;
+    if (!active || !this.container.contains(active) || !active.dataset?.action) return null;
+    return { id: this.messageIdOf(active), action: active.dataset.action };
+  }
+
+  _restoreFocus(focused) {
+    const element = focused && this.elements.get(focused.id)?.element;
+    if (!element) return;
+    const usable = (button) => button && !button.disabled && !button.closest("[hidden]");
+    let target = element.querySelector(`[data-action="${focused.action}"]`);
+    // ‹ at the first version (or › at the last) is disabled: the other one of the pair.
+    if (!usable(target) && focused.action.startsWith("branch-")) target = element.querySelector(".branch-nav button:not(:disabled)");
+    if (usable(target)) target.focus({ preventScroll: true });
   }
 
   /**
@@ -104,16 +127,32 @@ export class MessageList {
     const counting = failed && this.autoRetryIn(message.id) !== null;
     const retry = idle && isLast && failed && message.error.retryable;
     const buttons = entry.element.querySelector(".message-actions");
-    buttons.querySelector('[data-action="edit"]').hidden = !(idle && message === lastUser);
-    buttons.querySelector('[data-action="regenerate"]').hidden = !(idle && assistant && isLast && !retry);
+    const editable = message.role === "user" && (this.branching || message === lastUser);
+    buttons.querySelector('[data-action="edit"]').hidden = !(idle && editable);
+    const renewable = assistant && (this.branching || isLast);
+    buttons.querySelector('[data-action="regenerate"]').hidden = !(idle && renewable && !(isLast && retry));
     // interrupted: the server stopped (a restart) while the answer was being written; its text was kept.
     const cut = message.status === "interrupted" || message.status === "abandoned";
     const resumable = message.status === "length" || ((failed || cut) && message.content);
     buttons.querySelector('[data-action="continue"]').hidden = !(idle && assistant && isLast && resumable && !counting);
     buttons.querySelector('[data-action="copy"]').hidden = !message.content;
+    this._fillBranches(entry, message, idle);
     const error = entry.element.querySelector(".message-error");
     error.querySelector('[data-action="retry"]').hidden = !(retry && !counting);
     error.querySelector('[data-action="cancel-retry"]').hidden = !(retry && counting);
+  }
+
+  /** `‹ 2 / 3 ›` on a message that has other versions (edited questions, regenerated answers). */
+  _fillBranches(entry, message, idle) {
+    const nav = entry.element.querySelector(".branch-nav");
+    const { index, count } = this.branching ? branchPosition(this.conversation, message) : { index: 0, count: 0 };
+    nav.hidden = count < 2 || index < 1;
+    if (nav.hidden) return;
+    nav.setAttribute("aria-label", t("branch.label", { index, count }));
+    nav.querySelector(".branch-count").textContent = t("branch.position", { index, count });
+    // Not while an answer streams: the branch it writes into must stay on screen.
+    nav.querySelector('[data-action="branch-prev"]').disabled = !idle || index <= 1;
+    nav.querySelector('[data-action="branch-next"]').disabled = !idle || index >= count;
   }
 
   messageIdOf(node) {

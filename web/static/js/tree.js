@@ -31,17 +31,33 @@ export function childrenOf(messages, parentId) {
     .sort((a, b) => (a.created ?? 0) - (b.created ?? 0));
 }
 
-/** The leaf reached from messageId by always taking the newest child: what switching to it shows. */
+/**
+ * The newest leaf at or below messageId: the end of the branch through it that was
+ * written last (by creation time, then list order), so switching to a version shows
+ * where the conversation went on from it most recently. messageId itself if it has no
+ * children (or is unknown).
+ */
 export function newestLeaf(messages, messageId) {
-  let leaf = messageId;
-  const seen = new Set();
-  for (;;) {
-    seen.add(leaf);
-    const children = childrenOf(messages, leaf);
-    const next = children.at(-1);
-    if (!next || seen.has(next.id)) return leaf;
-    leaf = next.id;
+  const children = new Map();
+  for (const message of messages) {
+    const parent = message.parent ?? null;
+    if (!children.has(parent)) children.set(parent, []);
+    children.get(parent).push(message);
   }
+  const position = new Map(messages.map((message, index) => [message.id, index]));
+  const newer = (a, b) => (a.created ?? 0) - (b.created ?? 0) || position.get(a.id) - position.get(b.id);
+  let best = null;
+  const seen = new Set([messageId]); // a cycle (never expected from the server) is walked once
+  const stack = [...(children.get(messageId) ?? [])];
+  while (stack.length) {
+    const message = stack.pop();
+    if (seen.has(message.id)) continue;
+    seen.add(message.id);
+    const below = children.get(message.id) ?? [];
+    if (below.length) stack.push(...below);
+    else if (!best || newer(message, best) > 0) best = message;
+  }
+  return best?.id ?? messageId;
 }
 
 /**
