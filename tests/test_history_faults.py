@@ -23,6 +23,7 @@ from .fakes import Reply, StreamReader, answer, text_of
 from .history_helpers import Asked, ask
 
 STORAGE = {"save_interval": 0.2, "auto_titles": False}
+NO_PAGE_LIMIT = 4294967294  # SQLite's largest max_page_count
 
 
 async def changes(rill: Rill) -> StreamReader:
@@ -55,10 +56,11 @@ async def survive(
     break_db: Callable[[], Awaitable[None]],
     mend_db: Callable[[], Awaitable[None]],
     outage: float,
+    piece_chars: int = 200,
 ) -> None:
     """Asks, breaks the database after a few tokens, checks the answer streams on and the
     feed says not saved, mends it, and checks everything lands."""
-    pieces = [f"piece {i:03d} " + "x" * 200 for i in range(tokens)]  # grows the message past free pages
+    pieces = [f"piece {i:03d} " + "x" * piece_chars for i in range(tokens)]
     rill.fake.script(Reply(chunks=answer(pieces, delay=delay)))
     feed = await changes(rill)
     asked = await ask(rill, "Tell me everything")
@@ -112,47 +114,62 @@ async def test_postgresql_stopped_mid_answer(
             await start()  # for the session's other tests
 
 
-def _full_when(store: Store, flag: dict[str, bool]) -> None:
-    """Every new connection of the store cannot grow the file while flag["full"]: SQLite
-    answers "database or disk is full" (SQLITE_FULL), as on a full disk."""
+class FullDisk:
+    """SQLite's "database or disk is full" (SQLITE_FULL), as on a full disk: while full,
+    every connection the store checks out has a max_page_count of the file's size, after a
+    VACUUM has emptied its free pages, so any write that needs one more page fails."""
 
-    @event.listens_for(store.engine.sync_engine, "connect")
-    def limit(dbapi_connection: Any, _record: Any) -> None:
-        if flag["full"]:
+    def __init__(self, store: Store, path: Path) -> None:
+        self.path = path
+        self.full = False
+
+        @event.listens_for(store.engine.sync_engine, "checkout")
+        def limit(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA page_count")
-            pages = cursor.fetchone()[0]
-            cursor.execute(f"PRAGMA max_page_count = {pages}")
-            cursor.close()
+            try:
+                if self.full:
+                    cursor.execute("PRAGMA page_count")
+                    pages = cursor.fetchone()[0]
+                    cursor.execute(f"PRAGMA max_page_count = {pages}")
+                else:
+                    cursor.execute(f"PRAGMA max_page_count = {NO_PAGE_LIMIT}")
+            finally:
+                cursor.close()
+
+    def _vacuum(self) -> None:
+        connection = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        try:
+            connection.execute("VACUUM")
+        finally:
+            connection.close()
+
+    async def fill(self) -> None:
+        await asyncio.to_thread(self._vacuum)
+        self.full = True
+
+    async def free(self) -> None:
+        self.full = False
 
 
 async def test_sqlite_disk_full_mid_answer(start_rill: StartRill, tmp_path: Path) -> None:
-    rill = await start_rill(storage={**STORAGE, "url": f"sqlite:///{tmp_path / 'rill.db'}"})
-    store = rill.app[STORE]
-    flag = {"full": False}
-    _full_when(store, flag)
-
-    async def fill() -> None:
-        flag["full"] = True
-        await store.engine.dispose()  # the pooled connections go; new ones meet the limit
-
-    async def free() -> None:
-        flag["full"] = False
-        await store.engine.dispose()
-
-    await survive(rill, tokens=60, delay=0.05, break_db=fill, mend_db=free, outage=1.0)
+    path = tmp_path / "rill.db"
+    rill = await start_rill(storage={**STORAGE, "url": f"sqlite:///{path}"})
+    disk = FullDisk(rill.app[STORE], path)
+    # A page (4 KiB) or more between two writes: each one needs pages the full file has not.
+    await survive(rill, tokens=60, delay=0.05, break_db=disk.fill, mend_db=disk.free, outage=1.0, piece_chars=1200)
 
 
 async def test_sqlite_locked_by_another_connection(start_rill: StartRill, tmp_path: Path) -> None:
     path = tmp_path / "rill.db"
     rill = await start_rill(storage={**STORAGE, "url": f"sqlite:///{path}"})
-    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # In a thread: taking the lock may wait for a write of Rill's, and the loop runs on.
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
 
     async def lock() -> None:
-        other.execute("BEGIN IMMEDIATE")  # holds the write lock: busy_timeout runs out
+        await asyncio.to_thread(other.execute, "BEGIN IMMEDIATE")  # held: Rill's busy_timeout runs out
 
     async def unlock() -> None:
-        other.execute("ROLLBACK")
+        await asyncio.to_thread(other.execute, "ROLLBACK")
 
     try:
         # The store waits busy_timeout (5 s) before a write fails: a long answer and outage.
@@ -164,17 +181,16 @@ async def test_sqlite_locked_by_another_connection(start_rill: StartRill, tmp_pa
 async def test_shutdown_with_the_database_down_logs_what_is_lost(
     start_rill: StartRill, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    rill = await start_rill(storage={**STORAGE, "url": f"sqlite:///{tmp_path / 'rill.db'}"})
-    store = rill.app[STORE]
-    flag = {"full": False}
-    _full_when(store, flag)
-    rill.fake.script(Reply(chunks=answer(["y" * 300 for _ in range(200)], delay=0.05)))
+    path = tmp_path / "rill.db"
+    rill = await start_rill(storage={**STORAGE, "url": f"sqlite:///{path}"})
+    disk = FullDisk(rill.app[STORE], path)
+    rill.fake.script(Reply(chunks=answer(["y" * 2000 for _ in range(200)], delay=0.05)))
+    feed = await changes(rill)
     asked = await ask(rill)
     reader = await rill.open_stream(asked.generation)
     await reader.read_until("delta")
-    flag["full"] = True
-    await store.engine.dispose()
-    await asyncio.sleep(1.0)
+    await disk.fill()
+    assert (await next_saved(feed, asked, timeout=15))["saved"] is False
     with caplog.at_level(logging.ERROR, logger="server.history.answers"):
         await rill.close()
     lost = [r for r in caplog.records if "not saved at shutdown" in r.getMessage()]

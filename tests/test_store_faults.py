@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, exc
 
 from server.store import Store, StoreUnavailable, open_store
 from server.store import database as store_database
+from server.store.errors import translated
 
 from .conftest import PostgresServer
 from .store_helpers import LIMITS, dump, user
@@ -169,3 +170,35 @@ async def test_sqlite_locked_too_long(tmp_path: Path, monkeypatch: pytest.Monkey
         assert (await store.usage("ann"))["messages"] == 1
     finally:
         await store.close()
+
+
+class _DriverError(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"driver error {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "unavailable_now"),
+    [
+        ("57P03", True),  # the database system is starting up
+        ("57P01", True),  # terminating connection due to administrator command
+        ("08006", True),  # connection failure
+        ("53100", True),  # disk full
+        ("53300", True),  # too many connections
+        ("58030", True),  # I/O error
+        ("42P01", False),  # undefined table: a bug, not an outage
+        ("22021", False),  # bad UTF-8: a bug
+    ],
+)
+async def test_postgresql_outage_states_are_503(sqlstate: str, unavailable_now: bool) -> None:
+    """asyncpg reports these as plain errors (not OperationalError): the SQLSTATE tells."""
+    error = exc.DBAPIError("SELECT 1", None, _DriverError(sqlstate))
+    if unavailable_now:
+        with pytest.raises(StoreUnavailable):
+            async with translated():
+                raise error
+    else:
+        with pytest.raises(exc.DBAPIError):
+            async with translated():
+                raise error

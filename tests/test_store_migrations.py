@@ -16,9 +16,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import column, table, text
 from sqlalchemy.engine import Connection
 
-from server.store import StoreOpenError, open_store
+from server.store import StoreOpenError, migrate, open_store
 from server.store.database import create_engine, engine_url
-from server.store.migrate import current, revisions, upgrade
+from server.store.migrate import current, downgrade, revisions, upgrade
 from server.store.schema import metadata
 
 from .conftest import PostgresServer, free_port
@@ -124,7 +124,11 @@ async def test_each_earlier_revision_with_data_upgrades(store_url: str, start: s
         start = revisions()[0]  # with a single revision, "earlier" is the empty database below
     await migrate_to(store_url, start)
     await write_old_data(store_url)
-    store = await open_store(store_url, LIMITS)  # migrates the rest of the way
+    # One revision at a time, as upgrades from release to release would run them...
+    later = revisions()[revisions().index(start) + 1 :]
+    for revision in later[:-1]:
+        await migrate_to(store_url, revision)
+    store = await open_store(store_url, LIMITS)  # ...and the last one at start-up
     try:
         async with store.engine.connect() as connection:
             assert await connection.run_sync(current) == (revisions()[-1],)
@@ -136,6 +140,8 @@ async def test_each_earlier_revision_with_data_upgrades(store_url: str, start: s
         # What was stored before the search index existed is found too (2 and 3+ characters).
         for query in ("世界", "question"):
             assert [hit["message"] for hit in await store.search("ann", query)] == ["q"], query
+        usage = await store.usage("ann")
+        assert (usage["conversations"], usage["messages"], usage["bytes"]) == (1, 2, 25)
         assert await store.mark_interrupted() == 1
         await store.add_message("ann", "old", {"role": "user", "content": "new", "parent": "a"})
     finally:
@@ -149,6 +155,29 @@ def test_revisions_form_one_line() -> None:
     # Every file in versions/ is one of them (a stray second head would break upgrades).
     files = sorted(p.stem for p in (ROOT / "server/store/migrations/versions").glob("0*.py"))
     assert files == sorted(names)
+
+
+def test_head_constant_is_the_newest_revision() -> None:
+    """open_store skips Alembic for a database at migrate.HEAD: it must be the real head."""
+    assert migrate.HEAD == revisions()[-1] == migrate.script_directory().get_current_head()
+
+
+def test_an_up_to_date_start_does_not_import_alembic(tmp_path: Path) -> None:
+    """The second start on a database (at HEAD) reads its revision without Alembic."""
+    database = tmp_path / "rill.db"
+    program = (
+        "import asyncio, sys\n"
+        "from server.store import open_store\n"
+        "from server.store.validation import StoreLimits\n"
+        "async def main():\n"
+        f"    store = await open_store('sqlite:///{database}', StoreLimits(10, 10, 10**6, 1000))\n"
+        "    await store.close()\n"
+        "asyncio.run(main())\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    first = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, check=True)
+    again = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert (first.stdout.strip(), again.stdout.strip()) == ("True", "False")
 
 
 async def test_newer_revision_is_refused_untouched(store_url: str) -> None:
@@ -282,3 +311,30 @@ async def test_cli_upgrade_and_current(store_url: str, tmp_path: Path) -> None:
         refused = _cli("backup", str(tmp_path / "copy.db"), url=store_url)
         assert refused.returncode == 2
         assert "pg_dump" in refused.stderr
+
+
+async def test_downgrade_one_step_and_up_again(store_url: str) -> None:
+    """The newest migration can be undone and redone with data present (what an operator
+    does when an upgrade is rolled back before a backup is restored)."""
+    if len(revisions()) < 2:
+        pytest.fail("needs two revisions")
+    store = await open_store(store_url, LIMITS)
+    try:
+        await store.create_conversation("ann", {"id": "c", "title": "Greetings"})
+        await store.add_message("ann", "c", {"role": "user", "content": "你好世界", "id": "q"})
+        before = await dump(store)
+    finally:
+        await store.close()
+    engine = create_engine(engine_url(store_url))
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(downgrade, revisions()[-2])
+            assert await connection.run_sync(current) == (revisions()[-2],)
+    finally:
+        await engine.dispose()
+    store = await open_store(store_url, LIMITS)  # up again at start-up
+    try:
+        assert await dump(store) == before
+        assert [hit["message"] for hit in await store.search("ann", "世界")] == ["q"]
+    finally:
+        await store.close()

@@ -12,7 +12,7 @@ import pytest
 from alembic import command
 from sqlalchemy import text
 
-from server.store import Store, StoreLimits, open_store
+from server.store import Store, StoreLimits, fts, open_store
 from server.store.database import create_engine, engine_url
 from server.store.migrate import alembic_config
 from server.store.search import SNIPPET_CHARS, fold, snippet
@@ -349,3 +349,13 @@ async def test_short_latin_queries_are_not_crowded_out(store: Store) -> None:
     assert await hits(store, "e") == [("c1", eel)]
     assert await hits(store, "EE") == [("c1", eel)]
     assert await hits(store, "tr") != []
+
+
+def test_short_index_text_is_pinned() -> None:
+    """The short-query index holds this text: the delete triggers remove exactly what was
+    inserted, so changing it needs a migration that rebuilds the index."""
+    assert fts.search_text("Hi 你好 café 🚀👍🏻。\u3000ok") == (
+        "Hi  你  好  café  \ue00001f680  \ue00001f44d  \ue00001f3fb  \ue000003002  ok"
+    )
+    assert fts.search_text("") == fts.search_text(None) == ""
+    assert fts.search_text("plain ASCII, kept: as is!") == "plain ASCII, kept: as is!"

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import fts
 from .errors import StoreOpenError
-from .migrate import check_known, upgrade_to_head
+from .migrate import at_head, check_known, upgrade_to_head
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,13 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA synchronous = NORMAL")
-        finally:
+        except BaseException:
+            # Not set up (the file locked past busy_timeout): closed now, not left to the
+            # garbage collector (aiosqlite warns of a connection deleted unclosed).
             cursor.close()
+            dbapi_connection.close()
+            raise
+        cursor.close()
         fts.register(dbapi_connection)  # the search index's triggers call it (migration 0002_search)
 
     @event.listens_for(engine.sync_engine, "begin")
@@ -100,8 +105,9 @@ async def open_engine(url: str) -> AsyncEngine:
         async with engine.connect() as connection:
             if check:
                 await connection.run_sync(check_sqlite, shown)
-            await connection.run_sync(check_known)
-            await connection.run_sync(upgrade_to_head)
+            if not await connection.run_sync(at_head):
+                await connection.run_sync(check_known)
+                await connection.run_sync(upgrade_to_head)
             await connection.commit()
     except StoreOpenError:
         await engine.dispose()

@@ -50,10 +50,20 @@ def too_long(limit: int) -> ApiError:
     return ApiError(413, "message_too_long", f"A message is longer than the {limit} characters the server accepts.")
 
 
+# PostgreSQL error classes that mean "not now" rather than "never": connection exceptions,
+# insufficient resources (disk full, too many connections), system errors (I/O), and the
+# server shutting down, crashed, or still starting up. asyncpg reports them as plain errors.
+UNAVAILABLE_CLASSES = ("08", "53", "58")
+UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03"})
+
+
 def _unavailable(error: BaseException) -> bool:
     if isinstance(error, exc.DBAPIError):
         # Locked, disk full, connection refused or dropped, server shutting down.
-        return error.connection_invalidated or isinstance(error, exc.OperationalError | exc.InterfaceError)
+        if error.connection_invalidated or isinstance(error, exc.OperationalError | exc.InterfaceError):
+            return True
+        state = getattr(error.orig, "sqlstate", None)
+        return isinstance(state, str) and (state[:2] in UNAVAILABLE_CLASSES or state in UNAVAILABLE_STATES)
     # Reaching the server failed before the driver had a connection to wrap it in.
     return isinstance(error, OSError | TimeoutError | exc.TimeoutError)
 

@@ -12,19 +12,15 @@ the store's engine does it on connect."""
 
 from __future__ import annotations
 
-import re
 import unicodedata
-from functools import lru_cache
 from typing import Any
 
 FUNCTION = "rill_search_text"
 # Private use: a token character for unicode61 (category Co) that text never yields as a
 # token prefix, since private-use characters in text are themselves spelled in hex.
 MARK = "\ue000"
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
-@lru_cache(maxsize=16384)  # bounded: text may hold any of Unicode's characters
 def _token(char: str) -> str:
     """How one non-ASCII character appears in the short-query index."""
     category = unicodedata.category(char)
@@ -40,11 +36,26 @@ def _token(char: str) -> str:
     return f" {MARK}{ord(char):06x} "
 
 
+class _Tokens(dict[int, str]):
+    """str.translate's table, filled as characters are met (ASCII maps to itself): a
+    C-speed pass over the text, which the triggers run on every save of an answer."""
+
+    def __missing__(self, code: int) -> str:
+        if len(self) > 16384:
+            self.clear()  # bounded: text may hold any of Unicode's characters
+        token = chr(code) if code < 0x80 else _token(chr(code))
+        self[code] = token
+        return token
+
+
+_TOKENS = _Tokens()
+
+
 def search_text(text: str | None) -> str:
     """The text as indexed for 1-2 character queries (deterministic: triggers delete by it)."""
     if not text:
         return ""
-    return _NON_ASCII.sub(lambda match: _token(match.group()), text)
+    return text.translate(_TOKENS)
 
 
 def in_word(char: str) -> bool:

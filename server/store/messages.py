@@ -55,7 +55,12 @@ async def add(
     await connection.execute(
         update(conversations)
         .where(conversations.c.pk == pk)
-        .values(active=fields["id"], updated=now, bytes=conversations.c.bytes + size)
+        .values(
+            active=fields["id"],
+            updated=now,
+            bytes=conversations.c.bytes + size,
+            message_count=conversations.c.message_count + 1,
+        )
     )
     added = await find(connection, pk, fields["id"])
     assert added is not None

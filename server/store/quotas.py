@@ -9,20 +9,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.http.errors import ApiError
 
-from .schema import conversations, messages
+from .schema import conversations
 from .validation import StoreLimits
 
 
 async def totals(connection: AsyncConnection, owner: str) -> dict[str, int]:
     row = (
         await connection.execute(
-            select(func.count(), func.coalesce(func.sum(conversations.c.bytes), 0)).where(
-                conversations.c.owner == owner
-            )
+            select(
+                func.count(),
+                func.coalesce(func.sum(conversations.c.message_count), 0),
+                func.coalesce(func.sum(conversations.c.bytes), 0),
+            ).where(conversations.c.owner == owner)
         )
     ).one()
-    count = (await connection.execute(select(func.count()).where(messages.c.owner == owner))).scalar_one()
-    return {"conversations": int(row[0]), "messages": int(count), "bytes": int(row[1])}
+    return {"conversations": int(row[0]), "messages": int(row[1]), "bytes": int(row[2])}
 
 
 def usage(totals: dict[str, int], limits: StoreLimits) -> dict[str, int]:

@@ -33,6 +33,9 @@ conversations = Table(
     Column("created", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
     Column("bytes", BigInteger, nullable=False, server_default="0"),  # its messages' UTF-8 bytes, for quotas
+    # How many messages it has (0003_message_counts): an owner's total for the quota is a sum
+    # over conversations rather than a count over every message.
+    Column("message_count", Integer, nullable=False, server_default="0"),
     UniqueConstraint("owner", "id"),
     Index(None, "owner", "updated"),
 )

@@ -7,7 +7,6 @@ import re
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, exists, select
-from sqlalchemy.orm import aliased
 
 from .schema import conversations, messages
 
@@ -29,7 +28,7 @@ MESSAGE_FIELDS = (
     "updated",
 )
 
-_parent = aliased(messages, name="parent")
+_parent = messages.alias("parent")  # Core's alias: the ORM (~6 MB more) is not needed
 
 
 def streaming_flag() -> ColumnElement[bool]:

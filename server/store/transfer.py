@@ -155,14 +155,17 @@ async def _write(
     if existing:
         rows = await connection.execute(select(messages.c.id, messages.c.pk).where(messages.c.conversation_pk == pk))
         keys = {row.id: row.pk for row in rows}
-    added = 0
+    added = count = 0
     for message in conversation["messages"]:
         if message["id"] in keys:
             continue  # already stored: left as it is
         parent_pk = None if message["parent"] is None else keys[message["parent"]]
         keys[message["id"]] = await message_queries.insert_row(connection, owner, pk, parent_pk, message)
         added += shapes.text_bytes(message["content"], message["reasoning"])
-    if added:
+        count += 1
+    if count:
         await connection.execute(
-            update(conversations).where(conversations.c.pk == pk).values(bytes=conversations.c.bytes + added)
+            update(conversations)
+            .where(conversations.c.pk == pk)
+            .values(bytes=conversations.c.bytes + added, message_count=conversations.c.message_count + count)
         )
