@@ -29,7 +29,8 @@ MESSAGE_FIELDS = (
     "updated",
 )
 
-_parent = aliased(messages, name="parent")
+parent_table = aliased(messages, name="parent")
+_parent = parent_table
 
 
 def streaming_flag() -> ColumnElement[bool]:
@@ -55,12 +56,16 @@ def summary(row: Any) -> dict[str, Any]:
 
 def message_select() -> Select[Any]:
     """Messages with their parent's public id; the caller adds the WHERE."""
-    columns = [_parent.c.id.label("parent") if name == "parent" else messages.c[name] for name in MESSAGE_FIELDS]
-    return (
-        select(*columns)
-        .select_from(messages.outerjoin(_parent, messages.c.parent_pk == _parent.c.pk))
-        .order_by(messages.c.pk)
-    )
+    return select(*message_columns()).select_from(message_from()).order_by(messages.c.pk)
+
+
+def message_columns() -> list[Any]:
+    """MESSAGE_FIELDS in order, the parent's public id from parent_table."""
+    return [_parent.c.id.label("parent") if name == "parent" else messages.c[name] for name in MESSAGE_FIELDS]
+
+
+def message_from() -> Any:
+    return messages.outerjoin(_parent, messages.c.parent_pk == _parent.c.pk)
 
 
 def message(row: Any) -> dict[str, Any]:
