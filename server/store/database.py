@@ -12,7 +12,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from . import fts
+from . import fts, onehop
 from .errors import StoreOpenError
 from .migrate import check_known, upgrade_to_head
 
@@ -67,6 +67,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         # Transactions are ours (BEGIN below), not the sqlite3 module's implicit ones, so a
         # read followed by a write sees one snapshot and DDL in migrations is transactional.
+        onehop.adapt(dbapi_connection)
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
