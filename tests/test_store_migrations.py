@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import column, table, text
 from sqlalchemy.engine import Connection
 
-from server.store import StoreOpenError, open_store
+from server.store import StoreOpenError, migrate, open_store
 from server.store.database import create_engine, engine_url
 from server.store.migrate import current, downgrade, revisions, upgrade
 from server.store.schema import metadata
@@ -155,6 +155,29 @@ def test_revisions_form_one_line() -> None:
     # Every file in versions/ is one of them (a stray second head would break upgrades).
     files = sorted(p.stem for p in (ROOT / "server/store/migrations/versions").glob("0*.py"))
     assert files == sorted(names)
+
+
+def test_head_constant_is_the_newest_revision() -> None:
+    """open_store skips Alembic for a database at migrate.HEAD: it must be the real head."""
+    assert migrate.HEAD == revisions()[-1] == migrate.script_directory().get_current_head()
+
+
+def test_an_up_to_date_start_does_not_import_alembic(tmp_path: Path) -> None:
+    """The second start on a database (at HEAD) reads its revision without Alembic."""
+    database = tmp_path / "rill.db"
+    program = (
+        "import asyncio, sys\n"
+        "from server.store import open_store\n"
+        "from server.store.validation import StoreLimits\n"
+        "async def main():\n"
+        f"    store = await open_store('sqlite:///{database}', StoreLimits(10, 10, 10**6, 1000))\n"
+        "    await store.close()\n"
+        "asyncio.run(main())\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    first = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, check=True)
+    again = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert (first.stdout.strip(), again.stdout.strip()) == ("True", "False")
 
 
 async def test_newer_revision_is_refused_untouched(store_url: str) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import fts, onehop
 from .errors import StoreOpenError
-from .migrate import check_known, upgrade_to_head
+from .migrate import at_head, check_known, upgrade_to_head
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,9 @@ async def open_engine(url: str) -> AsyncEngine:
         async with engine.connect() as connection:
             if check:
                 await connection.run_sync(check_sqlite, shown)
-            await connection.run_sync(check_known)
-            await connection.run_sync(upgrade_to_head)
+            if not await connection.run_sync(at_head):
+                await connection.run_sync(check_known)
+                await connection.run_sync(upgrade_to_head)
             await connection.commit()
     except StoreOpenError:
         await engine.dispose()

@@ -7,7 +7,6 @@ import re
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, exists, select
-from sqlalchemy.orm import aliased
 
 from .schema import conversations, messages
 
@@ -29,7 +28,8 @@ MESSAGE_FIELDS = (
     "updated",
 )
 
-parent_table = aliased(messages, name="parent")
+# Core's alias: the ORM (~6 MB more) is not needed.
+parent_table = messages.alias("parent")
 _parent = parent_table
 
 
