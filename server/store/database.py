@@ -88,7 +88,10 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _begin(connection: Any) -> None:
         # Writers take the write lock up front (busy_timeout applies) instead of failing
         # on upgrading a read lock.
-        mode = "IMMEDIATE" if connection.get_execution_options().get("rill_write") else "DEFERRED"
+        options = connection.get_execution_options()
+        if options.get("rill_autocommit"):
+            return  # a read that needs no snapshot: each statement on its own (no BEGIN, no rollback)
+        mode = "IMMEDIATE" if options.get("rill_write") else "DEFERRED"
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 

@@ -49,8 +49,12 @@ class Store:
         await self.engine.dispose()
 
     @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
+    async def _read(self, *, snapshot: bool = True) -> AsyncIterator[AsyncConnection]:
+        """snapshot=False: the statements need not see one state of the database (SQLite
+        then spares the BEGIN and the rollback: two trips to its thread)."""
         async with translated(), self.engine.connect() as connection:
+            if not snapshot:
+                await connection.execution_options(rill_autocommit=True)
             yield connection
 
     @asynccontextmanager
@@ -130,7 +134,9 @@ class Store:
     async def context(self, owner: str, cid: str, leaf: str | None, ids: set[str]) -> dict[str, Any] | None:
         """What answering needs (exchange.context): {"system", "model", "path": root .. leaf,
         "messages": the leaf and `ids` found, by id}; None: no such conversation."""
-        async with self._read() as connection:
+        # No snapshot needed: a conversation deleted between its two statements reads as
+        # one without those messages, and the write that follows finds it gone anyway.
+        async with self._read(snapshot=False) as connection:
             return await exchange.context(connection, owner, cid, leaf, ids)
 
     async def add_exchange(
