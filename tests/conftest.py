@@ -72,6 +72,14 @@ BASE_DOCUMENT: dict[str, Any] = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _private_state_home(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every `python -m server` a test starts keeps its state (and its SQLite conversations)
+    in a directory of its own, never in the real ~/.local/state/rill that every run (and
+    every branch's schema) would share."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
+
+
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in overrides.items():

@@ -730,7 +730,7 @@ async def test_quotas_refuse_before_the_model_is_asked(start_rill: StartRill, st
     status, error = await call(rill, "POST", "/api/conversations", {})
     assert (status, error["error"]["code"]) == (409, "quota_conversations")
     first = await ask(rill, cid, content="Hi")
-    await wait_requests(rill, 1)
+    await settled(rill, cid, first["answer"]["id"])
     store = store_of(rill)
     before = await store.export("local")
     status, error = await call(

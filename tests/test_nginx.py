@@ -235,3 +235,25 @@ async def test_a_stalled_reader_reaches_rill_only_with_buffering_off(
         else:
             await wait_for(lambda: spooled in error_log.read_text(), timeout=20)
             assert "closed a stalled reader" not in caplog.text
+
+
+async def test_the_change_feed_passes_nginx_at_once(start_rill: StartRill, nginx: StartProxy, tmp_path: Path) -> None:
+    """/api/changes (the sidebar's sync between devices) is an event stream too: a change
+    made by one client reaches another's open feed through the proxy at once, not when
+    a buffer fills or the stream ends."""
+    rill = await start_rill(access=PROXY_GUARDED, storage={"url": f"sqlite:///{tmp_path / 'rill.db'}"})
+    proxy = await nginx(rill)
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        response = await session.get(proxy / "api/changes", headers={"Accept-Encoding": "gzip"})
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/event-stream"
+        assert "Content-Encoding" not in response.headers
+        reader = StreamReader(response)
+        loop = asyncio.get_running_loop()
+        async with session.post(proxy / "api/conversations", json={"id": "phone1", "title": "From the phone"}) as r:
+            assert r.status == 201
+        created_at = loop.time()
+        event = await reader.read_until("conversation", timeout=2.0)
+        assert loop.time() - created_at < 1.0
+        assert (event.data["id"], event.data["title"]) == ("phone1", "From the phone")
+        response.close()
