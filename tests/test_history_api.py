@@ -8,7 +8,7 @@ import asyncio
 import io
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -331,17 +331,21 @@ async def test_the_same_client_id_asks_the_model_once(hist: Rill) -> None:
 async def test_a_retry_after_a_failed_write_starts_again(hist: Rill, monkeypatch: pytest.MonkeyPatch) -> None:
     store = store_of(hist)
     cid = await new_conversation(hist)
-    real_add = store.add_message
+    real_add = store.add_exchange
     calls = 0
 
-    async def add_failing_once(owner: str, conversation: str, message: dict[str, Any]) -> dict[str, Any]:
+    async def add_failing_once(
+        owner: str, conversation: str, question: Any, answer: Any, *, start: Callable[[], str]
+    ) -> dict[str, Any]:
         nonlocal calls
         calls += 1
-        if calls == 2:  # the answer, after the question was stored
+        if calls == 1:  # the generation started (the model asked), then the write failed
+            start()
+            await wait_requests(hist, 1)
             raise StoreUnavailable()
-        return await real_add(owner, conversation, message)
+        return await real_add(owner, conversation, question, answer, start=start)
 
-    monkeypatch.setattr(store, "add_message", add_failing_once)
+    monkeypatch.setattr(store, "add_exchange", add_failing_once)
     hist.fake.script(Reply(chunks=[chunk("", reasoning="")], end="hang"))  # ends only if stopped
     body = {"content": "Hi", "client_id": str(uuid.uuid4())}
     status, error = await call(hist, "POST", f"/api/conversations/{cid}/messages", body)

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from server.access.middleware import PRINCIPAL, client_key
-from server.history.context import CONTINUE_PROMPT, branch, merge_same_role, model_messages
+from server.history.context import CONTINUE_PROMPT, merge_same_role, model_messages
 from server.history.markdown import conversation_markdown, export_filename, title_of
 from server.history.stream import follow_changes
 from server.http.errors import ApiError
@@ -116,12 +116,6 @@ def _conversation_fields(request: web.Request, body: dict[str, Any]) -> dict[str
     if "model" in body:
         fields["model"] = _model(request, body["model"])
     return fields
-
-
-def summary_of(conversation: dict[str, Any]) -> dict[str, Any]:
-    summary = {key: value for key, value in conversation.items() if key != "messages"}
-    summary["streaming"] = any(m["status"] == "streaming" for m in conversation["messages"])
-    return summary
 
 
 async def _conversation(request: web.Request, store: Store, cid: str) -> dict[str, Any]:
@@ -311,6 +305,14 @@ def _derived_id(owner: str, client_id: str, cid: str, role: str) -> str:
     return hashlib.sha256(f"{owner}\0{client_id}\0{cid}\0{role}".encode()).hexdigest()[:16]
 
 
+def _client_id(value: Any) -> str | None:
+    """client_id as parse_chat will have it (checked there), to look up its derived ids."""
+    try:
+        return str(uuid.UUID(value)) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
 def _generation_json(generation_id: str) -> dict[str, str]:
     return {"id": generation_id, "events": f"/api/chat/{generation_id}/events"}
 
@@ -347,8 +349,15 @@ async def add_message(request: web.Request) -> web.Response:
     target_id = check_id(body[mode], f"'{mode}'") if mode != "content" else None
     model = _model(request, body.get("model"))
 
-    conversation = await _conversation(request, store, cid)
-    messages = {m["id"]: m for m in conversation["messages"]}
+    # Only what answering needs: the branch sent to the model and the messages named.
+    leaf = target_id if target_id is not None else parent
+    named = {i for i in (body.get("id"), body.get("answer_id")) if isinstance(i, str)}
+    if (client_id := _client_id(body.get("client_id"))) is not None:
+        named |= {_derived_id(owner, client_id, cid, role) for role in ("user", "assistant")}
+    conversation = await store.context(owner, cid, leaf, named)
+    if conversation is None:
+        raise ApiError(404, "conversation_not_found", "No such conversation.")
+    messages: dict[str, dict[str, Any]] = conversation["messages"]
     target: dict[str, Any] | None = None
     if target_id is not None:
         target = messages.get(target_id)
@@ -367,14 +376,15 @@ async def add_message(request: web.Request) -> web.Response:
     # The model's context: the stored branch up to the question being answered.
     system = conversation["system"] or ""
     if target is not None:
-        question = target["parent"]
-        history = model_messages(system, branch(conversation["messages"], question))
+        path = conversation["path"][:-1]  # root .. the question the target answers
+        history = model_messages(system, path)
         if mode == "continue":
             extra = [{"role": "assistant", "content": target["content"]}, {"role": "user", "content": CONTINUE_PROMPT}]
             history = merge_same_role([*history, *extra])
     else:
-        path = branch(conversation["messages"], parent)
-        history = merge_same_role([*model_messages(system, path), {"role": "user", "content": content or ""}])
+        history = merge_same_role(
+            [*model_messages(system, conversation["path"]), {"role": "user", "content": content or ""}]
+        )
     if model is None:
         stored = [target.get("model") if target is not None else None, conversation.get("model")]
         model = next((m for m in stored if m and app[CATALOG].resolve(m) is not None), None)
@@ -422,26 +432,29 @@ async def add_message(request: web.Request) -> web.Response:
         # Checked after the repeat above: a continued answer is streaming again.
         raise invalid("bad_target", "Only an answer that stopped early with some text can be continued.")
 
-    await _check_quota(store, owner, 0 if mode == "continue" else 1 + (mode == "content"), content or "")
-    # keep_unread from the start: the writing begins only once the rows below are in, and
-    # a busy database must not let the grace period abandon the answer before that.
-    generation = start_generation(
-        request,
-        chat.request,
-        client_id=registry_client_id,
-        fingerprint=fingerprint,
-        keep_unread=app[CONFIG].storage.keep_unread,
-    )
-    try:
-        question = None
-        if mode == "content":
-            question = await store.add_message(
-                owner,
-                cid,
-                {"id": question_id, "parent": parent, "role": "user", "content": content},
+    generation: Generation | None = None
+
+    def start() -> str:
+        """Called by the store once its checks passed (again, on a retried transaction)."""
+        nonlocal generation
+        if generation is None:
+            # keep_unread from the start: the writing begins only once the rows are in,
+            # and a busy database must not let the grace period abandon the answer first.
+            generation = start_generation(
+                request,
+                chat.request,
+                client_id=registry_client_id,
+                fingerprint=fingerprint,
+                keep_unread=app[CONFIG].storage.keep_unread,
             )
+        return generation.id
+
+    try:
         if mode == "continue":
             assert target is not None
+            # Adds nothing, but is refused like the rest over quota.
+            await _check_quota(store, owner, 0, "")
+            generation_id = start()
             await store.save_answer(
                 owner,
                 cid,
@@ -450,34 +463,43 @@ async def add_message(request: web.Request) -> web.Response:
                 reasoning=target["reasoning"],
                 last_event_id=0,
                 status="streaming",
-                generation=generation.id,
+                generation=generation_id,
             )
-            answer = {**target, "status": "streaming", "generation": generation.id, "last_event_id": 0}
+            question = None
+            answer = {**target, "status": "streaming", "generation": generation_id, "last_event_id": 0}
             answer.update({"finish_reason": None, "error": None, "usage": None})
+            summary = await store.summary(owner, cid)
         else:
-            answer = await store.add_message(
+            asked = None
+            if mode == "content":
+                asked = {"id": question_id, "parent": parent, "role": "user", "content": content}
+            made = await store.add_exchange(
                 owner,
                 cid,
+                asked,
                 {
                     "id": answer_id,
-                    "parent": question_id if question is not None else (target or {}).get("parent"),
+                    "parent": (target or {}).get("parent"),
                     "role": "assistant",
                     "content": "",
                     "status": "streaming",
                     "model": chat.request.model.id,
-                    "generation": generation.id,
                 },
+                start=start,
             )
+            question, answer, summary = made["question"], made["answer"], made["summary"]
     except BaseException:
-        generation.stop()  # nothing stored to answer into: the model is not asked for nothing
+        if generation is not None:
+            generation.stop()  # nothing stored to answer into: the model is not asked for nothing
         raise
+    assert generation is not None
     _track_answer(request, generation, owner=owner, conversation=cid, message=answer)
     log.info("generation %s started for a stored conversation: model=%s mode=%s", generation.id, model, mode)
     if question is not None:
         _publish(request, "message", {"conversation": cid, "message": question})
     _publish(request, "message", {"conversation": cid, "message": answer})
-    if (updated := await store.get_conversation(owner, cid)) is not None:
-        _publish(request, "conversation", summary_of(updated))
+    if summary is not None:
+        _publish(request, "conversation", summary)
     return web.json_response(
         {"message": question, "answer": answer, "generation": _generation_json(generation.id)}, status=201
     )

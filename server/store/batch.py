@@ -66,18 +66,32 @@ _GROW_CONVERSATION = (
 )
 
 
+# Built once: building a statement costs more CPU than running it.
+_KEYS = (
+    select(conversations.c.pk, messages.c.pk)
+    .select_from(conversations.join(messages, messages.c.conversation_pk == conversations.c.pk))
+    .where(
+        conversations.c.owner == bindparam("owner"),
+        conversations.c.id == bindparam("cid"),
+        messages.c.id == bindparam("mid"),
+    )
+)
+_PRESENT = select(messages.c.pk).where(messages.c.pk.in_(bindparam("pks", expanding=True)))
+_ENDED_MESSAGES = (
+    shapes.message_select()
+    .add_columns(messages.c.pk.label("m_pk"))
+    .where(messages.c.pk.in_(bindparam("pks", expanding=True)))
+)
+_ENDED_SUMMARIES = (
+    shapes.summary_select()
+    .add_columns(conversations.c.pk.label("c_pk"))
+    .where(conversations.c.pk.in_(bindparam("pks", expanding=True)))
+)
+
+
 async def _keys(connection: AsyncConnection, write: AnswerWrite) -> tuple[int, int] | None:
-    row = (
-        await connection.execute(
-            select(conversations.c.pk, messages.c.pk)
-            .select_from(conversations.join(messages, messages.c.conversation_pk == conversations.c.pk))
-            .where(
-                conversations.c.owner == write.owner,
-                conversations.c.id == write.conversation,
-                messages.c.id == write.message,
-            )
-        )
-    ).first()
+    params = {"owner": write.owner, "cid": write.conversation, "mid": write.message}
+    row = (await connection.execute(_KEYS, params)).first()
     return None if row is None else (int(row[0]), int(row[1]))
 
 
@@ -90,7 +104,7 @@ async def save_answers(connection: AsyncConnection, writes: list[AnswerWrite], n
         if write.keys is None:
             write.keys = await _keys(connection, write)
     known = [w.keys[1] for w in writes if w.keys is not None]
-    present = set((await connection.execute(select(messages.c.pk).where(messages.c.pk.in_(known)))).scalars())
+    present = set((await connection.execute(_PRESENT, {"pks": known})).scalars())
     for write in writes:
         (live if write.keys is not None and write.keys[1] in present else gone).append(write)
     saved = Saved(gone, {}, {})
@@ -123,15 +137,9 @@ async def save_answers(connection: AsyncConnection, writes: list[AnswerWrite], n
     ended = [w for w in live if w.status != "streaming"]
     if ended:
         message_pks = [w.keys[1] for w in ended]  # type: ignore[index]
-        rows = await connection.execute(
-            shapes.message_select().add_columns(messages.c.pk.label("m_pk")).where(messages.c.pk.in_(message_pks))
-        )
+        rows = await connection.execute(_ENDED_MESSAGES, {"pks": message_pks})
         saved.messages = {int(row._mapping["m_pk"]): shapes.message(row) for row in rows}
         conversation_pks = sorted({w.keys[0] for w in ended})  # type: ignore[index]
-        rows = await connection.execute(
-            shapes.summary_select()
-            .add_columns(conversations.c.pk.label("c_pk"))
-            .where(conversations.c.pk.in_(conversation_pks))
-        )
+        rows = await connection.execute(_ENDED_SUMMARIES, {"pks": conversation_pks})
         saved.summaries = {int(row._mapping["c_pk"]): shapes.summary(row) for row in rows}
     return saved

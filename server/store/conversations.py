@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import shapes, validation
 from .errors import bad_message, not_found
-from .quotas import check_conversations, totals
+from .quotas import refuse_conversations, totals
 from .schema import conversations, messages
 from .validation import StoreLimits
 
@@ -48,6 +48,12 @@ async def list_summaries(
     return [shapes.summary(row) for row in (await connection.execute(query)).all()]
 
 
+# Built once (building a statement costs more CPU than running it); values bound at execute.
+_COUNT_AND_FIND = select(
+    func.count(), func.max(case((conversations.c.id == bindparam("cid"), conversations.c.pk)))
+).where(conversations.c.owner == bindparam("owner"))
+_CREATE = insert(conversations).returning(*(conversations.c[name] for name in shapes.CONVERSATION_FIELDS))
+
 CREATE_KEYS = frozenset({"id", "title", "title_source", "system", "model"})
 
 
@@ -64,18 +70,16 @@ async def create(
     source = validation.title_source(data.get("title_source", "user" if title else None))
     system = validation.text(data.get("system", ""), "system", limits.max_message_chars)
     model = validation.model(data.get("model"))
-    existing = await find_pk(connection, owner, cid)
+    # The owner's count (for the quota) and this id's row, if any, in one statement.
+    count, existing = (await connection.execute(_COUNT_AND_FIND, {"owner": owner, "cid": cid})).one()
     if existing is not None:
         return await summary(connection, existing), False
-    await check_conversations(connection, owner, limits, 1)
-    pk = await insert_row(
-        connection,
-        owner,
-        {"id": cid, "title": title, "title_source": source, "system": system, "model": model, "active": None},
-        now,
-        now,
-    )
-    return await summary(connection, pk), True
+    refuse_conversations(count, limits, 1)
+    fields = {"id": cid, "title": title, "title_source": source, "system": system, "model": model, "active": None}
+    row = (
+        await connection.execute(_CREATE, {"owner": owner, "created": now, "updated": now, "bytes": 0, **fields})
+    ).one()
+    return dict(zip(shapes.CONVERSATION_FIELDS, row, strict=True)) | {"streaming": False}, True
 
 
 async def insert_row(

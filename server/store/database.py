@@ -12,7 +12,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from . import fts
+from . import fts, onehop
 from .errors import StoreOpenError
 from .migrate import at_head, check_known, upgrade_to_head
 
@@ -67,6 +67,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         # Transactions are ours (BEGIN below), not the sqlite3 module's implicit ones, so a
         # read followed by a write sees one snapshot and DDL in migrations is transactional.
+        onehop.adapt(dbapi_connection)
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
@@ -87,7 +88,10 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _begin(connection: Any) -> None:
         # Writers take the write lock up front (busy_timeout applies) instead of failing
         # on upgrading a read lock.
-        mode = "IMMEDIATE" if connection.get_execution_options().get("rill_write") else "DEFERRED"
+        options = connection.get_execution_options()
+        if options.get("rill_autocommit"):
+            return  # a read that needs no snapshot: each statement on its own (no BEGIN, no rollback)
+        mode = "IMMEDIATE" if options.get("rill_write") else "DEFERRED"
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 

@@ -73,12 +73,11 @@ async def insert_row(
     values = {name: value for name, value in fields.items() if name != "parent"}
     values["error"] = shapes.dumps(values["error"])
     values["usage"] = shapes.dumps(values["usage"])
-    result = await connection.execute(
-        insert(messages)
-        .values(owner=owner, conversation_pk=conversation_pk, parent_pk=parent_pk, **values)
-        .returning(messages.c.pk)
-    )
-    return int(result.scalar_one())
+    values.update(owner=owner, conversation_pk=conversation_pk, parent_pk=parent_pk)
+    return int((await connection.execute(_INSERT, values)).scalar_one())
+
+
+_INSERT = insert(messages).returning(messages.c.pk)  # built once; the values come at execute
 
 
 async def path(connection: AsyncConnection, owner: str, cid: str, leaf: Any) -> list[dict[str, Any]]:

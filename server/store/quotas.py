@@ -37,6 +37,10 @@ def usage(totals: dict[str, int], limits: StoreLimits) -> dict[str, int]:
 
 async def check_conversations(connection: AsyncConnection, owner: str, limits: StoreLimits, adding: int) -> None:
     count = (await connection.execute(select(func.count()).where(conversations.c.owner == owner))).scalar_one()
+    refuse_conversations(count, limits, adding)
+
+
+def refuse_conversations(count: int, limits: StoreLimits, adding: int) -> None:
     if count + adding > limits.max_conversations:
         raise ApiError(
             409,
@@ -48,7 +52,11 @@ async def check_conversations(connection: AsyncConnection, owner: str, limits: S
 async def check_messages(
     connection: AsyncConnection, owner: str, limits: StoreLimits, adding: int, adding_bytes: int
 ) -> None:
-    have = await totals(connection, owner)
+    refuse_messages(await totals(connection, owner), limits, adding, adding_bytes)
+
+
+def refuse_messages(have: dict[str, int], limits: StoreLimits, adding: int, adding_bytes: int) -> None:
+    """quota_messages / quota_bytes when adding this much to an owner's totals would pass a limit."""
     if have["messages"] + adding > limits.max_messages:
         raise ApiError(
             409,

@@ -28,7 +28,9 @@ MESSAGE_FIELDS = (
     "updated",
 )
 
-_parent = messages.alias("parent")  # Core's alias: the ORM (~6 MB more) is not needed
+# Core's alias: the ORM (~6 MB more) is not needed.
+parent_table = messages.alias("parent")
+_parent = parent_table
 
 
 def streaming_flag() -> ColumnElement[bool]:
@@ -54,12 +56,16 @@ def summary(row: Any) -> dict[str, Any]:
 
 def message_select() -> Select[Any]:
     """Messages with their parent's public id; the caller adds the WHERE."""
-    columns = [_parent.c.id.label("parent") if name == "parent" else messages.c[name] for name in MESSAGE_FIELDS]
-    return (
-        select(*columns)
-        .select_from(messages.outerjoin(_parent, messages.c.parent_pk == _parent.c.pk))
-        .order_by(messages.c.pk)
-    )
+    return select(*message_columns()).select_from(message_from()).order_by(messages.c.pk)
+
+
+def message_columns() -> list[Any]:
+    """MESSAGE_FIELDS in order, the parent's public id from parent_table."""
+    return [_parent.c.id.label("parent") if name == "parent" else messages.c[name] for name in MESSAGE_FIELDS]
+
+
+def message_from() -> Any:
+    return messages.outerjoin(_parent, messages.c.parent_pk == _parent.c.pk)
 
 
 def message(row: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import batch, conversations, messages, quotas, shapes, transfer
+from . import batch, conversations, exchange, messages, quotas, shapes, transfer
 from .batch import AnswerWrite, Saved
 from .database import open_engine
 from .errors import translated
@@ -49,8 +49,12 @@ class Store:
         await self.engine.dispose()
 
     @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
+    async def _read(self, *, snapshot: bool = True) -> AsyncIterator[AsyncConnection]:
+        """snapshot=False: the statements need not see one state of the database (SQLite
+        then spares the BEGIN and the rollback: two trips to its thread)."""
         async with translated(), self.engine.connect() as connection:
+            if not snapshot:
+                await connection.execution_options(rill_autocommit=True)
             yield connection
 
     @asynccontextmanager
@@ -120,6 +124,37 @@ class Store:
 
     async def add_message(self, owner: str, cid: str, message: dict[str, Any]) -> dict[str, Any]:
         return await self._written(lambda c: messages.add(c, owner, cid, message, self.limits, now_ms()))
+
+    async def summary(self, owner: str, cid: str) -> dict[str, Any] | None:
+        """The conversation without its messages (as listed), or None."""
+        async with self._read() as connection:
+            pk = await conversations.find_pk(connection, owner, cid) if valid_id(cid) else None
+            return None if pk is None else await conversations.summary(connection, pk)
+
+    async def context(self, owner: str, cid: str, leaf: str | None, ids: set[str]) -> dict[str, Any] | None:
+        """What answering needs (exchange.context): {"system", "model", "path": root .. leaf,
+        "messages": the leaf and `ids` found, by id}; None: no such conversation."""
+        # No snapshot needed: a conversation deleted between its two statements reads as
+        # one without those messages, and the write that follows finds it gone anyway.
+        async with self._read(snapshot=False) as connection:
+            return await exchange.context(connection, owner, cid, leaf, ids)
+
+    async def add_exchange(
+        self,
+        owner: str,
+        cid: str,
+        question: dict[str, Any] | None,
+        answer: dict[str, Any],
+        *,
+        start: Callable[[], str],
+    ) -> dict[str, Any]:
+        """A question (None: regenerate) and its answer in one transaction; `start()` runs
+        once the checks passed and gives the answer's generation id (called again when
+        PostgreSQL makes the transaction run again: it must give the same id).
+        Returns {"question", "answer", "summary"}."""
+        return await self._written(
+            lambda c: exchange.add_exchange(c, owner, cid, question, answer, start, self.limits, now_ms())
+        )
 
     async def path(self, owner: str, cid: str, leaf_id: str) -> list[dict[str, Any]]:
         async with self._read() as connection:
