@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import bad_id, bad_message, too_long
-from .shapes import storable
+from .shapes import MESSAGE_FIELDS, storable
 
 ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ROLES = ("user", "assistant")
@@ -112,24 +112,7 @@ def counter(value: Any, field: str) -> int:
     return value
 
 
-MESSAGE_KEYS = frozenset(
-    {
-        "id",
-        "parent",
-        "role",
-        "content",
-        "reasoning",
-        "status",
-        "model",
-        "finish_reason",
-        "error",
-        "usage",
-        "generation",
-        "last_event_id",
-        "created",
-        "updated",
-    }
-)
+MESSAGE_KEYS = frozenset(MESSAGE_FIELDS)  # the one shape, as shapes.py gives it
 
 
 def message(data: Any, limits: StoreLimits, now: int, *, imported: bool = False) -> dict[str, Any]:
