@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.ops.memory import tune_collector
 from server.store import Store, StoreLimits, open_store
 from server.store.schema import conversations, messages
 
@@ -266,6 +267,7 @@ async def run(size: Size, directory: Path, repeat: int) -> tuple[list[dict[str, 
         if not reuse:
             await build(store, size)
         built = time.monotonic() - started
+        tune_collector()  # as `python -m server` runs once it listens
         rows = await measure(store, size, repeat)
     finally:
         await store.close()

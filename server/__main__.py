@@ -7,7 +7,6 @@ and sends nothing new; then the listener closes and live streams end (app.py).""
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib.util
 import logging
 import os
@@ -22,7 +21,7 @@ from server.app import create_app, stop_accepting
 from server.config import Config, ConfigError, load_config
 from server.http.httpserver import ListenError, raise_open_file_limit, start_server
 from server.ops.logs import configure_logging
-from server.ops.memory import pin_malloc_thresholds
+from server.ops.memory import pin_malloc_thresholds, tune_collector
 from server.ops.systemd import notify
 from server.store import StoreOpenError
 
@@ -66,14 +65,7 @@ def main() -> int:
         else:
             log.info("access: open to this machine only (no access tokens)")
         notify("READY=1")
-        # What start-up made lives as long as the process: out of the collector's sight,
-        # a full collection under load scans only what the streams made (28 ms less each).
-        gc.collect()
-        gc.freeze()
-        # A full collection stops every stream for as long as it scans what they hold
-        # (~50 ms at 1,000 streams): ten times rarer than Python's default. Garbage in
-        # cycles mostly dies young, in the two younger generations, which run as before.
-        gc.set_threshold(700, 10, 100)
+        tune_collector()
 
     raise_open_file_limit()
     try:
