@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from playwright.async_api import Browser, ConsoleMessage, Dialog, Page, Playwright
+from playwright.async_api import Browser, ConsoleMessage, Dialog, Page, Playwright, expect
 
 CHROMIUM = os.environ.get("RILL_CHROMIUM", "/usr/bin/chromium")
 # As root (sessions and CI) Chromium needs --no-sandbox; the rest keep it from reaching
@@ -123,6 +123,8 @@ ANSWER = ".message.assistant >> nth=-1"
 # The request that starts an answer, for page.route: POST /api/chat, or with history on
 # the server POST /api/conversations/{id}/messages.
 START_ANSWER = re.compile(r"/api/(chat|conversations/[^/?]+/messages)$")
+# The model picker is filled: the page has talked to the server.
+MODELS_READY = "#model option[value]:not([value=''])"
 
 
 async def send(page: Page, text: str) -> None:
@@ -139,6 +141,18 @@ async def wait_answer_ended(page: Page, timeout: float = 10.0) -> None:
         }""",
         timeout=timeout * 1000,
     )
+
+
+async def reload(page: Page) -> None:
+    await page.reload()
+    await page.wait_for_selector(MODELS_READY, state="attached")
+
+
+async def ask(page: Page, text: str) -> None:
+    """Sends text and waits until its answer has ended."""
+    await send(page, text)
+    await expect(page.locator(".message.user >> nth=-1 >> .message-body")).to_have_text(text)
+    await wait_answer_ended(page)
 
 
 async def answer_text(page: Page) -> str:

@@ -8,12 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from playwright.async_api import Page, expect
-
-from .browser import send, wait_answer_ended
 from .conftest import Rill, StartRill
 
-MODELS_READY = "#model option[value]:not([value=''])"
 TITLES = "#conversations .conversation-open"
 USER_BODIES = ".message.user .message-body"
 ANSWER_BODIES = ".message.assistant .message-body"
@@ -111,15 +107,3 @@ async def import_document(rill: Rill, document: dict[str, Any]) -> dict[str, Any
     assert status in (200, 201), body
     assert isinstance(body, dict)
     return body
-
-
-async def reload(page: Page) -> None:
-    await page.reload()
-    await page.wait_for_selector(MODELS_READY, state="attached")
-
-
-async def ask(page: Page, text: str) -> None:
-    """Sends text and waits until its answer has ended."""
-    await send(page, text)
-    await expect(page.locator(".message.user >> nth=-1 >> .message-body")).to_have_text(text)
-    await wait_answer_ended(page)

@@ -11,20 +11,18 @@ from typing import Any
 
 from playwright.async_api import Page, expect
 
-from .browser import wait_answer_ended
+from .browser import ask, reload, wait_answer_ended
 from .conftest import OpenPage, Rill, StartRill
 from .fakes import Reply, answer
 from .history_ui import (
     ANSWER_BODIES,
     TITLES,
     USER_BODIES,
-    ask,
     conversation,
     conversations,
     export_document,
     import_document,
     message,
-    reload,
     settled_conversation,
     stored_conversation,
     stored_rill,

@@ -12,11 +12,20 @@ from typing import Any
 import pytest
 from playwright.async_api import Locator, Page, Request, Route, expect
 
-from .browser import ANSWER, PHONE, START_ANSWER, WatchedPage, answer_text, send, wait_answer_ended
+from .browser import (
+    ANSWER,
+    PHONE,
+    START_ANSWER,
+    WatchedPage,
+    answer_text,
+    ask,
+    reload,
+    send,
+    wait_answer_ended,
+)
 from .conftest import OpenPage, Rill, StartRill, wait_for
 from .fakes import Reply, answer, chunk
 
-MODELS_READY = "#model option[value]:not([value=''])"
 ANSWER_BODY = f"{ANSWER} >> .message-body"
 TITLES = "#conversations .conversation-open"
 CONTINUE_PROMPT = "Continue exactly where your previous answer stopped. Do not repeat anything you already wrote."
@@ -33,18 +42,6 @@ def capture_posts(page: Page) -> list[dict[str, Any]]:
 
     page.on("request", on_request)
     return posts
-
-
-async def reload(page: Page) -> None:
-    await page.reload()
-    await page.wait_for_selector(MODELS_READY, state="attached")
-
-
-async def ask(page: Page, text: str) -> None:
-    """Sends text and waits until its answer has ended."""
-    await send(page, text)
-    await expect(page.locator(".message.user >> nth=-1 >> .message-body")).to_have_text(text)
-    await wait_answer_ended(page)
 
 
 async def two_conversations(page: Page) -> None:

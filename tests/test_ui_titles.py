@@ -10,9 +10,10 @@ from pathlib import Path
 
 from playwright.async_api import expect
 
+from .browser import ask, reload
 from .conftest import OpenPage, StartRill
 from .fakes import Reply, answer
-from .history_ui import TITLES, ask, conversation, conversations, reload, stored_rill
+from .history_ui import TITLES, conversation, conversations, stored_rill
 
 
 async def test_automatic_title_shows_in_sidebar_and_header_and_renaming_still_works(

@@ -12,16 +12,15 @@ from typing import Any
 
 from playwright.async_api import Page, expect
 
+from .browser import ask, reload
 from .conftest import OpenPage, Rill, StartRill
 from .history_ui import (
     TITLES,
     api,
-    ask,
     conversations,
     export_document,
     import_document,
     message,
-    reload,
     stored_conversation,
     stored_rill,
 )
