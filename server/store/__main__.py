@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from server.config import ConfigError, load_config
 
 from .backup import backup_sqlite
@@ -30,23 +32,22 @@ def default_url() -> str:
     return f"sqlite:///{config.access.state_dir / 'rill.db'}"
 
 
-async def upgrade(url: str) -> None:
-    engine = await open_engine(url)  # opening migrates to head
+async def _revision_of(engine: AsyncEngine) -> tuple[str, ...]:
+    """The database's revision; the engine is disposed of afterwards."""
     try:
         async with engine.connect() as connection:
-            revision = await connection.run_sync(current)
+            return await connection.run_sync(current)
     finally:
         await engine.dispose()
+
+
+async def upgrade(url: str) -> None:
+    revision = await _revision_of(await open_engine(url))  # opening migrates to head
     print(f"at {', '.join(revision)} (latest {revisions()[-1]})")
 
 
 async def show_current(url: str) -> None:
-    engine = create_engine(engine_url(url))
-    try:
-        async with engine.connect() as connection:
-            revision = await connection.run_sync(current)
-    finally:
-        await engine.dispose()
+    revision = await _revision_of(create_engine(engine_url(url)))
     print(f"{', '.join(revision) or 'empty (no migrations applied)'} (latest {revisions()[-1]})")
 
 
