@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from server.ops.memory import tune_collector
 from server.store import Store, StoreLimits, open_store
 from server.store.schema import conversations, messages
@@ -113,14 +115,16 @@ def plan(size: Size) -> list[int]:
 
 
 async def build(store: Store, size: Size, seed: int = 14) -> None:
-    """One owner's history, bulk-inserted on the Store's engine (its triggers index it)."""
+    """One owner's history, bulk-inserted in one write transaction (the triggers index it)."""
     rng = random.Random(seed)
     start = 1_700_000_000_000
     conversation_rows: list[dict[str, Any]] = []
     message_rows: list[dict[str, Any]] = []
     message_pk = 0
     clock = start
-    async with store.engine.begin() as connection:
+
+    def insert_all(connection: Connection) -> None:
+        nonlocal message_pk, clock, conversation_rows, message_rows
         for number, count in enumerate(plan(size)):
             conversation_pk = number + 1
             cid = BIG_ID if number == 0 else f"{rng.getrandbits(64):016x}"
@@ -174,14 +178,16 @@ async def build(store: Store, size: Size, seed: int = 14) -> None:
             )
             if len(message_rows) >= BATCH or number == size.conversations - 1:
                 # Conversations first: messages refer to them.
-                await connection.execute(conversations.insert(), conversation_rows)
-                await connection.execute(messages.insert(), message_rows)
+                connection.execute(conversations.insert(), conversation_rows)
+                connection.execute(messages.insert(), message_rows)
                 conversation_rows, message_rows = [], []
+
+    await store.database.write(insert_all)
 
 
 async def timed(call: Callable[[], Awaitable[Any]], repeat: int) -> tuple[list[float], list[float], Any]:
     """(wall ms of each call, CPU ms of each call, the last result). CPU time counts every
-    thread of this process (aiosqlite's included) and not the waits for a core, so on a
+    thread of this process (the store's threads included) and not the waits for a core, so on a
     busy machine it tells the work from the queueing."""
     await call()  # warm: the first read pulls pages into the cache
     wall, cpu = [], []

@@ -43,7 +43,7 @@ def count_answer_writes(store: Store) -> Callable[[], int]:
         if statement.lstrip().upper().startswith("UPDATE MESSAGES"):
             writes += 1
 
-    event.listen(store.engine.sync_engine, "before_cursor_execute", seen)
+    event.listen(store.sync_engine, "before_cursor_execute", seen)
     return lambda: writes
 
 

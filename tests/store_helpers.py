@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.engine import Connection
 
 from server.store import Store, StoreLimits
 from server.store.schema import conversations, messages
@@ -14,11 +15,14 @@ LIMITS = StoreLimits(max_conversations=50, max_messages=500, max_bytes=1_000_000
 
 async def dump(store: Store) -> list[list[tuple[Any, ...]]]:
     """Every row of every table, in key order: "nothing changed" means this is equal."""
-    async with store.engine.connect() as connection:
+
+    def rows(connection: Connection) -> list[list[tuple[Any, ...]]]:
         return [
-            [tuple(row) for row in await connection.execute(select(table).order_by(table.c.pk))]
+            [tuple(row) for row in connection.execute(select(table).order_by(table.c.pk))]
             for table in (conversations, messages)
         ]
+
+    return await store.database.read(rows)
 
 
 def user(content: str, parent: str | None = None, **fields: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
+from sqlalchemy.engine import Connection
 
 from server.keys import STORE
 from server.store import Store
@@ -116,25 +117,20 @@ async def test_postgresql_stopped_mid_answer(
 
 class FullDisk:
     """SQLite's "database or disk is full" (SQLITE_FULL), as on a full disk: while full,
-    every connection the store checks out has a max_page_count of the file's size, after a
+    every transaction the store begins sets a max_page_count of the file's size, after a
     VACUUM has emptied its free pages, so any write that needs one more page fails."""
 
     def __init__(self, store: Store, path: Path) -> None:
         self.path = path
         self.full = False
 
-        @event.listens_for(store.engine.sync_engine, "checkout")
-        def limit(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            try:
-                if self.full:
-                    cursor.execute("PRAGMA page_count")
-                    pages = cursor.fetchone()[0]
-                    cursor.execute(f"PRAGMA max_page_count = {pages}")
-                else:
-                    cursor.execute(f"PRAGMA max_page_count = {NO_PAGE_LIMIT}")
-            finally:
-                cursor.close()
+        @event.listens_for(store.sync_engine, "begin")
+        def limit(connection: Connection) -> None:
+            if self.full:
+                pages = connection.exec_driver_sql("PRAGMA page_count").scalar_one()
+                connection.exec_driver_sql(f"PRAGMA max_page_count = {pages}")
+            else:
+                connection.exec_driver_sql(f"PRAGMA max_page_count = {NO_PAGE_LIMIT}")
 
     def _vacuum(self) -> None:
         connection = sqlite3.connect(self.path, isolation_level=None, timeout=30)

@@ -492,9 +492,9 @@ async def test_cancelled_writes_still_land_whole(store_url: str) -> None:
         for index, delay in enumerate((0, 0.0005, 0.001, 0.002, 0.005)):
             task = asyncio.create_task(store.add_message("ann", "c", user("x" * 5000, id=f"m{index}")))
             await asyncio.sleep(delay)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            if task.cancel():  # not done yet (a write can take less than the delay)
+                with pytest.raises(asyncio.CancelledError):
+                    await task
         await store.add_message("ann", "c", user("after", id="after"))
     finally:
         await store.close()

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
 
 from server.store import Store, open_store
 from server.store.schema import conversations, messages
@@ -44,15 +45,18 @@ async def backup(url: str, target: Path) -> tuple[int, str, str]:
 async def consistent(store: Store) -> tuple[int, int]:
     """Counts, after checking the copy is one snapshot: every conversation's byte count
     matches its messages (a torn copy would have one without the other)."""
-    async with store.engine.connect() as connection:
-        for row in await connection.execute(select(conversations.c.pk, conversations.c.bytes)):
-            texts = await connection.execute(
+
+    def counts(connection: Connection) -> tuple[int, int]:
+        for row in connection.execute(select(conversations.c.pk, conversations.c.bytes)):
+            texts = connection.execute(
                 select(messages.c.content, messages.c.reasoning).where(messages.c.conversation_pk == row.pk)
             )
             assert row.bytes == sum(len(t.content.encode()) + len(t.reasoning.encode()) for t in texts)
-        count = (await connection.execute(select(func.count()).select_from(messages))).scalar_one()
-        total = (await connection.execute(select(func.count()).select_from(conversations))).scalar_one()
-    return int(total), int(count)
+        count = connection.execute(select(func.count()).select_from(messages)).scalar_one()
+        total = connection.execute(select(func.count()).select_from(conversations)).scalar_one()
+        return int(total), int(count)
+
+    return await store.database.read(counts)
 
 
 async def test_backup_while_writing_then_restore(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, exc
+from sqlalchemy.engine import Connection
 
 from server.store import Store, StoreUnavailable, open_store
 from server.store import database as store_database
@@ -97,24 +98,25 @@ async def test_sqlite_disk_full_then_space_returns(tmp_path: Path) -> None:
     """Where it can (root, a container allowing mounts), the disk really fills: the
     database lives on a 1 MiB tmpfs, and "space returns" is a remount at 8 MiB. Elsewhere
     the same SQLITE_FULL comes from PRAGMA max_page_count, set on every connection the
-    store checks out (the database may not grow past the pages it has)."""
+    store begins a transaction on (the database may not grow past the pages it has)."""
     with small_tmpfs(tmp_path / "disk") as resize:
         store = await open_store(f"sqlite:///{tmp_path}/disk/rill.db", LIMITS)
         try:
             limit: dict[str, int] = {}
             if resize is None:
 
-                @event.listens_for(store.engine.sync_engine, "checkout")
-                def _limit(connection: Any, _record: Any, _proxy: Any) -> None:
+                @event.listens_for(store.sync_engine, "begin")
+                def _limit(connection: Connection) -> None:
                     if limit:
-                        connection.cursor().execute(f"PRAGMA max_page_count = {limit['pages']}")
+                        connection.exec_driver_sql(f"PRAGMA max_page_count = {limit['pages']}")
 
             await store.create_conversation("ann", {"id": "c"})
             await store.add_message("ann", "c", user("hi", id="q"))
             await store.add_message("ann", "c", {"role": "assistant", "parent": "q", "id": "a", "status": "streaming"})
             if resize is None:
-                async with store.engine.connect() as connection:
-                    limit["pages"] = (await connection.exec_driver_sql("PRAGMA page_count")).scalar_one()
+                limit["pages"] = await store.database.read(
+                    lambda c: c.exec_driver_sql("PRAGMA page_count").scalar_one()
+                )
                 added = 0
             else:
                 added = await _fill(store)

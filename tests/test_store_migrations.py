@@ -17,7 +17,7 @@ from sqlalchemy import column, table, text
 from sqlalchemy.engine import Connection
 
 from server.store import StoreOpenError, migrate, open_store
-from server.store.database import create_engine, engine_url
+from server.store.database import connect, engine_url
 from server.store.migrate import current, downgrade, revisions, upgrade
 from server.store.schema import metadata
 
@@ -41,53 +41,55 @@ OLD_MESSAGES = table(
 
 
 async def migrate_to(url: str, revision: str) -> None:
-    engine = create_engine(engine_url(url))
+    database = connect(engine_url(url))
     try:
-        async with engine.begin() as connection:
-            await connection.run_sync(upgrade, revision)
+        await database.write(lambda c: upgrade(c, revision))
     finally:
-        await engine.dispose()
+        await database.close()
+
+
+def _old_rows(connection: Connection) -> None:
+    connection.execute(
+        OLD_CONVERSATIONS.insert().values(
+            owner="ann", id="old", title="From before", system="", created=1, updated=2, bytes=25, active="a"
+        )
+    )
+    pk = connection.execute(text("SELECT pk FROM conversations WHERE id = 'old'")).scalar_one()
+    connection.execute(
+        OLD_MESSAGES.insert().values(
+            conversation_pk=pk,
+            owner="ann",
+            id="q",
+            parent_pk=None,
+            role="user",
+            content="你好世界 question",
+            status="done",
+            created=1,
+            updated=1,
+        )
+    )
+    parent = connection.execute(text("SELECT pk FROM messages WHERE id = 'q'")).scalar_one()
+    connection.execute(
+        OLD_MESSAGES.insert().values(
+            conversation_pk=pk,
+            owner="ann",
+            id="a",
+            parent_pk=parent,
+            role="assistant",
+            content="answer",
+            status="streaming",
+            created=2,
+            updated=2,
+        )
+    )
 
 
 async def write_old_data(url: str) -> None:
-    engine = create_engine(engine_url(url))
+    database = connect(engine_url(url))
     try:
-        async with engine.begin() as connection:
-            await connection.execute(
-                OLD_CONVERSATIONS.insert().values(
-                    owner="ann", id="old", title="From before", system="", created=1, updated=2, bytes=25, active="a"
-                )
-            )
-            pk = (await connection.execute(text("SELECT pk FROM conversations WHERE id = 'old'"))).scalar_one()
-            await connection.execute(
-                OLD_MESSAGES.insert().values(
-                    conversation_pk=pk,
-                    owner="ann",
-                    id="q",
-                    parent_pk=None,
-                    role="user",
-                    content="你好世界 question",
-                    status="done",
-                    created=1,
-                    updated=1,
-                )
-            )
-            parent = (await connection.execute(text("SELECT pk FROM messages WHERE id = 'q'"))).scalar_one()
-            await connection.execute(
-                OLD_MESSAGES.insert().values(
-                    conversation_pk=pk,
-                    owner="ann",
-                    id="a",
-                    parent_pk=parent,
-                    role="assistant",
-                    content="answer",
-                    status="streaming",
-                    created=2,
-                    updated=2,
-                )
-            )
+        await database.write(_old_rows)
     finally:
-        await engine.dispose()
+        await database.close()
 
 
 def schema_differences(connection: Connection) -> list[Any]:
@@ -107,10 +109,9 @@ def schema_differences(connection: Connection) -> list[Any]:
 async def test_empty_database_migrates_to_the_schema(store_url: str) -> None:
     store = await open_store(store_url, LIMITS)
     try:
-        async with store.engine.connect() as connection:
-            assert await connection.run_sync(current) == (revisions()[-1],)
-            # What the migrations built is what the code is written against.
-            assert await connection.run_sync(schema_differences) == []
+        assert await store.database.read(current) == (revisions()[-1],)
+        # What the migrations built is what the code is written against.
+        assert await store.database.read(schema_differences) == []
     finally:
         await store.close()
     # Opening again is a no-op.
@@ -130,8 +131,7 @@ async def test_each_earlier_revision_with_data_upgrades(store_url: str, start: s
         await migrate_to(store_url, revision)
     store = await open_store(store_url, LIMITS)  # ...and the last one at start-up
     try:
-        async with store.engine.connect() as connection:
-            assert await connection.run_sync(current) == (revisions()[-1],)
+        assert await store.database.read(current) == (revisions()[-1],)
         conversation = await store.get_conversation("ann", "old")
         assert conversation is not None
         assert conversation["title"] == "From before"
@@ -183,20 +183,16 @@ def test_an_up_to_date_start_does_not_import_alembic(tmp_path: Path) -> None:
 async def test_newer_revision_is_refused_untouched(store_url: str) -> None:
     store = await open_store(store_url, LIMITS)
     await store.create_conversation("ann", {"id": "c"})
-    async with store.engine.begin() as connection:
-        await connection.execute(text("UPDATE alembic_version SET version_num = '0999_from_the_future'"))
+    await store.database.write(
+        lambda c: c.execute(text("UPDATE alembic_version SET version_num = '0999_from_the_future'"))
+    )
     before = await dump(store)
     await store.close()
     with pytest.raises(StoreOpenError, match=r"0999_from_the_future.*newer than this Rill knows") as caught:
         await open_store(store_url, LIMITS)
     assert "\n" not in str(caught.value)
-    engine = create_engine(engine_url(store_url))
-    try:
-        async with engine.connect() as connection:
-            assert await connection.run_sync(current) == ("0999_from_the_future",)
-    finally:
-        await engine.dispose()
     reopened = await _open_without_migrating(store_url)
+    assert await reopened.database.read(current) == ("0999_from_the_future",)
     assert await dump(reopened) == before
     await reopened.close()
 
@@ -204,7 +200,7 @@ async def test_newer_revision_is_refused_untouched(store_url: str) -> None:
 async def _open_without_migrating(url: str) -> Any:
     from server.store.store import Store
 
-    return Store(create_engine(engine_url(url)), LIMITS)
+    return Store(connect(engine_url(url)), LIMITS)
 
 
 def test_not_a_database_file_is_refused_untouched(tmp_path: Path) -> None:
@@ -270,9 +266,10 @@ async def test_missing_postgresql_database_is_refused(postgres_server: PostgresS
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("sqlite:////var/lib/rill/rill.db", "sqlite+aiosqlite:////var/lib/rill/rill.db"),
-        ("sqlite:///relative.db", "sqlite+aiosqlite:///relative.db"),
-        ("sqlite+aiosqlite:////x.db", "sqlite+aiosqlite:////x.db"),
+        ("sqlite:////var/lib/rill/rill.db", "sqlite+pysqlite:////var/lib/rill/rill.db"),
+        ("sqlite:///relative.db", "sqlite+pysqlite:///relative.db"),
+        ("sqlite+pysqlite:////x.db", "sqlite+pysqlite:////x.db"),
+        ("sqlite+aiosqlite:////x.db", "sqlite+pysqlite:////x.db"),  # what earlier versions took
         ("postgresql://u:p@db:5433/rill", "postgresql+asyncpg://u:p@db:5433/rill"),
         ("postgresql+asyncpg://u@db/rill", "postgresql+asyncpg://u@db/rill"),
         ("postgres://u@db/rill", "postgresql+asyncpg://u@db/rill"),
@@ -325,13 +322,12 @@ async def test_downgrade_one_step_and_up_again(store_url: str) -> None:
         before = await dump(store)
     finally:
         await store.close()
-    engine = create_engine(engine_url(store_url))
+    database = connect(engine_url(store_url))
     try:
-        async with engine.begin() as connection:
-            await connection.run_sync(downgrade, revisions()[-2])
-            assert await connection.run_sync(current) == (revisions()[-2],)
+        await database.write(lambda c: downgrade(c, revisions()[-2]))
+        assert await database.read(current) == (revisions()[-2],)
     finally:
-        await engine.dispose()
+        await database.close()
     store = await open_store(store_url, LIMITS)  # up again at start-up
     try:
         assert await dump(store) == before

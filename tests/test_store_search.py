@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from alembic import command
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 
 from server.store import Store, StoreLimits, fts, open_store
-from server.store.database import create_engine, engine_url
+from server.store.database import connect, engine_url
 from server.store.migrate import alembic_config
 from server.store.search import SNIPPET_CHARS, fold, snippet
 
@@ -196,21 +197,24 @@ async def index_holds(store: Store, expected: set[str]) -> None:
     PostgreSQL has no separate index to ask: search reads the tables."""
     if store.backend != "sqlite":
         return
-    found = set()
-    async with store.engine.connect() as connection:
+
+    def ask(connection: Connection) -> tuple[set[str], int]:
+        found = set()
         for table in FTS_TABLES:
             for word, short in (("zebra", "zebra"), ("斑马", "斑 马"), ("quokka", "quokka"), ("袋鼠", "袋 鼠")):
                 query = f'"{short}"' if table.endswith("_short") else f'"{word}"'
-                rows = await connection.execute(text(f"SELECT rowid FROM {table} WHERE {table} MATCH :q"), {"q": query})
+                rows = connection.execute(text(f"SELECT rowid FROM {table} WHERE {table} MATCH :q"), {"q": query})
                 if rows.first() is not None:
                     found.add(word)
         # And no term at all is left once everything is deleted: the vocabulary is empty.
         total = 0
         for table in FTS_TABLES:
-            await connection.execute(text(f"CREATE VIRTUAL TABLE temp.v_{table} USING fts5vocab(main, {table}, 'row')"))
-            total += (await connection.execute(text(f"SELECT count(*) FROM temp.v_{table}"))).scalar_one()
-            await connection.execute(text(f"DROP TABLE temp.v_{table}"))
-        await connection.commit()
+            connection.execute(text(f"CREATE VIRTUAL TABLE temp.v_{table} USING fts5vocab(main, {table}, 'row')"))
+            total += connection.execute(text(f"SELECT count(*) FROM temp.v_{table}")).scalar_one()
+            connection.execute(text(f"DROP TABLE temp.v_{table}"))
+        return found, total
+
+    found, total = await store.database.write(ask)
     assert found == expected
     if not expected:
         assert total == 0
@@ -226,28 +230,29 @@ async def test_results_most_recent_first_and_limited(store: Store) -> None:
 
 async def test_migration_indexes_existing_rows_and_downgrades(store_url: str) -> None:
     """0001 -> write -> 0002 finds what was there; downgrade to 0001 removes it all."""
-    engine = create_engine(engine_url(store_url))
+
+    def old_rows(connection: Connection) -> None:
+        command.upgrade(alembic_config(connection), "0001_conversations")
+        connection.execute(
+            text(
+                "INSERT INTO conversations (pk, owner, id, title, created, updated, bytes) "
+                "VALUES (1, 'ann', 'c1', '老的标题', 1, 1, 0)"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO messages (pk, conversation_pk, owner, id, role, content, reasoning, status, "
+                "last_event_id, created, updated) VALUES (1, 1, 'ann', 'm1', 'user', '你好世界 before', '', "
+                "'done', 0, 1, 1)"
+            )
+        )
+
+    database = connect(engine_url(store_url))
     try:
-        async with engine.connect() as connection:
-            await connection.run_sync(lambda sync: command.upgrade(alembic_config(sync), "0001_conversations"))
-            await connection.execute(
-                text(
-                    "INSERT INTO conversations (pk, owner, id, title, created, updated, bytes) "
-                    "VALUES (1, 'ann', 'c1', '老的标题', 1, 1, 0)"
-                )
-            )
-            await connection.execute(
-                text(
-                    "INSERT INTO messages (pk, conversation_pk, owner, id, role, content, reasoning, status, "
-                    "last_event_id, created, updated) VALUES (1, 1, 'ann', 'm1', 'user', '你好世界 before', '', "
-                    "'done', 0, 1, 1)"
-                )
-            )
-            await connection.commit()
-            await connection.run_sync(lambda sync: command.upgrade(alembic_config(sync), "0002_search"))
-            await connection.commit()
+        await database.write(old_rows)
+        await database.write(lambda c: command.upgrade(alembic_config(c), "0002_search"))
     finally:
-        await engine.dispose()
+        await database.close()
     opened = await open_store(store_url, LIMITS)
     try:
         assert await hits(opened, "世界") == [("c1", "m1")]
@@ -255,25 +260,22 @@ async def test_migration_indexes_existing_rows_and_downgrades(store_url: str) ->
         assert await hits(opened, "标") == [("c1", None)]
     finally:
         await opened.close()
-    engine = create_engine(engine_url(store_url))
+    database = connect(engine_url(store_url))
     try:
-        async with engine.connect() as connection:
-            await connection.run_sync(lambda sync: command.downgrade(alembic_config(sync), "0001_conversations"))
-            await connection.commit()
-            assert await _search_objects(connection, engine.dialect.name) == []
-            await connection.run_sync(lambda sync: command.upgrade(alembic_config(sync), "head"))
-            await connection.commit()
-            assert await _search_objects(connection, engine.dialect.name) != []
+        await database.write(lambda c: command.downgrade(alembic_config(c), "0001_conversations"))
+        assert await database.read(_search_objects) == []
+        await database.write(lambda c: command.upgrade(alembic_config(c), "head"))
+        assert await database.read(_search_objects) != []
     finally:
-        await engine.dispose()
+        await database.close()
 
 
-async def _search_objects(connection: Any, backend: str) -> list[str]:
-    if backend == "sqlite":
+def _search_objects(connection: Connection) -> list[str]:
+    if connection.dialect.name == "sqlite":
         query = "SELECT name FROM sqlite_master WHERE name LIKE 'search%'"
     else:
         query = "SELECT indexname FROM pg_indexes WHERE indexname LIKE '%trgm%'"
-    return [row[0] for row in await connection.execute(text(query))]
+    return [row[0] for row in connection.execute(text(query))]
 
 
 def test_snippet_window() -> None:
@@ -311,10 +313,11 @@ async def test_postgresql_without_pg_trgm_still_searches(postgres_server: Any, p
     limited = postgres_url.replace(f"//{postgres_server.user}@", f"//{role}@")
     opened = await open_store(limited, LIMITS)
     try:
-        async with opened.engine.connect() as connection:
-            assert await _search_objects(connection, "postgresql") == []
-            extensions = await connection.execute(text("SELECT extname FROM pg_extension WHERE extname = 'pg_trgm'"))
-            assert extensions.first() is None
+        assert await opened.database.read(_search_objects) == []
+        extensions = await opened.database.read(
+            lambda c: c.execute(text("SELECT extname FROM pg_extension WHERE extname = 'pg_trgm'")).all()
+        )
+        assert extensions == []
         mid = await say(opened, "ann", "c1", "你好世界 and 100% d_o")
         for query in ("世界", "界", "100%", "d_o", "D_O"):
             assert await hits(opened, query) == [("c1", mid)], query
@@ -326,16 +329,19 @@ async def test_postgresql_without_pg_trgm_still_searches(postgres_server: Any, p
 async def test_postgresql_search_uses_the_trigram_index(postgres_url: str) -> None:
     opened = await open_store(postgres_url, LIMITS)
     try:
-        async with opened.engine.connect() as connection:
-            assert sorted(await _search_objects(connection, "postgresql")) == [
-                "ix_conversations_title_trgm",
-                "ix_messages_content_trgm",
-            ]
-            await connection.execute(text("SET enable_seqscan = off"))  # a tiny table: make the planner show its choice
-            plan = await connection.execute(
+        assert sorted(await opened.database.read(_search_objects)) == [
+            "ix_conversations_title_trgm",
+            "ix_messages_content_trgm",
+        ]
+
+        def plan(connection: Connection) -> str:
+            connection.execute(text("SET enable_seqscan = off"))  # a tiny table: make the planner show its choice
+            rows = connection.execute(
                 text("EXPLAIN SELECT pk FROM messages WHERE content ILIKE :pattern"), {"pattern": "%needle%"}
             )
-            assert "ix_messages_content_trgm" in "\n".join(row[0] for row in plan)
+            return "\n".join(row[0] for row in rows)
+
+        assert "ix_messages_content_trgm" in await opened.database.read(plan)
     finally:
         await opened.close()
 

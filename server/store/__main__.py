@@ -10,14 +10,15 @@ import os
 import sys
 from pathlib import Path
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import Connection
 
 from server.config import ConfigError, load_config
 
 from .backup import backup_sqlite
-from .database import check_sqlite, create_engine, engine_url, open_engine
+from .database import check_sqlite, connect, engine_url, open_database
 from .errors import StoreOpenError
 from .migrate import current, revisions
+from .runners import Database
 
 
 def default_url() -> str:
@@ -32,35 +33,37 @@ def default_url() -> str:
     return f"sqlite:///{config.access.state_dir / 'rill.db'}"
 
 
-async def _revision_of(engine: AsyncEngine) -> tuple[str, ...]:
-    """The database's revision; the engine is disposed of afterwards."""
+async def _revision_of(database: Database) -> tuple[str, ...]:
+    """The database's revision; the runner is closed afterwards."""
     try:
-        async with engine.connect() as connection:
-            return await connection.run_sync(current)
+        return await database.read(current)
     finally:
-        await engine.dispose()
+        await database.close()
 
 
 async def upgrade(url: str) -> None:
-    revision = await _revision_of(await open_engine(url))  # opening migrates to head
+    revision = await _revision_of(await open_database(url))  # opening migrates to head
     print(f"at {', '.join(revision)} (latest {revisions()[-1]})")
 
 
 async def show_current(url: str) -> None:
-    revision = await _revision_of(create_engine(engine_url(url)))
+    revision = await _revision_of(connect(engine_url(url)))
     print(f"{', '.join(revision) or 'empty (no migrations applied)'} (latest {revisions()[-1]})")
 
 
 async def check(url: str) -> None:
     parsed = engine_url(url)
-    engine = create_engine(parsed)
+    database = connect(parsed)
+
+    def checked(connection: Connection) -> tuple[str, ...]:
+        if parsed.get_backend_name() == "sqlite":
+            check_sqlite(connection, str(parsed.database))
+        return current(connection)
+
     try:
-        async with engine.connect() as connection:
-            if parsed.get_backend_name() == "sqlite":
-                await connection.run_sync(check_sqlite, str(parsed.database))
-            revision = await connection.run_sync(current)
+        revision = await database.read(checked)
     finally:
-        await engine.dispose()
+        await database.close()
     print(f"ok, at {', '.join(revision) or 'no revision'}")
 
 

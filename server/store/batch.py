@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from . import shapes
 from .schema import conversations, messages
@@ -89,22 +89,22 @@ _ENDED_SUMMARIES = (
 )
 
 
-async def _keys(connection: AsyncConnection, write: AnswerWrite) -> tuple[int, int] | None:
+def _keys(connection: Connection, write: AnswerWrite) -> tuple[int, int] | None:
     params = {"owner": write.owner, "cid": write.conversation, "mid": write.message}
-    row = (await connection.execute(_KEYS, params)).first()
+    row = (connection.execute(_KEYS, params)).first()
     return None if row is None else (int(row[0]), int(row[1]))
 
 
-async def save_answers(connection: AsyncConnection, writes: list[AnswerWrite], now: int) -> Saved:
+def save_answers(connection: Connection, writes: list[AnswerWrite], now: int) -> Saved:
     """Writes every answer's text, and the ending of those that have one (never refused
     for quota: the answers were accepted)."""
     gone: list[AnswerWrite] = []
     live: list[AnswerWrite] = []
     for write in writes:
         if write.keys is None:
-            write.keys = await _keys(connection, write)
+            write.keys = _keys(connection, write)
     known = [w.keys[1] for w in writes if w.keys is not None]
-    present = set((await connection.execute(_PRESENT, {"pks": known})).scalars())
+    present = set((connection.execute(_PRESENT, {"pks": known})).scalars())
     for write in writes:
         (live if write.keys is not None and write.keys[1] in present else gone).append(write)
     saved = Saved(gone, {}, {})
@@ -113,11 +113,11 @@ async def save_answers(connection: AsyncConnection, writes: list[AnswerWrite], n
     # Conversations first, then their messages, each in key order: the order DELETE takes
     # its locks in (the conversation, then its messages), so the two never deadlock.
     live.sort(key=lambda w: w.keys)  # type: ignore[arg-type, return-value]
-    await connection.execute(
+    connection.execute(
         _GROW_CONVERSATION,
         [{"c_pk": w.keys[0], "c_updated": now, "c_delta": w.bytes - w.saved_bytes} for w in live],  # type: ignore[index]
     )
-    await connection.execute(
+    connection.execute(
         _SET_ANSWER,
         [
             {
@@ -137,9 +137,9 @@ async def save_answers(connection: AsyncConnection, writes: list[AnswerWrite], n
     ended = [w for w in live if w.status != "streaming"]
     if ended:
         message_pks = [w.keys[1] for w in ended]  # type: ignore[index]
-        rows = await connection.execute(_ENDED_MESSAGES, {"pks": message_pks})
+        rows = connection.execute(_ENDED_MESSAGES, {"pks": message_pks})
         saved.messages = {int(row._mapping["m_pk"]): shapes.message(row) for row in rows}
         conversation_pks = sorted({w.keys[0] for w in ended})  # type: ignore[index]
-        rows = await connection.execute(_ENDED_SUMMARIES, {"pks": conversation_pks})
+        rows = connection.execute(_ENDED_SUMMARIES, {"pks": conversation_pks})
         saved.summaries = {int(row._mapping["c_pk"]): shapes.summary(row) for row in rows}
     return saved

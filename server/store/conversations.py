@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import bindparam, case, delete, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from . import shapes, validation
 from .errors import bad_message, not_found
@@ -14,38 +14,36 @@ from .schema import conversations, messages
 from .validation import StoreLimits
 
 
-async def find_pk(connection: AsyncConnection, owner: str, cid: str, *, lock: bool = False) -> int | None:
+def find_pk(connection: Connection, owner: str, cid: str, *, lock: bool = False) -> int | None:
     """lock: for writers. Every write transaction locks the conversation's row before any
     of its messages (PostgreSQL; SQLite has one writer), the order a delete's cascade
     takes, so a delete and an answer's save never deadlock."""
     query = select(conversations.c.pk).where(conversations.c.owner == owner, conversations.c.id == cid)
-    result = await connection.execute(query.with_for_update() if lock else query)
+    result = connection.execute(query.with_for_update() if lock else query)
     return result.scalar_one_or_none()
 
 
-async def require_pk(connection: AsyncConnection, owner: str, cid: Any, *, lock: bool = False) -> int:
+def require_pk(connection: Connection, owner: str, cid: Any, *, lock: bool = False) -> int:
     """The conversation's key, or 404 (also for another owner's id and malformed ids)."""
     if not isinstance(cid, str) or not validation.ID.fullmatch(cid):
         raise not_found()
-    pk = await find_pk(connection, owner, cid, lock=lock)
+    pk = find_pk(connection, owner, cid, lock=lock)
     if pk is None:
         raise not_found()
     return pk
 
 
-async def summary(connection: AsyncConnection, pk: int) -> dict[str, Any]:
-    row = (await connection.execute(shapes.summary_select().where(conversations.c.pk == pk))).one()
+def summary(connection: Connection, pk: int) -> dict[str, Any]:
+    row = (connection.execute(shapes.summary_select().where(conversations.c.pk == pk))).one()
     return shapes.summary(row)
 
 
-async def list_summaries(
-    connection: AsyncConnection, owner: str, limit: int, before: int | None
-) -> list[dict[str, Any]]:
+def list_summaries(connection: Connection, owner: str, limit: int, before: int | None) -> list[dict[str, Any]]:
     query = shapes.summary_select().where(conversations.c.owner == owner)
     if before is not None:
         query = query.where(conversations.c.updated < before)
     query = query.order_by(conversations.c.updated.desc(), conversations.c.pk.desc()).limit(limit)
-    return [shapes.summary(row) for row in (await connection.execute(query)).all()]
+    return [shapes.summary(row) for row in (connection.execute(query)).all()]
 
 
 # Built once (building a statement costs more CPU than running it); values bound at execute.
@@ -57,9 +55,7 @@ _CREATE = insert(conversations).returning(*(conversations.c[name] for name in sh
 CREATE_KEYS = frozenset({"id", "title", "title_source", "system", "model"})
 
 
-async def create(
-    connection: AsyncConnection, owner: str, data: Any, limits: StoreLimits, now: int
-) -> tuple[dict[str, Any], bool]:
+def create(connection: Connection, owner: str, data: Any, limits: StoreLimits, now: int) -> tuple[dict[str, Any], bool]:
     if not isinstance(data, dict):
         raise bad_message("A conversation must be an object.")
     unknown = set(data) - CREATE_KEYS
@@ -71,21 +67,17 @@ async def create(
     system = validation.text(data.get("system", ""), "system", limits.max_message_chars)
     model = validation.model(data.get("model"))
     # The owner's count (for the quota) and this id's row, if any, in one statement.
-    count, existing = (await connection.execute(_COUNT_AND_FIND, {"owner": owner, "cid": cid})).one()
+    count, existing = (connection.execute(_COUNT_AND_FIND, {"owner": owner, "cid": cid})).one()
     if existing is not None:
-        return await summary(connection, existing), False
+        return summary(connection, existing), False
     refuse_conversations(count, limits, 1)
     fields = {"id": cid, "title": title, "title_source": source, "system": system, "model": model, "active": None}
-    row = (
-        await connection.execute(_CREATE, {"owner": owner, "created": now, "updated": now, "bytes": 0, **fields})
-    ).one()
+    row = (connection.execute(_CREATE, {"owner": owner, "created": now, "updated": now, "bytes": 0, **fields})).one()
     return dict(zip(shapes.CONVERSATION_FIELDS, row, strict=True)) | {"streaming": False}, True
 
 
-async def insert_row(
-    connection: AsyncConnection, owner: str, fields: dict[str, Any], created: int, updated: int
-) -> int:
-    result = await connection.execute(
+def insert_row(connection: Connection, owner: str, fields: dict[str, Any], created: int, updated: int) -> int:
+    result = connection.execute(
         insert(conversations)
         .values(owner=owner, created=created, updated=updated, bytes=0, **fields)
         .returning(conversations.c.pk)
@@ -96,15 +88,15 @@ async def insert_row(
 UPDATE_KEYS = frozenset({"title", "title_source", "system", "model", "active"})
 
 
-async def change(
-    connection: AsyncConnection, owner: str, cid: str, changes: Any, limits: StoreLimits, now: int
+def change(
+    connection: Connection, owner: str, cid: str, changes: Any, limits: StoreLimits, now: int
 ) -> dict[str, Any] | None:
     if not isinstance(changes, dict):
         raise bad_message("Changes must be an object.")
     unknown = set(changes) - UPDATE_KEYS
     if unknown:
         raise bad_message(f"Unknown conversation field {sorted(unknown)[0]!r}.")
-    pk = await find_pk(connection, owner, cid, lock=True) if validation.ID.fullmatch(str(cid)) else None
+    pk = find_pk(connection, owner, cid, lock=True) if validation.ID.fullmatch(str(cid)) else None
     if pk is None:
         return None
     values: dict[str, Any] = {}
@@ -119,7 +111,7 @@ async def change(
         values["model"] = validation.model(changes["model"])
     if "active" in changes:
         active = validation.optional_id(changes["active"], "active")
-        if active is not None and not await message_exists(connection, pk, active):
+        if active is not None and not message_exists(connection, pk, active):
             raise not_found("message")
         values["active"] = active
     if set(values) - {"active", "title", "title_source"}:
@@ -128,32 +120,28 @@ async def change(
         # settings are.
         values["updated"] = now
     if values:
-        await connection.execute(update(conversations).where(conversations.c.pk == pk).values(**values))
-    return await summary(connection, pk)
+        connection.execute(update(conversations).where(conversations.c.pk == pk).values(**values))
+    return summary(connection, pk)
 
 
-async def message_exists(connection: AsyncConnection, pk: int, mid: str) -> bool:
-    result = await connection.execute(
-        select(messages.c.pk).where(messages.c.conversation_pk == pk, messages.c.id == mid)
-    )
+def message_exists(connection: Connection, pk: int, mid: str) -> bool:
+    result = connection.execute(select(messages.c.pk).where(messages.c.conversation_pk == pk, messages.c.id == mid))
     return result.first() is not None
 
 
-async def remove(connection: AsyncConnection, owner: str, cid: str) -> bool:
+def remove(connection: Connection, owner: str, cid: str) -> bool:
     if not isinstance(cid, str) or not validation.ID.fullmatch(cid):
         return False
-    result = await connection.execute(
-        delete(conversations).where(conversations.c.owner == owner, conversations.c.id == cid)
-    )
+    result = connection.execute(delete(conversations).where(conversations.c.owner == owner, conversations.c.id == cid))
     return bool(result.rowcount)
 
 
-async def remove_owner(connection: AsyncConnection, owner: str) -> dict[str, int]:
+def remove_owner(connection: Connection, owner: str) -> dict[str, int]:
     # The conversations' rows first, as every writer locks them (see find_pk).
-    await connection.execute(select(conversations.c.pk).where(conversations.c.owner == owner).with_for_update())
-    counts = await totals(connection, owner)
+    connection.execute(select(conversations.c.pk).where(conversations.c.owner == owner).with_for_update())
+    counts = totals(connection, owner)
     # Messages first, in one statement: cascading one conversation at a time would walk
     # the parent links row by row.
-    await connection.execute(delete(messages).where(messages.c.owner == owner))
-    await connection.execute(delete(conversations).where(conversations.c.owner == owner))
+    connection.execute(delete(messages).where(messages.c.owner == owner))
+    connection.execute(delete(conversations).where(conversations.c.owner == owner))
     return {"conversations": counts["conversations"], "messages": counts["messages"]}

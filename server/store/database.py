@@ -1,5 +1,6 @@
-"""Opening the database: the URL to an async engine (SQLite by default, PostgreSQL by
-configuration), the SQLite connection settings, and the migrations to head at start-up."""
+"""Opening the database: the URL to an engine and its runner (SQLite by default, on
+threads of our own; PostgreSQL by configuration, on asyncio), the SQLite connection
+settings, and the migrations to head at start-up."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, exc
-from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import create_engine, event, exc
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from . import fts, onehop
+from . import fts
 from .errors import StoreOpenError
 from .migrate import at_head, check_known, upgrade_to_head
+from .runners import BEGIN_KEY, AsyncPostgres, Database, ThreadedSQLite
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +25,9 @@ CHECK_AT_START_BYTES = 128 * 1024 * 1024
 
 
 def engine_url(url: str) -> URL:
-    """`sqlite:///path` and `postgresql://…` as an operator writes them, with the async
-    drivers this code uses (aiosqlite, asyncpg); a driver given explicitly must be one of them."""
+    """`sqlite:///path` and `postgresql://…` as an operator writes them, with the drivers
+    this code uses (the standard library's sqlite3, asyncpg). `sqlite+aiosqlite://`, the
+    driver earlier versions used, still works and means the same file."""
     try:
         parsed = make_url(url)
     except exc.ArgumentError as error:
@@ -32,42 +35,46 @@ def engine_url(url: str) -> URL:
     if parsed.drivername in ("postgres", "postgres+asyncpg"):
         parsed = parsed.set(drivername="postgresql")  # Heroku-style URLs; SQLAlchemy wants the long name
     backend = parsed.get_backend_name()
-    drivers = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+    drivers = {"sqlite": ("pysqlite", "aiosqlite"), "postgresql": ("asyncpg",)}
     if backend not in drivers:
         raise StoreOpenError(f"storage url: unsupported database {backend!r} (use sqlite:/// or postgresql://)")
     driver = parsed.get_driver_name()
-    if parsed.drivername != backend and driver != drivers[backend]:
-        raise StoreOpenError(f"storage url: use {backend}:// (driver {drivers[backend]}), not {parsed.drivername}")
+    if parsed.drivername != backend and driver not in drivers[backend]:
+        raise StoreOpenError(f"storage url: use {backend}:// (driver {drivers[backend][0]}), not {parsed.drivername}")
     if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise StoreOpenError("storage url: SQLite needs a file path (sqlite:////var/lib/rill/rill.db)")
-    return parsed.set(drivername=f"{backend}+{drivers[backend]}")
+    return parsed.set(drivername=f"{backend}+{drivers[backend][0]}")
 
 
-def create_engine(url: URL) -> AsyncEngine:
+def connect(url: URL) -> Database:
+    """A runner on the database at `url` (from engine_url), nothing read or migrated yet."""
     # hide_parameters: a database error's text must never carry message content into the logs.
     if url.get_backend_name() == "sqlite":
-        engine = create_async_engine(url, hide_parameters=True)
+        # check_same_thread off: each connection stays on its own thread, but is closed by
+        # whichever thread shuts the runner down.
+        engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False})
         _configure_sqlite(engine)
-        return engine
+        return ThreadedSQLite(engine)
     # pre_ping: after PostgreSQL restarts, the pool drops dead connections before use
     # rather than failing one request per stale connection.
-    return create_async_engine(
-        url,
-        hide_parameters=True,
-        pool_pre_ping=True,
-        pool_size=5,
-        max_overflow=5,
-        pool_timeout=10,
-        connect_args={"timeout": 5, "command_timeout": 30},
+    return AsyncPostgres(
+        create_async_engine(
+            url,
+            hide_parameters=True,
+            pool_pre_ping=True,
+            pool_size=5,
+            max_overflow=5,
+            pool_timeout=10,
+            connect_args={"timeout": 5, "command_timeout": 30},
+        )
     )
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         # Transactions are ours (BEGIN below), not the sqlite3 module's implicit ones, so a
         # read followed by a write sees one snapshot and DDL in migrations is transactional.
-        onehop.adapt(dbapi_connection)
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
@@ -77,26 +84,22 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             cursor.execute("PRAGMA synchronous = NORMAL")
         except BaseException:
             # Not set up (the file locked past busy_timeout): closed now, not left to the
-            # garbage collector (aiosqlite warns of a connection deleted unclosed).
+            # garbage collector.
             cursor.close()
             dbapi_connection.close()
             raise
         cursor.close()
         fts.register(dbapi_connection)  # the search index's triggers call it (migration 0002_search)
 
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(connection: Any) -> None:
-        # Writers take the write lock up front (busy_timeout applies) instead of failing
-        # on upgrading a read lock.
-        options = connection.get_execution_options()
-        if options.get("rill_autocommit"):
-            return  # a read that needs no snapshot: each statement on its own (no BEGIN, no rollback)
-        mode = "IMMEDIATE" if options.get("rill_write") else "DEFERRED"
-        connection.exec_driver_sql(f"BEGIN {mode}")
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        mode = connection.info.get(BEGIN_KEY, "DEFERRED")  # set by the runner per unit of work
+        if mode is not None:
+            connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-async def open_engine(url: str) -> AsyncEngine:
-    """An engine on a database migrated to this code's head; StoreOpenError when Rill must
+async def open_database(url: str) -> Database:
+    """A runner on a database migrated to this code's head; StoreOpenError when Rill must
     not start on it (unreadable, newer than this code, unreachable)."""
     parsed = engine_url(url)
     shown = parsed.render_as_string(hide_password=True)
@@ -104,25 +107,27 @@ async def open_engine(url: str) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         shown = str(parsed.database)
         check = _prepare_sqlite_file(Path(str(parsed.database))) <= CHECK_AT_START_BYTES
-    engine = create_engine(parsed)
+
+    def to_head(connection: Connection) -> None:
+        if check:
+            check_sqlite(connection, shown)
+        if not at_head(connection):
+            check_known(connection)
+            upgrade_to_head(connection)
+
+    database = connect(parsed)
     try:
-        async with engine.connect() as connection:
-            if check:
-                await connection.run_sync(check_sqlite, shown)
-            if not await connection.run_sync(at_head):
-                await connection.run_sync(check_known)
-                await connection.run_sync(upgrade_to_head)
-            await connection.commit()
+        await database.write(to_head)
     except StoreOpenError:
-        await engine.dispose()
+        await database.close()
         raise
     except (exc.DBAPIError, OSError, TimeoutError) as error:
-        await engine.dispose()
+        await database.close()
         raise StoreOpenError(f"cannot open the conversation store {shown}: {_reason(error)}") from None
     except BaseException:
-        await engine.dispose()
+        await database.close()
         raise
-    return engine
+    return database
 
 
 def _prepare_sqlite_file(path: Path) -> int:

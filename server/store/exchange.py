@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Select, bindparam, func, literal, null, select, union_all, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from . import shapes, validation
 from .conversations import summary
@@ -86,15 +86,13 @@ _ADDED = (
 )
 
 
-async def context(
-    connection: AsyncConnection, owner: str, cid: str, leaf: str | None, ids: set[str]
-) -> dict[str, Any] | None:
+def context(connection: Connection, owner: str, cid: str, leaf: str | None, ids: set[str]) -> dict[str, Any] | None:
     """The conversation's system prompt and model, the path root .. `leaf` (empty for
     None or a leaf not there), and the messages named by `ids` (and the leaf), by id.
     None: no such conversation. Two statements, whatever the conversation's size."""
     if not validation.ID.fullmatch(cid):
         return None
-    row = (await connection.execute(_CONVERSATION, {"owner": owner, "cid": cid})).first()
+    row = (connection.execute(_CONVERSATION, {"owner": owner, "cid": cid})).first()
     if row is None:
         return None
     named = sorted(i for i in ids if validation.ID.fullmatch(i))
@@ -104,7 +102,7 @@ async def context(
         query = _PATH_AND_NAMED if leaf is not None and named else _PATH if leaf is not None else _NAMED
         on_path: list[tuple[int, dict[str, Any]]] = []
         params = {"pk": row.pk, "leaf": leaf, "ids": named}
-        for found in (await connection.execute(query, params)).all():
+        for found in (connection.execute(query, params)).all():
             message = shapes.message(found)
             by_id[message["id"]] = message
             depth = found[len(shapes.MESSAGE_FIELDS)]
@@ -114,8 +112,8 @@ async def context(
     return {"system": row.system, "model": row.model, "path": path, "messages": by_id}
 
 
-async def add_exchange(
-    connection: AsyncConnection,
+def add_exchange(
+    connection: Connection,
     owner: str,
     cid: str,
     question: dict[str, Any] | None,
@@ -133,7 +131,7 @@ async def add_exchange(
     given = validation.message(answer, limits, now)
     if not isinstance(cid, str) or not validation.ID.fullmatch(cid):
         raise not_found()
-    row = (await connection.execute(_LOCK, {"owner": owner, "cid": cid})).first()
+    row = (connection.execute(_LOCK, {"owner": owner, "cid": cid})).first()
     if row is None:
         raise not_found()
     pk = int(row[0])
@@ -141,9 +139,7 @@ async def add_exchange(
     parent = asked["parent"] if asked is not None else given["parent"]
     if parent is not None:
         wanted.add(parent)
-    keys = {
-        str(mid): int(key) for key, mid in (await connection.execute(_KEYS, {"pk": pk, "ids": sorted(wanted)})).all()
-    }
+    keys = {str(mid): int(key) for key, mid in (connection.execute(_KEYS, {"pk": pk, "ids": sorted(wanted)})).all()}
     adding = [m for m in (asked, given) if m is not None and m["id"] not in keys]
     if asked is not None and asked["id"] not in keys and parent is not None and parent not in keys:
         raise not_found("message")
@@ -158,29 +154,29 @@ async def add_exchange(
     made: dict[str, Any] = {"question": None}
     if asked is not None:
         if asked["id"] in keys:
-            made["question"] = await find(connection, pk, asked["id"])  # sent before: it stands
+            made["question"] = find(connection, pk, asked["id"])  # sent before: it stands
         else:
-            keys[asked["id"]] = await insert_row(connection, owner, pk, keys.get(parent) if parent else None, asked)
+            keys[asked["id"]] = insert_row(connection, owner, pk, keys.get(parent) if parent else None, asked)
             made["question"] = _shaped(asked)
         given["parent"] = asked["id"]
     if given["id"] in keys:
-        made["answer"] = await find(connection, pk, given["id"])
+        made["answer"] = find(connection, pk, given["id"])
     else:
         parent_pk = keys.get(given["parent"]) if given["parent"] is not None else None
-        await insert_row(connection, owner, pk, parent_pk, given)
+        insert_row(connection, owner, pk, parent_pk, given)
         made["answer"] = _shaped(given)
     if not adding:
-        made["summary"] = await summary(connection, pk)
+        made["summary"] = summary(connection, pk)
         return made
     values = {"b_pk": pk, "new_active": adding[-1]["id"], "now": now, "size": size, "count": len(adding)}
-    updated = (await connection.execute(_ADDED, values)).one()
+    updated = (connection.execute(_ADDED, values)).one()
     made["summary"] = dict(zip(shapes.CONVERSATION_FIELDS, updated, strict=True))
-    made["summary"]["streaming"] = True if given["status"] == "streaming" else await _streaming(connection, pk)
+    made["summary"]["streaming"] = True if given["status"] == "streaming" else _streaming(connection, pk)
     return made
 
 
-async def _streaming(connection: AsyncConnection, pk: int) -> bool:
-    return (await summary(connection, pk))["streaming"]  # type: ignore[no-any-return]
+def _streaming(connection: Connection, pk: int) -> bool:
+    return (summary(connection, pk))["streaming"]  # type: ignore[no-any-return]
 
 
 def _shaped(fields: dict[str, Any]) -> dict[str, Any]:

@@ -80,5 +80,5 @@ def ends_in_word(query: str) -> bool:
 
 def register(dbapi_connection: Any) -> None:
     """Make `rill_search_text` available on one SQLite DB-API connection (sqlite3 or
-    SQLAlchemy's aiosqlite adapter)."""
+    SQLAlchemy's pool proxy around one)."""
     dbapi_connection.create_function(FUNCTION, 1, search_text, deterministic=True)

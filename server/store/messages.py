@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import insert, literal, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from . import shapes, validation
 from .conversations import require_pk
@@ -16,43 +16,39 @@ from .schema import conversations, messages
 from .validation import StoreLimits
 
 
-async def of_conversation(connection: AsyncConnection, pk: int) -> list[dict[str, Any]]:
+def of_conversation(connection: Connection, pk: int) -> list[dict[str, Any]]:
     """All messages of the tree, parents before children (insertion order), oldest first."""
-    result = await connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk))
+    result = connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk))
     return [shapes.message(row) for row in result.all()]  # one fetch, not one per row
 
 
-async def find(connection: AsyncConnection, pk: int, mid: str) -> dict[str, Any] | None:
+def find(connection: Connection, pk: int, mid: str) -> dict[str, Any] | None:
     row = (
-        await connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk, messages.c.id == mid))
+        connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk, messages.c.id == mid))
     ).first()
     return None if row is None else shapes.message(row)
 
 
-async def find_pk(connection: AsyncConnection, pk: int, mid: str) -> int | None:
-    result = await connection.execute(
-        select(messages.c.pk).where(messages.c.conversation_pk == pk, messages.c.id == mid)
-    )
+def find_pk(connection: Connection, pk: int, mid: str) -> int | None:
+    result = connection.execute(select(messages.c.pk).where(messages.c.conversation_pk == pk, messages.c.id == mid))
     return result.scalar_one_or_none()
 
 
-async def add(
-    connection: AsyncConnection, owner: str, cid: str, data: Any, limits: StoreLimits, now: int
-) -> dict[str, Any]:
+def add(connection: Connection, owner: str, cid: str, data: Any, limits: StoreLimits, now: int) -> dict[str, Any]:
     fields = validation.message(data, limits, now)
-    pk = await require_pk(connection, owner, cid, lock=True)
-    existing = await find(connection, pk, fields["id"])
+    pk = require_pk(connection, owner, cid, lock=True)
+    existing = find(connection, pk, fields["id"])
     if existing is not None:
         return existing  # the same request again (idempotent by id): nothing changes
     parent_pk = None
     if fields["parent"] is not None:
-        parent_pk = await find_pk(connection, pk, fields["parent"])
+        parent_pk = find_pk(connection, pk, fields["parent"])
         if parent_pk is None:
             raise not_found("message")
     size = shapes.text_bytes(fields["content"], fields["reasoning"])
-    await check_messages(connection, owner, limits, 1, size)
-    await insert_row(connection, owner, pk, parent_pk, fields)
-    await connection.execute(
+    check_messages(connection, owner, limits, 1, size)
+    insert_row(connection, owner, pk, parent_pk, fields)
+    connection.execute(
         update(conversations)
         .where(conversations.c.pk == pk)
         .values(
@@ -62,27 +58,27 @@ async def add(
             message_count=conversations.c.message_count + 1,
         )
     )
-    added = await find(connection, pk, fields["id"])
+    added = find(connection, pk, fields["id"])
     assert added is not None
     return added
 
 
-async def insert_row(
-    connection: AsyncConnection, owner: str, conversation_pk: int, parent_pk: int | None, fields: dict[str, Any]
+def insert_row(
+    connection: Connection, owner: str, conversation_pk: int, parent_pk: int | None, fields: dict[str, Any]
 ) -> int:
     values = {name: value for name, value in fields.items() if name != "parent"}
     values["error"] = shapes.dumps(values["error"])
     values["usage"] = shapes.dumps(values["usage"])
     values.update(owner=owner, conversation_pk=conversation_pk, parent_pk=parent_pk)
-    return int((await connection.execute(_INSERT, values)).scalar_one())
+    return int((connection.execute(_INSERT, values)).scalar_one())
 
 
 _INSERT = insert(messages).returning(messages.c.pk)  # built once; the values come at execute
 
 
-async def path(connection: AsyncConnection, owner: str, cid: str, leaf: Any) -> list[dict[str, Any]]:
+def path(connection: Connection, owner: str, cid: str, leaf: Any) -> list[dict[str, Any]]:
     """Root .. leaf: the branch the model is shown."""
-    pk = await require_pk(connection, owner, cid)
+    pk = require_pk(connection, owner, cid)
     if not isinstance(leaf, str) or not validation.ID.fullmatch(leaf):
         raise not_found("message")
     ancestors = (
@@ -101,19 +97,17 @@ async def path(connection: AsyncConnection, owner: str, cid: str, leaf: Any) -> 
         .order_by(None)
         .order_by(ancestors.c.depth.desc())
     )
-    found = [shapes.message(row) for row in (await connection.execute(query)).all()]
+    found = [shapes.message(row) for row in (connection.execute(query)).all()]
     if not found:
         raise not_found("message")
     return found
 
 
-async def save_answer(
-    connection: AsyncConnection, owner: str, cid: str, mid: str, values: dict[str, Any], now: int
-) -> None:
+def save_answer(connection: Connection, owner: str, cid: str, mid: str, values: dict[str, Any], now: int) -> None:
     """The answer writer's flush: never refused for quota (the answer was accepted)."""
-    pk = await require_pk(connection, owner, cid, lock=True)
+    pk = require_pk(connection, owner, cid, lock=True)
     row = (
-        await connection.execute(
+        connection.execute(
             select(messages.c.pk, messages.c.content, messages.c.reasoning).where(
                 messages.c.conversation_pk == pk, messages.c.id == mid
             )
@@ -124,14 +118,14 @@ async def save_answer(
     values["content"] = shapes.storable(values["content"])
     values["reasoning"] = shapes.storable(values["reasoning"])
     delta = shapes.text_bytes(values["content"], values["reasoning"]) - shapes.text_bytes(row.content, row.reasoning)
-    await connection.execute(update(messages).where(messages.c.pk == row.pk).values(updated=now, **values))
-    await connection.execute(
+    connection.execute(update(messages).where(messages.c.pk == row.pk).values(updated=now, **values))
+    connection.execute(
         update(conversations).where(conversations.c.pk == pk).values(updated=now, bytes=conversations.c.bytes + delta)
     )
 
 
-async def mark_interrupted(connection: AsyncConnection, now: int) -> int:
-    result = await connection.execute(
+def mark_interrupted(connection: Connection, now: int) -> int:
+    result = connection.execute(
         update(messages).where(messages.c.status == "streaming").values(status="interrupted", updated=now)
     )
     return int(result.rowcount)

@@ -5,7 +5,7 @@ saves always go through."""
 from __future__ import annotations
 
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from server.http.errors import ApiError
 
@@ -13,9 +13,9 @@ from .schema import conversations
 from .validation import StoreLimits
 
 
-async def totals(connection: AsyncConnection, owner: str) -> dict[str, int]:
+def totals(connection: Connection, owner: str) -> dict[str, int]:
     row = (
-        await connection.execute(
+        connection.execute(
             select(
                 func.count(),
                 func.coalesce(func.sum(conversations.c.message_count), 0),
@@ -35,8 +35,8 @@ def usage(totals: dict[str, int], limits: StoreLimits) -> dict[str, int]:
     }
 
 
-async def check_conversations(connection: AsyncConnection, owner: str, limits: StoreLimits, adding: int) -> None:
-    count = (await connection.execute(select(func.count()).where(conversations.c.owner == owner))).scalar_one()
+def check_conversations(connection: Connection, owner: str, limits: StoreLimits, adding: int) -> None:
+    count = (connection.execute(select(func.count()).where(conversations.c.owner == owner))).scalar_one()
     refuse_conversations(count, limits, adding)
 
 
@@ -49,10 +49,8 @@ def refuse_conversations(count: int, limits: StoreLimits, adding: int) -> None:
         )
 
 
-async def check_messages(
-    connection: AsyncConnection, owner: str, limits: StoreLimits, adding: int, adding_bytes: int
-) -> None:
-    refuse_messages(await totals(connection, owner), limits, adding, adding_bytes)
+def check_messages(connection: Connection, owner: str, limits: StoreLimits, adding: int, adding_bytes: int) -> None:
+    refuse_messages(totals(connection, owner), limits, adding, adding_bytes)
 
 
 def refuse_messages(have: dict[str, int], limits: StoreLimits, adding: int, adding_bytes: int) -> None:

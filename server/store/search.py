@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from . import fts, shapes
 
@@ -29,7 +29,7 @@ ELLIPSIS = "…"
 _SPACE = re.compile(r"\s")  # one for one, so offsets survive
 
 
-async def search(connection: AsyncConnection, backend: str, owner: str, query: str, limit: int) -> list[dict[str, Any]]:
+def search(connection: Connection, backend: str, owner: str, query: str, limit: int) -> list[dict[str, Any]]:
     """Up to `limit` SearchResults, most recently updated first: title hits (`message`
     None) and message hits."""
     needle = shapes.storable(query).strip()  # NUL and lone surrogates as the stored text has them
@@ -40,9 +40,9 @@ async def search(connection: AsyncConnection, backend: str, owner: str, query: s
         return []  # "%", "?!": punctuation alone is not in the index
     fetch = limit + 10  # spare rows for hits the substring test turns down
     if backend == "sqlite":
-        titles, messages = await _sqlite_rows(connection, owner, needle, fetch)
+        titles, messages = _sqlite_rows(connection, owner, needle, fetch)
     else:
-        titles, messages = await _postgresql_rows(connection, owner, needle, fetch)
+        titles, messages = _postgresql_rows(connection, owner, needle, fetch)
     folded = fold(needle)
     results = [
         result
@@ -56,7 +56,7 @@ async def search(connection: AsyncConnection, backend: str, owner: str, query: s
     return results[:limit]
 
 
-async def _sqlite_rows(connection: AsyncConnection, owner: str, needle: str, fetch: int) -> tuple[list[Any], list[Any]]:
+def _sqlite_rows(connection: Connection, owner: str, needle: str, fetch: int) -> tuple[list[Any], list[Any]]:
     if len(needle) >= SHORT_QUERY:
         suffix = ""
         match = _fts_string(needle)
@@ -68,7 +68,7 @@ async def _sqlite_rows(connection: AsyncConnection, owner: str, needle: str, fet
         match = _fts_string(" ".join(tokens)) + ("*" if fts.ends_in_word(needle) else "")
     # The FTS index drives (newest rows first, stopping at the limit); the owner check
     # joins by primary key.
-    titles = await connection.execute(
+    titles = connection.execute(
         text(
             f"SELECT c.id AS conversation, c.title, c.updated FROM search_titles{suffix} AS s "
             "JOIN conversations AS c ON c.pk = s.rowid "
@@ -77,7 +77,7 @@ async def _sqlite_rows(connection: AsyncConnection, owner: str, needle: str, fet
         ),
         {"match": match, "owner": owner, "fetch": fetch},
     )
-    messages = await connection.execute(
+    messages = connection.execute(
         text(
             "SELECT c.id AS conversation, c.title, m.id AS message, m.role, m.content, m.updated "
             f"FROM search_messages{suffix} AS s JOIN messages AS m ON m.pk = s.rowid "
@@ -90,9 +90,7 @@ async def _sqlite_rows(connection: AsyncConnection, owner: str, needle: str, fet
     return list(titles), list(messages)
 
 
-async def _postgresql_rows(
-    connection: AsyncConnection, owner: str, needle: str, fetch: int
-) -> tuple[list[Any], list[Any]]:
+def _postgresql_rows(connection: Connection, owner: str, needle: str, fetch: int) -> tuple[list[Any], list[Any]]:
     pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     # 1-2 letters match at a word's start (as on SQLite): said in SQL too, so the limit
     # is not spent on rows the substring test would turn down ("e" inside every word).
@@ -101,7 +99,7 @@ async def _postgresql_rows(
         regex = "(^|[^[:alnum:]])" + "".join(char if char.isalnum() else "\\" + char for char in needle)
     where = "ILIKE :pattern ESCAPE '\\'" + ("" if regex is None else " AND {column} ~* :regex")
     values = {"pattern": pattern, "regex": regex, "owner": owner, "fetch": fetch}
-    titles = await connection.execute(
+    titles = connection.execute(
         text(
             "SELECT c.id AS conversation, c.title, c.updated FROM conversations AS c "
             f"WHERE c.owner = :owner AND c.title {where.format(column='c.title')} "
@@ -109,7 +107,7 @@ async def _postgresql_rows(
         ),
         values,
     )
-    messages = await connection.execute(
+    messages = connection.execute(
         text(
             "SELECT c.id AS conversation, c.title, m.id AS message, m.role, m.content, m.updated "
             "FROM messages AS m JOIN conversations AS c ON c.pk = m.conversation_pk "

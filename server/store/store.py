@@ -1,22 +1,22 @@
 """The Store: the one object the rest of Rill talks to about stored conversations. Each
-method is one transaction; database outages surface as StoreUnavailable (503)."""
+method is one unit of work on the database's runner (runners.py); database outages
+surface as StoreUnavailable (503)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import exc
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection, Engine
 
 from . import batch, conversations, exchange, messages, quotas, shapes, transfer
 from .batch import AnswerWrite, Saved
-from .database import open_engine
+from .database import open_database
 from .errors import translated
+from .runners import Database
 from .search import search as search_messages
 from .validation import ID, StoreLimits
 
@@ -34,63 +34,32 @@ def now_ms() -> int:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine, limits: StoreLimits) -> None:
-        self.engine = engine
+    def __init__(self, database: Database, limits: StoreLimits) -> None:
+        self.database = database
         self.limits = limits
-        self.backend: str = engine.dialect.name  # "sqlite" | "postgresql"
-        # One writer at a time in this process: SQLite has one write lock anyway, and
-        # waiting here is cheaper than waiting in busy_timeout.
-        self._write_lock = asyncio.Lock() if self.backend == "sqlite" else None
-        self._writing: set[asyncio.Task[Any]] = set()
+        self.backend: str = database.backend  # "sqlite" | "postgresql"
+
+    @property
+    def sync_engine(self) -> Engine:
+        return self.database.sync_engine
 
     async def close(self) -> None:
-        if self._writing:  # writes whose callers were cancelled, finishing on their own
-            await asyncio.gather(*self._writing, return_exceptions=True)
-        await self.engine.dispose()
+        await self.database.close()
 
-    @asynccontextmanager
-    async def _read(self, *, snapshot: bool = True) -> AsyncIterator[AsyncConnection]:
+    async def _read(self, work: Callable[[Connection], T], *, snapshot: bool = True) -> T:
         """snapshot=False: the statements need not see one state of the database (SQLite
-        then spares the BEGIN and the rollback: two trips to its thread)."""
-        async with translated(), self.engine.connect() as connection:
-            if not snapshot:
-                await connection.execution_options(rill_autocommit=True)
-            yield connection
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        then runs each on its own, no BEGIN and rollback)."""
         async with translated():
-            if self._write_lock is None:
-                async with self.engine.connect() as connection, connection.begin():
-                    yield connection
-                return
-            async with self._write_lock, self.engine.connect() as connection:
-                await connection.execution_options(rill_write=True)
-                async with connection.begin():
-                    yield connection
+            return await self.database.read(work, snapshot=snapshot)
 
-    async def _written(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """A write whose caller is cancelled (shutdown, a request given up) still commits
-        or rolls back whole on its own, and its connection goes back to the pool; the
-        caller gets its CancelledError at once."""
-        task = asyncio.ensure_future(self._retrying(work))
-        self._writing.add(task)
-        task.add_done_callback(self._written_done)
-        return await asyncio.shield(task)
-
-    def _written_done(self, task: asyncio.Task[Any]) -> None:
-        self._writing.discard(task)
-        if not task.cancelled():
-            task.exception()  # the caller may be gone: no "exception never retrieved" noise
-
-    async def _retrying(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def _written(self, work: Callable[[Connection], T]) -> T:
         """One write transaction, run again when PostgreSQL refuses it for a conflict with
         another one: the same id inserted at once (the loser then finds the winner's row:
         idempotent), or a deadlock / serialization failure (nothing was written)."""
         for attempt in range(RETRIES + 1):
             try:
-                async with self._write() as connection:
-                    return await work(connection)
+                async with translated():
+                    return await self.database.write(work)
             except exc.DBAPIError as error:
                 if attempt == RETRIES or not _conflict(error):
                     raise
@@ -100,18 +69,20 @@ class Store:
     async def list_conversations(
         self, owner: str, *, limit: int = 200, before: int | None = None
     ) -> list[dict[str, Any]]:
-        async with self._read() as connection:
-            return await conversations.list_summaries(connection, owner, max(1, min(limit, MAX_LIST)), before)
+        count = max(1, min(limit, MAX_LIST))
+        return await self._read(lambda c: conversations.list_summaries(c, owner, count, before))
 
     async def get_conversation(self, owner: str, cid: str) -> dict[str, Any] | None:
-        async with self._read() as connection:
-            pk = await conversations.find_pk(connection, owner, cid) if valid_id(cid) else None
+        def work(connection: Connection) -> dict[str, Any] | None:
+            pk = conversations.find_pk(connection, owner, cid) if valid_id(cid) else None
             if pk is None:
                 return None
-            conversation = await conversations.summary(connection, pk)
+            conversation = conversations.summary(connection, pk)
             del conversation["streaming"]
-            conversation["messages"] = await messages.of_conversation(connection, pk)
+            conversation["messages"] = messages.of_conversation(connection, pk)
             return conversation
+
+        return await self._read(work)
 
     async def create_conversation(self, owner: str, data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         return await self._written(lambda c: conversations.create(c, owner, data, self.limits, now_ms()))
@@ -127,17 +98,19 @@ class Store:
 
     async def summary(self, owner: str, cid: str) -> dict[str, Any] | None:
         """The conversation without its messages (as listed), or None."""
-        async with self._read() as connection:
-            pk = await conversations.find_pk(connection, owner, cid) if valid_id(cid) else None
-            return None if pk is None else await conversations.summary(connection, pk)
+
+        def work(connection: Connection) -> dict[str, Any] | None:
+            pk = conversations.find_pk(connection, owner, cid) if valid_id(cid) else None
+            return None if pk is None else conversations.summary(connection, pk)
+
+        return await self._read(work)
 
     async def context(self, owner: str, cid: str, leaf: str | None, ids: set[str]) -> dict[str, Any] | None:
         """What answering needs (exchange.context): {"system", "model", "path": root .. leaf,
         "messages": the leaf and `ids` found, by id}; None: no such conversation."""
         # No snapshot needed: a conversation deleted between its two statements reads as
         # one without those messages, and the write that follows finds it gone anyway.
-        async with self._read(snapshot=False) as connection:
-            return await exchange.context(connection, owner, cid, leaf, ids)
+        return await self._read(lambda c: exchange.context(c, owner, cid, leaf, ids), snapshot=False)
 
     async def add_exchange(
         self,
@@ -150,15 +123,16 @@ class Store:
     ) -> dict[str, Any]:
         """A question (None: regenerate) and its answer in one transaction; `start()` runs
         once the checks passed and gives the answer's generation id (called again when
-        PostgreSQL makes the transaction run again: it must give the same id).
+        PostgreSQL makes the transaction run again: it must give the same id). It runs on
+        the event loop, the transaction waiting for it.
         Returns {"question", "answer", "summary"}."""
+        begin = self.database.loop_call(start)
         return await self._written(
-            lambda c: exchange.add_exchange(c, owner, cid, question, answer, start, self.limits, now_ms())
+            lambda c: exchange.add_exchange(c, owner, cid, question, answer, begin, self.limits, now_ms())
         )
 
     async def path(self, owner: str, cid: str, leaf_id: str) -> list[dict[str, Any]]:
-        async with self._read() as connection:
-            return await messages.path(connection, owner, cid, leaf_id)
+        return await self._read(lambda c: messages.path(c, owner, cid, leaf_id))
 
     async def save_answer(
         self,
@@ -195,8 +169,7 @@ class Store:
     async def save_answers(self, writes: list[AnswerWrite]) -> Saved:
         """The answer writer's batched flush (batch.py): one transaction for every answer
         streaming at once. StoreUnavailable when it should try again later."""
-        async with self._write() as connection:
-            return await batch.save_answers(connection, writes, now_ms())
+        return await self._written(lambda c: batch.save_answers(c, writes, now_ms()))
 
     async def mark_interrupted(self) -> int:
         count = await self._written(lambda c: messages.mark_interrupted(c, now_ms()))
@@ -205,12 +178,11 @@ class Store:
         return count
 
     async def search(self, owner: str, query: str, *, limit: int = 30) -> list[dict[str, Any]]:
-        async with self._read() as connection:
-            return await search_messages(connection, self.backend, owner, shapes.storable(query), limit)
+        needle = shapes.storable(query)
+        return await self._read(lambda c: search_messages(c, self.backend, owner, needle, limit))
 
     async def export(self, owner: str, ids: list[str] | None = None) -> dict[str, Any]:
-        async with self._read() as connection:
-            return await transfer.export(connection, owner, ids, now_ms())
+        return await self._read(lambda c: transfer.export(c, owner, ids, now_ms()))
 
     async def import_document(self, owner: str, document: dict[str, Any]) -> dict[str, int]:
         return await self._written(lambda c: transfer.import_document(c, owner, document, self.limits))
@@ -219,13 +191,12 @@ class Store:
         return await self._written(lambda c: conversations.remove_owner(c, owner))
 
     async def usage(self, owner: str) -> dict[str, int]:
-        async with self._read() as connection:
-            return quotas.usage(await quotas.totals(connection, owner), self.limits)
+        return quotas.usage(await self._read(lambda c: quotas.totals(c, owner)), self.limits)
 
 
 async def open_store(url: str, limits: StoreLimits) -> Store:
     """Migrated to this code's head; StoreOpenError when Rill must not start on it."""
-    return Store(await open_engine(url), limits)
+    return Store(await open_database(url), limits)
 
 
 def _conflict(error: exc.DBAPIError) -> bool:

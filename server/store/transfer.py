@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from server.http.errors import ApiError
 
@@ -23,7 +23,7 @@ VERSION = 1
 MAX_CONVERSATIONS = 100_000  # in one document: a bound on work before the quota check
 
 
-async def export(connection: AsyncConnection, owner: str, ids: list[str] | None, now: int) -> dict[str, Any]:
+def export(connection: Connection, owner: str, ids: list[str] | None, now: int) -> dict[str, Any]:
     query = select(conversations.c.pk, *(conversations.c[name] for name in shapes.CONVERSATION_FIELDS)).where(
         conversations.c.owner == owner
     )
@@ -34,13 +34,13 @@ async def export(connection: AsyncConnection, owner: str, ids: list[str] | None,
         query = query.where(conversations.c.id.in_(wanted))
     # Ordered by data alone (not by internal keys), so an export after import matches.
     query = query.order_by(conversations.c.updated.desc(), conversations.c.id)
-    rows = (await connection.execute(query)).all()
+    rows = (connection.execute(query)).all()
     if ids is not None and len(rows) != len(set(ids)):
         raise not_found()
     documents = []
     for row in rows:
         conversation = {name: row._mapping[name] for name in shapes.CONVERSATION_FIELDS}
-        conversation["messages"] = await message_queries.of_conversation(connection, row.pk)
+        conversation["messages"] = message_queries.of_conversation(connection, row.pk)
         documents.append(conversation)
     return {"format": FORMAT, "version": VERSION, "exported": now, "conversations": documents}
 
@@ -116,20 +116,18 @@ def _conversation(item: Any, limits: StoreLimits) -> dict[str, Any]:
     return conversation
 
 
-async def import_document(
-    connection: AsyncConnection, owner: str, document: Any, limits: StoreLimits
-) -> dict[str, int]:
+def import_document(connection: Connection, owner: str, document: Any, limits: StoreLimits) -> dict[str, int]:
     parsed = parse(document, limits)
     # What is new, and whether it fits the quotas, before the first write.
     plan: list[tuple[dict[str, Any], int | None, set[str]]] = []
     new_conversations = new_messages = new_bytes = 0
     for conversation in parsed:
-        pk = await find_pk(connection, owner, conversation["id"], lock=True)
+        pk = find_pk(connection, owner, conversation["id"], lock=True)
         existing: set[str] = set()
         if pk is None:
             new_conversations += 1
         else:
-            rows = await connection.execute(select(messages.c.id).where(messages.c.conversation_pk == pk))
+            rows = connection.execute(select(messages.c.id).where(messages.c.conversation_pk == pk))
             existing = {row.id for row in rows}
         for fields in conversation["messages"]:
             if fields["id"] not in existing:
@@ -137,34 +135,34 @@ async def import_document(
                 new_bytes += shapes.text_bytes(fields["content"], fields["reasoning"])
         plan.append((conversation, pk, existing))
     if new_conversations:
-        await check_conversations(connection, owner, limits, new_conversations)
+        check_conversations(connection, owner, limits, new_conversations)
     if new_messages:
-        await check_messages(connection, owner, limits, new_messages, new_bytes)
+        check_messages(connection, owner, limits, new_messages, new_bytes)
     for conversation, pk, existing in plan:
-        await _write(connection, owner, conversation, pk, existing)
+        _write(connection, owner, conversation, pk, existing)
     return {"conversations": new_conversations, "messages": new_messages}
 
 
-async def _write(
-    connection: AsyncConnection, owner: str, conversation: dict[str, Any], pk: int | None, existing: set[str]
+def _write(
+    connection: Connection, owner: str, conversation: dict[str, Any], pk: int | None, existing: set[str]
 ) -> None:
     fields = {name: conversation[name] for name in ("id", "title", "title_source", "system", "model", "active")}
     if pk is None:
-        pk = await insert_row(connection, owner, fields, conversation["created"], conversation["updated"])
+        pk = insert_row(connection, owner, fields, conversation["created"], conversation["updated"])
     keys: dict[str, int] = {}
     if existing:
-        rows = await connection.execute(select(messages.c.id, messages.c.pk).where(messages.c.conversation_pk == pk))
+        rows = connection.execute(select(messages.c.id, messages.c.pk).where(messages.c.conversation_pk == pk))
         keys = {row.id: row.pk for row in rows}
     added = count = 0
     for message in conversation["messages"]:
         if message["id"] in keys:
             continue  # already stored: left as it is
         parent_pk = None if message["parent"] is None else keys[message["parent"]]
-        keys[message["id"]] = await message_queries.insert_row(connection, owner, pk, parent_pk, message)
+        keys[message["id"]] = message_queries.insert_row(connection, owner, pk, parent_pk, message)
         added += shapes.text_bytes(message["content"], message["reasoning"])
         count += 1
     if count:
-        await connection.execute(
+        connection.execute(
             update(conversations)
             .where(conversations.c.pk == pk)
             .values(bytes=conversations.c.bytes + added, message_count=conversations.c.message_count + count)
