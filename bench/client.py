@@ -2,8 +2,8 @@
 
 `python -m bench.client '<json job>'` prints a JSON result. Targets: `direct` (the
 fake upstream itself: the physical limit), `naive` (the baseline relay), `rill`
-(POST /api/chat, then its event stream) and `rill-history` (a stored conversation: POST
-/api/conversations, POST .../messages, then the answer's event stream). Per token it checks delivered, lost,
+(POST /api/chat, then its event stream) and `rill-history` (a new stored conversation:
+POST /api/conversations/{id}/messages, then the answer's event stream). Per token it checks delivered, lost,
 duplicated and reordered, and how long after the upstream wrote it the token arrived.
 It also reports its own CPU time and event-loop lag, to show it was not the bottleneck."""
 
@@ -15,6 +15,7 @@ import random
 import resource
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,12 +156,9 @@ async def _one(session: aiohttp.ClientSession, job: Job, number: int, rng: rando
         elif job.target == "naive":
             response = await session.get(f"{job.url}/relay", params={"scenario": json.dumps(job.scenario)})
         elif job.target == "rill-history":
-            async with session.post(f"{job.url}/api/conversations", json={}) as created:
-                if created.status != 201:
-                    stream.error = f"POST conversation {created.status}"
-                    return stream
-                conversation = (await created.json())["id"]
-            question = {"parent": None, "content": _body(job)["messages"][0]["content"]}
+            # A new conversation, made with its first question (as the page does).
+            conversation = uuid.uuid4().hex[:16]
+            question = {"parent": None, "content": _body(job)["messages"][0]["content"], "conversation": {}}
             async with session.post(f"{job.url}/api/conversations/{conversation}/messages", json=question) as created:
                 if created.status != 201:
                     stream.error = f"POST message {created.status}"

@@ -247,6 +247,81 @@ async def test_the_model_gets_the_stored_branch(hist: Rill) -> None:
     )
 
 
+async def test_the_first_message_makes_its_conversation(hist: Rill, other_session: aiohttp.ClientSession) -> None:
+    """The page's new chat: one POST makes the conversation (with the fields given in
+    `conversation`) and its first question and answer; sent again, nothing more is made."""
+    replies(hist, "A1")
+    feed = await open_changes(hist, other_session)
+    await first_id(feed)
+    body = {
+        "content": "Q1",
+        "client_id": str(uuid.uuid4()),
+        "conversation": {"title": "Mine", "system": "Be brief.", "model": "fake-reasoner"},
+    }
+    status, first = await call(hist, "POST", "/api/conversations/c-new/messages", body)
+    assert status == 201, first
+    # The other device hears of it as of any other: the question, the answer, the conversation.
+    added = [await feed.next_event(timeout=1.0) for _ in range(3)]
+    assert [(e.event if e else None) for e in added] == ["message", "message", "conversation"]
+    assert added[2] is not None
+    assert (added[2].data["id"], added[2].data["title"], added[2].data["streaming"]) == ("c-new", "Mine", True)
+    await wait_requests(hist, 1)
+    assert sent(hist) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"}]
+    assert hist.fake.requests[0].body["model"] == "fake-model-r"  # the conversation's model
+    await settled(hist, "c-new", first["answer"]["id"])
+    status, again = await call(hist, "POST", "/api/conversations/c-new/messages", body)
+    assert status == 200
+    assert (again["message"]["id"], again["answer"]["id"]) == (first["message"]["id"], first["answer"]["id"])
+    status, full = await call(hist, "GET", "/api/conversations/c-new")
+    assert (full["title"], full["title_source"], full["system"], full["model"]) == (
+        "Mine",
+        "user",
+        "Be brief.",
+        "fake-reasoner",
+    )
+    assert [(m["role"], m["content"]) for m in full["messages"]] == [("user", "Q1"), ("assistant", "A1")]
+    assert len(hist.fake.requests) == 1
+    # Once it exists, `conversation` changes nothing of it.
+    status, later = await call(
+        hist,
+        "POST",
+        "/api/conversations/c-new/messages",
+        {"content": "Q2", "parent": first["answer"]["id"], "conversation": {"title": "Other"}},
+    )
+    assert status == 201
+    await settled(hist, "c-new", later["answer"]["id"])
+    assert (await call(hist, "GET", "/api/conversations/c-new"))[1]["title"] == "Mine"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"content": "Q"}, 404, "conversation_not_found"),  # without `conversation`: no such conversation
+        ({"content": "Q", "conversation": 5}, 400, "bad_message"),
+        ({"content": "Q", "conversation": {"owner": "bob"}}, 400, "unknown_field"),
+        ({"content": "Q", "conversation": {"system": ["x"]}}, 400, "invalid_system"),
+        ({"content": "Q", "conversation": {"model": "nope"}}, 400, "unknown_model"),
+        ({"content": "Q", "parent": "m1", "conversation": {}}, 404, "message_not_found"),
+        ({"regenerate": "m1", "conversation": {}}, 404, "conversation_not_found"),
+    ],
+)
+async def test_a_refused_first_message_makes_nothing(hist: Rill, body: Any, status: int, code: str) -> None:
+    got = await call(hist, "POST", "/api/conversations/c-none/messages", body)
+    assert (got[0], got[1]["error"]["code"]) == (status, code), got
+    assert (await store_of(hist).export("local"))["conversations"] == []
+    assert hist.fake.requests == []
+
+
+async def test_the_conversation_quota_refuses_a_first_message(start_rill: StartRill, store_url: str) -> None:
+    rill = await start_rill(storage={"url": store_url, "auto_titles": False, "max_conversations": 1})
+    await new_conversation(rill, id="c-only")
+    before = await store_of(rill).export("local")
+    status, error = await call(rill, "POST", "/api/conversations/c-two/messages", {"content": "Hi", "conversation": {}})
+    assert (status, error["error"]["code"]) == (409, "quota_conversations")
+    assert (await store_of(rill).export("local"))["conversations"] == before["conversations"]
+    assert rill.fake.requests == []
+
+
 async def test_continue_sends_the_partial_answer_and_keeps_the_message(hist: Rill) -> None:
     cid = await new_conversation(hist)
     # The first answer stops half-way (Stop); the continuation stays open.
@@ -335,7 +410,7 @@ async def test_a_retry_after_a_failed_write_starts_again(hist: Rill, monkeypatch
     calls = 0
 
     async def add_failing_once(
-        owner: str, conversation: str, question: Any, answer: Any, *, start: Callable[[], str]
+        owner: str, conversation: str, question: Any, answer: Any, *, start: Callable[[], str], create: Any = None
     ) -> dict[str, Any]:
         nonlocal calls
         calls += 1
@@ -343,7 +418,7 @@ async def test_a_retry_after_a_failed_write_starts_again(hist: Rill, monkeypatch
             start()
             await wait_requests(hist, 1)
             raise StoreUnavailable()
-        return await real_add(owner, conversation, question, answer, start=start)
+        return await real_add(owner, conversation, question, answer, start=start, create=create)
 
     monkeypatch.setattr(store, "add_exchange", add_failing_once)
     hist.fake.script(Reply(chunks=[chunk("", reasoning="")], end="hang"))  # ends only if stopped

@@ -122,7 +122,7 @@ async def test_sqlite_disk_full_then_space_returns(tmp_path: Path) -> None:
                 added = await _fill(store)
             before = await dump(store)
             await unavailable(store.add_message("ann", "c", user("x" * 9000, "a")))
-            big = "answer text " * 800
+            big = "answer text " * 40_000  # more than a full disk has room for, in the WAL too
             await unavailable(store.save_answer("ann", "c", "a", content=big, reasoning="", last_event_id=5))
             assert await dump(store) == before  # nothing half-written
             assert (await store.get_conversation("ann", "c")) is not None  # reads still work

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import column, table, text
+from sqlalchemy import column, inspect, table, text
 from sqlalchemy.engine import Connection
 
 from server.store import StoreOpenError, migrate, open_store
@@ -69,6 +69,7 @@ def _old_rows(connection: Connection) -> None:
         )
     )
     parent = connection.execute(text("SELECT pk FROM messages WHERE id = 'q'")).scalar_one()
+    counted = "message_count" in {column["name"] for column in inspect(connection).get_columns("conversations")}
     connection.execute(
         OLD_MESSAGES.insert().values(
             conversation_pk=pk,
@@ -82,6 +83,8 @@ def _old_rows(connection: Connection) -> None:
             updated=2,
         )
     )
+    if counted:  # a revision from 0003 on: what Rill then kept up to date with each message
+        connection.execute(text("UPDATE conversations SET message_count = 2"))
 
 
 async def write_old_data(url: str) -> None:

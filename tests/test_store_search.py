@@ -149,23 +149,63 @@ async def test_titles_are_found_and_renames_reindexed(store: Store) -> None:
     assert await hits(store, "budg") == [("c1", None)]
 
 
-async def test_saved_answers_are_reindexed(store: Store) -> None:
+async def test_answers_are_found_once_ended(store: Store) -> None:
+    """An answer enters the index when it ends (not at each save while it streams), leaves
+    it while Continue streams it again, and comes back with its new text."""
     question = await say(store, "ann", "c1", "question")
     answer = await store.add_message(
         "ann", "c1", {"role": "assistant", "content": "", "parent": question, "status": "streaming"}
     )
-    await store.save_answer("ann", "c1", answer["id"], content="partial 世界 text", reasoning="", last_event_id=3)
-    assert await hits(store, "partial") == [("c1", answer["id"])]
-    assert await hits(store, "世") == [("c1", answer["id"])]
+    await store.save_answer("ann", "c1", answer["id"], content="partial zebra 世界", reasoning="", last_event_id=3)
+    for query in ("partial", "世", "zebra"):
+        assert await hits(store, query) == [], query
+    await index_holds(store, set(), only=False)  # the question is in
     await store.save_answer(
-        "ann", "c1", answer["id"], content="final 地球 answer", reasoning="", last_event_id=9, status="done"
+        "ann", "c1", answer["id"], content="final 地球 zebra", reasoning="", last_event_id=9, status="stopped"
     )
     for gone in ("partial", "世", "世界", "pa"):
         assert await hits(store, gone) == [], gone
-    for found in ("final 地", "地", "地球", "fi", "ANSWER"):
+    for found in ("final 地", "地", "地球", "fi", "ZEBRA"):
         assert await hits(store, found) == [("c1", answer["id"])], found
     [result] = await store.search("ann", "地球")
     assert result["role"] == "assistant"
+    await index_holds(store, {"zebra"})
+    # Continue: the same message streams again; out of the index until it ends again.
+    await store.save_answer(
+        "ann",
+        "c1",
+        answer["id"],
+        content="final 地球 zebra",
+        reasoning="",
+        last_event_id=0,
+        status="streaming",
+        generation="g2",
+    )
+    assert await hits(store, "zebra") == []
+    await index_holds(store, set(), only=False)
+    await store.save_answer(
+        "ann", "c1", answer["id"], content="final 地球 zebra quokka", reasoning="", last_event_id=5, status="done"
+    )
+    assert await hits(store, "quokka") == [("c1", answer["id"])]
+    await index_holds(store, {"zebra", "quokka"})
+    # The ending's status change alone (no new text) leaves the index as it is.
+    await store.save_answer(
+        "ann", "c1", answer["id"], content="final 地球 zebra quokka", reasoning="", last_event_id=5, status="error"
+    )
+    await index_holds(store, {"zebra", "quokka"})
+    assert await store.delete_conversation("ann", "c1")
+    await index_holds(store, set())
+
+
+async def test_a_streaming_answer_deleted_leaves_the_index_whole(store: Store) -> None:
+    question = await say(store, "ann", "c1", "zebra question")
+    answer = await store.add_message(
+        "ann", "c1", {"role": "assistant", "content": "", "parent": question, "status": "streaming"}
+    )
+    await store.save_answer("ann", "c1", answer["id"], content="quokka so far", reasoning="", last_event_id=3)
+    await index_holds(store, {"zebra"})  # the question only
+    assert await store.delete_conversation("ann", "c1")  # no 'delete' for a row never indexed
+    await index_holds(store, set())
 
 
 async def test_deletes_leave_nothing_in_the_index(store: Store) -> None:
@@ -191,10 +231,11 @@ async def _first(store: Store, owner: str, cid: str) -> str:
     return str(conversation["messages"][0]["id"])
 
 
-async def index_holds(store: Store, expected: set[str]) -> None:
+async def index_holds(store: Store, expected: set[str], *, only: bool | None = None) -> None:
     """Which of the test's words the FTS tables still answer for, asked of the FTS
     tables themselves (SQLite), without the joins that would hide orphan entries.
-    PostgreSQL has no separate index to ask: search reads the tables."""
+    PostgreSQL has no separate index to ask: search reads the tables. `only`: the index
+    holds no other term at all (by default when `expected` is empty)."""
     if store.backend != "sqlite":
         return
 
@@ -216,7 +257,7 @@ async def index_holds(store: Store, expected: set[str]) -> None:
 
     found, total = await store.database.write(ask)
     assert found == expected
-    if not expected:
+    if not expected if only is None else only:
         assert total == 0
 
 

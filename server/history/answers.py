@@ -86,7 +86,14 @@ class _Answer:
         "unsaved",
     )
 
-    def __init__(self, generation: Generation, owner: str, conversation: str, message: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        generation: Generation,
+        owner: str,
+        conversation: str,
+        message: Mapping[str, Any],
+        keys: tuple[int, int] | None,
+    ) -> None:
         self.generation = generation
         self.owner = owner
         self.conversation = conversation
@@ -99,7 +106,7 @@ class _Answer:
         self.saved = True  # whether the last write landed (the feed hears of changes)
         self.saved_upto = 0  # the event id the last write that landed had read up to
         self.saved_bytes = text_bytes(self.content, self.reasoning)
-        self.keys: tuple[int, int] | None = None  # the store's row keys, once known
+        self.keys = keys  # the store's row keys (conversation, message), once known
         self.final = False  # the ending is written
 
     def read(self) -> None:
@@ -175,16 +182,25 @@ class AnswerKeeper:
     def __len__(self) -> int:
         return len(self._answers)
 
-    def track(self, generation: Generation, *, owner: str, conversation: str, message: Mapping[str, Any]) -> None:
+    def track(
+        self,
+        generation: Generation,
+        *,
+        owner: str,
+        conversation: str,
+        message: Mapping[str, Any],
+        keys: tuple[int, int] | None = None,
+    ) -> None:
         """Writes `generation`'s answer into the stored answer `message` from now to its
-        end. A continued answer's text so far (the message's content) comes first."""
+        end. A continued answer's text so far (the message's content) comes first. `keys`:
+        its conversation's and its own row keys when known (spares the first write a lookup)."""
         if generation.id in self._answers:
             return  # the same request again (client_id): already written down
         if self._closing or self._task is None:
             log.warning("answer %s started while the writer is stopped: not written down", message["id"])
             return
         generation.keep_unread = self._keep_unread  # the history reads it, to the end
-        self._answers[generation.id] = _Answer(generation, owner, conversation, message)
+        self._answers[generation.id] = _Answer(generation, owner, conversation, message, keys)
         generation.end_callbacks.append(self._ended)
         if generation.terminal is not None:
             self._ended(generation)

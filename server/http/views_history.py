@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Set as AbstractSet
 from typing import Any
 from urllib.parse import quote
 
@@ -90,7 +91,7 @@ def _text(body: dict[str, Any], field: str, code: str, limit: int) -> str | None
     return value
 
 
-def _only(body: dict[str, Any], allowed: set[str]) -> None:
+def _only(body: dict[str, Any], allowed: AbstractSet[str]) -> None:
     if unknown := set(body) - allowed:
         raise invalid("unknown_field", f"Unknown field {sorted(unknown)[0]!r} in the request body.")
 
@@ -103,6 +104,20 @@ def _model(request: web.Request, value: Any) -> str | None:
     if request.app[CATALOG].resolve(value) is None:
         raise invalid("unknown_model", f"Unknown model {value!r}; GET /api/models lists the available ones.")
     return value
+
+
+def _new_conversation(request: web.Request, value: Any) -> dict[str, Any] | None:
+    """A message's `conversation`: the conversation to make if it does not exist yet
+    (title/system/model, as POST /api/conversations takes them); None when not given."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid("bad_message", "'conversation' must be an object (its title, system and model).")
+    _only(value, {"title", "system", "model"})
+    fields = _conversation_fields(request, value)
+    if fields.get("title"):
+        fields["title_source"] = "user"
+    return fields
 
 
 def _conversation_fields(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
@@ -318,11 +333,22 @@ def _generation_json(generation_id: str) -> dict[str, str]:
 
 
 def _track_answer(
-    request: web.Request, generation: Generation, *, owner: str, conversation: str, message: dict[str, Any]
+    request: web.Request,
+    generation: Generation,
+    *,
+    owner: str,
+    conversation: str,
+    message: dict[str, Any],
+    keys: tuple[int, int] | None,
 ) -> None:
     """Hands the answer to the writer that saves it as it streams. `message` is the stored
     answer; for a continued one its content is the text kept so far."""
-    request.app[ANSWERS].track(generation, owner=owner, conversation=conversation, message=message)
+    request.app[ANSWERS].track(generation, owner=owner, conversation=conversation, message=message, keys=keys)
+
+
+MESSAGE_FIELDS = frozenset(
+    {"parent", "content", "id", "answer_id", "model", "options", "client_id", "regenerate", "continue", "conversation"}
+)
 
 
 async def add_message(request: web.Request) -> web.Response:
@@ -333,7 +359,7 @@ async def add_message(request: web.Request) -> web.Response:
     owner = owner_of(request)
     cid = _path_id(request)
     body = await read_json_object(request)
-    _only(body, {"parent", "content", "id", "answer_id", "model", "options", "client_id", "regenerate", "continue"})
+    _only(body, MESSAGE_FIELDS)
     modes = [name for name in ("content", "regenerate", "continue") if body.get(name) is not None]
     if len(modes) != 1:
         raise invalid("bad_message", "Send exactly one of 'content' (a new question), 'regenerate' or 'continue'.")
@@ -348,6 +374,7 @@ async def add_message(request: web.Request) -> web.Response:
         raise invalid("invalid_content", "'content' is empty: write a question.")
     target_id = check_id(body[mode], f"'{mode}'") if mode != "content" else None
     model = _model(request, body.get("model"))
+    new = _new_conversation(request, body.get("conversation"))
 
     # Only what answering needs: the branch sent to the model and the messages named.
     leaf = target_id if target_id is not None else parent
@@ -356,7 +383,10 @@ async def add_message(request: web.Request) -> web.Response:
         named |= {_derived_id(owner, client_id, cid, role) for role in ("user", "assistant")}
     conversation = await store.context(owner, cid, leaf, named)
     if conversation is None:
-        raise ApiError(404, "conversation_not_found", "No such conversation.")
+        if new is None or mode != "content":
+            raise ApiError(404, "conversation_not_found", "No such conversation.")
+        # Made with its first question, in the same transaction (no round trip of its own).
+        conversation = {"system": new.get("system"), "model": new.get("model"), "path": [], "messages": {}}
     messages: dict[str, dict[str, Any]] = conversation["messages"]
     target: dict[str, Any] | None = None
     if target_id is not None:
@@ -469,6 +499,7 @@ async def add_message(request: web.Request) -> web.Response:
             answer = {**target, "status": "streaming", "generation": generation_id, "last_event_id": 0}
             answer.update({"finish_reason": None, "error": None, "usage": None})
             summary = await store.summary(owner, cid)
+            keys = None
         else:
             asked = None
             if mode == "content":
@@ -486,14 +517,15 @@ async def add_message(request: web.Request) -> web.Response:
                     "model": chat.request.model.id,
                 },
                 start=start,
+                create=new,
             )
-            question, answer, summary = made["question"], made["answer"], made["summary"]
+            question, answer, summary, keys = made["question"], made["answer"], made["summary"], made["keys"]
     except BaseException:
         if generation is not None:
             generation.stop()  # nothing stored to answer into: the model is not asked for nothing
         raise
     assert generation is not None
-    _track_answer(request, generation, owner=owner, conversation=cid, message=answer)
+    _track_answer(request, generation, owner=owner, conversation=cid, message=answer, keys=keys)
     log.info("generation %s started for a stored conversation: model=%s mode=%s", generation.id, model, mode)
     if question is not None:
         _publish(request, "message", {"conversation": cid, "message": question})

@@ -50,12 +50,48 @@ def list_summaries(connection: Connection, owner: str, limit: int, before: int |
 _COUNT_AND_FIND = select(
     func.count(), func.max(case((conversations.c.id == bindparam("cid"), conversations.c.pk)))
 ).where(conversations.c.owner == bindparam("owner"))
-_CREATE = insert(conversations).returning(*(conversations.c[name] for name in shapes.CONVERSATION_FIELDS))
+_CREATE = insert(conversations).returning(
+    conversations.c.pk, *(conversations.c[name] for name in shapes.CONVERSATION_FIELDS)
+)
+# The owner's totals (for the quotas) and this id's row, if any, in one statement.
+_TOTALS_AND_FIND = select(
+    func.count(),
+    func.max(case((conversations.c.id == bindparam("cid"), conversations.c.pk))),
+    func.coalesce(func.sum(conversations.c.message_count), 0),
+    func.coalesce(func.sum(conversations.c.bytes), 0),
+).where(conversations.c.owner == bindparam("owner"))
 
 CREATE_KEYS = frozenset({"id", "title", "title_source", "system", "model"})
 
 
 def create(connection: Connection, owner: str, data: Any, limits: StoreLimits, now: int) -> tuple[dict[str, Any], bool]:
+    fields = new_fields(data, limits)
+    # The owner's count (for the quota) and this id's row, if any, in one statement.
+    count, existing = connection.execute(_COUNT_AND_FIND, {"owner": owner, "cid": fields["id"]}).one()
+    if existing is not None:
+        return summary(connection, existing), False
+    refuse_conversations(count, limits, 1)
+    return insert_new(connection, owner, fields, now)[1], True
+
+
+def create_for_message(
+    connection: Connection, owner: str, data: Any, limits: StoreLimits, now: int
+) -> tuple[int, dict[str, int]] | None:
+    """The conversation a first message makes: (its key, the owner's totals with it), or
+    None when it exists already (its id taken: the usual path follows)."""
+    fields = new_fields(data, limits)
+    count, existing, message_total, byte_total = connection.execute(
+        _TOTALS_AND_FIND, {"owner": owner, "cid": fields["id"]}
+    ).one()
+    if existing is not None:
+        return None
+    refuse_conversations(count, limits, 1)
+    pk, _ = insert_new(connection, owner, fields, now)
+    return pk, {"conversations": int(count) + 1, "messages": int(message_total), "bytes": int(byte_total)}
+
+
+def new_fields(data: Any, limits: StoreLimits) -> dict[str, Any]:
+    """A new conversation's fields, checked (a new id when it has none)."""
     if not isinstance(data, dict):
         raise bad_message("A conversation must be an object.")
     unknown = set(data) - CREATE_KEYS
@@ -66,14 +102,13 @@ def create(connection: Connection, owner: str, data: Any, limits: StoreLimits, n
     source = validation.title_source(data.get("title_source", "user" if title else None))
     system = validation.text(data.get("system", ""), "system", limits.max_message_chars)
     model = validation.model(data.get("model"))
-    # The owner's count (for the quota) and this id's row, if any, in one statement.
-    count, existing = (connection.execute(_COUNT_AND_FIND, {"owner": owner, "cid": cid})).one()
-    if existing is not None:
-        return summary(connection, existing), False
-    refuse_conversations(count, limits, 1)
-    fields = {"id": cid, "title": title, "title_source": source, "system": system, "model": model, "active": None}
-    row = (connection.execute(_CREATE, {"owner": owner, "created": now, "updated": now, "bytes": 0, **fields})).one()
-    return dict(zip(shapes.CONVERSATION_FIELDS, row, strict=True)) | {"streaming": False}, True
+    return {"id": cid, "title": title, "title_source": source, "system": system, "model": model, "active": None}
+
+
+def insert_new(connection: Connection, owner: str, fields: dict[str, Any], now: int) -> tuple[int, dict[str, Any]]:
+    """(key, summary) of the conversation inserted with `fields` (from new_fields)."""
+    pk, *row = connection.execute(_CREATE, {"owner": owner, "created": now, "updated": now, "bytes": 0, **fields}).one()
+    return int(pk), dict(zip(shapes.CONVERSATION_FIELDS, row, strict=True)) | {"streaming": False}
 
 
 def insert_row(connection: Connection, owner: str, fields: dict[str, Any], created: int, updated: int) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Select, bindparam, func, literal, null, select, union_all, update
 from sqlalchemy.engine import Connection
 
+from . import conversations as conversation_queries
 from . import shapes, validation
 from .conversations import summary
 from .errors import not_found
@@ -121,25 +122,36 @@ def add_exchange(
     start: Callable[[], str],
     limits: StoreLimits,
     now: int,
+    create: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Adds the question (if any) and its answer, under the question or (regenerate) the
-    answer's given parent. Checks parent, quota (once, for both), then calls `start()`
+    answer's given parent; a conversation not there yet is made first from `create` (its
+    fields) when given. Checks parent, quota (once, for both), then calls `start()`
     (which starts the generation and returns its id, stored as the answer's generation)
     before anything is written: a refusal never asks the model. Idempotent by id, like
-    add_message. Returns {"question", "answer", "summary"} without reading them back."""
+    add_message. Returns {"question", "answer", "summary", "keys": (conversation, answer)
+    row keys when the answer is new, else None} without reading them back."""
     asked = validation.message(question, limits, now) if question is not None else None
     given = validation.message(answer, limits, now)
     if not isinstance(cid, str) or not validation.ID.fullmatch(cid):
         raise not_found()
-    row = (connection.execute(_LOCK, {"owner": owner, "cid": cid})).first()
-    if row is None:
-        raise not_found()
-    pk = int(row[0])
+    made_new = None
+    if create is not None:
+        made_new = conversation_queries.create_for_message(connection, owner, {**create, "id": cid}, limits, now)
     wanted = {given["id"]} | ({asked["id"]} if asked is not None else set())
     parent = asked["parent"] if asked is not None else given["parent"]
     if parent is not None:
         wanted.add(parent)
-    keys = {str(mid): int(key) for key, mid in (connection.execute(_KEYS, {"pk": pk, "ids": sorted(wanted)})).all()}
+    if made_new is not None:
+        pk, have = made_new
+        keys: dict[str, int] = {}  # a conversation just made has no messages
+    else:
+        row = connection.execute(_LOCK, {"owner": owner, "cid": cid}).first()
+        if row is None:
+            raise not_found()
+        pk = int(row[0])
+        have = {"conversations": int(row[1]), "messages": int(row[2]), "bytes": int(row[3])}
+        keys = {str(mid): int(key) for key, mid in connection.execute(_KEYS, {"pk": pk, "ids": sorted(wanted)}).all()}
     adding = [m for m in (asked, given) if m is not None and m["id"] not in keys]
     if asked is not None and asked["id"] not in keys and parent is not None and parent not in keys:
         raise not_found("message")
@@ -147,11 +159,9 @@ def add_exchange(
         raise not_found("message")
     size = sum(shapes.text_bytes(m["content"], m["reasoning"]) for m in adding)
     if adding:
-        refuse_messages(
-            {"conversations": int(row[1]), "messages": int(row[2]), "bytes": int(row[3])}, limits, len(adding), size
-        )
+        refuse_messages(have, limits, len(adding), size)
     given["generation"] = validation.valid_id(start(), "generation")
-    made: dict[str, Any] = {"question": None}
+    made: dict[str, Any] = {"question": None, "keys": None}
     if asked is not None:
         if asked["id"] in keys:
             made["question"] = find(connection, pk, asked["id"])  # sent before: it stands
@@ -163,7 +173,7 @@ def add_exchange(
         made["answer"] = find(connection, pk, given["id"])
     else:
         parent_pk = keys.get(given["parent"]) if given["parent"] is not None else None
-        insert_row(connection, owner, pk, parent_pk, given)
+        made["keys"] = (pk, insert_row(connection, owner, pk, parent_pk, given))
         made["answer"] = _shaped(given)
     if not adding:
         made["summary"] = summary(connection, pk)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest revision in migrations/versions (tests/test_store_migrations.py checks it
 # against the script directory): update it with every new migration.
-HEAD = "0003_message_counts"
+HEAD = "0004_index_ended_answers"
 VERSION_TABLE = "alembic_version"
 
 

@@ -111,7 +111,8 @@ def _postgresql_rows(connection: Connection, owner: str, needle: str, fetch: int
         text(
             "SELECT c.id AS conversation, c.title, m.id AS message, m.role, m.content, m.updated "
             "FROM messages AS m JOIN conversations AS c ON c.pk = m.conversation_pk "
-            f"WHERE m.owner = :owner AND m.content {where.format(column='m.content')} "
+            # As on SQLite, whose index takes an answer in once it has ended (0004).
+            f"WHERE m.owner = :owner AND m.status != 'streaming' AND m.content {where.format(column='m.content')} "
             "ORDER BY m.pk DESC LIMIT :fetch"
         ),
         values,

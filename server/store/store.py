@@ -120,15 +120,17 @@ class Store:
         answer: dict[str, Any],
         *,
         start: Callable[[], str],
+        create: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """A question (None: regenerate) and its answer in one transaction; `start()` runs
+        """A question (None: regenerate) and its answer in one transaction, the conversation
+        made first when it does not exist and `create` (its fields) is given; `start()` runs
         once the checks passed and gives the answer's generation id (called again when
         PostgreSQL makes the transaction run again: it must give the same id). It runs on
         the event loop, the transaction waiting for it.
         Returns {"question", "answer", "summary"}."""
         begin = self.database.loop_call(start)
         return await self._written(
-            lambda c: exchange.add_exchange(c, owner, cid, question, answer, begin, self.limits, now_ms())
+            lambda c: exchange.add_exchange(c, owner, cid, question, answer, begin, self.limits, now_ms(), create)
         )
 
     async def path(self, owner: str, cid: str, leaf_id: str) -> list[dict[str, Any]]:

@@ -345,15 +345,19 @@ export class HistoryStore extends Store {
   /** Posts the message and its answer; the server builds the context and starts the generation. */
   async startGeneration(conversation, body) {
     if (!this.remote || Array.isArray(body.messages)) return super.startGeneration(conversation, body);
-    if (!conversation.stored) {
-      const fields = { id: conversation.id, system: conversation.system ?? "" };
+    const creating = !conversation.stored;
+    if (creating) {
+      // Made on the server with its first message, in one request.
+      const fields = { system: conversation.system ?? "" };
       if (conversation.model) fields.model = conversation.model;
       if (conversation.titled) fields.title = conversation.title;
-      await api.createConversation(fields);
-      conversation.stored = true;
-      conversation.synced = { system: fields.system, model: conversation.model ?? null };
+      body = { ...body, conversation: fields };
     }
     const created = await api.postMessage(conversation.id, body);
+    if (creating) {
+      conversation.stored = true;
+      conversation.synced = { system: body.conversation.system, model: conversation.model ?? null };
+    }
     for (const message of [created.message, created.answer]) {
       const mine = message && allMessages(conversation).find((item) => item.id === message.id);
       if (mine) {

@@ -35,10 +35,6 @@ export function getConversation(id) {
   return request("GET", conversationUrl(id));
 }
 
-export function createConversation(fields) {
-  return request("POST", "/api/conversations", fields);
-}
-
 export function patchConversation(id, changes) {
   // keepalive: a rename just before a reload or a closed tab still reaches the server.
   return request("PATCH", conversationUrl(id), changes, { keepalive: true });
