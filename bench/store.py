@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import statistics
@@ -99,6 +100,22 @@ def sentence(rng: random.Random) -> str:
     return text
 
 
+def usage(rng: random.Random, content: str) -> str:
+    """An answer's usage as the writer stores it (DeepSeek's fields)."""
+    prompt, completion = rng.randint(20, 4000), max(1, len(content) // 4)
+    cached = rng.randint(0, prompt)
+    return json.dumps(
+        {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_cache_hit_tokens": cached,
+            "prompt_cache_miss_tokens": prompt - cached,
+        },
+        separators=(",", ":"),
+    )
+
+
 def message_text(rng: random.Random, role: str) -> str:
     count = rng.randint(1, 3) if role == "user" else rng.randint(3, 12)
     text = " ".join(sentence(rng) for _ in range(count))
@@ -152,6 +169,7 @@ async def build(store: Store, size: Size, seed: int = 14) -> None:
                         "status": "done",
                         "model": None if role == "user" else "bench-model",
                         "finish_reason": None if role == "user" else "stop",
+                        "usage": None if role == "user" else usage(rng, content),
                         "last_event_id": 0 if role == "user" else 40,
                         "created": clock,
                         "updated": clock,

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from server import jsoncodec
 from server.relay import upstream as upstream_module
 from server.relay.sse import SSEEvent, SSEParser
 
@@ -959,4 +960,4 @@ async def test_server_keeps_serving_after_each_kind_of_failure(start_rill: Start
     ],
 )
 def test_chunks_are_read_as_json_loads_reads_them(text: str) -> None:
-    assert repr(upstream_module._loads(text)) == repr(json.loads(text))
+    assert repr(jsoncodec.loads(text)) == repr(json.loads(text))

@@ -9,6 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
+from server.http.responses import json_response
+
 log = logging.getLogger(__name__)
 
 
@@ -35,7 +37,7 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(error_body(code, message), status=status, headers=headers)
+    return json_response(error_body(code, message), status=status, headers=headers)
 
 
 # aiohttp's own HTTP exceptions (no route, wrong method, body too large) get our codes.

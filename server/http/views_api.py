@@ -12,6 +12,7 @@ from aiohttp import web
 from server import __version__
 from server.access.middleware import PRINCIPAL, client_key
 from server.http.errors import ApiError
+from server.http.responses import json_response
 from server.http.validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
 from server.keys import BUDGET, CATALOG, CONFIG, GATE, METRICS, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
 from server.relay.generation import Generation
@@ -81,12 +82,12 @@ async def create_chat(request: web.Request) -> web.Response:
                 "This client_id was already used for a different request; make a new one per message.",
             )
         log.info("generation %s: repeated client_id, no new upstream request", existing.id)
-        return web.json_response(_created(existing), status=200)
+        return json_response(_created(existing), status=200)
     generation = start_generation(request, chat.request, client_id=client_id, fingerprint=fingerprint)
     log.info(
         "generation %s started: model=%s messages=%d", generation.id, chat.request.model.id, len(chat.request.messages)
     )
-    return web.json_response(_created(generation), status=201)
+    return json_response(_created(generation), status=201)
 
 
 def all_delivered(generation: Generation, after: int) -> bool:
@@ -128,13 +129,13 @@ async def stop_chat(request: web.Request) -> web.Response:
         log.info("generation %s stopped by the client", generation.id)
     terminal = generation.terminal
     assert terminal is not None
-    return web.json_response(
+    return json_response(
         {"id": generation.id, "ended": terminal.name, "result": json.loads(terminal.data), "usage": generation.usage}
     )
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response(request.app[CATALOG].as_json())
+    return json_response(request.app[CATALOG].as_json())
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -144,8 +145,8 @@ async def metrics(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     """For load balancers and deploy scripts: 503 once shutdown has begun (healthz stays 200)."""
     if not request.app[REGISTRY].accepting:
-        return web.json_response({"ready": False, "status": "shutting_down"}, status=503)
-    return web.json_response({"ready": True, "status": "ok"})
+        return json_response({"ready": False, "status": "shutting_down"}, status=503)
+    return json_response({"ready": True, "status": "ok"})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -155,8 +156,8 @@ async def health(request: web.Request) -> web.Response:
     status = "ok" if registry.accepting else "shutting_down"
     if app[GATE].required:
         # Public for health checkers, so it tells strangers no more than that it lives.
-        return web.json_response({"status": status})
-    return web.json_response(
+        return json_response({"status": status})
+    return json_response(
         {
             "status": status,
             "version": __version__,

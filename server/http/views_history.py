@@ -22,6 +22,7 @@ from server.history.context import CONTINUE_PROMPT, merge_same_role, model_messa
 from server.history.markdown import conversation_markdown, export_filename, title_of
 from server.history.stream import follow_changes
 from server.http.errors import ApiError
+from server.http.responses import json_response
 from server.http.validation import invalid, parse_chat, raw_last_event_id, read_json_object
 from server.http.views_api import start_generation
 from server.keys import ANSWERS, CATALOG, CONFIG, FEED, OPEN_STREAMS, REGISTRY, STORE
@@ -157,10 +158,10 @@ async def history_state(request: web.Request) -> web.Response:
     store = request.app.get(STORE)
     owner = owner_of(request)
     if store is None:
-        return web.json_response({"enabled": False, "owner": owner, "usage": None, "auto_titles": False})
+        return json_response({"enabled": False, "owner": owner, "usage": None, "auto_titles": False})
     storage = request.app[CONFIG].storage
     usage = await store.usage(owner)
-    return web.json_response({"enabled": True, "owner": owner, "usage": usage, "auto_titles": storage.auto_titles})
+    return json_response({"enabled": True, "owner": owner, "usage": usage, "auto_titles": storage.auto_titles})
 
 
 async def list_conversations(request: web.Request) -> web.Response:
@@ -169,7 +170,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     before = _int_query(request, "before", 0, 2**53)
     summaries = await store.list_conversations(owner_of(request), limit=limit, before=before)
     following = summaries[-1]["updated"] if len(summaries) == limit else None
-    return web.json_response({"conversations": summaries, "next": following})
+    return json_response({"conversations": summaries, "next": following})
 
 
 async def create_conversation(request: web.Request) -> web.Response:
@@ -183,12 +184,12 @@ async def create_conversation(request: web.Request) -> web.Response:
     summary, created = await store.create_conversation(owner_of(request), data)
     if created:
         _publish(request, "conversation", summary)
-    return web.json_response(summary, status=201 if created else 200)
+    return json_response(summary, status=201 if created else 200)
 
 
 async def get_conversation(request: web.Request) -> web.Response:
     store = _store(request)
-    return web.json_response(await _conversation(request, store, _path_id(request)))
+    return json_response(await _conversation(request, store, _path_id(request)))
 
 
 async def update_conversation(request: web.Request) -> web.Response:
@@ -205,7 +206,7 @@ async def update_conversation(request: web.Request) -> web.Response:
     if summary is None:
         raise ApiError(404, "conversation_not_found", "No such conversation.")
     _publish(request, "conversation", summary)
-    return web.json_response(summary)
+    return json_response(summary)
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
@@ -232,7 +233,7 @@ async def delete_data(request: web.Request) -> web.Response:
     counts = await store.delete_owner(owner_of(request))
     _publish(request, "reset", {})
     log.info("deleted all conversations of one owner: %d conversations", counts.get("conversations", 0))
-    return web.json_response(counts)
+    return json_response(counts)
 
 
 async def search(request: web.Request) -> web.Response:
@@ -241,7 +242,7 @@ async def search(request: web.Request) -> web.Response:
     if not query.strip() or len(query) > MAX_QUERY_CHARS or _SURROGATE.search(query):
         raise invalid("invalid_query", f"?q= must be 1 to {MAX_QUERY_CHARS} characters of text.")
     limit = _int_query(request, "limit", 1, 100) or 30
-    return web.json_response({"results": await store.search(owner_of(request), query, limit=limit)})
+    return json_response({"results": await store.search(owner_of(request), query, limit=limit)})
 
 
 # --- export and import -------------------------------------------------------------------
@@ -309,7 +310,7 @@ async def import_document(request: web.Request) -> web.Response:
     counts = await store.import_document(owner, document)
     if counts.get("conversations") or counts.get("messages"):
         _publish(request, "reset", {})  # many conversations at once: the page refetches its list
-    return web.json_response(counts)
+    return json_response(counts)
 
 
 # --- answering a stored conversation -----------------------------------------------------
@@ -532,7 +533,7 @@ async def add_message(request: web.Request) -> web.Response:
     _publish(request, "message", {"conversation": cid, "message": answer})
     if summary is not None:
         _publish(request, "conversation", summary)
-    return web.json_response(
+    return json_response(
         {"message": question, "answer": answer, "generation": _generation_json(generation.id)}, status=201
     )
 
@@ -565,7 +566,7 @@ def _repeat(
         raise ApiError(409, "client_id_reused", "These message ids are already used; make new ones per message.")
     question = messages.get(question_id) if mode == "content" else None
     log.info("generation %s: repeated request, no new upstream request", generation_id)
-    return web.json_response({"message": question, "answer": answer, "generation": _generation_json(generation_id)})
+    return json_response({"message": question, "answer": answer, "generation": _generation_json(generation_id)})
 
 
 # --- the change feed ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ from aiohttp import web
 from server.access.clients import client_address
 from server.access.middleware import check_access_token, clear_session_cookie, current_session, set_session_cookie
 from server.http.errors import ApiError
+from server.http.responses import json_response
 from server.http.validation import invalid, read_json_object
 from server.keys import CONFIG, GATE
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def _state(required: bool, name: str | None) -> web.Response:
     """The answer of every /api/session method: without tokens everyone counts as signed in."""
-    return web.json_response({"required": required, "signed_in": not required or name is not None, "name": name})
+    return json_response({"required": required, "signed_in": not required or name is not None, "name": name})
 
 
 async def session_state(request: web.Request) -> web.Response:

@@ -15,12 +15,8 @@ from typing import Any, Protocol
 import aiohttp
 from yarl import URL
 
-try:
-    import orjson
-except ImportError:  # optional: a faster parser for the model API's chunks
-    orjson = None  # type: ignore[assignment]
-
 from server.config import Config, ModelConfig, ProviderConfig
+from server.jsoncodec import loads, loads_fast
 from server.ops.scrub import shown
 from server.relay.bodytap import tapped
 from server.relay.inflate import ENCODINGS, BadEncoding, Inflating, inflate_some
@@ -657,7 +653,7 @@ class _AnswerBody:
                 if line == b"[DONE]":
                     self.finished.set_result(True)
                     return
-                if (chunk := _loads_fast(line)) is not None:
+                if (chunk := loads_fast(line)) is not None:
                     self._handle(chunk)
                     return
             self._take(self._parser.feed, data)
@@ -722,7 +718,7 @@ class _AnswerBody:
                 self.finished.set_result(True)
                 return True
             try:
-                chunk = _loads(event.data)
+                chunk = loads(event.data)
             except (ValueError, RecursionError):  # RecursionError: json on absurdly deep nesting
                 raise UpstreamError("upstream_bad_data", "The model API sent a chunk that is not valid JSON.") from None
             self._handle(chunk)
@@ -802,28 +798,6 @@ def _finish(reason: str) -> str:
             retryable=True,
         )
     return reason
-
-
-def _loads(data: str) -> Any:
-    """json.loads, by orjson when it is installed (a quarter of the time per chunk). What
-    orjson refuses and json accepts (NaN, escaped lone surrogates) goes to json as before."""
-    if orjson is not None:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(data)
-
-
-def _loads_fast(data: bytes) -> Any:
-    """orjson straight from the wire bytes; None when it is missing or refuses them (also
-    bytes that are not UTF-8): the general path then gives the answer json would."""
-    if orjson is not None:
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-    return None
 
 
 def _stream_error(error: Any, config: Config) -> UpstreamError:

@@ -13,13 +13,26 @@ from .quotas import refuse_conversations, totals
 from .schema import conversations, messages
 from .validation import StoreLimits
 
+# Built once: building a statement (and its cache key) costs more CPU than running it.
+_FIND = select(conversations.c.pk).where(
+    conversations.c.owner == bindparam("owner"), conversations.c.id == bindparam("cid")
+)
+_FIND_FOR_UPDATE = _FIND.with_for_update()
+_SUMMARY = shapes.summary_select().where(conversations.c.pk == bindparam("pk"))
+_LIST = (
+    shapes.summary_select()
+    .where(conversations.c.owner == bindparam("owner"))
+    .order_by(conversations.c.updated.desc(), conversations.c.pk.desc())
+    .limit(bindparam("limit"))
+)
+_LIST_BEFORE = _LIST.where(conversations.c.updated < bindparam("before"))
+
 
 def find_pk(connection: Connection, owner: str, cid: str, *, lock: bool = False) -> int | None:
     """lock: for writers. Every write transaction locks the conversation's row before any
     of its messages (PostgreSQL; SQLite has one writer), the order a delete's cascade
     takes, so a delete and an answer's save never deadlock."""
-    query = select(conversations.c.pk).where(conversations.c.owner == owner, conversations.c.id == cid)
-    result = connection.execute(query.with_for_update() if lock else query)
+    result = connection.execute(_FIND_FOR_UPDATE if lock else _FIND, {"owner": owner, "cid": cid})
     return result.scalar_one_or_none()
 
 
@@ -34,16 +47,13 @@ def require_pk(connection: Connection, owner: str, cid: Any, *, lock: bool = Fal
 
 
 def summary(connection: Connection, pk: int) -> dict[str, Any]:
-    row = (connection.execute(shapes.summary_select().where(conversations.c.pk == pk))).one()
-    return shapes.summary(row)
+    return shapes.summary(connection.execute(_SUMMARY, {"pk": pk}).one())
 
 
 def list_summaries(connection: Connection, owner: str, limit: int, before: int | None) -> list[dict[str, Any]]:
-    query = shapes.summary_select().where(conversations.c.owner == owner)
-    if before is not None:
-        query = query.where(conversations.c.updated < before)
-    query = query.order_by(conversations.c.updated.desc(), conversations.c.pk.desc()).limit(limit)
-    return [shapes.summary(row) for row in (connection.execute(query)).all()]
+    query, values = (_LIST, {}) if before is None else (_LIST_BEFORE, {"before": before})
+    rows = connection.execute(query, {"owner": owner, "limit": limit, **values}).all()
+    return [shapes.summary(row) for row in rows]
 
 
 # Built once (building a statement costs more CPU than running it); values bound at execute.

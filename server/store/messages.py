@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import insert, literal, select, update
+from sqlalchemy import bindparam, insert, literal, select, update
 from sqlalchemy.engine import Connection
 
 from . import shapes, validation
@@ -15,23 +15,35 @@ from .quotas import check_messages
 from .schema import conversations, messages
 from .validation import StoreLimits
 
+# A conversation's messages without the join to each one's parent: the parents are among
+# them, so their public ids are looked up here (opening 2,000 messages: 2,000 fewer probes).
+# The parent's key comes where its id goes, and the row's own key last.
+_TREE = (
+    select(*(messages.c.parent_pk if name == "parent" else messages.c[name] for name in shapes.MESSAGE_FIELDS))
+    .add_columns(messages.c.pk)
+    .where(messages.c.conversation_pk == bindparam("pk"))
+    .order_by(messages.c.pk)
+)
+
 
 def of_conversation(connection: Connection, pk: int) -> list[dict[str, Any]]:
     """All messages of the tree, parents before children (insertion order), oldest first."""
-    result = connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk))
-    return [shapes.message(row) for row in result.all()]  # one fetch, not one per row
+    rows = connection.execute(_TREE, {"pk": pk}).all()  # one fetch, not one per row
+    ids = {row[-1]: row[0] for row in rows}
+    return [shapes.message_with_parent(row, ids.get(row[1])) for row in rows]
+
+
+_FIND = shapes.message_select().where(messages.c.conversation_pk == bindparam("pk"), messages.c.id == bindparam("mid"))
+_FIND_PK = select(messages.c.pk).where(messages.c.conversation_pk == bindparam("pk"), messages.c.id == bindparam("mid"))
 
 
 def find(connection: Connection, pk: int, mid: str) -> dict[str, Any] | None:
-    row = (
-        connection.execute(shapes.message_select().where(messages.c.conversation_pk == pk, messages.c.id == mid))
-    ).first()
+    row = connection.execute(_FIND, {"pk": pk, "mid": mid}).first()
     return None if row is None else shapes.message(row)
 
 
 def find_pk(connection: Connection, pk: int, mid: str) -> int | None:
-    result = connection.execute(select(messages.c.pk).where(messages.c.conversation_pk == pk, messages.c.id == mid))
-    return result.scalar_one_or_none()
+    return connection.execute(_FIND_PK, {"pk": pk, "mid": mid}).scalar_one_or_none()
 
 
 def add(connection: Connection, owner: str, cid: str, data: Any, limits: StoreLimits, now: int) -> dict[str, Any]:

@@ -4,7 +4,7 @@ saves always go through."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.engine import Connection
 
 from server.http.errors import ApiError
@@ -12,17 +12,15 @@ from server.http.errors import ApiError
 from .schema import conversations
 from .validation import StoreLimits
 
+_TOTALS = select(
+    func.count(),
+    func.coalesce(func.sum(conversations.c.message_count), 0),
+    func.coalesce(func.sum(conversations.c.bytes), 0),
+).where(conversations.c.owner == bindparam("owner"))
+
 
 def totals(connection: Connection, owner: str) -> dict[str, int]:
-    row = (
-        connection.execute(
-            select(
-                func.count(),
-                func.coalesce(func.sum(conversations.c.message_count), 0),
-                func.coalesce(func.sum(conversations.c.bytes), 0),
-            ).where(conversations.c.owner == owner)
-        )
-    ).one()
+    row = connection.execute(_TOTALS, {"owner": owner}).one()
     return {"conversations": int(row[0]), "messages": int(row[1]), "bytes": int(row[2])}
 
 

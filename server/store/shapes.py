@@ -8,6 +8,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, exists, select
 
+from server.jsoncodec import loads
+
 from .schema import conversations, messages
 
 CONVERSATION_FIELDS = ("id", "title", "title_source", "system", "model", "active", "created", "updated")
@@ -69,15 +71,34 @@ def message_from() -> Any:
 
 
 def message(row: Any) -> dict[str, Any]:
-    """A row of message_select(): its first columns are MESSAGE_FIELDS, in order (read by
-    position: opening a conversation of thousands of messages spends its time here); any
+    """A row of message_select(): its first columns are MESSAGE_FIELDS, in order; any
     columns a caller added after them are left out."""
-    shaped = dict(zip(MESSAGE_FIELDS, row, strict=False))
-    if shaped["error"] is not None:
-        shaped["error"] = json.loads(shaped["error"])
-    if shaped["usage"] is not None:
-        shaped["usage"] = json.loads(shaped["usage"])
-    return shaped
+    return message_with_parent(row, row[1])
+
+
+def message_with_parent(row: Any, parent: str | None) -> dict[str, Any]:
+    """The message of a row whose first columns are MESSAGE_FIELDS (the second, the
+    parent, replaced by `parent`). Opening a conversation of thousands of messages spends
+    its time here: one dict display, sized once (a third of dict(zip(...))'s time)."""
+    mid, _, role, content, reasoning, status, model, finish_reason, error, usage, generation, last, created, updated = (
+        row[:14]
+    )
+    return {
+        "id": mid,
+        "parent": parent,
+        "role": role,
+        "content": content,
+        "reasoning": reasoning,
+        "status": status,
+        "model": model,
+        "finish_reason": finish_reason,
+        "error": None if error is None else loads(error),
+        "usage": None if usage is None else loads(usage),
+        "generation": generation,
+        "last_event_id": last,
+        "created": created,
+        "updated": updated,
+    }
 
 
 def dumps(value: Any) -> str | None:
