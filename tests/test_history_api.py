@@ -8,7 +8,7 @@ import asyncio
 import io
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -16,7 +16,7 @@ import pytest
 from yarl import URL
 
 from server.history.context import CONTINUE_PROMPT
-from server.keys import OPEN_STREAMS, STORE
+from server.keys import BUDGET, OPEN_STREAMS, STORE
 from server.store import Store, StoreUnavailable
 
 from .conftest import Rill, StartRill, wait_for
@@ -291,6 +291,17 @@ async def test_the_first_message_makes_its_conversation(hist: Rill, other_sessio
     assert status == 201
     await settled(hist, "c-new", later["answer"]["id"])
     assert (await call(hist, "GET", "/api/conversations/c-new"))[1]["title"] == "Mine"
+    # A question at the root again (a new first version), sent as a first message: the
+    # stored conversation's settings are what the model gets, not the ones sent.
+    replies(hist, "A1 again")
+    status, again_first = await call(
+        hist, "POST", "/api/conversations/c-new/messages", {"content": "Q1b", "conversation": {"system": "Ignored."}}
+    )
+    assert status == 201
+    await wait_requests(hist, 3)
+    assert sent(hist) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1b"}]
+    assert again_first["message"]["parent"] is None
+    await settled(hist, "c-new", again_first["answer"]["id"])
 
 
 @pytest.mark.parametrize(
@@ -403,32 +414,32 @@ async def test_the_same_client_id_asks_the_model_once(hist: Rill) -> None:
     response.close()
 
 
-async def test_a_retry_after_a_failed_write_starts_again(hist: Rill, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_failed_write_asks_no_model_and_a_retry_starts_again(
+    hist: Rill, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The generation is made (its limits checked) before the write and launched only once
+    the rows are in: when the write fails, the model was never asked, and the retry with
+    the same client_id starts it."""
     store = store_of(hist)
     cid = await new_conversation(hist)
     real_add = store.add_exchange
     calls = 0
 
-    async def add_failing_once(
-        owner: str, conversation: str, question: Any, answer: Any, *, start: Callable[[], str], create: Any = None
-    ) -> dict[str, Any]:
+    async def add_failing_once(*args: Any, **options: Any) -> dict[str, Any]:
         nonlocal calls
         calls += 1
-        if calls == 1:  # the generation started (the model asked), then the write failed
-            start()
-            await wait_requests(hist, 1)
+        if calls == 1:
+            await asyncio.sleep(0.2)  # time enough for an upstream request, had one been sent
             raise StoreUnavailable()
-        return await real_add(owner, conversation, question, answer, start=start, create=create)
+        return await real_add(*args, **options)
 
     monkeypatch.setattr(store, "add_exchange", add_failing_once)
-    hist.fake.script(Reply(chunks=[chunk("", reasoning="")], end="hang"))  # ends only if stopped
     body = {"content": "Hi", "client_id": str(uuid.uuid4())}
     status, error = await call(hist, "POST", f"/api/conversations/{cid}/messages", body)
     assert (status, error["error"]["code"]) == (503, "storage_unavailable")
-    first = hist.registry.find_by_client_id(body["client_id"])
-    assert first is not None
-    assert first.terminal is not None  # stopped at once: nothing to write its answer into
-    assert json.loads(first.terminal.data) == {"finish_reason": "cancelled"}
+    assert hist.fake.requests == []
+    assert hist.registry.find_by_client_id(body["client_id"]) is None  # given back whole
+    assert hist.registry.live() == []
     again = await ask(hist, cid, content="Hi", client_id=body["client_id"])
     assert (await settled(hist, cid, again["answer"]["id"]))["content"] == "Hello world"
     status, full = await call(hist, "GET", f"/api/conversations/{cid}")
@@ -818,6 +829,21 @@ async def test_quotas_refuse_before_the_model_is_asked(start_rill: StartRill, st
     assert (await call(rill, "GET", f"/api/conversations/{cid}"))[0] == 200
     assert (await call(rill, "DELETE", f"/api/conversations/{cid}"))[0] == 204
     assert await new_conversation(rill)
+
+
+async def test_a_refused_message_gives_back_its_budget_hold(start_rill: StartRill, store_url: str) -> None:
+    """The answer's budget hold is taken before the write; a refusal gives it back."""
+    rill = await start_rill(
+        environ=TOKENS, access={"daily_token_budget": 100_000}, storage={"url": store_url, "max_bytes": 10}
+    )
+    cid = await new_conversation(rill, bearer(ALICE))
+    status, error = await call(
+        rill, "POST", f"/api/conversations/{cid}/messages", {"content": "世界" * 2}, bearer(ALICE)
+    )
+    assert (status, error["error"]["code"]) == (413, "quota_bytes")
+    assert rill.app[BUDGET].held("alice") == 0
+    assert rill.registry.live() == []
+    assert rill.fake.requests == []
 
 
 async def test_the_byte_quota_refuses_a_long_question(start_rill: StartRill, store_url: str) -> None:

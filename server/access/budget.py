@@ -113,6 +113,10 @@ class DailyBudget:
     def hold(self, generation_id: str, name: str, tokens: int) -> None:
         self._holds[generation_id] = (name, tokens)
 
+    def release(self, hold_id: str) -> None:
+        """A hold whose request never ran: nothing to charge."""
+        self._holds.pop(hold_id, None)
+
     def generation_ended(self, generation: Generation) -> None:
         self._holds.pop(generation.id, None)
         if self.enabled and generation.owner is not None:

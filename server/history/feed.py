@@ -8,13 +8,13 @@ boot, or older than the ring, gets `reset` (refetch the list) instead of a gap.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from server.jsoncodec import dumps
 from server.relay.generation import Subscriber
 
 # Per owner: the events a reconnecting page may still ask for. A message event carries its
@@ -112,5 +112,4 @@ class ChangeFeed:
 
 def encode(event_id: str, name: str, data: Mapping[str, Any]) -> bytes:
     # JSON escapes line breaks, so the data is one line, as aiohttp-sse would frame it.
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"id: {event_id}\r\nevent: {name}\r\ndata: {text}\r\n\r\n".encode("utf-8", "replace")
+    return b"id: %s\r\nevent: %s\r\ndata: %s\r\n\r\n" % (event_id.encode(), name.encode(), dumps(data))

@@ -41,10 +41,18 @@ def _generation(request: web.Request) -> Generation:
 
 
 def start_generation(
-    request: web.Request, chat: ChatRequest, *, client_id: str | None, fingerprint: str, keep_unread: bool = False
+    request: web.Request,
+    chat: ChatRequest,
+    *,
+    client_id: str | None,
+    fingerprint: str,
+    keep_unread: bool = False,
+    launch: bool = True,
 ) -> Generation:
     """Starts an answer for this request's client, within its token's daily budget.
-    keep_unread: it runs to its end with no reader (a stored conversation's answer)."""
+    keep_unread: it runs to its end with no reader (a stored conversation's answer).
+    launch=False: every check passed and its place is taken, but the model is asked only
+    at launch_generation(); discard_generation() gives it all back."""
     app = request.app
     owner = request.get(PRINCIPAL)
     budget = app[BUDGET]
@@ -59,10 +67,20 @@ def start_generation(
         fingerprint=fingerprint,
         owner=owner,
         keep_unread=keep_unread,
+        launch=launch,
     )
     if owner is not None and hold:
         budget.hold(generation.id, owner, hold)
     return generation
+
+
+def launch_generation(request: web.Request, generation: Generation) -> None:
+    request.app[REGISTRY].launch(generation, request.app[SESSION])
+
+
+def discard_generation(request: web.Request, generation: Generation) -> None:
+    request.app[REGISTRY].discard(generation)
+    request.app[BUDGET].release(generation.id)
 
 
 async def create_chat(request: web.Request) -> web.Response:

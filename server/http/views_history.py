@@ -24,11 +24,11 @@ from server.history.stream import follow_changes
 from server.http.errors import ApiError
 from server.http.responses import json_response
 from server.http.validation import invalid, parse_chat, raw_last_event_id, read_json_object
-from server.http.views_api import start_generation
+from server.http.views_api import discard_generation, launch_generation, start_generation
 from server.keys import ANSWERS, CATALOG, CONFIG, FEED, OPEN_STREAMS, REGISTRY, STORE
 from server.relay.generation import Generation
 from server.relay.streaming import check_stream_limit
-from server.store import Store
+from server.store import ConversationExists, Store
 
 log = logging.getLogger(__name__)
 
@@ -355,12 +355,22 @@ MESSAGE_FIELDS = frozenset(
 async def add_message(request: web.Request) -> web.Response:
     """Adds a question (or picks the answer to regenerate or continue), builds the model's
     context from the stored branch, and starts the answer as POST /api/chat would."""
+    body = await read_json_object(request)
+    _only(body, MESSAGE_FIELDS)
+    try:
+        # A new chat's first question (`conversation` given, no parent) skips reading a
+        # context that is not there yet; when the conversation exists after all (a
+        # retry), the store says so before writing anything and the usual path runs.
+        return await _add_message(request, body, assume_new=True)
+    except ConversationExists:
+        return await _add_message(request, body, assume_new=False)
+
+
+async def _add_message(request: web.Request, body: dict[str, Any], *, assume_new: bool) -> web.Response:
     app = request.app
     store = _store(request)
     owner = owner_of(request)
     cid = _path_id(request)
-    body = await read_json_object(request)
-    _only(body, MESSAGE_FIELDS)
     modes = [name for name in ("content", "regenerate", "continue") if body.get(name) is not None]
     if len(modes) != 1:
         raise invalid("bad_message", "Send exactly one of 'content' (a new question), 'regenerate' or 'continue'.")
@@ -382,7 +392,8 @@ async def add_message(request: web.Request) -> web.Response:
     named = {i for i in (body.get("id"), body.get("answer_id")) if isinstance(i, str)}
     if (client_id := _client_id(body.get("client_id"))) is not None:
         named |= {_derived_id(owner, client_id, cid, role) for role in ("user", "assistant")}
-    conversation = await store.context(owner, cid, leaf, named)
+    assume_new = assume_new and new is not None and mode == "content" and parent is None
+    conversation = None if assume_new else await store.context(owner, cid, leaf, named)
     if conversation is None:
         if new is None or mode != "content":
             raise ApiError(404, "conversation_not_found", "No such conversation.")
@@ -463,29 +474,23 @@ async def add_message(request: web.Request) -> web.Response:
         # Checked after the repeat above: a continued answer is streaming again.
         raise invalid("bad_target", "Only an answer that stopped early with some text can be continued.")
 
-    generation: Generation | None = None
-
-    def start() -> str:
-        """Called by the store once its checks passed (again, on a retried transaction)."""
-        nonlocal generation
-        if generation is None:
-            # keep_unread from the start: the writing begins only once the rows are in,
-            # and a busy database must not let the grace period abandon the answer first.
-            generation = start_generation(
-                request,
-                chat.request,
-                client_id=registry_client_id,
-                fingerprint=fingerprint,
-                keep_unread=app[CONFIG].storage.keep_unread,
-            )
-        return generation.id
-
+    # Every limit checked and its place taken now, but the model is asked only once the
+    # rows are in (launch below): a refusal by the store never asks it. keep_unread from
+    # the start: the history reads it, and a busy database must not let the grace period
+    # abandon it first.
+    generation = start_generation(
+        request,
+        chat.request,
+        client_id=registry_client_id,
+        fingerprint=fingerprint,
+        keep_unread=app[CONFIG].storage.keep_unread,
+        launch=False,
+    )
     try:
         if mode == "continue":
             assert target is not None
             # Adds nothing, but is refused like the rest over quota.
             await _check_quota(store, owner, 0, "")
-            generation_id = start()
             await store.save_answer(
                 owner,
                 cid,
@@ -494,10 +499,10 @@ async def add_message(request: web.Request) -> web.Response:
                 reasoning=target["reasoning"],
                 last_event_id=0,
                 status="streaming",
-                generation=generation_id,
+                generation=generation.id,
             )
             question = None
-            answer = {**target, "status": "streaming", "generation": generation_id, "last_event_id": 0}
+            answer = {**target, "status": "streaming", "generation": generation.id, "last_event_id": 0}
             answer.update({"finish_reason": None, "error": None, "usage": None})
             summary = await store.summary(owner, cid)
             keys = None
@@ -516,17 +521,17 @@ async def add_message(request: web.Request) -> web.Response:
                     "content": "",
                     "status": "streaming",
                     "model": chat.request.model.id,
+                    "generation": generation.id,
                 },
-                start=start,
                 create=new,
+                only_new=assume_new,
             )
             question, answer, summary, keys = made["question"], made["answer"], made["summary"], made["keys"]
     except BaseException:
-        if generation is not None:
-            generation.stop()  # nothing stored to answer into: the model is not asked for nothing
+        discard_generation(request, generation)  # nothing stored to answer into: the model is not asked
         raise
-    assert generation is not None
     _track_answer(request, generation, owner=owner, conversation=cid, message=answer, keys=keys)
+    launch_generation(request, generation)
     log.info("generation %s started for a stored conversation: model=%s mode=%s", generation.id, model, mode)
     if question is not None:
         _publish(request, "message", {"conversation": cid, "message": question})

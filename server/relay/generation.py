@@ -245,6 +245,10 @@ class Generation:
         self._task.add_done_callback(self._upstream_closed)
         self._arm_grace_timer()  # nobody subscribed yet: the grace period starts now
 
+    @property
+    def launched(self) -> bool:
+        return self.started_at is not None
+
     def _upstream_closed(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             try:

@@ -63,8 +63,12 @@ class GenerationRegistry:
         fingerprint: str,
         owner: str | None = None,
         keep_unread: bool = False,
+        launch: bool = True,
     ) -> Generation:
-        """Check the limits, then create and start a generation (the upstream call begins now)."""
+        """Check the limits, then create and start a generation (the upstream call begins
+        now). launch=False: created and counted, but the model is not asked until
+        launch(), or ever if discard() comes first (a stored answer's rows are written
+        in between)."""
         if not self.accepting:
             raise ApiError(503, "shutting_down", "Rill is shutting down. Try again in a moment.")
         limits = self._config.limits
@@ -108,8 +112,25 @@ class GenerationRegistry:
             self._by_client_id[client_id] = generation
         self._live.add(generation)
         self._live_per_client[client_key] += 1
-        generation.start(session)
+        if launch:
+            generation.start(session)
         return generation
+
+    def launch(self, generation: Generation, session: aiohttp.ClientSession) -> None:
+        generation.start(session)
+
+    def discard(self, generation: Generation) -> None:
+        """A generation made with launch=False that will not run: as if never started
+        (its id and client_id forgotten, its place in the limits given back)."""
+        assert not generation.launched, "discard() is for generations never launched"
+        self._by_id.pop(generation.id, None)
+        if generation.client_id is not None and self._by_client_id.get(generation.client_id) is generation:
+            del self._by_client_id[generation.client_id]
+        if generation in self._live:
+            self._live.discard(generation)
+            self._live_per_client[generation.client_key] -= 1
+            if self._live_per_client[generation.client_key] <= 0:
+                del self._live_per_client[generation.client_key]
 
     def _ended_callback(self, generation: Generation) -> None:
         if self._on_end is not None:

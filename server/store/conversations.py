@@ -84,20 +84,14 @@ def create(connection: Connection, owner: str, data: Any, limits: StoreLimits, n
     return insert_new(connection, owner, fields, now)[1], True
 
 
-def create_for_message(
-    connection: Connection, owner: str, data: Any, limits: StoreLimits, now: int
-) -> tuple[int, dict[str, int]] | None:
-    """The conversation a first message makes: (its key, the owner's totals with it), or
-    None when it exists already (its id taken: the usual path follows)."""
-    fields = new_fields(data, limits)
+def owner_totals(connection: Connection, owner: str, cid: str) -> tuple[dict[str, int], bool]:
+    """The owner's totals (for the quotas) and whether conversation `cid` exists, in one
+    statement (a first message makes its conversation in the same write)."""
     count, existing, message_total, byte_total = connection.execute(
-        _TOTALS_AND_FIND, {"owner": owner, "cid": fields["id"]}
+        _TOTALS_AND_FIND, {"owner": owner, "cid": cid}
     ).one()
-    if existing is not None:
-        return None
-    refuse_conversations(count, limits, 1)
-    pk, _ = insert_new(connection, owner, fields, now)
-    return pk, {"conversations": int(count) + 1, "messages": int(message_total), "bytes": int(byte_total)}
+    totals = {"conversations": int(count), "messages": int(message_total), "bytes": int(byte_total)}
+    return totals, existing is not None
 
 
 def new_fields(data: Any, limits: StoreLimits) -> dict[str, Any]:
@@ -116,8 +110,10 @@ def new_fields(data: Any, limits: StoreLimits) -> dict[str, Any]:
 
 
 def insert_new(connection: Connection, owner: str, fields: dict[str, Any], now: int) -> tuple[int, dict[str, Any]]:
-    """(key, summary) of the conversation inserted with `fields` (from new_fields)."""
-    pk, *row = connection.execute(_CREATE, {"owner": owner, "created": now, "updated": now, "bytes": 0, **fields}).one()
+    """(key, summary) of the conversation inserted with `fields` (from new_fields; also
+    `bytes` and `message_count` when it is made with messages)."""
+    values = {"owner": owner, "created": now, "updated": now, "bytes": 0, "message_count": 0} | fields
+    pk, *row = connection.execute(_CREATE, values).one()
     return int(pk), dict(zip(shapes.CONVERSATION_FIELDS, row, strict=True)) | {"streaming": False}
 
 

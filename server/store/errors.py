@@ -19,6 +19,11 @@ class StoreOpenError(Exception):
     one line for the operator; `python -m server` exits 2 with it."""
 
 
+class ConversationExists(Exception):
+    """A write that was to make a conversation found it there already: nothing written;
+    the caller reads it and tries the usual way."""
+
+
 class StoreUnavailable(ApiError):
     """The database is down, locked or full right now; the same call later may work."""
 

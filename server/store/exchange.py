@@ -4,7 +4,6 @@ the one write transaction that adds both (quota checked once, inside it)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Select, bindparam, func, literal, null, select, union_all, update
@@ -13,9 +12,9 @@ from sqlalchemy.engine import Connection
 from . import conversations as conversation_queries
 from . import shapes, validation
 from .conversations import summary
-from .errors import not_found
+from .errors import ConversationExists, not_found
 from .messages import find, insert_row
-from .quotas import refuse_messages
+from .quotas import refuse_conversations, refuse_messages
 from .schema import conversations, messages
 from .validation import StoreLimits
 
@@ -119,32 +118,39 @@ def add_exchange(
     cid: str,
     question: dict[str, Any] | None,
     answer: dict[str, Any],
-    start: Callable[[], str],
     limits: StoreLimits,
     now: int,
     create: dict[str, Any] | None = None,
+    *,
+    only_new: bool = False,
 ) -> dict[str, Any]:
     """Adds the question (if any) and its answer, under the question or (regenerate) the
     answer's given parent; a conversation not there yet is made first from `create` (its
-    fields) when given. Checks parent, quota (once, for both), then calls `start()`
-    (which starts the generation and returns its id, stored as the answer's generation)
-    before anything is written: a refusal never asks the model. Idempotent by id, like
+    fields) when given (only_new: it must not exist yet, else ConversationExists). Checks
+    parent and quota (once, for both) before anything is written. Idempotent by id, like
     add_message. Returns {"question", "answer", "summary", "keys": (conversation, answer)
     row keys when the answer is new, else None} without reading them back."""
     asked = validation.message(question, limits, now) if question is not None else None
     given = validation.message(answer, limits, now)
     if not isinstance(cid, str) or not validation.ID.fullmatch(cid):
         raise not_found()
-    made_new = None
+    new_fields = None  # the conversation's, when this write makes it
     if create is not None:
-        made_new = conversation_queries.create_for_message(connection, owner, {**create, "id": cid}, limits, now)
+        new_fields = conversation_queries.new_fields({**create, "id": cid}, limits)
+        have, exists = conversation_queries.owner_totals(connection, owner, cid)
+        if exists and only_new:
+            raise ConversationExists(cid)
+        if exists:
+            new_fields = None
+        else:
+            refuse_conversations(have["conversations"], limits, 1)
     wanted = {given["id"]} | ({asked["id"]} if asked is not None else set())
     parent = asked["parent"] if asked is not None else given["parent"]
     if parent is not None:
         wanted.add(parent)
-    if made_new is not None:
-        pk, have = made_new
-        keys: dict[str, int] = {}  # a conversation just made has no messages
+    if new_fields is not None:
+        pk = 0  # inserted once the checks have passed
+        keys: dict[str, int] = {}  # a conversation made now has no messages
     else:
         row = connection.execute(_LOCK, {"owner": owner, "cid": cid}).first()
         if row is None:
@@ -160,8 +166,11 @@ def add_exchange(
     size = sum(shapes.text_bytes(m["content"], m["reasoning"]) for m in adding)
     if adding:
         refuse_messages(have, limits, len(adding), size)
-    given["generation"] = validation.valid_id(start(), "generation")
     made: dict[str, Any] = {"question": None, "keys": None}
+    if new_fields is not None:
+        # Made with its counts and active branch as they are after this write: no update.
+        counts = {"active": adding[-1]["id"], "bytes": size, "message_count": len(adding)}
+        pk, made["summary"] = conversation_queries.insert_new(connection, owner, new_fields | counts, now)
     if asked is not None:
         if asked["id"] in keys:
             made["question"] = find(connection, pk, asked["id"])  # sent before: it stands
@@ -175,6 +184,9 @@ def add_exchange(
         parent_pk = keys.get(given["parent"]) if given["parent"] is not None else None
         made["keys"] = (pk, insert_row(connection, owner, pk, parent_pk, given))
         made["answer"] = _shaped(given)
+    if new_fields is not None:
+        made["summary"]["streaming"] = given["status"] == "streaming"
+        return made
     if not adding:
         made["summary"] = summary(connection, pk)
         return made

@@ -29,7 +29,6 @@ T = TypeVar("T")
 Work = Callable[[Connection], T]
 
 READERS = 2  # reads run beside the writer (WAL): a long export never holds up the saves
-LOOP_CALL_TIMEOUT = 30.0  # seconds a unit of work waits for the event loop (see loop_call)
 # How a unit of work opens its SQLite transaction (the engine's "begin" event reads it):
 # writers take the write lock up front, so busy_timeout applies instead of a failure on
 # upgrading a read lock; a read without a snapshot runs each statement on its own.
@@ -48,9 +47,6 @@ class Database(Protocol):
         """`work(connection)` in one write transaction: committed when it returns, rolled
         back when it raises. A caller cancelled (shutdown, a request given up) gets its
         CancelledError at once, and the write still runs whole: a retry by id finds it."""
-
-    def loop_call(self, function: Callable[[], T]) -> Callable[[], T]:
-        """`function` made callable from inside a unit of work: it runs on the event loop."""
 
     async def close(self) -> None: ...
 
@@ -74,18 +70,6 @@ class ThreadedSQLite:
         written = self._submit(self._writer, self._run_write, work)
         written.add_done_callback(_retrieved)
         return await asyncio.shield(written)
-
-    def loop_call(self, function: Callable[[], T]) -> Callable[[], T]:
-        loop = asyncio.get_running_loop()
-
-        async def on_loop() -> T:
-            return function()
-
-        def from_thread() -> T:
-            # The thread waits; the loop is free meanwhile (it never waits on this thread).
-            return asyncio.run_coroutine_threadsafe(on_loop(), loop).result(LOOP_CALL_TIMEOUT)
-
-        return from_thread
 
     async def close(self) -> None:
         # Queued and running units of work finish first; then each thread's connection.
@@ -172,9 +156,6 @@ class AsyncPostgres:
     async def _write(self, work: Work[T]) -> T:
         async with self.engine.begin() as connection:
             return await connection.run_sync(work)
-
-    def loop_call(self, function: Callable[[], T]) -> Callable[[], T]:
-        return function  # run_sync's work runs on the event loop already
 
     async def close(self) -> None:
         if self._writing:

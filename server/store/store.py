@@ -119,18 +119,17 @@ class Store:
         question: dict[str, Any] | None,
         answer: dict[str, Any],
         *,
-        start: Callable[[], str],
         create: dict[str, Any] | None = None,
+        only_new: bool = False,
     ) -> dict[str, Any]:
-        """A question (None: regenerate) and its answer in one transaction, the conversation
-        made first when it does not exist and `create` (its fields) is given; `start()` runs
-        once the checks passed and gives the answer's generation id (called again when
-        PostgreSQL makes the transaction run again: it must give the same id). It runs on
-        the event loop, the transaction waiting for it.
-        Returns {"question", "answer", "summary"}."""
-        begin = self.database.loop_call(start)
+        """A question (None: regenerate) and its answer (with its generation's id) in one
+        transaction, the conversation made first when it does not exist and `create` (its
+        fields) is given (only_new: it must not exist, else ConversationExists, nothing
+        written). Returns {"question", "answer", "summary", "keys"} (exchange.add_exchange)."""
         return await self._written(
-            lambda c: exchange.add_exchange(c, owner, cid, question, answer, begin, self.limits, now_ms(), create)
+            lambda c: exchange.add_exchange(
+                c, owner, cid, question, answer, self.limits, now_ms(), create, only_new=only_new
+            )
         )
 
     async def path(self, owner: str, cid: str, leaf_id: str) -> list[dict[str, Any]]:

@@ -1,0 +1,31 @@
+"""server/jsoncodec.py: orjson's speed, json's answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from server import jsoncodec
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"text": "a\nb 世界 🎉", "n": 3, "none": None, "list": [1.5, True]},
+        {"lone": "x\ud800y"},  # a lone surrogate: orjson refuses it, json escapes it
+        {"big": 2**70},  # past 64 bits: orjson refuses it
+        "</script><b>",
+    ],
+)
+def test_dumps_reads_back_as_json_wrote_it(value: Any) -> None:
+    written = jsoncodec.dumps(value)
+    written.decode("utf-8")  # always valid UTF-8, whatever the text held
+    assert json.loads(written) == value
+    assert jsoncodec.loads(written) == value
+
+
+def test_dumps_writes_utf8_not_escapes() -> None:
+    assert jsoncodec.dumps({"a": "世界"}) == '{"a":"世界"}'.encode()
+    assert jsoncodec.dumps({"a": "\ud800"}) == b'{"a":"\\ud800"}'
