@@ -11,7 +11,6 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from . import fts
 from .errors import StoreOpenError
@@ -55,6 +54,8 @@ def connect(url: URL) -> Database:
         engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False})
         _configure_sqlite(engine)
         return ThreadedSQLite(engine)
+    from sqlalchemy.ext.asyncio import create_async_engine  # only here: see runners.py
+
     # pre_ping: after PostgreSQL restarts, the pool drops dead connections before use
     # rather than failing one request per stale connection.
     return AsyncPostgres(

@@ -4,9 +4,9 @@
 - SQLite (`ThreadedSQLite`): the standard library's sqlite3 driver on threads of our
   own, one writer and a few readers, each with its connection kept open. A unit of work
   (a whole transaction: a question and its answer, a batch of saves) is one trip to a
-  thread and one wake-up of the event loop, however many statements it runs. aiosqlite
-  makes a trip per statement (four, before server/store/onehop.py cut them to one), and
-  those trips were most of a stored answer's CPU.
+  thread and one wake-up of the event loop, however many statements it runs. aiosqlite,
+  through SQLAlchemy's adapter, makes four trips per statement, and a trip costs 100-170 µs
+  of CPU on a small VM: those trips were most of a stored answer's CPU.
 - PostgreSQL (`AsyncPostgres`): SQLAlchemy's asyncio engine over asyncpg, the same
   functions run through `AsyncConnection.run_sync` (SQLAlchemy's documented bridge)."""
 
@@ -18,10 +18,14 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    # Imported when PostgreSQL is configured only (database.py): SQLAlchemy's asyncio
+    # layer brings its ORM, several MB a SQLite install never uses.
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger(__name__)
 
