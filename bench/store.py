@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import random
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -34,7 +35,11 @@ from server.store.schema import conversations, messages
 OWNER = "bench"
 BIG_ID = "big0000000000000"
 BATCH = 5000
-TARGETS_MS = {"list": 20.0, "open": 20.0, "search": 50.0}
+TARGETS_MS: dict[str, float | None] = {"list": 20.0, "open": 20.0, "search": 50.0, "floor": None}
+# The floor under `open`, measured in the same run: the same rows by a plain sqlite3
+# connection, no SQLAlchemy and no shaping. This VM's speed swings about 2x over minutes;
+# the ratio to the floor does not.
+FLOOR_QUERY = "SELECT * FROM messages WHERE conversation_pk = ? ORDER BY pk"
 
 VOCABULARY = (
     "the a to of and in is it that for you with on this be are as can not your or we have will an by from "
@@ -254,6 +259,16 @@ async def measure(store: Store, size: Size, repeat: int) -> list[dict[str, Any]]
     )
     if opened != size.big:
         raise RuntimeError(f"opened {opened} messages, expected {size.big}")
+    plain = sqlite3.connect(str(store.sync_engine.url.database))
+    try:
+        pk = plain.execute("SELECT pk FROM conversations WHERE owner = ? AND id = ?", (OWNER, BIG_ID)).fetchone()[0]
+
+        async def fetch_plain() -> list[Any]:
+            return plain.execute(FLOOR_QUERY, (pk,)).fetchall()
+
+        await row("floor: the same rows by plain sqlite3", "floor", fetch_plain, len)
+    finally:
+        plain.close()
     for name, query, hits in QUERIES:
         found = await row(f"{name}: {query}", "search", lambda q=query: store.search(OWNER, q), len)  # type: ignore[misc]
         if bool(found) != hits:
@@ -267,9 +282,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        met = "yes" if row["p95_ms"] < row["target_ms"] else "NO"
+        target = row["target_ms"]
+        met = "–" if target is None else "yes" if row["p95_ms"] < target else "NO"
+        shown = "–" if target is None else f"< {target:.0f}"
         lines.append(
-            f"| {row['operation']} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | < {row['target_ms']:.0f} "
+            f"| {row['operation']} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | {shown} "
             f"| {row['cpu_p50_ms']:.2f} / {row['cpu_p95_ms']:.2f} | {row['results']} | {met} |"
         )
     return "\n".join(lines)
@@ -324,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, load average {load}\n"
     )
     print(table(rows))
-    met = all(row["p95_ms"] < row["target_ms"] for row in rows)
+    met = all(row["target_ms"] is None or row["p95_ms"] < row["target_ms"] for row in rows)
     print(f"\nTargets of issue 14: {'all met' if met else 'NOT all met'}")
     return 0
 

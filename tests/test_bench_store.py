@@ -19,6 +19,7 @@ async def test_the_store_bench_measures_every_operation(tmp_path: Path) -> None:
     by_name = {row["operation"]: row for row in rows}
     assert by_name["list (first page)"]["results"] == TINY.conversations
     assert by_name["open (100 messages)"]["results"] == TINY.big
+    assert by_name["floor: the same rows by plain sqlite3"]["results"] == TINY.big  # the same rows
     for name, query, hits in QUERIES:
         found = by_name[f"{name}: {query}"]["results"]
         assert (found > 0) == hits, (query, found)
