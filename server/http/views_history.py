@@ -115,7 +115,12 @@ def _new_conversation(request: web.Request, value: Any) -> dict[str, Any] | None
     if not isinstance(value, dict):
         raise invalid("bad_message", "'conversation' must be an object (its title, system and model).")
     _only(value, {"title", "system", "model"})
-    fields = _conversation_fields(request, value)
+    return _new_fields(request, value)
+
+
+def _new_fields(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    """A new conversation's title/system/model from a request body; a title given is the user's."""
+    fields = _conversation_fields(request, body)
     if fields.get("title"):
         fields["title_source"] = "user"
     return fields
@@ -177,10 +182,8 @@ async def create_conversation(request: web.Request) -> web.Response:
     store = _store(request)
     body = await read_json_object(request)
     _only(body, {"id", "title", "system", "model"})
-    data = _conversation_fields(request, body)
+    data = _new_fields(request, body)
     data["id"] = _optional_id(body, "id") or uuid.uuid4().hex[:16]
-    if data.get("title"):
-        data["title_source"] = "user"
     summary, created = await store.create_conversation(owner_of(request), data)
     if created:
         _publish(request, "conversation", summary)
