@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only NAME ...] [--repeat N]`, `python -m bench soak --minutes 60`,
+"""`python -m bench [--quick] [--only NAME ...] [--targets NAME ...] [--repeat N]`, `python -m bench soak --minutes 60`,
 `python -m bench store`: see bench/README.md."""
 
 from __future__ import annotations
@@ -29,18 +29,32 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small loads: checks the instrument, not the speed")
     parser.add_argument("--only", nargs="*", help="scenario names to run")
     parser.add_argument("--targets", nargs="*", help="targets to run (direct, naive, rill)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="passes over the scenarios; CPU per token is then judged by the median over the passes",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat takes 1 or more")
     scenarios = [s for s in (QUICK if args.quick else FULL) if not args.only or s.name in args.only]
     started = time.monotonic()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="rill-bench-") as work:
-        for scenario in scenarios:
-            for target in scenario.targets:
-                if args.targets and target not in args.targets:
-                    continue
-                print(f"… {scenario.name} / {target}", file=sys.stderr, flush=True)
-                rows.append(run_one(scenario, target, Path(work)))
+        # Pass after pass (not each scenario N times in a row): a target and its baseline
+        # are measured minutes apart at most, in the same state of a noisy machine.
+        for pass_ in range(args.repeat):
+            for scenario in scenarios:
+                for target in scenario.targets:
+                    if args.targets and target not in args.targets:
+                        continue
+                    shown = f" (pass {pass_ + 1} of {args.repeat})" if args.repeat > 1 else ""
+                    print(f"… {scenario.name} / {target}{shown}", file=sys.stderr, flush=True)
+                    row = run_one(scenario, target, Path(work))
+                    row.round = pass_
+                    rows.append(row)
     server_core, bench_core = cores()
     meta = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -99,6 +99,7 @@ class Row:
     upstream_requests: int | None = None
     upstream_open_after: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    round: int = 0  # with --repeat: which pass over the scenarios this row is from
 
     @property
     def cpu_us_per_token(self) -> float | None:

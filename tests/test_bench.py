@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from bench.client import Job, Stream, run
 from bench.pipe import Side, join
-from bench.report import targets
+from bench.report import table, targets
 from bench.run import ROOT, Row
 from bench.soak import MIX, Sample, slope_per_1000
 from bench.upstream import Upstream, listen
@@ -156,6 +156,49 @@ def test_the_history_checks_compare_the_same_scenario() -> None:
     streaming = checks["writes while streaming (every save_interval) within 10 % of history off (capacity-100)"]
     assert streaming[0] is True
     assert "+5.0 %" in streaming[1]
+
+
+def test_repeated_passes_are_compared_pass_by_pass_and_judged_by_the_median() -> None:
+    """Each pass compares history on and off in one state of the machine; the verdict is the
+    median over the passes, and the runs' spread is shown."""
+
+    def row(target: str, cpu_s: float, pass_: int) -> Row:
+        client = {
+            "delivered": 1000,
+            "expected": 1000,
+            "lost": 0,
+            "duplicated": 0,
+            "reordered": 0,
+            "failed_streams": 0,
+            "latency_ms": {"p50": 0.2, "p99": 1.0},
+            "first_token_ms": 14.0,
+            "tokens_per_s": 2700.0,
+            "client_cpu_s": 1.4,
+            "client_lag_ms": {"p99": 1.0},
+        }
+        return Row("capacity-100", target, client, server_cpu_s=cpu_s, round=pass_)
+
+    # +5 %, +30 % (a noisy pass), +8 %: the median is +8 %.
+    rows = [
+        row("rill", 0.020, 0),
+        row("rill-history", 0.021, 0),
+        row("rill", 0.020, 1),
+        row("rill-history", 0.026, 1),
+        row("rill", 0.025, 2),
+        row("rill-history", 0.027, 2),
+    ]
+    checks = {name: (met, figure) for name, met, figure in targets(rows)}
+    met, figure = checks["history on within 10 % of off, CPU per token (capacity-100), median of 3 runs"]
+    assert met is True
+    assert "+8.0 %" in figure
+    assert "runs +5.0 % to +30.0 %" in figure
+    # A fault in any pass counts, not only in the last one.
+    rows[0].client = rows[0].client | {"lost": 2}
+    lost = next(c for c in targets(rows) if c[0] == "0 tokens lost, duplicated or reordered")
+    assert lost[1] is False
+    shown = table(rows)
+    assert "| rill #2 |" in shown
+    assert "| rill-history #3 |" in shown
 
 
 def test_only_complete_events_are_read() -> None:
