@@ -57,9 +57,6 @@ def list_summaries(connection: Connection, owner: str, limit: int, before: int |
 
 
 # Built once (building a statement costs more CPU than running it); values bound at execute.
-_COUNT_AND_FIND = select(
-    func.count(), func.max(case((conversations.c.id == bindparam("cid"), conversations.c.pk)))
-).where(conversations.c.owner == bindparam("owner"))
 _CREATE = insert(conversations).returning(
     conversations.c.pk, *(conversations.c[name] for name in shapes.CONVERSATION_FIELDS)
 )
@@ -76,22 +73,21 @@ CREATE_KEYS = frozenset({"id", "title", "title_source", "system", "model"})
 
 def create(connection: Connection, owner: str, data: Any, limits: StoreLimits, now: int) -> tuple[dict[str, Any], bool]:
     fields = new_fields(data, limits)
-    # The owner's count (for the quota) and this id's row, if any, in one statement.
-    count, existing = connection.execute(_COUNT_AND_FIND, {"owner": owner, "cid": fields["id"]}).one()
+    have, existing = owner_totals(connection, owner, fields["id"])
     if existing is not None:
         return summary(connection, existing), False
-    refuse_conversations(count, limits, 1)
+    refuse_conversations(have["conversations"], limits, 1)
     return insert_new(connection, owner, fields, now)[1], True
 
 
-def owner_totals(connection: Connection, owner: str, cid: str) -> tuple[dict[str, int], bool]:
-    """The owner's totals (for the quotas) and whether conversation `cid` exists, in one
-    statement (a first message makes its conversation in the same write)."""
+def owner_totals(connection: Connection, owner: str, cid: str) -> tuple[dict[str, int], int | None]:
+    """The owner's totals (for the quotas) and conversation `cid`'s key if it exists, in
+    one statement (a new conversation, alone or with its first message)."""
     count, existing, message_total, byte_total = connection.execute(
         _TOTALS_AND_FIND, {"owner": owner, "cid": cid}
     ).one()
     totals = {"conversations": int(count), "messages": int(message_total), "bytes": int(byte_total)}
-    return totals, existing is not None
+    return totals, None if existing is None else int(existing)
 
 
 def new_fields(data: Any, limits: StoreLimits) -> dict[str, Any]:

@@ -137,10 +137,10 @@ def add_exchange(
     new_fields = None  # the conversation's, when this write makes it
     if create is not None:
         new_fields = conversation_queries.new_fields({**create, "id": cid}, limits)
-        have, exists = conversation_queries.owner_totals(connection, owner, cid)
-        if exists and only_new:
+        have, existing = conversation_queries.owner_totals(connection, owner, cid)
+        if existing is not None and only_new:
             raise ConversationExists(cid)
-        if exists:
+        if existing is not None:
             new_fields = None
         else:
             refuse_conversations(have["conversations"], limits, 1)

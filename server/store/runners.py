@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
     # Imported when PostgreSQL is configured only (database.py): SQLAlchemy's asyncio
     # layer brings its ORM, several MB a SQLite install never uses.
     from sqlalchemy.ext.asyncio import AsyncEngine
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Work = Callable[[Connection], T]
