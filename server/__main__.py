@@ -18,6 +18,7 @@ from aiohttp import web
 
 from server import __version__
 from server.app import create_app, stop_accepting
+from server.cluster import ClusterOpenError
 from server.config import Config, ConfigError, load_config
 from server.http.httpserver import ListenError, raise_open_file_limit, start_server
 from server.ops.logs import configure_logging
@@ -74,6 +75,9 @@ def main() -> int:
     except ListenError as exc:
         print(f"rill: {exc}", file=sys.stderr)
         return 1
+    except ClusterOpenError as exc:
+        print(f"rill: cannot use Redis for shared mode: {exc}", file=sys.stderr)
+        return 2
     except StoreOpenError as exc:
         # A corrupt or newer-than-known database: stop, never recreate or overwrite it.
         print(f"rill: cannot open the conversations' database: {exc}", file=sys.stderr)

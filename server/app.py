@@ -29,6 +29,7 @@ from server.keys import (
     ANSWERS,
     BUDGET,
     CATALOG,
+    CLUSTER,
     CONFIG,
     FEED,
     GATE,
@@ -88,7 +89,9 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_security_headers)
     app.on_response_prepare.append(add_request_id_header)
     app.on_response_prepare.append(add_cors_headers)
-    # First in, last out: answers still being written get the database until the end.
+    # First in, last out: answers still being written get the database until the end,
+    # and Redis gets the last events of the answers a shutdown ends.
+    app.cleanup_ctx.append(_cluster)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_http_client)
     app.cleanup_ctx.append(_catalog)
@@ -125,6 +128,24 @@ def store_limits(storage: StorageConfig) -> StoreLimits:
         max_bytes=storage.max_bytes,
         max_message_chars=storage.max_message_chars,
     )
+
+
+async def _cluster(app: web.Application) -> AsyncIterator[None]:
+    """Shared mode: connects to Redis (ClusterOpenError stops start-up) and shares this
+    process's answers from then on."""
+    config = app[CONFIG]
+    if not config.cluster.enabled:
+        yield
+        return
+    from server.cluster.node import open_cluster  # redis-py only where it is used
+
+    cluster = app[CLUSTER] = await open_cluster(config, app[REGISTRY])
+    shown = f"{config.cluster.shown_url} ({config.cluster.url_from})"
+    log.info("shared mode: Redis at %s, this process is %s", shown, cluster.process)
+    try:
+        yield
+    finally:
+        await cluster.close()
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:

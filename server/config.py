@@ -213,6 +213,31 @@ class StorageConfig:
             return ""
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Shared mode ([cluster]): processes that serve one set of answers through Redis.
+    `redis_url` "" (the default): one process, everything in its memory."""
+
+    redis_url: str = field(default="", repr=False)  # may hold a password
+    url_from: str = ""  # what chose the url, for messages
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+    @property
+    def shown_url(self) -> str:
+        """The url without its password, for logs and messages."""
+        return _without_password(self.redis_url)
+
+    @property
+    def password(self) -> str:
+        try:
+            return URL(self.redis_url).password or ""
+        except ValueError:
+            return ""
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     providers: tuple[ProviderConfig, ...]
@@ -226,13 +251,14 @@ class Config:
     compat: CompatConfig = CompatConfig()
     access: AccessConfig = AccessConfig()
     storage: StorageConfig = StorageConfig(enabled=False)
+    cluster: ClusterConfig = ClusterConfig()
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for scrubbing text that came from outside."""
         keys = tuple(p.api_key.reveal() for p in self.providers if p.api_key)
-        password = (self.storage.password,) if self.storage.password else ()
-        return keys + tuple(token.secret.reveal() for token in self.access.tokens) + password
+        passwords = tuple(word for word in (self.storage.password, self.cluster.password) if word)
+        return keys + tuple(token.secret.reveal() for token in self.access.tokens) + passwords
 
 
 # --- reading the TOML document -------------------------------------------------------
@@ -487,6 +513,7 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
         )
 
     storage = _parse_storage(root.table("storage"), environ, access, limits)
+    cluster = _parse_cluster(root.table("cluster"), environ)
 
     providers = [_parse_provider(p) for p in root.tables("providers")]
     if not providers:
@@ -514,6 +541,7 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
         compat=compat,
         access=access,
         storage=storage,
+        cluster=cluster,
     )
 
 
@@ -590,6 +618,27 @@ def _database_url(text: str, key: str) -> str:
     if scheme == "sqlite" and text.partition("://")[2] in ("", "/", "/:memory:"):
         raise ConfigError(f"{key}: a SQLite URL names a file, as in sqlite:////var/lib/rill/rill.db")
     return text
+
+
+def _redis_url(text: str, key: str) -> str:
+    scheme = text.partition("://")[0].lower()
+    if scheme not in ("redis", "rediss", "unix") or "://" not in text:
+        raise ConfigError(
+            f"{key}: must be a redis://host:port/db (rediss:// for TLS, unix:///path) URL, "
+            f"got {_without_password(text)!r}"
+        )
+    return text
+
+
+def _parse_cluster(section: _Section, environ: Mapping[str, str]) -> ClusterConfig:
+    file_url = section.get("redis_url", str, "")
+    section.finish()
+    if env_url := environ.get("RILL_REDIS_URL", ""):
+        return ClusterConfig(redis_url=_redis_url(env_url, "RILL_REDIS_URL"), url_from="RILL_REDIS_URL")
+    if file_url:
+        key = section.key("redis_url")
+        return ClusterConfig(redis_url=_redis_url(file_url, key), url_from=key)
+    return ClusterConfig()
 
 
 def _parse_storage(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +19,10 @@ from server.relay.registry import GenerationRegistry
 from server.relay.streaming import OpenStreams
 from server.store import Store
 
+if TYPE_CHECKING:
+    # Imported only in shared mode (app.py): redis-py is not loaded by a lone process.
+    from server.cluster.node import Cluster
+
 CONFIG = web.AppKey("config", Config)
 CATALOG = web.AppKey("catalog", Catalog)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -31,3 +36,4 @@ BUDGET = web.AppKey("budget", DailyBudget)
 STORE = web.AppKey("store", Store)  # only with [storage] enabled
 FEED = web.AppKey("feed", ChangeFeed)  # each owner's changes, for GET /api/changes
 ANSWERS = web.AppKey("answers", AnswerKeeper)  # writes stored conversations' answers; with STORE
+CLUSTER: web.AppKey[Cluster] = web.AppKey("cluster")  # only with [cluster] redis_url

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -14,10 +14,24 @@ from server.access.middleware import PRINCIPAL, client_key
 from server.http.errors import ApiError
 from server.http.responses import json_response
 from server.http.validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
-from server.keys import BUDGET, CATALOG, CONFIG, GATE, METRICS, OPEN_STREAMS, REGISTRY, SESSION, STARTED_AT
+from server.keys import (
+    BUDGET,
+    CATALOG,
+    CLUSTER,
+    CONFIG,
+    GATE,
+    METRICS,
+    OPEN_STREAMS,
+    REGISTRY,
+    SESSION,
+    STARTED_AT,
+)
 from server.relay.generation import Generation
 from server.relay.streaming import check_stream_limit, serve
 from server.relay.upstream import ChatRequest
+
+if TYPE_CHECKING:
+    from server.cluster.remote import RemoteAnswer
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +46,36 @@ def _created(generation: Generation) -> dict[str, Any]:
     }
 
 
-def _generation(request: web.Request) -> Generation:
+def _not_found() -> ApiError:
+    return ApiError(404, "generation_not_found", "No such generation (it may have expired).")
+
+
+def _local(request: web.Request) -> Generation | None:
+    """The generation this process streams, if it is the requester's."""
     generation = request.app[REGISTRY].get(parse_generation_id(request))
     # Another token's answer is as good as absent: its id proves nothing.
     if generation is None or (generation.owner is not None and generation.owner != request.get(PRINCIPAL)):
-        raise ApiError(404, "generation_not_found", "No such generation (it may have expired).")
+        return None
     return generation
+
+
+async def _remote(request: web.Request) -> RemoteAnswer:
+    """Shared mode: the requester's answer streamed by another process; else 404."""
+    if CLUSTER not in request.app:
+        raise _not_found()
+    from server.cluster import remote  # redis-py: shared mode only
+
+    answer = await remote.find(request.app[CLUSTER].redis, parse_generation_id(request))
+    if answer is None or (answer.owner is not None and answer.owner != request.get(PRINCIPAL)):
+        raise _not_found()
+    return answer
+
+
+async def announced(request: web.Request, generation: Generation) -> None:
+    """Shared mode: until other processes can find the new answer (a reader may be sent
+    to any of them as soon as the response arrives)."""
+    if CLUSTER in request.app:
+        await request.app[CLUSTER].mirror.announced(generation)
 
 
 def start_generation(
@@ -102,6 +140,7 @@ async def create_chat(request: web.Request) -> web.Response:
         log.info("generation %s: repeated client_id, no new upstream request", existing.id)
         return json_response(_created(existing), status=200)
     generation = start_generation(request, chat.request, client_id=client_id, fingerprint=fingerprint)
+    await announced(request, generation)
     log.info(
         "generation %s started: model=%s messages=%d", generation.id, chat.request.model.id, len(chat.request.messages)
     )
@@ -119,7 +158,9 @@ def all_delivered(generation: Generation, after: int) -> bool:
 
 
 async def chat_events(request: web.Request) -> web.StreamResponse:
-    generation = _generation(request)
+    generation = _local(request)
+    if generation is None:
+        return await _remote_events(request)
     after = parse_last_event_id(request)
     if all_delivered(generation, after):
         return web.Response(status=204)
@@ -134,8 +175,52 @@ async def chat_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _remote_events(request: web.Request) -> web.StreamResponse:
+    """The events of an answer another process streams, read from Redis."""
+    from server.cluster import remote
+
+    answer = await _remote(request)
+    app = request.app
+    redis = app[CLUSTER].redis
+    after = parse_last_event_id(request)
+    if after > await remote.last_event_id(redis, answer):
+        raise ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
+    if answer.end is not None and after >= answer.end:
+        return web.Response(status=204)
+    if after > 0:
+        app[METRICS].resumes.inc()
+    config, streams, reader = app[CONFIG], app[OPEN_STREAMS], client_key(request)
+    check_stream_limit(streams, reader, config.limits.max_streams_per_client)
+    registry = app[REGISTRY]
+    response, outcome = await remote.serve_remote(
+        request,
+        redis,
+        answer,
+        after=after,
+        streams=streams,
+        config=config.stream,
+        client_key=reader,
+        closing=lambda: not registry.accepting,
+    )
+    log.info(
+        "generation %s (of process %s): stream from event %d ended: %s",
+        answer.id,
+        answer.process,
+        after,
+        outcome.value,
+    )
+    return response
+
+
 async def stop_chat(request: web.Request) -> web.Response:
-    generation = _generation(request)
+    generation = _local(request)
+    if generation is None:
+        from server.cluster import remote
+
+        answer = await _remote(request)
+        result = await remote.stop_remote(request.app[CLUSTER].redis, answer)
+        log.info("generation %s (of process %s) stopped by the client", answer.id, answer.process)
+        return json_response(result)
     was_live = generation.live
     generation.stop()
     try:

@@ -24,7 +24,7 @@ from server.history.stream import follow_changes
 from server.http.errors import ApiError
 from server.http.responses import json_response
 from server.http.validation import invalid, parse_chat, raw_last_event_id, read_json_object
-from server.http.views_api import discard_generation, launch_generation, start_generation
+from server.http.views_api import announced, discard_generation, launch_generation, start_generation
 from server.keys import ANSWERS, CATALOG, CONFIG, FEED, OPEN_STREAMS, REGISTRY, STORE
 from server.relay.generation import Generation
 from server.relay.streaming import check_stream_limit
@@ -535,6 +535,7 @@ async def _add_message(request: web.Request, body: dict[str, Any], *, assume_new
         raise
     _track_answer(request, generation, owner=owner, conversation=cid, message=answer, keys=keys)
     launch_generation(request, generation)
+    await announced(request, generation)
     log.info("generation %s started for a stored conversation: model=%s mode=%s", generation.id, model, mode)
     if question is not None:
         _publish(request, "message", {"conversation": cid, "message": question})

@@ -221,6 +221,9 @@ class Generation:
         self._on_end = on_end
         # Told once the answer has ended, after the registry (the history's writer).
         self.end_callbacks: list[Callable[[Generation], None]] = []
+        # Shared mode: told every event's id and wire bytes as it is buffered (the copy
+        # in Redis that other processes read, server/cluster/mirror.py).
+        self.mirror: Callable[[Generation, int, bytes], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
 
@@ -390,6 +393,8 @@ class Generation:
             push = subscriber.push
             if push is None or not push(event_id, wire):
                 subscriber.notify()
+        if self.mirror is not None:
+            self.mirror(self, event_id, wire)
         if len(buffer) >= _PIECE_BYTES:
             self._seal()
 

@@ -32,6 +32,8 @@ class GenerationRegistry:
         self.ended_bytes = 0  # what ended generations' buffers hold; live ones are bounded by the limits
         self.accepting = True  # False once shutdown has begun
         self._new_per_client = RateWindow(config.limits.generations_per_minute)
+        # Shared mode: told of each generation made here, before its first event.
+        self.on_start: Callable[[Generation], None] | None = None
 
     @property
     def max_bytes(self) -> int:
@@ -112,6 +114,8 @@ class GenerationRegistry:
             self._by_client_id[client_id] = generation
         self._live.add(generation)
         self._live_per_client[client_key] += 1
+        if self.on_start is not None:
+            self.on_start(generation)
         if launch:
             generation.start(session)
         return generation

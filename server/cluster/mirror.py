@@ -1,0 +1,244 @@
+"""The owner's side of shared mode: every event of the answers this process streams is
+appended to a Redis stream, where readers on other processes find it, and Stop sent
+from another process reaches the answer here.
+
+Local readers are still written to directly (generation.py); the mirror only queues
+each event's bytes as they are buffered and one task writes them out, all the answers'
+events of a loop turn in one pipelined round trip: never a round trip per token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from server.config import Config
+from server.relay.generation import Generation
+from server.relay.registry import GenerationRegistry
+
+from . import names
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST = 0.1  # seconds before writing again after Redis failed, doubled up to RETRY_MAX
+RETRY_MAX = 5.0
+ERROR_LOG_EVERY = 60.0  # seconds: a Redis outage is logged once a minute, not once a write
+ANNOUNCE_WAIT = 2.0  # seconds a request waits for its answer to be known in Redis
+# Events kept for Redis while it is down; past this the answers in them stop being
+# shared (they stream on here), so a long outage costs bounded memory.
+MAX_PENDING_EVENTS = 100_000
+
+
+class EventMirror:
+    def __init__(self, redis: Redis, process: str, config: Config) -> None:
+        self.redis = redis
+        self.process = process
+        self._finished_ttl = max(1, round(config.stream.finished_ttl))
+        # While live, an answer's keys outlive its longest possible run, so the owner
+        # dying leaves nothing behind for good.
+        self._live_ttl = self._finished_ttl + max(1, round(config.timeouts.max_generation))
+        self._pending: dict[Generation, list[tuple[int, bytes]]] = {}
+        self._announced: set[str] = set()  # answers whose hash is written (and not ended)
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # set whenever the writer has nothing left to do
+        self._idle.set()
+        self._writing = False
+        self._task: asyncio.Task[None] | None = None
+        self._failing_since: float | None = None
+        self._logged_at = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="rill-cluster-mirror")
+
+    def track(self, generation: Generation) -> None:
+        """GenerationRegistry.on_start: mirror this answer from its first event on."""
+        generation.mirror = self._queue
+
+    async def announced(self, generation: Generation) -> None:
+        """Until other processes can find the answer (its hash is in Redis), so a reader
+        sent elsewhere right after the 201 finds it; bounded, since the answer streams
+        here whatever Redis does."""
+        if generation.id in self._announced or generation.mirror is None or not generation.launched:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(generation.id, []).append(waiter)
+        try:
+            async with asyncio.timeout(ANNOUNCE_WAIT):
+                await waiter
+        except TimeoutError:
+            log.warning("generation %s: not yet known to other processes (Redis is slow or down)", generation.id)
+
+    async def flush(self) -> None:
+        """Until everything queued so far is written, or Redis is failing (shutdown)."""
+        while (self._pending or self._writing) and self._failing_since is None:
+            self._idle.clear()
+            self._wake.set()
+            await self._idle.wait()
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await self.flush()  # the answers ended by the shutdown: their last events
+        except TimeoutError:
+            log.warning("shutdown: the last events of %d answers were not written to Redis", len(self._pending))
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+
+    # --- the writer ------------------------------------------------------------------
+
+    def _queue(self, generation: Generation, event_id: int, wire: bytes) -> None:
+        pending = self._pending.get(generation)
+        if pending is None:
+            pending = self._pending[generation] = []
+            self._wake.set()
+        pending.append((event_id, wire))
+
+    async def _run(self) -> None:
+        delay = RETRY_FIRST
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, {}
+            if not batch:
+                self._idle.set()
+                continue
+            self._writing = True
+            try:
+                await self._write(batch)
+            except (RedisError, OSError) as error:
+                # Kept, ahead of what came meanwhile; XADD refuses an id twice, so what
+                # did land is not duplicated by the next try.
+                for generation, events in self._pending.items():
+                    batch.setdefault(generation, []).extend(events)
+                self._pending = batch
+                self._failed(error)
+                self._idle.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                self._wake.set()
+                continue
+            finally:
+                self._writing = False
+            delay = RETRY_FIRST
+            if self._failing_since is not None:
+                log.info("Redis is back: answers are shared again (%.1f s)", time.monotonic() - self._failing_since)
+                self._failing_since = None
+            if not self._pending:
+                self._idle.set()
+
+    async def _write(self, batch: dict[Generation, list[tuple[int, bytes]]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        announcing: list[str] = []
+        ended: list[str] = []
+        for generation, events in batch.items():
+            gid = generation.id
+            events_key, answer_key = names.events_key(gid), names.answer_key(gid)
+            if gid not in self._announced:
+                pipe.hset(answer_key, mapping=self._about(generation))  # type: ignore[arg-type]
+                announcing.append(gid)
+            terminal = generation.terminal
+            for event_id, wire in events:
+                fields: dict[Any, Any] = {names.WIRE_FIELD: wire}
+                if terminal is not None and event_id == terminal.id:
+                    fields[names.TERMINAL_FIELD] = b"1"
+                pipe.xadd(events_key, fields, id=names.entry_id(event_id))
+            if terminal is not None and events[-1][0] >= terminal.id:
+                end: dict[str, Any] = {"end": terminal.id}
+                if generation.usage is not None:
+                    end["usage"] = json.dumps(generation.usage)
+                pipe.hset(answer_key, mapping=end)  # type: ignore[arg-type]
+                ttl = self._finished_ttl
+                ended.append(gid)
+            else:
+                ttl = self._live_ttl
+            pipe.expire(events_key, ttl)
+            pipe.expire(answer_key, ttl)
+        for result in await pipe.execute(raise_on_error=False):
+            if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
+                raise result  # XADD's refusal of an id written by an earlier try is fine
+            if isinstance(result, Exception) and not isinstance(result, ResponseError):
+                raise result
+        for gid in announcing:
+            self._announced.add(gid)
+            for waiter in self._waiting.pop(gid, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        for gid in ended:
+            self._announced.discard(gid)
+
+    def _about(self, generation: Generation) -> dict[str, Any]:
+        return {
+            "process": self.process,
+            "owner": generation.owner or "",
+            "model": generation.request.model.id,
+            "created": round(generation.created_at, 3),
+        }
+
+    def _failed(self, error: BaseException) -> None:
+        if sum(len(events) for events in self._pending.values()) > MAX_PENDING_EVENTS:
+            for generation in self._pending:
+                generation.mirror = None
+                self._announced.discard(generation.id)
+            log.error("Redis down too long: %d answers are no longer shared with other processes", len(self._pending))
+            self._pending = {}
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._logged_at >= ERROR_LOG_EVERY:
+            self._logged_at = now
+            log.error(
+                "Redis write failed (%s: %s): answers stream on here; other processes cannot follow them for now",
+                type(error).__name__,
+                " ".join(str(error).split())[:200],
+            )
+
+
+class StopListener:
+    """Hears Stop for this process's answers, sent by whichever process got the DELETE."""
+
+    def __init__(self, redis: Redis, process: str, registry: GenerationRegistry) -> None:
+        self._redis = redis
+        self._channel = names.stop_channel(process)
+        self._registry = registry
+        self._task: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="rill-cluster-stops")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+
+    async def _run(self) -> None:
+        delay = RETRY_FIRST
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    self.listening.set()
+                    delay = RETRY_FIRST
+                    async for message in pubsub.listen():
+                        self._stop(message.get("data"))
+            except (RedisError, OSError) as error:
+                self.listening.clear()
+                reason = type(error).__name__
+                log.warning("Redis: not hearing Stop from other processes (%s); again in %.1f s", reason, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+
+    def _stop(self, data: Any) -> None:
+        if not isinstance(data, bytes):
+            return
+        generation = self._registry.get(data.decode(errors="replace"))
+        if generation is not None and generation.live:
+            log.info("generation %s stopped from another process", generation.id)
+            generation.stop()

@@ -1,0 +1,31 @@
+"""Where shared mode keeps things in Redis (one prefix, so a Redis can be shared)."""
+
+from __future__ import annotations
+
+PREFIX = "rill:"
+TERMINAL_FIELD = b"t"  # set on the entry of an answer's last event
+WIRE_FIELD = b"w"  # the event's SSE bytes, exactly as local readers get them
+
+
+def events_key(generation_id: str) -> str:
+    """The answer's events: a stream whose entry ids are 0-<Rill's event id>."""
+    return f"{PREFIX}events:{generation_id}"
+
+
+def answer_key(generation_id: str) -> str:
+    """A hash about the answer: which process owns it, for whom, and how it ended."""
+    return f"{PREFIX}answer:{generation_id}"
+
+
+def stop_channel(process: str) -> str:
+    """Where a process hears Stop for the answers it owns."""
+    return f"{PREFIX}stop:{process}"
+
+
+def entry_id(event_id: int) -> str:
+    return f"0-{event_id}"
+
+
+def event_id(entry: bytes | str) -> int:
+    text = entry.decode() if isinstance(entry, bytes) else entry
+    return int(text.partition("-")[2])

@@ -1,0 +1,202 @@
+"""Shared mode: Rill apps sharing answers through a real redis-server. An answer started
+on one is read, resumed and stopped on another; its events are the same bytes with the
+same ids everywhere, and the model is asked once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from server.config import ConfigError
+from server.keys import CLUSTER
+
+from .conftest import RedisServer, Rill, StartRill, make_config, wait_for
+from .fakes import FakeUpstream, Reply, StreamReader, answer, chunk, terminal, text_of
+
+TOKENS = [f"tok{i} " for i in range(40)]
+NO_STORAGE = {"enabled": False}
+
+
+async def start_shared(start_rill: StartRill, redis_url: str, **sections: Any) -> Rill:
+    return await start_rill(cluster={"redis_url": redis_url}, storage=NO_STORAGE, **sections)
+
+
+def raw_events(reader: StreamReader) -> list[bytes]:
+    """The stream's event blocks as they came over the wire (the retry hint left out)."""
+    blocks = reader.raw.replace(b"retry: 3000\r\n", b"").split(b"\r\n\r\n")
+    return [block for block in blocks if block.startswith(b"id: ")]
+
+
+async def test_an_answer_started_on_one_process_streams_on_another(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.script(Reply(chunks=answer(TOKENS, delay=0.01)))
+    a = await start_shared(start_rill, redis_url)
+    b = await start_shared(start_rill, redis_url)
+
+    generation_id = await a.start_chat()
+    on_a = await a.open_stream(generation_id)
+    on_b = await b.open_stream(generation_id)  # at once: B must already know of it
+    events_a, events_b = await on_a.read_all(), await on_b.read_all()
+
+    assert text_of(events_b) == "".join(TOKENS)
+    assert terminal(events_b).data["finish_reason"] == "stop"
+    assert [e.id for e in events_b] == [e.id for e in events_a]
+    assert raw_events(on_b) == raw_events(on_a)  # the very bytes local readers get
+    assert len(fake_upstream.requests) == 1
+    assert b.registry.get(generation_id) is None  # B never asked the model
+
+
+async def test_a_reader_cut_off_resumes_on_a_third_process_from_its_last_event_id(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.script(Reply(chunks=answer(TOKENS, delay=0.02)))
+    a, b, c = [await start_shared(start_rill, redis_url) for _ in range(3)]
+    generation_id = await a.start_chat()
+
+    on_b = await b.open_stream(generation_id)
+    for _ in range(6):
+        await on_b.read_until("delta")
+    last_id = on_b.events[-1].id
+    on_b.response.close()  # the connection drops mid-answer
+
+    on_c = await c.open_stream(generation_id, last_event_id=last_id)
+    rest = await on_c.read_all()
+    assert int(rest[0].id) == int(last_id) + 1  # nothing again, nothing skipped
+    assert text_of(on_b.events) + text_of(rest) == "".join(TOKENS)
+    assert terminal(rest).event == "done"
+    assert len(fake_upstream.requests) == 1
+
+
+async def test_an_ended_answer_read_elsewhere_gives_204_past_its_end_and_400_past_its_last_event(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    a = await start_shared(start_rill, redis_url)
+    b = await start_shared(start_rill, redis_url)
+    generation_id = await a.start_chat()
+    events = await (await a.open_stream(generation_id)).read_all()
+    last = events[-1].id
+
+    url = b.url / f"api/chat/{generation_id}/events"
+    async with b.session.get(url, headers={"Last-Event-ID": last}) as response:
+        assert response.status == 204
+    async with b.session.get(url, headers={"Last-Event-ID": str(int(last) + 1)}) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "bad_last_event_id"
+    whole = await (await b.open_stream(generation_id)).read_all()
+    assert [(e.id, e.event, e.data) for e in whole] == [(e.id, e.event, e.data) for e in events]
+
+
+async def test_stop_sent_to_another_process_closes_the_owners_upstream_request(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.script(Reply(chunks=[chunk("so far")], end="hang"))
+    a = await start_shared(start_rill, redis_url)
+    b = await start_shared(start_rill, redis_url)
+    await wait_for(lambda: a.app[CLUSTER].stops.listening.is_set())
+    generation_id = await a.start_chat()
+    on_a = await a.open_stream(generation_id)
+    await on_a.read_until("delta")
+    assert fake_upstream.open == 1
+
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    async with b.session.delete(b.url / f"api/chat/{generation_id}") as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["id"] == generation_id
+    assert body["ended"] == "done"
+    assert body["result"] == {"finish_reason": "cancelled"}
+    seen = fake_upstream.requests[0]
+    await asyncio.wait_for(seen.closed.wait(), 2.0)
+    assert seen.closed_at is not None
+    assert seen.closed_at - asked < 1.0
+    assert fake_upstream.open == 0
+    assert terminal(await on_a.read_all()).data == {"finish_reason": "cancelled"}
+
+
+async def test_an_unknown_answer_is_404_on_every_process(start_rill: StartRill, redis_url: str) -> None:
+    b = await start_shared(start_rill, redis_url)
+    missing = "0" * 32
+    async with b.session.get(b.url / f"api/chat/{missing}/events") as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "generation_not_found"
+    async with b.session.delete(b.url / f"api/chat/{missing}") as response:
+        assert response.status == 404
+
+
+async def test_another_tokens_answer_is_404_on_another_process(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.script(Reply(chunks=[chunk("private")], end="hang"))
+    environ = {"RILL_ACCESS_TOKENS": "alice:alice-secret-0123456789,bob:bob-secret-0123456789ab"}
+    a = await start_shared(start_rill, redis_url, environ=environ)
+    b = await start_shared(start_rill, redis_url, environ=environ)
+    alice = {"Authorization": "Bearer alice-secret-0123456789"}
+    bob = {"Authorization": "Bearer bob-secret-0123456789ab"}
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    async with a.session.post(a.url / "api/chat", json=body, headers=alice) as response:
+        assert response.status == 201, await response.text()
+        generation_id = (await response.json())["id"]
+    async with b.session.get(b.url / f"api/chat/{generation_id}/events", headers=bob) as response:
+        assert response.status == 404
+    async with b.session.delete(b.url / f"api/chat/{generation_id}", headers=bob) as response:
+        assert response.status == 404
+    assert fake_upstream.open == 1  # bob's Stop reached nothing
+    reader = StreamReader(await b.session.get(b.url / f"api/chat/{generation_id}/events", headers=alice))
+    assert (await reader.read_until("delta")).data["text"] == "private"
+    reader.response.close()
+
+
+async def test_a_tokens_events_reach_redis_in_a_few_pipelined_writes(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    # 200 tokens in 4 network chunks: the mirror writes per loop turn, not per token.
+    tokens = [f"t{i} " for i in range(200)]
+    pieces = answer(tokens)
+    per_chunk = len(pieces) // 4
+    grouped: list[bytes | float] = []
+    for start in range(0, len(pieces), per_chunk):
+        grouped.extend([b"".join(p for p in pieces[start : start + per_chunk] if isinstance(p, bytes)), 0.05])
+    fake_upstream.script(Reply(chunks=grouped))
+    a = await start_shared(start_rill, redis_url)
+    mirror = a.app[CLUSTER].mirror
+    writes = 0
+    original = mirror._write
+
+    async def counted(batch: Any) -> None:
+        nonlocal writes
+        writes += 1
+        await original(batch)
+
+    mirror._write = counted  # type: ignore[method-assign]
+    generation_id = await a.start_chat()
+    events = await (await a.open_stream(generation_id)).read_all()
+    await mirror.flush()
+
+    assert len(events) > 200
+    assert writes <= 10
+    length = redis_server.command("XLEN", f"rill:events:{generation_id}")
+    assert length == f":{len(events)}\r\n".encode()
+    ttl = int(redis_server.command("TTL", f"rill:events:{generation_id}").strip(b":\r\n"))
+    assert 0 < ttl <= 60  # finished_ttl in the tests' config: gone after it, like the local copy
+
+
+def test_the_redis_url_comes_from_the_file_or_rill_redis_url_and_is_checked(fake_upstream: FakeUpstream) -> None:
+    assert not make_config("http://127.0.0.1:9/v1").cluster.enabled
+    config = make_config("http://127.0.0.1:9/v1", cluster={"redis_url": "redis://:pw-secret-9@127.0.0.1:6390/1"})
+    assert config.cluster.enabled
+    assert "pw-secret-9" not in config.cluster.shown_url
+    assert "pw-secret-9" not in repr(config)
+    assert "pw-secret-9" in config.secrets  # scrubbed from anything logged
+    environ = {"RILL_REDIS_URL": "redis://127.0.0.1:7000/0"}
+    from_env = make_config("http://127.0.0.1:9/v1", environ=environ, cluster={"redis_url": "redis://elsewhere:1/0"})
+    assert from_env.cluster.redis_url == "redis://127.0.0.1:7000/0"
+    assert from_env.cluster.url_from == "RILL_REDIS_URL"
+    for bad in ("127.0.0.1:6379", "http://127.0.0.1:6379", "postgresql://x@y/z"):
+        with pytest.raises(ConfigError, match="redis_url"):
+            make_config("http://127.0.0.1:9/v1", cluster={"redis_url": bad})
+    with pytest.raises(ConfigError, match=r"cluster\.nodes"):
+        make_config("http://127.0.0.1:9/v1", cluster={"nodes": 2})
