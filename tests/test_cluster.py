@@ -95,7 +95,7 @@ async def test_stop_sent_to_another_process_closes_the_owners_upstream_request(
     fake_upstream.script(Reply(chunks=[chunk("so far")], end="hang"))
     a = await start_shared(start_rill, redis_url)
     b = await start_shared(start_rill, redis_url)
-    await wait_for(lambda: a.app[CLUSTER].stops.listening.is_set())
+    await wait_for(lambda: a.app[CLUSTER].control.listening.is_set())
     generation_id = await a.start_chat()
     on_a = await a.open_stream(generation_id)
     await on_a.read_until("delta")
@@ -115,6 +115,35 @@ async def test_stop_sent_to_another_process_closes_the_owners_upstream_request(
     assert seen.closed_at - asked < 1.0
     assert fake_upstream.open == 0
     assert terminal(await on_a.read_all()).data == {"finish_reason": "cancelled"}
+
+
+async def test_an_answer_read_only_through_another_process_is_not_abandoned_as_unread(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.script(Reply(chunks=answer(TOKENS, delay=0.05)))  # 2 s, four times the grace
+    a = await start_shared(start_rill, redis_url, stream={"resume_grace": 0.5})
+    b = await start_shared(start_rill, redis_url, stream={"resume_grace": 0.5})
+    generation_id = await a.start_chat()
+    events = await (await b.open_stream(generation_id)).read_all()
+    assert text_of(events) == "".join(TOKENS)
+    assert terminal(events).data["finish_reason"] == "stop"
+
+
+async def test_an_answer_nobody_reads_on_any_process_is_still_abandoned(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.script(Reply(chunks=[chunk("unread")], end="hang"))
+    a = await start_shared(start_rill, redis_url, stream={"resume_grace": 0.5})
+    b = await start_shared(start_rill, redis_url, stream={"resume_grace": 0.5})
+    generation_id = await a.start_chat()
+    on_b = await b.open_stream(generation_id)
+    await on_b.read_until("delta")
+    on_b.response.close()  # the only reader, on B, goes away
+    seen = fake_upstream.requests[0]
+    await asyncio.wait_for(seen.closed.wait(), 5.0)  # abandoned: the upstream request is closed
+    events = await (await b.open_stream(generation_id)).read_all()
+    assert terminal(events).data["code"] == "abandoned"
+    assert text_of(events) == "unread"
 
 
 async def test_an_unknown_answer_is_404_on_every_process(start_rill: StartRill, redis_url: str) -> None:

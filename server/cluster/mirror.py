@@ -1,6 +1,5 @@
 """The owner's side of shared mode: every event of the answers this process streams is
-appended to a Redis stream, where readers on other processes find it, and Stop sent
-from another process reaches the answer here.
+appended to a Redis stream, where readers on other processes find it.
 
 Local readers are still written to directly (generation.py); the mirror only queues
 each event's bytes as they are buffered and one task writes them out, all the answers'
@@ -19,7 +18,6 @@ from redis.exceptions import RedisError, ResponseError
 
 from server.config import Config
 from server.relay.generation import Generation
-from server.relay.registry import GenerationRegistry
 
 from . import names
 
@@ -198,47 +196,3 @@ class EventMirror:
                 type(error).__name__,
                 " ".join(str(error).split())[:200],
             )
-
-
-class StopListener:
-    """Hears Stop for this process's answers, sent by whichever process got the DELETE."""
-
-    def __init__(self, redis: Redis, process: str, registry: GenerationRegistry) -> None:
-        self._redis = redis
-        self._channel = names.stop_channel(process)
-        self._registry = registry
-        self._task: asyncio.Task[None] | None = None
-        self.listening = asyncio.Event()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="rill-cluster-stops")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})
-
-    async def _run(self) -> None:
-        delay = RETRY_FIRST
-        while True:
-            try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    self.listening.set()
-                    delay = RETRY_FIRST
-                    async for message in pubsub.listen():
-                        self._stop(message.get("data"))
-            except (RedisError, OSError) as error:
-                self.listening.clear()
-                reason = type(error).__name__
-                log.warning("Redis: not hearing Stop from other processes (%s); again in %.1f s", reason, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
-
-    def _stop(self, data: Any) -> None:
-        if not isinstance(data, bytes):
-            return
-        generation = self._registry.get(data.decode(errors="replace"))
-        if generation is not None and generation.live:
-            log.info("generation %s stopped from another process", generation.id)
-            generation.stop()

@@ -17,9 +17,23 @@ def answer_key(generation_id: str) -> str:
     return f"{PREFIX}answer:{generation_id}"
 
 
-def stop_channel(process: str) -> str:
-    """Where a process hears Stop for the answers it owns."""
-    return f"{PREFIX}stop:{process}"
+def control_channel(process: str) -> str:
+    """Where a process hears about the answers it owns from other processes: Stop, and
+    that a reader there still follows one (STOP + id, READING + id)."""
+    return f"{PREFIX}control:{process}"
+
+
+STOP = b"stop:"
+READING = b"reading:"
+
+
+def process_key(process: str) -> str:
+    """Exists while the process lives: it renews the key every PROCESS_BEAT seconds."""
+    return f"{PREFIX}process:{process}"
+
+
+PROCESS_BEAT = 1.0  # seconds between renewals
+PROCESS_TTL = 3  # seconds: a process silent this long is dead (worker_lost within 5 s)
 
 
 def entry_id(event_id: int) -> str:

@@ -5,6 +5,7 @@ message to its owner."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ from typing import Any, cast
 
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from server.config import StreamConfig
 from server.http.errors import ApiError
@@ -31,11 +32,11 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]
 POLL_SECONDS = 1.0  # longest blocking read: how soon a closed tab or a heartbeat is seen
 READ_COUNT = 1000  # entries per read: a reader far behind catches up in big writes
 STOP_WAIT_SECONDS = 5.0
-LOST_CHECK_SECONDS = 5.0  # how often a reader with nothing new checks the answer still exists
+READING_EVERY = 1.0  # seconds between a reader's "still reading" to the owner (at most)
 
-LOST = {
-    "code": "generation_lost",
-    "message": "This answer is no longer available: the process streaming it went away. Try again.",
+WORKER_LOST = {
+    "code": "worker_lost",
+    "message": "The Rill process streaming this answer stopped. The text so far is kept; try again.",
     "retryable": True,
 }
 
@@ -135,14 +136,18 @@ async def _follow(
     loop = asyncio.get_running_loop()
     key = names.events_key(answer.id)
     pending = retry_hint(config.retry_ms)
-    quiet_since = loop.time()
+    # Said well within the owner's grace (the processes of a cluster share a config).
+    reading_every = min(READING_EVERY, config.resume_grace / 3)
+    block_ms = max(10, int(min(POLL_SECONDS, reading_every) * 1000))  # 0 would block for good
+    said_reading = -math.inf
     while True:
+        if loop.time() - said_reading >= reading_every:
+            said_reading = loop.time()
+            await _say_reading(redis, answer)
         try:
             found = cast(
                 list[tuple[bytes, Entries]],
-                await redis.xread(
-                    {key: names.entry_id(stream.cursor)}, count=READ_COUNT, block=int(POLL_SECONDS * 1000)
-                ),
+                await redis.xread({key: names.entry_id(stream.cursor)}, count=READ_COUNT, block=block_ms),
             )
         except (RedisError, OSError) as error:
             # The client reconnects (EventSource does by itself) and resumes from its last id.
@@ -150,16 +155,14 @@ async def _follow(
             return Outcome.GONE
         complete = False
         if found:
-            quiet_since = loop.time()
             for entry, fields in found[0][1]:
                 pending += fields[names.WIRE_FIELD]
                 stream.cursor = names.event_id(entry)
                 complete = complete or names.TERMINAL_FIELD in fields
-        elif loop.time() - quiet_since >= LOST_CHECK_SECONDS:
-            quiet_since = loop.time()
-            if not await redis.exists(names.answer_key(answer.id)):
-                pending += wire_bytes(stream.cursor + 1, "error", json.dumps(LOST))
-                complete = True
+        elif not await _owner_alive(redis, answer):
+            # Caught up, and the owner is gone: its answer ends here, for every reader.
+            await _end_for_lost_owner(redis, answer, stream.cursor, max(1, round(config.finished_ttl)))
+            continue
         if pending:
             if not stream.write_now(pending):
                 async with asyncio.timeout(config.send_timeout):
@@ -176,12 +179,48 @@ async def _follow(
             pending = HEARTBEAT
 
 
+async def _say_reading(redis: Redis, answer: RemoteAnswer) -> None:
+    """Tells the owner a reader here follows its answer: not to be abandoned as unread."""
+    with contextlib.suppress(RedisError, OSError):  # the read itself meets the trouble
+        await redis.publish(names.control_channel(answer.process), names.READING + answer.id.encode())
+
+
+async def _owner_alive(redis: Redis, answer: RemoteAnswer) -> bool:
+    try:
+        return bool(await redis.exists(names.process_key(answer.process)))
+    except (RedisError, OSError):
+        return True  # Redis trouble is not the owner's death: the next read meets it
+
+
+async def _end_for_lost_owner(redis: Redis, answer: RemoteAnswer, last: int, ttl: int) -> None:
+    """Appends a retryable `worker_lost` error after the last event, as the owner would
+    have appended its terminal event: readers on every process end alike, and a resume
+    later gets the same ending. If an event came meanwhile, the id is taken and nothing
+    is appended: the next read gets that event."""
+    event_id = last + 1
+    wire = wire_bytes(event_id, "error", json.dumps(WORKER_LOST, separators=(",", ":")))
+    events_key, answer_key = names.events_key(answer.id), names.answer_key(answer.id)
+    try:
+        await redis.xadd(events_key, {names.WIRE_FIELD: wire, names.TERMINAL_FIELD: b"1"}, id=names.entry_id(event_id))
+    except ResponseError:
+        return  # not the last event any more
+    except (RedisError, OSError):
+        return
+    log.warning("generation %s: its process %s is gone; ended with worker_lost", answer.id, answer.process)
+    with contextlib.suppress(RedisError, OSError):
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hset(answer_key, "end", event_id)
+            pipe.expire(answer_key, ttl)
+            pipe.expire(events_key, ttl)
+            await pipe.execute()
+
+
 async def stop_remote(redis: Redis, answer: RemoteAnswer) -> dict[str, Any]:
     """Tells the owner to stop the answer and waits for its ending to reach Redis; the
     body DELETE gives for an answer of this process."""
     if answer.end is None:
         try:
-            heard = await redis.publish(names.stop_channel(answer.process), answer.id)
+            heard = await redis.publish(names.control_channel(answer.process), names.STOP + answer.id.encode())
         except (RedisError, OSError):
             raise unavailable() from None
         if not heard:

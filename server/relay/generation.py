@@ -224,6 +224,8 @@ class Generation:
         # Shared mode: told every event's id and wire bytes as it is buffered (the copy
         # in Redis that other processes read, server/cluster/mirror.py).
         self.mirror: Callable[[Generation, int, bytes], None] | None = None
+        # Shared mode: when a reader on another process last said it reads (loop time).
+        self.read_elsewhere_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
 
@@ -505,10 +507,21 @@ class Generation:
             self._grace_timer.cancel()
             self._grace_timer = None
 
+    def read_elsewhere(self) -> None:
+        """A reader on another process follows this answer (it says so every second)."""
+        self.read_elsewhere_at = asyncio.get_running_loop().time()
+
     def _abandon(self) -> None:
         self._grace_timer = None
         if self.subscribers or self.terminal is not None or self.keep_unread:
             return
+        if self.read_elsewhere_at is not None:
+            loop = asyncio.get_running_loop()
+            quiet = loop.time() - self.read_elsewhere_at
+            if quiet < self._config.stream.resume_grace:
+                # Read through another process: abandoned only a full grace after that stops.
+                self._grace_timer = loop.call_later(self._config.stream.resume_grace - quiet, self._abandon)
+                return
         log.info("generation %s abandoned: no reader for %g s", self.id, self._config.stream.resume_grace)
         self.fail(
             "abandoned",
