@@ -16,6 +16,7 @@ from .conftest import RedisServer, Rill, StartRill, make_config, wait_for
 from .fakes import FakeUpstream, Reply, StreamReader, answer, chunk, terminal, text_of
 
 TOKENS = [f"tok{i} " for i in range(40)]
+RETRIED = "6f1c2a0e-3b4d-4e5f-8a9b-0c1d2e3f4a5b"  # a client_id the client sends again
 NO_STORAGE = {"enabled": False}
 
 
@@ -229,3 +230,83 @@ def test_the_redis_url_comes_from_the_file_or_rill_redis_url_and_is_checked(fake
             make_config("http://127.0.0.1:9/v1", cluster={"redis_url": bad})
     with pytest.raises(ConfigError, match=r"cluster\.nodes"):
         make_config("http://127.0.0.1:9/v1", cluster={"nodes": 2})
+
+
+async def post(rill: Rill, **fields: Any) -> tuple[int, Any]:
+    return await rill.post_chat(**fields)
+
+
+async def test_the_same_client_id_sent_to_two_processes_at_once_asks_the_model_once(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.default = Reply(chunks=[chunk("once")], end="hang")
+    a = await start_shared(start_rill, redis_url)
+    b = await start_shared(start_rill, redis_url)
+    (status_a, body_a), (status_b, body_b) = await asyncio.gather(
+        post(a, client_id=RETRIED), post(b, client_id=RETRIED)
+    )
+    assert sorted([status_a, status_b]) == [200, 201]
+    assert body_a["id"] == body_b["id"]
+    assert body_a["events"] == body_b["events"]
+    assert body_a["model"] == body_b["model"] == "fake-chat"
+    await wait_for(lambda: len(fake_upstream.requests) >= 1)
+    await asyncio.sleep(0.2)
+    assert len(fake_upstream.requests) == 1
+    # The same client_id for a different request is refused on any process.
+    status, body = await post(b, client_id=RETRIED, messages=[{"role": "user", "content": "other"}])
+    assert status == 409
+    assert body["error"]["code"] == "client_id_reused"
+    reader = await b.open_stream(body_a["id"])
+    assert (await reader.read_until("delta")).data["text"] == "once"
+
+
+async def test_a_clients_streaming_answers_are_limited_over_every_process(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.default = Reply(chunks=[chunk("x")], end="hang")
+    limits = {"max_concurrent_per_client": 3, "generations_per_minute": 10_000}
+    a = await start_shared(start_rill, redis_url, limits=limits)
+    b = await start_shared(start_rill, redis_url, limits=limits)
+    # Ten at once, spread over both: exactly three get through.
+    results = await asyncio.gather(*(post(a if i % 2 else b) for i in range(10)))
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [201] * 3 + [429] * 7
+    assert {body["error"]["code"] for status, body in results if status == 429} == {"too_many_generations"}
+    started = [body["id"] for status, body in results if status == 201]
+    await wait_for(lambda: fake_upstream.open == 3)
+    # One stopped (on whichever process): room for exactly one more, on the other one.
+    async with a.session.delete(a.url / f"api/chat/{started[0]}") as response:
+        assert response.status == 200
+    status, _ = await post(b)
+    assert status == 201
+    status, body = await post(a)
+    assert status == 429
+    assert body["error"]["code"] == "too_many_generations"
+
+
+async def test_a_process_that_died_stops_counting_against_the_limits(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    fake_upstream.default = Reply(chunks=[chunk("x")], end="hang")
+    limits = {"max_concurrent_per_client": 1, "generations_per_minute": 10_000}
+    a = await start_shared(start_rill, redis_url, limits=limits)
+    b = await start_shared(start_rill, redis_url, limits=limits)
+    assert (await post(a))[0] == 201
+    assert (await post(b))[0] == 429
+    a.app[CLUSTER].beat._task.cancel()  # type: ignore[union-attr]  # A stops renewing: as if killed
+    redis_server.command("DEL", f"rill:process:{a.app[CLUSTER].process}")  # its key expired
+    assert (await post(b))[0] == 201
+
+
+async def test_answers_started_per_minute_are_limited_over_every_process(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    limits = {"generations_per_minute": 3}
+    a = await start_shared(start_rill, redis_url, limits=limits)
+    b = await start_shared(start_rill, redis_url, limits=limits)
+    assert [(await post(rill))[0] for rill in (a, b, a)] == [201, 201, 201]
+    async with b.session.post(b.url / "api/chat", json={"messages": [{"role": "user", "content": "4th"}]}) as response:
+        assert response.status == 429
+        assert (await response.json())["error"]["code"] == "rate_limited"
+        assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert len(fake_upstream.requests) == 3

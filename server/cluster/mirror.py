@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -33,9 +34,12 @@ MAX_PENDING_EVENTS = 100_000
 
 
 class EventMirror:
-    def __init__(self, redis: Redis, process: str, config: Config) -> None:
+    def __init__(
+        self, redis: Redis, process: str, config: Config, ended: Callable[[Any, Generation], None] | None = None
+    ) -> None:
         self.redis = redis
         self.process = process
+        self._ended = ended  # adds to the pipeline what else an answer's end changes in Redis
         self._finished_ttl = max(1, round(config.stream.finished_ttl))
         # While live, an answer's keys outlive its longest possible run, so the owner
         # dying leaves nothing behind for good.
@@ -152,6 +156,8 @@ class EventMirror:
                 if generation.usage is not None:
                     end["usage"] = json.dumps(generation.usage)
                 pipe.hset(answer_key, mapping=end)  # type: ignore[arg-type]
+                if self._ended is not None:
+                    self._ended(pipe, generation)
                 ttl = self._finished_ttl
                 ended.append(gid)
             else:

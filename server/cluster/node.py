@@ -3,16 +3,29 @@ it owns, its heartbeat, and the listener for what other processes tell it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from server.config import Config
-from server.relay.registry import GenerationRegistry
+from server.relay.generation import Generation
+from server.relay.registry import GenerationRegistry, rate_limited, too_many_generations
 
+from .admission import ADMITTED, TOO_MANY, Admission, Claim
 from .connect import open_redis, process_name
 from .control import ControlListener, ProcessBeat
 from .errors import ClusterOpenError
 from .mirror import EventMirror
+
+log = logging.getLogger(__name__)
+
+WARN_EVERY = 60.0  # seconds between two warnings that Redis is unavailable
 
 
 class Cluster:
@@ -21,17 +34,78 @@ class Cluster:
     def __init__(self, redis: Redis, config: Config, registry: GenerationRegistry) -> None:
         self.redis = redis
         self.process = process_name()
-        self.mirror = EventMirror(redis, self.process, config)
+        self._limits = config.limits
+        hold = round(config.timeouts.max_generation + config.stream.finished_ttl) + 60
+        self.admission = Admission(redis, self.process, config.limits, hold)
+        self.mirror = EventMirror(redis, self.process, config, ended=self._forget_in)
         self.control = ControlListener(redis, self.process, registry)
         self.beat = ProcessBeat(redis, self.process)
+        self._forgetting: set[asyncio.Task[None]] = set()
+        self._warned_at = -math.inf
         registry.on_start = self.mirror.track
+        registry.on_discard = self._discarded
 
     async def start(self) -> None:
         await self.beat.start()
         self.mirror.start()
         self.control.start()
 
+    async def admit(self, client: str, generation_id: str) -> None:
+        """Counts a new answer against the client's limits on every process (ApiError 429
+        when over). With Redis failing, this process's own limits still apply."""
+        try:
+            verdict, wait = await self.admission.admit(client, generation_id, round(time.time() * 1000))
+        except (RedisError, OSError) as error:
+            self._warn(f"limits are counted per process until Redis is back ({type(error).__name__})")
+            return
+        if verdict == TOO_MANY:
+            raise too_many_generations(self._limits.max_concurrent_per_client)
+        if verdict != ADMITTED:
+            raise rate_limited(self._limits.generations_per_minute, wait)
+
+    def forget_admitted(self, client: str, generation_id: str) -> None:
+        """An answer admitted but never made (a check after admit() refused it)."""
+        self._forget_soon(client, generation_id)
+
+    async def claim(self, client_id: str, claim: Claim) -> Claim | None:
+        """None: the client_id is this answer's on every process; else the earlier claim.
+        With Redis failing, None: the process's own registry still finds repeats here."""
+        try:
+            return await self.admission.claim(client_id, claim)
+        except (RedisError, OSError) as error:
+            self._warn(f"client_id repeats are found per process until Redis is back ({type(error).__name__})")
+            return None
+
+    async def release_claim(self, client_id: str, claim: Claim) -> None:
+        with contextlib.suppress(RedisError, OSError):  # else it expires
+            await self.admission.release_claim(client_id, claim)
+
+    def _forget_in(self, pipe: Any, generation: Generation) -> None:
+        self.admission.forget(pipe, generation.client_key, generation.id)
+
+    def _discarded(self, generation: Generation) -> None:
+        self._forget_soon(generation.client_key, generation.id)
+
+    def _forget_soon(self, client: str, generation_id: str) -> None:
+        async def forget() -> None:
+            with contextlib.suppress(RedisError, OSError):  # else it stops counting when this process ends
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    self.admission.forget(pipe, client, generation_id)
+                    await pipe.execute()
+
+        task = asyncio.create_task(forget())
+        self._forgetting.add(task)
+        task.add_done_callback(self._forgetting.discard)
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY:
+            self._warned_at = now
+            log.warning("Redis unavailable: %s", message)
+
     async def close(self) -> None:
+        if self._forgetting:
+            await asyncio.wait(self._forgetting, timeout=2.0)
         await self.control.close()
         await self.mirror.close()  # the last events of the answers the shutdown ended
         await self.beat.close()  # then readers elsewhere may end what is left at once

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -38,12 +39,8 @@ log = logging.getLogger(__name__)
 STOP_WAIT_SECONDS = 5.0
 
 
-def _created(generation: Generation) -> dict[str, Any]:
-    return {
-        "id": generation.id,
-        "events": f"/api/chat/{generation.id}/events",
-        "model": generation.request.model.id,
-    }
+def _created(generation_id: str, model: str) -> dict[str, Any]:
+    return {"id": generation_id, "events": f"/api/chat/{generation_id}/events", "model": model}
 
 
 def _not_found() -> ApiError:
@@ -78,7 +75,7 @@ async def announced(request: web.Request, generation: Generation) -> None:
         await request.app[CLUSTER].mirror.announced(generation)
 
 
-def start_generation(
+async def start_generation(
     request: web.Request,
     chat: ChatRequest,
     *,
@@ -86,6 +83,7 @@ def start_generation(
     fingerprint: str,
     keep_unread: bool = False,
     launch: bool = True,
+    generation_id: str | None = None,
 ) -> Generation:
     """Starts an answer for this request's client, within its token's daily budget.
     keep_unread: it runs to its end with no reader (a stored conversation's answer).
@@ -97,16 +95,27 @@ def start_generation(
     hold = 0
     if owner is not None and budget.enabled:
         chat, hold = budget.plan(owner, chat, app[CONFIG].limits.max_tokens)
-    generation = app[REGISTRY].start(
-        app[SESSION],
-        chat,
-        client_key=client_key(request),
-        client_id=client_id,
-        fingerprint=fingerprint,
-        owner=owner,
-        keep_unread=keep_unread,
-        launch=launch,
-    )
+    client = client_key(request)
+    generation_id = generation_id or uuid.uuid4().hex
+    cluster = app.get(CLUSTER)
+    if cluster is not None:
+        await cluster.admit(client, generation_id)  # the client's limits over every process
+    try:
+        generation = app[REGISTRY].start(
+            app[SESSION],
+            chat,
+            client_key=client,
+            client_id=client_id,
+            fingerprint=fingerprint,
+            owner=owner,
+            keep_unread=keep_unread,
+            launch=launch,
+            generation_id=generation_id,
+        )
+    except BaseException:
+        if cluster is not None:
+            cluster.forget_admitted(client, generation_id)
+        raise
     if owner is not None and hold:
         budget.hold(generation.id, owner, hold)
     return generation
@@ -131,20 +140,53 @@ async def create_chat(request: web.Request) -> web.Response:
     # client_ids are per token: one token's ids can neither find nor block another's.
     client_id = chat.client_id if owner is None or chat.client_id is None else f"{owner}/{chat.client_id}"
     if client_id is not None and (existing := registry.find_by_client_id(client_id)):
-        if existing.fingerprint != fingerprint:
-            raise ApiError(
-                409,
-                "client_id_reused",
-                "This client_id was already used for a different request; make a new one per message.",
-            )
+        _check_same_request(existing.fingerprint, fingerprint)
         log.info("generation %s: repeated client_id, no new upstream request", existing.id)
-        return json_response(_created(existing), status=200)
-    generation = start_generation(request, chat.request, client_id=client_id, fingerprint=fingerprint)
+        return json_response(_created(existing.id, existing.request.model.id), status=200)
+    if client_id is not None and CLUSTER in app:
+        return await _create_claimed(request, chat.request, client_id, fingerprint)
+    generation = await start_generation(request, chat.request, client_id=client_id, fingerprint=fingerprint)
     await announced(request, generation)
     log.info(
         "generation %s started: model=%s messages=%d", generation.id, chat.request.model.id, len(chat.request.messages)
     )
-    return json_response(_created(generation), status=201)
+    return json_response(_created(generation.id, generation.request.model.id), status=201)
+
+
+def _check_same_request(first: str, now: str) -> None:
+    if first != now:
+        raise ApiError(
+            409,
+            "client_id_reused",
+            "This client_id was already used for a different request; make a new one per message.",
+        )
+
+
+async def _create_claimed(request: web.Request, chat: ChatRequest, client_id: str, fingerprint: str) -> web.Response:
+    """Shared mode: the client_id is claimed in Redis first, so a retry sent to another
+    process at the same moment finds this answer instead of asking the model again."""
+    from server.cluster.admission import Claim  # redis-py: shared mode only
+
+    cluster = request.app[CLUSTER]
+    generation_id = uuid.uuid4().hex
+    claim = Claim(generation_id, fingerprint, chat.model.id)
+    earlier = await cluster.claim(client_id, claim)
+    if earlier is not None:
+        _check_same_request(earlier.fingerprint, fingerprint)
+        log.info(
+            "generation %s: repeated client_id (another process has it), no new upstream request", earlier.generation_id
+        )
+        return json_response(_created(earlier.generation_id, earlier.model), status=200)
+    try:
+        generation = await start_generation(
+            request, chat, client_id=client_id, fingerprint=fingerprint, generation_id=generation_id
+        )
+    except BaseException:
+        await cluster.release_claim(client_id, claim)  # refused: the client_id may be used again
+        raise
+    await announced(request, generation)
+    log.info("generation %s started: model=%s messages=%d", generation.id, chat.model.id, len(chat.messages))
+    return json_response(_created(generation.id, generation.request.model.id), status=201)
 
 
 def all_delivered(generation: Generation, after: int) -> bool:

@@ -142,7 +142,7 @@ async def legacy_stream(request: web.Request) -> web.StreamResponse:
         app[METRICS].resumes.inc()
     else:
         check_stream_limit(app[OPEN_STREAMS], reader, config.limits.max_streams_per_client)
-        generation = start_generation(request, chat, client_id=None, fingerprint=fingerprint)
+        generation = await start_generation(request, chat, client_id=None, fingerprint=fingerprint)
         after = 0
     # Like the API's streams: a gone client leaves the answer running for resume_grace
     # (the generation's own timer), so EventSource's reconnect can pick it up.

@@ -481,7 +481,7 @@ async def _add_message(request: web.Request, body: dict[str, Any], *, assume_new
     # rows are in (launch below): a refusal by the store never asks it. keep_unread from
     # the start: the history reads it, and a busy database must not let the grace period
     # abandon it first.
-    generation = start_generation(
+    generation = await start_generation(
         request,
         chat.request,
         client_id=registry_client_id,

@@ -20,6 +20,24 @@ from server.relay.upstream import ChatRequest
 log = logging.getLogger(__name__)
 
 
+def too_many_generations(limit: int) -> ApiError:
+    return ApiError(
+        429,
+        "too_many_generations",
+        f"You already have {limit} answers streaming. Wait for one to finish or stop one.",
+        headers={"Retry-After": "5"},
+    )
+
+
+def rate_limited(limit: int, wait: int) -> ApiError:
+    return ApiError(
+        429,
+        "rate_limited",
+        f"You started {limit} answers in the last minute, the limit. Try again in {wait} s.",
+        headers={"Retry-After": str(wait)},
+    )
+
+
 class GenerationRegistry:
     def __init__(self, config: Config, on_end: Callable[[Generation], None] | None = None) -> None:
         self._config = config
@@ -32,8 +50,10 @@ class GenerationRegistry:
         self.ended_bytes = 0  # what ended generations' buffers hold; live ones are bounded by the limits
         self.accepting = True  # False once shutdown has begun
         self._new_per_client = RateWindow(config.limits.generations_per_minute)
-        # Shared mode: told of each generation made here, before its first event.
+        # Shared mode: told of each generation made here, before its first event, and of
+        # each one discarded before it ran.
         self.on_start: Callable[[Generation], None] | None = None
+        self.on_discard: Callable[[Generation], None] | None = None
 
     @property
     def max_bytes(self) -> int:
@@ -66,6 +86,7 @@ class GenerationRegistry:
         owner: str | None = None,
         keep_unread: bool = False,
         launch: bool = True,
+        generation_id: str | None = None,
     ) -> Generation:
         """Check the limits, then create and start a generation (the upstream call begins
         now). launch=False: created and counted, but the model is not asked until
@@ -82,24 +103,12 @@ class GenerationRegistry:
                 headers={"Retry-After": "5"},
             )
         if self._live_per_client[client_key] >= limits.max_concurrent_per_client:
-            raise ApiError(
-                429,
-                "too_many_generations",
-                f"You already have {limits.max_concurrent_per_client} answers streaming. "
-                "Wait for one to finish or stop one.",
-                headers={"Retry-After": "5"},
-            )
+            raise too_many_generations(limits.max_concurrent_per_client)
         wait = self._new_per_client.hit(client_key, asyncio.get_running_loop().time())
         if wait:
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"You started {limits.generations_per_minute} answers in the last minute, the limit. "
-                f"Try again in {wait} s.",
-                headers={"Retry-After": str(wait)},
-            )
+            raise rate_limited(limits.generations_per_minute, wait)
         generation = Generation(
-            generation_id=uuid.uuid4().hex,
+            generation_id=generation_id or uuid.uuid4().hex,
             request=request,
             config=self._config,
             client_key=client_key,
@@ -127,6 +136,8 @@ class GenerationRegistry:
         """A generation made with launch=False that will not run: as if never started
         (its id and client_id forgotten, its place in the limits given back)."""
         assert not generation.launched, "discard() is for generations never launched"
+        if self.on_discard is not None:
+            self.on_discard(generation)
         self._by_id.pop(generation.id, None)
         if generation.client_id is not None and self._by_client_id.get(generation.client_id) is generation:
             del self._by_client_id[generation.client_id]
