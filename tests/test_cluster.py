@@ -310,3 +310,43 @@ async def test_answers_started_per_minute_are_limited_over_every_process(
         assert (await response.json())["error"]["code"] == "rate_limited"
         assert 1 <= int(response.headers["Retry-After"]) <= 60
     assert len(fake_upstream.requests) == 3
+
+
+async def test_redis_restarted_mid_answer_the_answer_streams_on_and_is_whole_elsewhere_afterwards(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    tokens = [f"r{i} " for i in range(60)]
+    fake_upstream.script(Reply(chunks=answer(tokens, delay=0.04)))  # 2.4 s
+    a = await start_shared(start_rill, redis_url)
+    b = await start_shared(start_rill, redis_url)
+    generation_id = await a.start_chat()
+    on_a = await a.open_stream(generation_id)
+    for _ in range(3):
+        await on_a.read_until("delta")
+
+    redis_server.stop()  # and with it everything it held: it keeps nothing on disk
+    for _ in range(5):
+        await on_a.read_until("delta")  # the owner's readers go on as if nothing happened
+    url = b.url / f"api/chat/{generation_id}"
+    async with b.session.get(url / "events") as response:
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "cluster_unavailable"
+        assert response.headers["Retry-After"] == "2"
+    async with b.session.delete(url) as response:
+        assert response.status == 503
+
+    redis_server.start()
+    events_a = await on_a.read_all()
+    assert text_of(events_a) == "".join(tokens)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while True:  # the owner writes the whole answer again once Redis is back
+        async with b.session.get(url / "events") as response:
+            if response.status == 200:
+                on_b = StreamReader(response)
+                await on_b.read_all()
+                break
+        assert loop.time() < deadline, "the answer never reached Redis again"
+        await asyncio.sleep(0.2)
+    assert raw_events(on_b) == raw_events(on_a)
+    assert len(fake_upstream.requests) == 1

@@ -45,6 +45,10 @@ class EventMirror:
         # dying leaves nothing behind for good.
         self._live_ttl = self._finished_ttl + max(1, round(config.timeouts.max_generation))
         self._pending: dict[Generation, list[tuple[int, bytes]]] = {}
+        # Answers with events mirrored and an end not yet written: what a resync after a
+        # Redis outage writes again.
+        self._mirrored: dict[str, Generation] = {}
+        self._resync = False  # Redis failed: what it holds may be behind, or gone (a restart)
         self._announced: set[str] = set()  # answers whose hash is written (and not ended)
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
         self._wake = asyncio.Event()
@@ -99,6 +103,7 @@ class EventMirror:
         pending = self._pending.get(generation)
         if pending is None:
             pending = self._pending[generation] = []
+            self._mirrored[generation.id] = generation
             self._wake.set()
         pending.append((event_id, wire))
 
@@ -113,6 +118,8 @@ class EventMirror:
                 continue
             self._writing = True
             try:
+                if self._resync:
+                    batch = await self._resynced(batch)
                 await self._write(batch)
             except (RedisError, OSError) as error:
                 # Kept, ahead of what came meanwhile; XADD refuses an id twice, so what
@@ -151,7 +158,7 @@ class EventMirror:
                 if terminal is not None and event_id == terminal.id:
                     fields[names.TERMINAL_FIELD] = b"1"
                 pipe.xadd(events_key, fields, id=names.entry_id(event_id))
-            if terminal is not None and events[-1][0] >= terminal.id:
+            if terminal is not None and (not events or events[-1][0] >= terminal.id):
                 end: dict[str, Any] = {"end": terminal.id}
                 if generation.usage is not None:
                     end["usage"] = json.dumps(generation.usage)
@@ -176,6 +183,31 @@ class EventMirror:
                     waiter.set_result(None)
         for gid in ended:
             self._announced.discard(gid)
+            self._mirrored.pop(gid, None)
+
+    async def _resynced(
+        self, batch: dict[Generation, list[tuple[int, bytes]]]
+    ) -> dict[Generation, list[tuple[int, bytes]]]:
+        """After Redis failed, what it holds of each mirrored answer may be behind (a
+        write lost with the connection) or gone (a restart without persistence): each
+        answer's events from Redis's last one on, from the generation's own buffer, and
+        its hash again where it is missing. Readers elsewhere then see a whole answer."""
+        generations = list(self._mirrored.values())
+        pipe = self.redis.pipeline(transaction=False)
+        for generation in generations:
+            pipe.xrevrange(names.events_key(generation.id), count=1)
+            pipe.exists(names.answer_key(generation.id))
+        found = await pipe.execute()
+        resynced = dict(batch)
+        for index, generation in enumerate(generations):
+            last_entries, has_hash = found[2 * index], found[2 * index + 1]
+            last = names.event_id(last_entries[0][0]) if last_entries else 0
+            if not has_hash:
+                self._announced.discard(generation.id)
+            resynced[generation] = generation.wire_events_after(last)
+        self._resync = False
+        log.info("Redis: %d answers written again after the outage", len(generations))
+        return resynced
 
     def _about(self, generation: Generation) -> dict[str, Any]:
         return {
@@ -186,10 +218,12 @@ class EventMirror:
         }
 
     def _failed(self, error: BaseException) -> None:
+        self._resync = True
         if sum(len(events) for events in self._pending.values()) > MAX_PENDING_EVENTS:
             for generation in self._pending:
                 generation.mirror = None
                 self._announced.discard(generation.id)
+                self._mirrored.pop(generation.id, None)
             log.error("Redis down too long: %d answers are no longer shared with other processes", len(self._pending))
             self._pending = {}
         now = time.monotonic()

@@ -447,6 +447,13 @@ class Generation:
         base, plain = self._plain_from(self._starts[event_id])
         return b"".join([self._wire(plain, base, index) for index in range(event_id, len(self._starts))])
 
+    def wire_events_after(self, event_id: int) -> list[tuple[int, bytes]]:
+        """Each event after `event_id` as (its id, its wire bytes): what a reader got."""
+        if event_id >= len(self._starts):
+            return []
+        base, plain = self._plain_from(self._starts[event_id])
+        return [(index + 1, self._wire(plain, base, index)) for index in range(event_id, len(self._starts))]
+
     def events_after(self, event_id: int) -> list[Event]:
         if event_id >= len(self._starts):
             return []
