@@ -1,6 +1,10 @@
 """Shared mode: Rill apps sharing answers through a real redis-server. An answer started
 on one is read, resumed and stopped on another; its events are the same bytes with the
-same ids everywhere, and the model is asked once."""
+same ids everywhere, and the model is asked once.
+
+The contract tests (the `pair` fixture) run twice: the answer's owner and its reader in
+one process (the default mode, no Redis used), and in two processes sharing Redis. What
+a client sees must not tell the two apart."""
 
 from __future__ import annotations
 
@@ -24,18 +28,27 @@ async def start_shared(start_rill: StartRill, redis_url: str, **sections: Any) -
     return await start_rill(cluster={"redis_url": redis_url}, storage=NO_STORAGE, **sections)
 
 
+Pair = tuple[Rill, Rill]
+
+
+@pytest.fixture(params=["one process", "two processes"])
+async def pair(request: pytest.FixtureRequest, start_rill: StartRill, redis_url: str) -> Pair:
+    """(the process that starts answers, the process their reader asks)."""
+    if request.param == "one process":
+        alone = await start_rill(storage=NO_STORAGE)
+        return alone, alone
+    return await start_shared(start_rill, redis_url), await start_shared(start_rill, redis_url)
+
+
 def raw_events(reader: StreamReader) -> list[bytes]:
     """The stream's event blocks as they came over the wire (the retry hint left out)."""
     blocks = reader.raw.replace(b"retry: 3000\r\n", b"").split(b"\r\n\r\n")
     return [block for block in blocks if block.startswith(b"id: ")]
 
 
-async def test_an_answer_started_on_one_process_streams_on_another(
-    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
-) -> None:
+async def test_an_answer_started_on_one_process_streams_on_another(pair: Pair, fake_upstream: FakeUpstream) -> None:
     fake_upstream.script(Reply(chunks=answer(TOKENS, delay=0.01)))
-    a = await start_shared(start_rill, redis_url)
-    b = await start_shared(start_rill, redis_url)
+    a, b = pair
 
     generation_id = await a.start_chat()
     on_a = await a.open_stream(generation_id)
@@ -47,7 +60,8 @@ async def test_an_answer_started_on_one_process_streams_on_another(
     assert [e.id for e in events_b] == [e.id for e in events_a]
     assert raw_events(on_b) == raw_events(on_a)  # the very bytes local readers get
     assert len(fake_upstream.requests) == 1
-    assert b.registry.get(generation_id) is None  # B never asked the model
+    if b is not a:
+        assert b.registry.get(generation_id) is None  # B never asked the model
 
 
 async def test_a_reader_cut_off_resumes_on_a_third_process_from_its_last_event_id(
@@ -71,11 +85,8 @@ async def test_a_reader_cut_off_resumes_on_a_third_process_from_its_last_event_i
     assert len(fake_upstream.requests) == 1
 
 
-async def test_an_ended_answer_read_elsewhere_gives_204_past_its_end_and_400_past_its_last_event(
-    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
-) -> None:
-    a = await start_shared(start_rill, redis_url)
-    b = await start_shared(start_rill, redis_url)
+async def test_an_ended_answer_read_elsewhere_gives_204_past_its_end_and_400_past_its_last_event(pair: Pair) -> None:
+    a, b = pair
     generation_id = await a.start_chat()
     events = await (await a.open_stream(generation_id)).read_all()
     last = events[-1].id
@@ -91,12 +102,12 @@ async def test_an_ended_answer_read_elsewhere_gives_204_past_its_end_and_400_pas
 
 
 async def test_stop_sent_to_another_process_closes_the_owners_upstream_request(
-    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+    pair: Pair, fake_upstream: FakeUpstream
 ) -> None:
     fake_upstream.script(Reply(chunks=[chunk("so far")], end="hang"))
-    a = await start_shared(start_rill, redis_url)
-    b = await start_shared(start_rill, redis_url)
-    await wait_for(lambda: a.app[CLUSTER].control.listening.is_set())
+    a, b = pair
+    if CLUSTER in a.app:
+        await wait_for(lambda: a.app[CLUSTER].control.listening.is_set())
     generation_id = await a.start_chat()
     on_a = await a.open_stream(generation_id)
     await on_a.read_until("delta")
@@ -147,8 +158,21 @@ async def test_an_answer_nobody_reads_on_any_process_is_still_abandoned(
     assert text_of(events) == "unread"
 
 
-async def test_an_unknown_answer_is_404_on_every_process(start_rill: StartRill, redis_url: str) -> None:
-    b = await start_shared(start_rill, redis_url)
+async def test_a_client_id_sent_again_to_another_process_finds_the_first_answer(
+    pair: Pair, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.default = Reply(chunks=[chunk("first")], end="hang")
+    a, b = pair
+    status_a, body_a = await post(a, client_id=RETRIED)
+    status_b, body_b = await post(b, client_id=RETRIED)
+    assert (status_a, status_b) == (201, 200)
+    assert body_b == body_a
+    await asyncio.sleep(0.1)
+    assert len(fake_upstream.requests) == 1
+
+
+async def test_an_unknown_answer_is_404_on_every_process(pair: Pair) -> None:
+    _, b = pair
     missing = "0" * 32
     async with b.session.get(b.url / f"api/chat/{missing}/events") as response:
         assert response.status == 404
@@ -350,3 +374,26 @@ async def test_redis_restarted_mid_answer_the_answer_streams_on_and_is_whole_els
         await asyncio.sleep(0.2)
     assert raw_events(on_b) == raw_events(on_a)
     assert len(fake_upstream.requests) == 1
+
+
+async def test_redis_down_for_good_is_one_error_line_a_minute_not_one_a_token(
+    start_rill: StartRill,
+    redis_url: str,
+    fake_upstream: FakeUpstream,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tokens = [f"d{i} " for i in range(100)]
+    fake_upstream.script(Reply(chunks=answer(tokens, delay=0.015)))
+    a = await start_shared(start_rill, redis_url)
+    redis_server.stop()
+    caplog.set_level("WARNING")
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    generation_id = await a.start_chat()  # Redis cannot hear of it: started all the same
+    assert loop.time() - asked < 1.0  # and without waiting for it
+    events = await (await a.open_stream(generation_id)).read_all()
+    assert text_of(events) == "".join(tokens)
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("server.cluster")]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "Redis write failed" in errors[0].getMessage()

@@ -72,6 +72,8 @@ class EventMirror:
         here whatever Redis does."""
         if generation.id in self._announced or generation.mirror is None or not generation.launched:
             return
+        if self._failing_since is not None:
+            return  # Redis is down: no wait (other processes answer 503 until it is back)
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(generation.id, []).append(waiter)
         try:
@@ -79,6 +81,11 @@ class EventMirror:
                 await waiter
         except TimeoutError:
             log.warning("generation %s: not yet known to other processes (Redis is slow or down)", generation.id)
+            waiters = self._waiting.get(generation.id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiting.pop(generation.id, None)
 
     async def flush(self) -> None:
         """Until everything queued so far is written, or Redis is failing (shutdown)."""
@@ -219,6 +226,11 @@ class EventMirror:
 
     def _failed(self, error: BaseException) -> None:
         self._resync = True
+        for waiters in self._waiting.values():  # their requests go on without Redis
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._waiting.clear()
         if sum(len(events) for events in self._pending.values()) > MAX_PENDING_EVENTS:
             for generation in self._pending:
                 generation.mirror = None
