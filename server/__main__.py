@@ -20,7 +20,8 @@ from server import __version__
 from server.app import create_app, stop_accepting
 from server.cluster import ClusterOpenError
 from server.config import Config, ConfigError, load_config
-from server.http.httpserver import ListenError, raise_open_file_limit, start_server
+from server.http.httpserver import ListenError, RillSite, raise_open_file_limit, start_server
+from server.keys import REGISTRY
 from server.ops.logs import configure_logging
 from server.ops.memory import pin_malloc_thresholds, tune_collector
 from server.ops.systemd import notify
@@ -106,10 +107,36 @@ async def serve(app: web.Application, config: Config, announce: Callable[[], Non
                     await stop.wait()
             except TimeoutError:
                 pass
+        await _finish_in_flight(app, runner, config.server.drain_timeout, stop)
     finally:
         await runner.cleanup()  # closes the listener, then ends streams (app.py _end_streams)
         for signum in signals:
             loop.remove_signal_handler(signum)
+
+
+async def _finish_in_flight(app: web.Application, runner: web.AppRunner, within: float, stop: asyncio.Event) -> None:
+    """[server] drain_timeout: with the listener closed (no new connections; other
+    processes behind the load balancer take the new answers), the answers in flight may
+    finish, their readers' connections still served, before the rest end with
+    server_shutdown. A second signal cuts it short."""
+    registry = app[REGISTRY]
+    if within <= 0 or not registry.live():
+        return
+    for site in runner.sites:
+        if isinstance(site, RillSite):
+            site.close_listener()
+    log.info(
+        "stopping: listener closed, %d answers in flight may finish within %g s ([server] drain_timeout)",
+        len(registry.live()),
+        within,
+    )
+    stop.clear()
+    waits = {asyncio.ensure_future(registry.wait_none_live()), asyncio.ensure_future(stop.wait())}
+    await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    if registry.live():
+        log.info("stopping: %d answers still in flight are ended", len(registry.live()))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ class ServerConfig:
     port: int = 8080
     shutdown_timeout: float = 15.0
     drain_delay: float = 0.0  # seconds not ready but still serving after SIGTERM, before the listener closes
+    drain_timeout: float = 0.0  # then, listener closed, seconds answers in flight may take to finish
     header_timeout: float = 10.0  # a request's headers, from connect (or its first byte after keep-alive)
     body_timeout: float = 30.0  # a request's whole body, from the end of its headers
     keepalive_timeout: float = 75.0  # an idle keep-alive connection between requests
@@ -426,6 +427,7 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
         port=_port(environ.get("RILL_PORT"), server_section),
         shutdown_timeout=_positive(server_section, "shutdown_timeout", ServerConfig.shutdown_timeout),
         drain_delay=_not_negative(server_section, "drain_delay", ServerConfig.drain_delay),
+        drain_timeout=_not_negative(server_section, "drain_timeout", ServerConfig.drain_timeout),
         header_timeout=_positive(server_section, "header_timeout", ServerConfig.header_timeout),
         body_timeout=_positive(server_section, "body_timeout", ServerConfig.body_timeout),
         keepalive_timeout=_positive(server_section, "keepalive_timeout", ServerConfig.keepalive_timeout),

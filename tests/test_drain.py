@@ -17,11 +17,11 @@ import pytest
 from yarl import URL
 
 from .conftest import KEY_ENV, SENTINEL_KEY
-from .fakes import FakeUpstream, Reply, StreamReader, chunk, free_port, terminal, text_of
+from .fakes import FakeUpstream, Reply, StreamReader, answer, chunk, free_port, terminal, text_of
 from .test_process import CONFIG_TEMPLATE, LOG_NAME, ROOT, next_notification
 
 Started = tuple[URL, asyncio.subprocess.Process, socket.socket]
-StartProcess = Callable[[float], Awaitable[Started]]
+StartProcess = Callable[..., Awaitable[Started]]
 
 
 @pytest.fixture
@@ -31,12 +31,11 @@ async def start_process(
     processes: list[asyncio.subprocess.Process] = []
     log_file = (tmp_path / LOG_NAME).open("wb")
 
-    async def start(drain_delay: float) -> Started:
+    async def start(drain_delay: float, drain_timeout: float = 0.0) -> Started:
         config = tmp_path / "config.toml"
         text = CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV)
-        config.write_text(
-            text.replace("shutdown_timeout = 3.0", f"shutdown_timeout = 3.0\ndrain_delay = {drain_delay}")
-        )
+        drain = f"drain_delay = {drain_delay}\ndrain_timeout = {drain_timeout}"
+        config.write_text(text.replace("shutdown_timeout = 3.0", f"shutdown_timeout = 3.0\n{drain}"))
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
         env |= {
@@ -163,3 +162,58 @@ async def test_a_port_in_use_is_one_line_and_exit_1(fake_upstream: FakeUpstream,
     assert process.returncode == 1
     assert f"rill: cannot listen on http://127.0.0.1:{port}: " in stderr.decode()
     assert "Traceback" not in stderr.decode()
+
+
+async def refused(url: URL) -> bool:
+    try:
+        await get_fresh(url / "healthz")
+    except aiohttp.ClientConnectionError:
+        return True
+    return False
+
+
+async def test_with_a_drain_timeout_answers_in_flight_finish_with_the_listener_closed(
+    start_process: StartProcess, fake_upstream: FakeUpstream
+) -> None:
+    tokens = [f"t{i} " for i in range(25)]
+    fake_upstream.script(Reply(chunks=answer(tokens, delay=0.08)))  # 2 s
+    url, process, notifications = await start_process(0.0, drain_timeout=20.0)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url / "api/chat", json={"messages": [{"role": "user", "content": "q"}]}) as response:
+            generation_id = (await response.json())["id"]
+        reader = StreamReader(await session.get(url / f"api/chat/{generation_id}/events"))
+        await reader.read_until("delta")
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+        process.send_signal(signal.SIGTERM)
+        assert await next_notification(notifications) == "STOPPING=1"
+        async with asyncio.timeout(5):
+            while not await refused(url):  # the listener closes at once (no drain_delay)
+                await asyncio.sleep(0.05)
+        events = await reader.read_all(timeout=10)  # while the answer streams on to its end
+    assert text_of(events) == "".join(tokens)
+    assert terminal(events).data == {"finish_reason": "stop"}
+    async with asyncio.timeout(10):
+        assert await process.wait() == 0
+    assert loop.time() - signalled < 8  # it went once nothing was in flight, not at the timeout
+
+
+async def test_an_answer_longer_than_the_drain_timeout_ends_with_server_shutdown_at_it(
+    start_process: StartProcess, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.script(Reply(chunks=[chunk("endless ")], end="hang"))
+    url, process, _ = await start_process(0.0, drain_timeout=1.5)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url / "api/chat", json={"messages": [{"role": "user", "content": "q"}]}) as response:
+            generation_id = (await response.json())["id"]
+        reader = StreamReader(await session.get(url / f"api/chat/{generation_id}/events"))
+        await reader.read_until("delta")
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+        process.send_signal(signal.SIGTERM)
+        events = await reader.read_all(timeout=10)
+        ended = loop.time() - signalled
+    assert terminal(events).data["code"] == "server_shutdown"
+    assert 1.3 <= ended < 6
+    async with asyncio.timeout(10):
+        assert await process.wait() == 0

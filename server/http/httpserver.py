@@ -110,6 +110,12 @@ class RillSite(web.BaseSite):
             backlog=max(1024, self.connections.limits.max_connections),
         )
 
+    def close_listener(self) -> None:
+        """No new connections from now on; open ones go on being served (a stop that
+        lets answers in flight finish). stop() later does the rest."""
+        if self._server is not None:
+            self._server.close()
+
     async def stop(self) -> None:
         await super().stop()  # closes the listener; open connections are the runner's to end
         await self.connections.stop()

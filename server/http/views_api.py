@@ -242,7 +242,7 @@ async def _remote_events(request: web.Request) -> web.StreamResponse:
         streams=streams,
         config=config.stream,
         client_key=reader,
-        closing=lambda: not registry.accepting,
+        closing=lambda: registry.ending,
     )
     log.info(
         "generation %s (of process %s): stream from event %d ended: %s",

@@ -49,6 +49,9 @@ class GenerationRegistry:
         self._live_per_client: Counter[str] = Counter()
         self.ended_bytes = 0  # what ended generations' buffers hold; live ones are bounded by the limits
         self.accepting = True  # False once shutdown has begun
+        self.ending = False  # True once live answers are being ended (the last step of a stop)
+        self._none_live = asyncio.Event()
+        self._none_live.set()
         self._new_per_client = RateWindow(config.limits.generations_per_minute)
         # Shared mode: told of each generation made here, before its first event, and of
         # each one discarded before it ran.
@@ -122,12 +125,22 @@ class GenerationRegistry:
         if client_id is not None:
             self._by_client_id[client_id] = generation
         self._live.add(generation)
+        self._none_live.clear()
         self._live_per_client[client_key] += 1
         if self.on_start is not None:
             self.on_start(generation)
         if launch:
             generation.start(session)
         return generation
+
+    async def wait_none_live(self) -> None:
+        """Until no answer is live (a stop letting answers in flight finish)."""
+        await self._none_live.wait()
+
+    def _no_longer_live(self, generation: Generation) -> None:
+        self._live.discard(generation)
+        if not self._live:
+            self._none_live.set()
 
     def launch(self, generation: Generation, session: aiohttp.ClientSession) -> None:
         generation.start(session)
@@ -142,7 +155,7 @@ class GenerationRegistry:
         if generation.client_id is not None and self._by_client_id.get(generation.client_id) is generation:
             del self._by_client_id[generation.client_id]
         if generation in self._live:
-            self._live.discard(generation)
+            self._no_longer_live(generation)
             self._live_per_client[generation.client_key] -= 1
             if self._live_per_client[generation.client_key] <= 0:
                 del self._live_per_client[generation.client_key]
@@ -150,7 +163,7 @@ class GenerationRegistry:
     def _ended_callback(self, generation: Generation) -> None:
         if self._on_end is not None:
             self._on_end(generation)
-        self._live.discard(generation)
+        self._no_longer_live(generation)
         self._live_per_client[generation.client_key] -= 1
         if self._live_per_client[generation.client_key] <= 0:
             del self._live_per_client[generation.client_key]
