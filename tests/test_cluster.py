@@ -397,3 +397,29 @@ async def test_redis_down_for_good_is_one_error_line_a_minute_not_one_a_token(
     errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("server.cluster")]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "Redis write failed" in errors[0].getMessage()
+
+
+async def test_a_session_signed_out_on_one_process_is_refused_on_every_process(
+    start_rill: StartRill, redis_url: str
+) -> None:
+    environ = {"RILL_ACCESS_TOKENS": "alice:alice-secret-0123456789"}
+    a = await start_shared(start_rill, redis_url, environ=environ)
+    b = await start_shared(start_rill, redis_url, environ=environ)
+    async with a.session.post(a.url / "api/session", json={"token": "alice-secret-0123456789"}) as response:
+        assert response.status == 200
+        cookie = response.cookies["rill_session"].value
+    headers = {"Cookie": f"rill_session={cookie}"}
+
+    async def signed_in(rill: Rill) -> bool:
+        async with rill.session.get(rill.url / "api/session", headers=headers) as response:
+            return bool((await response.json())["signed_in"])
+
+    assert await signed_in(b)  # one cookie, good on every process
+    async with a.session.delete(a.url / "api/session", headers=headers) as response:
+        assert response.status == 200
+    async with asyncio.timeout(5):
+        while await signed_in(b):  # B hears of it in milliseconds
+            await asyncio.sleep(0.02)
+    c = await start_shared(start_rill, redis_url, environ=environ)  # started after the sign-out
+    assert not await signed_in(c)
+    assert not await signed_in(a)

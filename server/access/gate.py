@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ class Gate:
         self._revoked_path = config.state_dir / REVOKED_FILE if config.state_dir and config.tokens else None
         # session id -> when its cookie expires anyway
         self._revoked: dict[str, int] = load_state(self._revoked_path, _parse_revoked) or {}
+        self.on_revoke: Callable[[Session], None] | None = None  # shared mode: tells the other processes
 
     @property
     def required(self) -> bool:
@@ -99,8 +101,20 @@ class Gate:
 
     def revoke(self, session: Session, now: float) -> None:
         """Signs a session out for good, even if a copy of its cookie is still around."""
+        self._remember([(session.session_id, session.expires)], now)
+        if self.on_revoke is not None:
+            self.on_revoke(session)
+
+    def revoked_elsewhere(self, revoked: Iterable[tuple[str, int]], now: float) -> int:
+        """Sessions another process signed out (shared mode); how many were new here."""
+        new = [(sid, expires) for sid, expires in revoked if expires > now and sid not in self._revoked]
+        if new:
+            self._remember(new, now)
+        return len(new)
+
+    def _remember(self, revoked: list[tuple[str, int]], now: float) -> None:
         self._revoked = {sid: expires for sid, expires in self._revoked.items() if expires > now}
-        self._revoked[session.session_id] = session.expires
+        self._revoked.update(revoked)
         while len(self._revoked) > MAX_REVOKED:
             del self._revoked[next(iter(self._revoked))]
         save_state(self._revoked_path, self._revoked)

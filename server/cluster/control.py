@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from redis.asyncio import Redis
@@ -54,12 +55,20 @@ class ProcessBeat:
 
 class ControlListener:
     """Hears, for this process's answers, Stop sent by whichever process got the DELETE,
-    and the heartbeats of readers following them from other processes."""
+    and the heartbeats of readers following them from other processes; and, on the
+    channels of `others`, what every process hears (sign-outs)."""
 
-    def __init__(self, redis: Redis, process: str, registry: GenerationRegistry) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        process: str,
+        registry: GenerationRegistry,
+        others: Mapping[str, Callable[[bytes], None]] | None = None,
+    ) -> None:
         self._redis = redis
         self._channel = names.control_channel(process)
         self._registry = registry
+        self._others = {channel.encode(): heard for channel, heard in (others or {}).items()}
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
 
@@ -76,11 +85,15 @@ class ControlListener:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self._channel)
+                    await pubsub.subscribe(self._channel, *self._others)
                     self.listening.set()
                     delay = RETRY_FIRST
                     async for message in pubsub.listen():
-                        self._heard(message.get("data"))
+                        data, heard = message.get("data"), self._others.get(message.get("channel"))
+                        if heard is None:
+                            self._heard(data)
+                        elif isinstance(data, bytes):
+                            heard(data)
             except (RedisError, OSError) as error:
                 self.listening.clear()
                 reason = type(error).__name__

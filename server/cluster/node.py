@@ -13,15 +13,18 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from server.access.gate import Gate
 from server.config import Config
 from server.relay.generation import Generation
 from server.relay.registry import GenerationRegistry, rate_limited, too_many_generations
 
 from .admission import ADMITTED, TOO_MANY, Admission, Claim
-from .connect import open_redis, process_name
+from .connect import CONNECT_TIMEOUT, open_redis, process_name
 from .control import ControlListener, ProcessBeat
 from .errors import ClusterOpenError
 from .mirror import EventMirror
+from .sessions import CHANNEL as REVOKED_CHANNEL
+from .sessions import Revocations
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +34,15 @@ WARN_EVERY = 60.0  # seconds between two warnings that Redis is unavailable
 class Cluster:
     """Made by open_cluster, kept as app[CLUSTER]."""
 
-    def __init__(self, redis: Redis, config: Config, registry: GenerationRegistry) -> None:
+    def __init__(self, redis: Redis, config: Config, registry: GenerationRegistry, gate: Gate) -> None:
         self.redis = redis
         self.process = process_name()
         self._limits = config.limits
         hold = round(config.timeouts.max_generation + config.stream.finished_ttl) + 60
         self.admission = Admission(redis, self.process, config.limits, hold)
         self.mirror = EventMirror(redis, self.process, config, ended=self._forget_in)
-        self.control = ControlListener(redis, self.process, registry)
+        self.revocations = Revocations(redis, gate)
+        self.control = ControlListener(redis, self.process, registry, {REVOKED_CHANNEL: self.revocations.heard})
         self.beat = ProcessBeat(redis, self.process)
         self._forgetting: set[asyncio.Task[None]] = set()
         self._warned_at = -math.inf
@@ -49,6 +53,12 @@ class Cluster:
         await self.beat.start()
         self.mirror.start()
         self.control.start()
+        # Listening first, then reading what is there: no sign-out falls in between.
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await self.control.listening.wait()
+        loaded = await self.revocations.load()
+        if loaded:
+            log.info("shared mode: %d sign-outs of other processes taken in", loaded)
 
     async def admit(self, client: str, generation_id: str) -> None:
         """Counts a new answer against the client's limits on every process (ApiError 429
@@ -107,17 +117,18 @@ class Cluster:
         if self._forgetting:
             await asyncio.wait(self._forgetting, timeout=2.0)
         await self.control.close()
+        await self.revocations.close()
         await self.mirror.close()  # the last events of the answers the shutdown ended
         await self.beat.close()  # then readers elsewhere may end what is left at once
         await self.redis.aclose()
 
 
-async def open_cluster(config: Config, registry: GenerationRegistry) -> Cluster:
+async def open_cluster(config: Config, registry: GenerationRegistry, gate: Gate) -> Cluster:
     """Connected and started; ClusterOpenError when Redis cannot be reached."""
-    cluster = Cluster(await open_redis(config.cluster), config, registry)
+    cluster = Cluster(await open_redis(config.cluster), config, registry, gate)
     try:
         await cluster.start()
-    except (RedisError, OSError) as error:
-        await cluster.redis.aclose()
+    except (RedisError, OSError, TimeoutError) as error:
+        await cluster.close()
         raise ClusterOpenError(f"Redis at {config.cluster.shown_url}: {type(error).__name__}") from None
     return cluster
