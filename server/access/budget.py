@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from server.http.errors import ApiError
 from server.ops.state import load_state, save_state
@@ -40,8 +40,27 @@ def tokens_used(generation: Generation) -> int:
     return prompt_tokens_estimate(generation.request.messages) + generation.tokens  # a piece of text each
 
 
+def capped(chat: ChatRequest, ceiling: int, answer: int) -> ChatRequest:
+    """The request with its answer capped at `answer` tokens when that is less than asked."""
+    return replace(chat, max_tokens=answer) if answer < (chat.max_tokens or ceiling) else chat
+
+
 def _exhausted(message: str, retry_after: int) -> ApiError:
     return ApiError(429, "budget_exhausted", message, headers={"Retry-After": str(retry_after)})
+
+
+class SharedLedger(Protocol):
+    """Shared mode's ledger (server/cluster/budget.py): the same budget over every process."""
+
+    async def reserve(
+        self, budget: DailyBudget, name: str, chat: ChatRequest, ceiling: int, hold_id: str
+    ) -> ChatRequest:
+        """plan() and hold() in one atomic step over every process."""
+
+    def release(self, hold_id: str, name: str) -> None: ...
+
+    def charge(self, hold_id: str, name: str, tokens: int) -> None:
+        """The hold goes and `tokens` are charged."""
 
 
 class DailyBudget:
@@ -57,6 +76,7 @@ class DailyBudget:
         self._used: dict[str, int] = {}
         # What answers still running may cost: their prompt plus their max_tokens.
         self._holds: dict[str, tuple[str, int]] = {}  # generation id -> (token name, tokens)
+        self.shared: SharedLedger | None = None  # shared mode: the ledger lives in Redis
         if self.enabled:
             self._load()
 
@@ -80,6 +100,19 @@ class DailyBudget:
     def held(self, name: str) -> int:
         return sum(tokens for holder, tokens in self._holds.values() if holder == name)
 
+    @property
+    def day(self) -> str:
+        return self._clock().date().isoformat()
+
+    async def reserve(self, name: str, chat: ChatRequest, ceiling: int, hold_id: str) -> ChatRequest:
+        """The request capped to what is left of today's budget, that much held under
+        `hold_id` until release() or its charge (ApiError 429 when nothing is left)."""
+        if self.shared is not None:
+            return await self.shared.reserve(self, name, chat, ceiling, hold_id)
+        chat, tokens = self.plan(name, chat, ceiling)
+        self.hold(hold_id, name, tokens)
+        return chat
+
     def plan(self, name: str, chat: ChatRequest, ceiling: int) -> tuple[ChatRequest, int]:
         """The request capped to what is left of today's budget, and what to hold for it.
 
@@ -90,21 +123,25 @@ class DailyBudget:
         prompt = prompt_tokens_estimate(chat.messages)
         if left - prompt >= 1:
             answer = min(chat.max_tokens or ceiling, left - prompt)
-            capped = replace(chat, max_tokens=answer) if answer < (chat.max_tokens or ceiling) else chat
-            return capped, prompt + answer
+            return capped(chat, ceiling, answer), prompt + answer
+        raise self.refusal(spent_left, prompt)
+
+    def refusal(self, spent_left: int, prompt: int) -> ApiError:
+        """Why an answer of a `prompt`-token request cannot start with `spent_left` tokens
+        left today (the answers running may hold the rest)."""
         reset = self.seconds_to_reset()
         when = f"00:00 UTC, in {reset // 3600} h {reset % 3600 // 60} min"
         if spent_left <= 0:
-            raise _exhausted(
+            return _exhausted(
                 f"This access token has used its {self.limit} tokens for today. The budget renews at {when}.", reset
             )
         if spent_left - prompt >= 1:
-            raise _exhausted(
+            return _exhausted(
                 "The answers this access token has running may use the rest of today's budget. "
                 "Wait for one to finish, or stop one.",
                 5,
             )
-        raise _exhausted(
+        return _exhausted(
             f"This conversation needs about {prompt} tokens, more than the {spent_left} left of today's budget. "
             f"Start a shorter one, or wait until {when}.",
             reset,
@@ -113,20 +150,27 @@ class DailyBudget:
     def hold(self, generation_id: str, name: str, tokens: int) -> None:
         self._holds[generation_id] = (name, tokens)
 
-    def release(self, hold_id: str) -> None:
+    def release(self, hold_id: str, name: str | None = None) -> None:
         """A hold whose request never ran: nothing to charge."""
         self._holds.pop(hold_id, None)
+        if self.shared is not None and name is not None:
+            self.shared.release(hold_id, name)
 
     def generation_ended(self, generation: Generation) -> None:
-        self._holds.pop(generation.id, None)
         if self.enabled and generation.owner is not None:
-            self.charge(generation.owner, tokens_used(generation))
+            self.settle(generation.id, generation.owner, tokens_used(generation))
+        else:
+            self._holds.pop(generation.id, None)
 
     def settle(self, hold_id: str, name: str | None, tokens: int) -> None:
-        """A request other than an answer (an automatic title) has ended: its hold goes,
-        what it used is charged."""
+        """A request has ended (an answer, an automatic title): its hold goes, what it
+        used is charged."""
         self._holds.pop(hold_id, None)
-        if self.enabled and name is not None:
+        if not self.enabled or name is None:
+            return
+        if self.shared is not None:
+            self.shared.charge(hold_id, name, tokens)
+        else:
             self.charge(name, tokens)
 
     def charge(self, name: str, tokens: int) -> None:

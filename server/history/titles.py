@@ -154,11 +154,10 @@ class TitleMaker:
         hold_id = f"title-{uuid.uuid4().hex}"
         if principal is not None and budget.enabled:
             try:
-                chat, hold = budget.plan(principal, chat, TITLE_MAX_TOKENS)
+                chat = await budget.reserve(principal, chat, TITLE_MAX_TOKENS, hold_id)
             except ApiError:
                 log.info("conversation %s: no automatic title, the token's budget is used up", conversation)
                 return
-            budget.hold(hold_id, principal, hold)
         sink = _Collect()
         try:
             await stream_chat(session, chat, sink, self._config)

@@ -92,15 +92,15 @@ async def start_generation(
     app = request.app
     owner = request.get(PRINCIPAL)
     budget = app[BUDGET]
-    hold = 0
-    if owner is not None and budget.enabled:
-        chat, hold = budget.plan(owner, chat, app[CONFIG].limits.max_tokens)
     client = client_key(request)
     generation_id = generation_id or uuid.uuid4().hex
+    holder = owner if owner is not None and budget.enabled else None  # whose budget it is held on
+    if holder is not None:
+        chat = await budget.reserve(holder, chat, app[CONFIG].limits.max_tokens, generation_id)
     cluster = app.get(CLUSTER)
-    if cluster is not None:
-        await cluster.admit(client, generation_id)  # the client's limits over every process
     try:
+        if cluster is not None:
+            await cluster.admit(client, generation_id)  # the client's limits over every process
         generation = app[REGISTRY].start(
             app[SESSION],
             chat,
@@ -115,9 +115,9 @@ async def start_generation(
     except BaseException:
         if cluster is not None:
             cluster.forget_admitted(client, generation_id)
+        if holder is not None:
+            budget.release(generation_id, holder)
         raise
-    if owner is not None and hold:
-        budget.hold(generation.id, owner, hold)
     return generation
 
 
@@ -127,7 +127,7 @@ def launch_generation(request: web.Request, generation: Generation) -> None:
 
 def discard_generation(request: web.Request, generation: Generation) -> None:
     request.app[REGISTRY].discard(generation)
-    request.app[BUDGET].release(generation.id)
+    request.app[BUDGET].release(generation.id, generation.owner)
 
 
 async def create_chat(request: web.Request) -> web.Response:
