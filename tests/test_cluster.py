@@ -423,3 +423,75 @@ async def test_a_session_signed_out_on_one_process_is_refused_on_every_process(
     c = await start_shared(start_rill, redis_url, environ=environ)  # started after the sign-out
     assert not await signed_in(c)
     assert not await signed_in(a)
+
+
+ALICE = {"Authorization": "Bearer alice-secret-0123456789"}
+BOB = {"Authorization": "Bearer bob-secret-0123456789ab"}
+ACCESS_TOKENS = {"RILL_ACCESS_TOKENS": "alice:alice-secret-0123456789,bob:bob-secret-0123456789ab"}
+
+
+async def post_as(rill: Rill, token: dict[str, str], **options: Any) -> tuple[int, Any]:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Hi"}]}
+    if options:
+        body["options"] = options
+    async with rill.session.post(rill.url / "api/chat", json=body, headers=token) as response:
+        return response.status, await response.json()
+
+
+async def test_the_daily_budget_is_one_ledger_over_every_process(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    # Each fake answer is billed 10 tokens (its usage chunk); "Hi" is about 1.
+    budget = {"daily_token_budget": 15}
+    a = await start_shared(start_rill, redis_url, environ=ACCESS_TOKENS, access=budget)
+    b = await start_shared(start_rill, redis_url, environ=ACCESS_TOKENS, access=budget)
+    for rill, cap in ((a, 14), (b, 4)):  # what is left after the other process's answer
+        status, body = await post_as(rill, ALICE)
+        assert status == 201, body
+        reader = StreamReader(await rill.session.get(rill.url / f"api/chat/{body['id']}/events", headers=ALICE))
+        assert terminal(await reader.read_all()).event == "done"
+        assert fake_upstream.requests[-1].body["max_tokens"] == cap
+        await rill.app[CLUSTER].budget.flush()  # charged a moment after the end: this test asks at once
+    status, body = await post_as(a, ALICE)
+    assert (status, body["error"]["code"]) == (429, "budget_exhausted")
+    assert (await post_as(b, BOB))[0] == 201  # Bob has his own
+    assert len(fake_upstream.requests) == 3
+
+
+async def test_answers_running_at_once_on_two_processes_cannot_pass_the_budget(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.default = Reply(chunks=[chunk("live")], end="hang")
+    budget = {"daily_token_budget": 100}
+    a = await start_shared(start_rill, redis_url, environ=ACCESS_TOKENS, access=budget)
+    b = await start_shared(start_rill, redis_url, environ=ACCESS_TOKENS, access=budget)
+    assert (await post_as(a, ALICE, max_tokens=60))[0] == 201  # holds 1 + 60
+    status, _ = await post_as(b, ALICE)
+    assert status == 201
+    await wait_for(lambda: len(fake_upstream.requests) == 2)
+    assert fake_upstream.requests[-1].body["max_tokens"] == 100 - 61 - 1  # the rest, less its prompt
+    status, body = await post_as(a, ALICE)
+    assert (status, body["error"]["code"]) == (429, "budget_exhausted")
+    assert "running" in body["error"]["message"]
+    # Ten at once over both processes: together they never hold more than the budget
+    # (41 + 41, then the 18 left for a third, capped), and the rest are refused.
+    before = len(fake_upstream.requests)
+    results = await asyncio.gather(*(post_as(a if i % 2 else b, BOB, max_tokens=40) for i in range(10)))
+    assert [status for status, _ in results].count(201) == 3
+    await wait_for(lambda: len(fake_upstream.requests) == before + 3)
+    caps = sorted(seen.body["max_tokens"] for seen in fake_upstream.requests[before:])
+    assert caps == [17, 40, 40]  # each plus its 1-token prompt: 100
+
+
+async def test_with_redis_down_a_budgeted_answer_is_refused_retryably_not_left_unchecked(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    a = await start_shared(start_rill, redis_url, environ=ACCESS_TOKENS, access={"daily_token_budget": 1000})
+    redis_server.stop()
+    async with a.session.post(
+        a.url / "api/chat", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=ALICE
+    ) as response:
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "budget_unavailable"
+        assert response.headers["Retry-After"] == "2"
+    assert fake_upstream.requests == []

@@ -126,6 +126,15 @@ class DailyBudget:
             return capped(chat, ceiling, answer), prompt + answer
         raise self.refusal(spent_left, prompt)
 
+    def refusal_unavailable(self) -> ApiError:
+        """Shared mode with Redis unreachable: spending is not left unchecked."""
+        return ApiError(
+            503,
+            "budget_unavailable",
+            "The daily token budget cannot be checked right now. Try again in a moment.",
+            headers={"Retry-After": "2"},
+        )
+
     def refusal(self, spent_left: int, prompt: int) -> ApiError:
         """Why an answer of a `prompt`-token request cannot start with `spent_left` tokens
         left today (the answers running may hold the rest)."""

@@ -13,12 +13,14 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from server.access.budget import DailyBudget
 from server.access.gate import Gate
 from server.config import Config
 from server.relay.generation import Generation
 from server.relay.registry import GenerationRegistry, rate_limited, too_many_generations
 
 from .admission import ADMITTED, TOO_MANY, Admission, Claim
+from .budget import SharedBudget
 from .connect import CONNECT_TIMEOUT, open_redis, process_name
 from .control import ControlListener, ProcessBeat
 from .errors import ClusterOpenError
@@ -34,12 +36,16 @@ WARN_EVERY = 60.0  # seconds between two warnings that Redis is unavailable
 class Cluster:
     """Made by open_cluster, kept as app[CLUSTER]."""
 
-    def __init__(self, redis: Redis, config: Config, registry: GenerationRegistry, gate: Gate) -> None:
+    def __init__(
+        self, redis: Redis, config: Config, registry: GenerationRegistry, gate: Gate, budget: DailyBudget
+    ) -> None:
         self.redis = redis
         self.process = process_name()
         self._limits = config.limits
         hold = round(config.timeouts.max_generation + config.stream.finished_ttl) + 60
         self.admission = Admission(redis, self.process, config.limits, hold)
+        self.budget = SharedBudget(redis, self.process, budget, hold)
+        budget.shared = self.budget
         self.mirror = EventMirror(redis, self.process, config, ended=self._forget_in)
         self.revocations = Revocations(redis, gate)
         self.control = ControlListener(redis, self.process, registry, {REVOKED_CHANNEL: self.revocations.heard})
@@ -119,13 +125,14 @@ class Cluster:
         await self.control.close()
         await self.revocations.close()
         await self.mirror.close()  # the last events of the answers the shutdown ended
+        await self.budget.flush()  # and what they used
         await self.beat.close()  # then readers elsewhere may end what is left at once
         await self.redis.aclose()
 
 
-async def open_cluster(config: Config, registry: GenerationRegistry, gate: Gate) -> Cluster:
+async def open_cluster(config: Config, registry: GenerationRegistry, gate: Gate, budget: DailyBudget) -> Cluster:
     """Connected and started; ClusterOpenError when Redis cannot be reached."""
-    cluster = Cluster(await open_redis(config.cluster), config, registry, gate)
+    cluster = Cluster(await open_redis(config.cluster), config, registry, gate, budget)
     try:
         await cluster.start()
     except (RedisError, OSError, TimeoutError) as error:
