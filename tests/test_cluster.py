@@ -495,3 +495,24 @@ async def test_with_redis_down_a_budgeted_answer_is_refused_retryably_not_left_u
         assert (await response.json())["error"]["code"] == "budget_unavailable"
         assert response.headers["Retry-After"] == "2"
     assert fake_upstream.requests == []
+
+
+async def test_wrong_access_tokens_are_counted_over_every_process_at_once(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    access = {"failed_sign_ins_per_minute": 5}
+    a = await start_shared(start_rill, redis_url, environ=ACCESS_TOKENS, access=access)
+    b = await start_shared(start_rill, redis_url, environ=ACCESS_TOKENS, access=access)
+    wrong = {"Authorization": "Bearer not-the-token-0123456789"}
+
+    async def guess(rill: Rill) -> int:
+        async with rill.session.get(rill.url / "api/models", headers=wrong) as response:
+            return response.status
+
+    statuses = await asyncio.gather(*(guess(a if i % 2 else b) for i in range(16)))
+    assert sorted(statuses) == [401] * 5 + [429] * 11  # five guesses in all, not five each
+    for rill in (a, b):  # locked out everywhere, the right token too
+        async with rill.session.get(rill.url / "api/models", headers=ALICE) as response:
+            assert response.status == 429
+            assert (await response.json())["error"]["code"] == "too_many_attempts"
+            assert 1 <= int(response.headers["Retry-After"]) <= 60

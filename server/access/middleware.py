@@ -17,7 +17,7 @@ from server.access.clients import client_address, is_trusted_proxy
 from server.access.gate import Session
 from server.config import is_loopback_host
 from server.http.errors import ApiError, Handler
-from server.keys import CONFIG, GATE, METRICS
+from server.keys import CLUSTER, CONFIG, GATE, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     if request.method not in _SAFE_METHODS:
         _check_origin(request, origin)
     if gate.required and not _is_public(request.path):
-        request[PRINCIPAL] = authenticate(request)
+        request[PRINCIPAL] = await authenticate(request)
     return await handler(request)
 
 
@@ -68,11 +68,11 @@ def _is_public(path: str) -> bool:
     return path in _PUBLIC_PATHS or path.startswith("/static/")
 
 
-def authenticate(request: web.Request) -> str:
+async def authenticate(request: web.Request) -> str:
     """The access token's name from `Authorization: Bearer` or the session cookie."""
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer":
-        return check_access_token(request, credentials.strip())
+        return await check_access_token(request, credentials.strip())
     # Other schemes (a proxy's Basic auth) are not ours: fall through to the cookie.
     session = current_session(request)
     if session is None:
@@ -95,13 +95,25 @@ def _cookie_name(request: web.Request) -> str:
     return SECURE_SESSION_COOKIE if is_https(request) else SESSION_COOKIE
 
 
-def check_access_token(request: web.Request, given: str) -> str:
-    """The name of the token, after the per-client limit on wrong guesses."""
+async def check_access_token(request: web.Request, given: str) -> str:
+    """The name of the token, after the per-client limit on wrong guesses (over every
+    process in shared mode)."""
     app = request.app
     gate, metrics = app[GATE], app[METRICS]
     client = rate_key(client_address(request, app[CONFIG].limits.trusted_proxies))
-    now = asyncio.get_running_loop().time()
-    wait = gate.failures.wait(client, now)
+    cluster = app.get(CLUSTER)
+    wait: int | None = None
+    if cluster is not None:
+        # The token is compared first (in constant time, here); then one atomic script
+        # counts a wrong one, or tells whether a right one comes from a locked-out client.
+        name = gate.check_token(given)
+        wait = await cluster.sign_in_wait(client, failed=name is None)
+    if wait is None:  # one process, or Redis unreachable: this process's own count
+        now = asyncio.get_running_loop().time()
+        wait = gate.failures.wait(client, now)
+        name = None if wait else gate.check_token(given)
+        if not wait and name is None:
+            gate.failures.add(client, now)
     if wait:
         metrics.token_checks.labels(outcome="limited").inc()
         raise ApiError(
@@ -110,9 +122,7 @@ def check_access_token(request: web.Request, given: str) -> str:
             f"Too many wrong access tokens from your address. Try again in {wait} s.",
             headers={"Retry-After": str(wait)},
         )
-    name = gate.check_token(given)
     if name is None:
-        gate.failures.add(client, now)
         metrics.token_checks.labels(outcome="bad_token").inc()
         log.warning("wrong access token from %s", client)
         raise ApiError(401, "bad_token", "That access token is not valid.", headers=_CHALLENGE)

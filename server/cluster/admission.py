@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -50,6 +51,23 @@ redis.call('EXPIRE', live, ttl)
 return {0, 0}
 """
 
+# A wrong access token: counted unless the client is already locked out. A right one:
+# only asked whether the client is. Returns the seconds to wait (0: go on).
+SIGN_IN = """
+local key, now, limit, window = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local failed, member = ARGV[4], ARGV[5]
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+if redis.call('ZCARD', key) >= limit then
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return math.max(1, math.ceil((tonumber(oldest[2]) + window - now) / 1000))
+end
+if failed == '1' then
+  redis.call('ZADD', key, now, member)
+  redis.call('PEXPIRE', key, window)
+end
+return 0
+"""
+
 RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -67,6 +85,10 @@ def live_key(client: str) -> str:
 
 def recent_key(client: str) -> str:
     return f"{names.PREFIX}recent:{client}"
+
+
+def failures_key(client: str) -> str:
+    return f"{names.PREFIX}sign-in-failures:{client}"
 
 
 def claim_key(client_id: str) -> str:
@@ -96,6 +118,7 @@ class Admission:
         self._limits = limits
         self._hold_seconds = hold_seconds  # the longest an answer can run, and some
         self._admit = redis.register_script(ADMIT)
+        self._sign_in = redis.register_script(SIGN_IN)
         self._release_claim = redis.register_script(RELEASE_CLAIM)
 
     async def admit(self, client: str, generation_id: str, now_ms: int) -> tuple[int, int]:
@@ -113,6 +136,12 @@ class Admission:
         ]
         verdict, wait = cast(list[int], await self._admit(keys=keys, args=args))
         return int(verdict), int(wait)
+
+    async def sign_in(self, client: str, failed: bool, limit: int, now_ms: int) -> int:
+        """Seconds the client must wait (0: none); a failure is counted unless it must.
+        Raises RedisError/OSError."""
+        args: list[str | int] = [now_ms, limit, WINDOW_MS, "1" if failed else "0", f"{now_ms}-{uuid.uuid4().hex}"]
+        return int(cast(int, await self._sign_in(keys=[failures_key(client)], args=args)))
 
     def forget(self, pipe: Any, client: str, generation_id: str) -> None:
         """Adds to a pipeline: the answer no longer streams (it ended, or never ran)."""

@@ -42,6 +42,7 @@ class Cluster:
         self.redis = redis
         self.process = process_name()
         self._limits = config.limits
+        self._failed_sign_ins = config.access.failed_sign_ins_per_minute
         hold = round(config.timeouts.max_generation + config.stream.finished_ttl) + 60
         self.admission = Admission(redis, self.process, config.limits, hold)
         self.budget = SharedBudget(redis, self.process, budget, hold)
@@ -82,6 +83,15 @@ class Cluster:
     def forget_admitted(self, client: str, generation_id: str) -> None:
         """An answer admitted but never made (a check after admit() refused it)."""
         self._forget_soon(client, generation_id)
+
+    async def sign_in_wait(self, client: str, *, failed: bool) -> int | None:
+        """Seconds a client must wait before its access token is looked at again (0:
+        none), over every process, counting a wrong one; None when Redis cannot tell."""
+        try:
+            return await self.admission.sign_in(client, failed, self._failed_sign_ins, round(time.time() * 1000))
+        except (RedisError, OSError) as error:
+            self._warn(f"wrong access tokens are counted per process until Redis is back ({type(error).__name__})")
+            return None
 
     async def claim(self, client_id: str, claim: Claim) -> Claim | None:
         """None: the client_id is this answer's on every process; else the earlier claim.

@@ -39,7 +39,7 @@ async def sign_in(request: web.Request) -> web.Response:
         raise invalid("invalid_token_field", 'Send the access token as {"token": "..."}.')
     if set(body) != {"token"}:
         raise invalid("unknown_field", f"Unknown field {sorted(set(body) - {'token'})[0]!r} in the request body.")
-    name = check_access_token(request, token.strip())
+    name = await check_access_token(request, token.strip())
     session = gate.issue(name, time.time())
     response = _state(True, name)
     set_session_cookie(request, response, session)
