@@ -139,7 +139,7 @@ async def _cluster(app: web.Application) -> AsyncIterator[None]:
         return
     from server.cluster.node import open_cluster  # redis-py only where it is used
 
-    cluster = app[CLUSTER] = await open_cluster(config, app[REGISTRY], app[GATE], app[BUDGET])
+    cluster = app[CLUSTER] = await open_cluster(config, app[REGISTRY], app[GATE], app[BUDGET], app.get(FEED))
     shown = f"{config.cluster.shown_url} ({config.cluster.url_from})"
     log.info("shared mode: Redis at %s, this process is %s", shown, cluster.process)
     try:

@@ -516,3 +516,26 @@ async def test_wrong_access_tokens_are_counted_over_every_process_at_once(
             assert response.status == 429
             assert (await response.json())["error"]["code"] == "too_many_attempts"
             assert 1 <= int(response.headers["Retry-After"]) <= 60
+
+
+async def test_a_change_made_through_one_process_reaches_a_page_following_another(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream, tmp_path: Any
+) -> None:
+    storage = {"url": f"sqlite:///{tmp_path}/shared.db", "auto_titles": False}
+    a = await start_rill(cluster={"redis_url": redis_url}, storage=storage)
+    b = await start_rill(cluster={"redis_url": redis_url}, storage=storage)
+    feed = StreamReader(await b.session.get(b.url / "api/changes"))  # the phone's sidebar, on B
+    await asyncio.sleep(0.1)
+    async with a.session.post(a.url / "api/conversations", json={"title": "From the laptop"}) as response:
+        assert response.status == 201, await response.text()
+        made = await response.json()
+    event = await feed.next_event(timeout=1.0)
+    assert event is not None
+    assert event.event == "conversation"
+    assert (event.data["id"], event.data["title"]) == (made["id"], "From the laptop")
+    async with a.session.patch(a.url / f"api/conversations/{made['id']}", json={"title": "Renamed"}) as response:
+        assert response.status == 200
+    renamed = await feed.next_event(timeout=1.0)
+    assert renamed is not None
+    assert renamed.data["title"] == "Renamed"
+    feed.response.close()

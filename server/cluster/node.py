@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -16,11 +17,14 @@ from redis.exceptions import RedisError
 from server.access.budget import DailyBudget
 from server.access.gate import Gate
 from server.config import Config
+from server.history.feed import ChangeFeed
 from server.relay.generation import Generation
 from server.relay.registry import GenerationRegistry, rate_limited, too_many_generations
 
 from .admission import ADMITTED, TOO_MANY, Admission, Claim
 from .budget import SharedBudget
+from .changes import CHANNEL as CHANGES_CHANNEL
+from .changes import SharedChanges
 from .connect import CONNECT_TIMEOUT, open_redis, process_name
 from .control import ControlListener, ProcessBeat
 from .errors import ClusterOpenError
@@ -37,7 +41,13 @@ class Cluster:
     """Made by open_cluster, kept as app[CLUSTER]."""
 
     def __init__(
-        self, redis: Redis, config: Config, registry: GenerationRegistry, gate: Gate, budget: DailyBudget
+        self,
+        redis: Redis,
+        config: Config,
+        registry: GenerationRegistry,
+        gate: Gate,
+        budget: DailyBudget,
+        feed: ChangeFeed | None,
     ) -> None:
         self.redis = redis
         self.process = process_name()
@@ -49,7 +59,11 @@ class Cluster:
         budget.shared = self.budget
         self.mirror = EventMirror(redis, self.process, config, ended=self._forget_in)
         self.revocations = Revocations(redis, gate)
-        self.control = ControlListener(redis, self.process, registry, {REVOKED_CHANNEL: self.revocations.heard})
+        self.changes = SharedChanges(redis, self.process, feed) if feed is not None else None
+        everyone: dict[str, Callable[[bytes], None]] = {REVOKED_CHANNEL: self.revocations.heard}
+        if self.changes is not None:
+            everyone[CHANGES_CHANNEL] = self.changes.heard
+        self.control = ControlListener(redis, self.process, registry, everyone)
         self.beat = ProcessBeat(redis, self.process)
         self._forgetting: set[asyncio.Task[None]] = set()
         self._warned_at = -math.inf
@@ -59,6 +73,8 @@ class Cluster:
     async def start(self) -> None:
         await self.beat.start()
         self.mirror.start()
+        if self.changes is not None:
+            self.changes.start()
         self.control.start()
         # Listening first, then reading what is there: no sign-out falls in between.
         async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -134,15 +150,19 @@ class Cluster:
             await asyncio.wait(self._forgetting, timeout=2.0)
         await self.control.close()
         await self.revocations.close()
+        if self.changes is not None:
+            await self.changes.close()
         await self.mirror.close()  # the last events of the answers the shutdown ended
         await self.budget.flush()  # and what they used
         await self.beat.close()  # then readers elsewhere may end what is left at once
         await self.redis.aclose()
 
 
-async def open_cluster(config: Config, registry: GenerationRegistry, gate: Gate, budget: DailyBudget) -> Cluster:
+async def open_cluster(
+    config: Config, registry: GenerationRegistry, gate: Gate, budget: DailyBudget, feed: ChangeFeed | None
+) -> Cluster:
     """Connected and started; ClusterOpenError when Redis cannot be reached."""
-    cluster = Cluster(await open_redis(config.cluster), config, registry, gate, budget)
+    cluster = Cluster(await open_redis(config.cluster), config, registry, gate, budget, feed)
     try:
         await cluster.start()
     except (RedisError, OSError, TimeoutError) as error:

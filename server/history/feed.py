@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,8 @@ class ChangeFeed:
         self._keep_bytes = keep_bytes
         self._owners: dict[str, _Owner] = {}
         self.closed = False
+        # Shared mode: told of each change made here, for the other processes' feeds.
+        self.on_publish: Callable[[str, str, Mapping[str, Any]], None] | None = None
 
     def _owner(self, owner: str) -> _Owner:
         state = self._owners.get(owner)
@@ -56,6 +58,14 @@ class ChangeFeed:
 
     def publish(self, owner: str, name: str, data: Mapping[str, Any]) -> None:
         """Records one change of `owner`'s and wakes their open streams; cheap and sync."""
+        self.publish_here(owner, name, data)
+        if self.on_publish is not None:
+            self.on_publish(owner, name, data)
+
+    def publish_here(self, owner: str, name: str, data: Mapping[str, Any]) -> None:
+        """publish() of a change another process made (shared mode): its streams here
+        hear of it; ids stay this process's own (a page moving to another process
+        refetches the list, as after a restart)."""
         state = self._owner(owner)
         state.last += 1
         wire = encode(self.event_id(state.last), name, data)
