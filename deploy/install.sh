@@ -16,7 +16,13 @@ the code is replaced, the files in /etc/rill (config, key, access tokens) are ke
                    the certbot command to run later is printed
   --prefix DIR     where the code and its virtualenv go (default /opt/rill; not under
                    /home, /root, /tmp or /var/tmp, which the service cannot see)
-  --no-apt         do not apt-get install python3-venv, nginx, curl (and certbot)
+  --workers N      run N Rill processes (1-32, default 1) on ports PORT..PORT+N-1 behind
+                   nginx, sharing answers through Redis (systemd template rill@.service;
+                   upgrades restart them one at a time, each letting its answers finish)
+  --redis-url URL  the Redis of --workers 2 or more (default redis://127.0.0.1:6379/0,
+                   Debian's redis-server, installed then; no password in it: it goes into
+                   the unit file)
+  --no-apt         do not apt-get install python3-venv, nginx, curl (and certbot, redis-server)
   --no-venv        do not create PREFIX/.venv or pip install the requirements
   --no-start       do not call systemctl, nginx, certbot or curl
   --root DIR       write every file under DIR instead of / (for tests and images;
@@ -41,6 +47,9 @@ die() {
 
 step() { printf '==> %s\n' "$1"; }
 
+# With several processes, how long a stopping one lets its answers in flight finish.
+DRAIN_TIMEOUT=120
+
 domain=""
 email=""
 prefix="/opt/rill"
@@ -48,6 +57,8 @@ root=""
 do_apt=1
 do_venv=1
 do_start=1
+workers=1
+redis_url=""
 
 while (($# > 0)); do
     case "$1" in
@@ -55,23 +66,27 @@ while (($# > 0)); do
         usage
         exit 0
         ;;
-    --domain | --email | --prefix | --root)
+    --domain | --email | --prefix | --root | --workers | --redis-url)
         (($# >= 2)) || die_usage "option $1 needs a value"
         case "$1" in
         --domain) domain="$2" ;;
         --email) email="$2" ;;
         --prefix) prefix="$2" ;;
         --root) root="$2" ;;
+        --workers) workers="$2" ;;
+        --redis-url) redis_url="$2" ;;
         esac
         shift 2
         ;;
-    --domain=* | --email=* | --prefix=* | --root=*)
+    --domain=* | --email=* | --prefix=* | --root=* | --workers=* | --redis-url=*)
         value="${1#*=}"
         case "$1" in
         --domain=*) domain="$value" ;;
         --email=*) email="$value" ;;
         --prefix=*) prefix="$value" ;;
         --root=*) root="$value" ;;
+        --workers=*) workers="$value" ;;
+        --redis-url=*) redis_url="$value" ;;
         esac
         shift
         ;;
@@ -86,6 +101,17 @@ done
 [[ "$domain" =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]] || die_usage "--domain: not a host name: $domain"
 if [[ -n "$email" && ! "$email" =~ ^[^[:space:]@]+@[^[:space:]@]+$ ]]; then
     die_usage "--email: not an email address: $email"
+fi
+[[ "$workers" =~ ^[1-9][0-9]?$ ]] && ((workers <= 32)) || die_usage "--workers: a number of processes from 1 to 32 (got: $workers)"
+if [[ -n "$redis_url" ]]; then
+    ((workers > 1)) || die_usage "--redis-url is for --workers 2 or more (one process needs no Redis)"
+    # Written into the unit file (world-readable) and a sed expression: plain characters, no password.
+    [[ "$redis_url" =~ ^redis://[A-Za-z0-9._:-]+(/[0-9]+)?$ ]] || die_usage "--redis-url: must be redis://host:port/db without a password (got: $redis_url)"
+fi
+local_redis=0
+if ((workers > 1)) && [[ -z "$redis_url" ]]; then
+    redis_url="redis://127.0.0.1:6379/0"
+    local_redis=1
 fi
 # The prefix is written into the unit file and sed expressions: keep it to plain characters.
 [[ "$prefix" =~ ^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$ ]] || die_usage "--prefix: must be an absolute path of letters, digits and . _ - / (got: $prefix)"
@@ -131,6 +157,7 @@ src="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 etc="$root/etc/rill"
 dest="$root$prefix"
 unit_path="$root/etc/systemd/system/rill.service"
+template_path="$root/etc/systemd/system/rill@.service"
 site_path="$root/etc/nginx/sites-available/rill"
 site_link="$root/etc/nginx/sites-enabled/rill"
 owner=()
@@ -141,6 +168,7 @@ umask 022
 if ((do_apt)); then
     packages=(python3 python3-venv nginx curl ca-certificates)
     [[ -n "$email" ]] && packages+=(certbot python3-certbot-nginx)
+    ((local_redis)) && packages+=(redis-server)
     step "Installing ${packages[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
@@ -194,7 +222,7 @@ step "Configuration in /etc/rill"
 install -d -m 0755 "${owner[@]}" -- "$etc"
 if [[ ! -e "$etc/config.toml" ]]; then
     install -m 0644 "${owner[@]}" -- "$src/config.toml" "$etc/config.toml"
-    echo "    created /etc/rill/config.toml (edit it, then: systemctl restart rill)"
+    echo "    created /etc/rill/config.toml (edit it, then restart Rill: the command is at the end)"
 else
     chmod 0644 -- "$etc/config.toml"
     echo "    kept /etc/rill/config.toml"
@@ -227,18 +255,48 @@ EOF
 )"
 [[ "$port" =~ ^[0-9]+$ ]] || port=8080
 
+ports=()
+for ((i = 0; i < workers; i++)); do
+    ports+=($((port + i)))
+done
+# How to restart what this install runs (after editing the config or the key).
+restart_hint="systemctl restart rill"
+((workers == 1)) || restart_hint="sh -c 'for p in ${ports[*]}; do systemctl restart rill@\$p; done'"
+
 # --- systemd ---------------------------------------------------------------------------
-step "systemd unit /etc/systemd/system/rill.service"
 install -d -m 0755 -- "$(dirname -- "$unit_path")"
-sed "s#/opt/rill#$prefix#g" "$src/deploy/rill.service" >"$unit_path.tmp"
-chmod 0644 -- "$unit_path.tmp"
-mv -- "$unit_path.tmp" "$unit_path"
+if ((workers == 1)); then
+    step "systemd unit /etc/systemd/system/rill.service"
+    sed "s#/opt/rill#$prefix#g" "$src/deploy/rill.service" >"$unit_path.tmp"
+    chmod 0644 -- "$unit_path.tmp"
+    mv -- "$unit_path.tmp" "$unit_path"
+else
+    # One process per port, made from rill.service: its port and Redis, one dynamic user
+    # for all (User=: they share the state directory), and a stop that lets the answers in
+    # flight finish while the others take the new ones (drain_timeout; TimeoutStopSec
+    # above it plus twice shutdown_timeout).
+    step "systemd template /etc/systemd/system/rill@.service (${#ports[@]} processes: ports ${ports[*]})"
+    sed -e "s#/opt/rill#$prefix#g" \
+        -e 's#^Description=Rill streaming chat relay$#Description=Rill streaming chat relay (port %i)#' \
+        -e "s#^Environment=PYTHONUNBUFFERED=1\$#Environment=PYTHONUNBUFFERED=1\nEnvironment=RILL_PORT=%i\nEnvironment=RILL_REDIS_URL=$redis_url\nEnvironment=RILL_DRAIN_TIMEOUT=$DRAIN_TIMEOUT#" \
+        -e 's#^DynamicUser=yes$#DynamicUser=yes\nUser=rill#' \
+        -e "s#^TimeoutStopSec=.*#TimeoutStopSec=$((DRAIN_TIMEOUT + 60))#" \
+        "$src/deploy/rill.service" >"$template_path.tmp"
+    grep -q '^Environment=RILL_PORT=%i$' "$template_path.tmp" || die "could not make rill@.service from rill.service"
+    chmod 0644 -- "$template_path.tmp"
+    mv -- "$template_path.tmp" "$template_path"
+fi
 
 # --- nginx -----------------------------------------------------------------------------
 step "nginx site /etc/nginx/sites-available/rill for $domain"
 install -d -m 0755 -- "$(dirname -- "$site_path")" "$(dirname -- "$site_link")"
-sed -e "s/chat\.example\.com/$domain/g" -e "s/127\.0\.0\.1:8080/127.0.0.1:$port/g" \
+servers=""
+for p in "${ports[@]}"; do
+    servers+="    server 127.0.0.1:$p max_fails=0;\n"
+done
+sed -e "s/chat\.example\.com/$domain/g" -e "s/^    server 127\.0\.0\.1:8080 max_fails=0;$/${servers%\\n}/" \
     "$src/deploy/nginx/rill.conf" >"$site_path.tmp"
+grep -q "^    server 127\.0\.0\.1:${ports[0]} max_fails=0;$" "$site_path.tmp" || die "could not write the nginx upstream block"
 chmod 0644 -- "$site_path.tmp"
 mv -- "$site_path.tmp" "$site_path"
 ln -sfn ../sites-available/rill "$site_link"
@@ -252,12 +310,37 @@ status=0
 if ((do_start)); then
     step "Starting Rill"
     systemctl daemon-reload
-    systemctl enable --quiet rill
-    if systemctl is-active --quiet rill; then
-        echo "    restarting (answers in flight end with a retryable \"server restarting\" error)"
-        systemctl restart rill
+    if ((workers == 1)); then
+        for unit in $(systemctl list-units --all --plain --no-legend 'rill@*.service' | awk '{print $1}'); do
+            systemctl disable --now --quiet "$unit"  # from an earlier --workers install
+        done
+        systemctl enable --quiet rill
+        if systemctl is-active --quiet rill; then
+            echo "    restarting (answers in flight end with a retryable \"server restarting\" error)"
+            systemctl restart rill
+        else
+            systemctl start rill
+        fi
     else
-        systemctl start rill
+        ((local_redis)) && systemctl enable --now --quiet redis-server
+        if systemctl is-enabled --quiet rill 2>/dev/null || systemctl is-active --quiet rill; then
+            systemctl disable --now --quiet rill  # from an earlier one-process install
+        fi
+        for p in "${ports[@]}"; do
+            systemctl enable --quiet "rill@$p"
+            if systemctl is-active --quiet "rill@$p"; then
+                # One at a time: the others take the new answers while this one lets its
+                # answers finish (up to ${DRAIN_TIMEOUT} s) and restarts.
+                echo "    restarting rill@$p"
+                systemctl restart "rill@$p"
+            else
+                systemctl start "rill@$p"
+            fi
+            for _ in $(seq 30); do
+                curl -fsS --max-time 2 "http://127.0.0.1:$p/readyz" >/dev/null 2>&1 && break
+                sleep 1
+            done
+        done
     fi
 
     nginx -t
@@ -274,21 +357,25 @@ if ((do_start)); then
         systemctl reload-or-restart nginx
     fi
 
-    step "Waiting for http://127.0.0.1:$port/readyz"
-    ready=0
-    for _ in $(seq 15); do
-        if curl -fsS --max-time 2 "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then
-            ready=1
-            break
+    for p in "${ports[@]}"; do
+        step "Waiting for http://127.0.0.1:$p/readyz"
+        ready=0
+        for _ in $(seq 15); do
+            if curl -fsS --max-time 2 "http://127.0.0.1:$p/readyz" >/dev/null 2>&1; then
+                ready=1
+                break
+            fi
+            sleep 1
+        done
+        unit="rill"
+        ((workers == 1)) || unit="rill@$p"
+        if ((ready)); then
+            echo "    $unit is ready."
+        else
+            echo "install.sh: $unit did not answer /readyz within 15 s; see: journalctl -u $unit -n 50 --no-pager" >&2
+            status=1
         fi
-        sleep 1
     done
-    if ((ready)); then
-        echo "    Rill is ready."
-    else
-        echo "install.sh: Rill did not answer /readyz within 15 s; see: journalctl -u rill -n 50 --no-pager" >&2
-        status=1
-    fi
 fi
 
 # --- what next -------------------------------------------------------------------------
@@ -304,11 +391,12 @@ if ((do_start)); then
 else
     echo "Installed into ${root:-/} without starting anything (--no-start)."
 fi
+echo "After editing /etc/rill/config.toml, restart Rill: sudo $restart_hint"
 if [[ ! -s "$etc/deepseek.key" ]]; then
     echo
     echo "No DeepSeek key yet: Rill answers with its offline demo. To add the key:"
     echo "    read -rsp 'DeepSeek key: ' k; echo; sudo install -m 600 /dev/stdin /etc/rill/deepseek.key <<<\"\$k\"; unset k"
-    echo "    sudo systemctl restart rill"
+    echo "    sudo $restart_hint"
 fi
 if [[ -n "$new_token" ]]; then
     echo

@@ -7,6 +7,7 @@ code never reads the environment or the file system for settings.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import tempfile
@@ -427,7 +428,7 @@ def parse_config(document: Mapping[str, Any], environ: Mapping[str, str]) -> Con
         port=_port(environ.get("RILL_PORT"), server_section),
         shutdown_timeout=_positive(server_section, "shutdown_timeout", ServerConfig.shutdown_timeout),
         drain_delay=_not_negative(server_section, "drain_delay", ServerConfig.drain_delay),
-        drain_timeout=_not_negative(server_section, "drain_timeout", ServerConfig.drain_timeout),
+        drain_timeout=_drain_timeout(environ.get("RILL_DRAIN_TIMEOUT"), server_section),
         header_timeout=_positive(server_section, "header_timeout", ServerConfig.header_timeout),
         body_timeout=_positive(server_section, "body_timeout", ServerConfig.body_timeout),
         keepalive_timeout=_positive(server_section, "keepalive_timeout", ServerConfig.keepalive_timeout),
@@ -771,6 +772,21 @@ def prepare_state_dir(access: AccessConfig, *, database: bool = False) -> None:
 def _host(env_value: str | None, section: _Section) -> str:
     file_value = section.get("host", str, ServerConfig.host)  # type-checked even when overridden
     return env_value or file_value
+
+
+def _drain_timeout(env_value: str | None, section: _Section) -> float:
+    """[server] drain_timeout, or RILL_DRAIN_TIMEOUT (the unit of a process among several
+    sets it: deploy/install.sh --workers)."""
+    from_file = _not_negative(section, "drain_timeout", ServerConfig.drain_timeout)
+    if not env_value:
+        return from_file
+    try:
+        value = float(env_value)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"RILL_DRAIN_TIMEOUT: must be a number of seconds, 0 or more, got {env_value!r}")
+    return value
 
 
 def _port(env_value: str | None, section: _Section) -> int:

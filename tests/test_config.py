@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import DEFAULT_CONFIG_PATH, Config, ConfigError, ModelConfig, Secret, load_config
+from server.config import DEFAULT_CONFIG_PATH, Config, ConfigError, ModelConfig, Secret, load_config, parse_config
 
 ROOT = Path(__file__).parents[1]
 BUNDLED = ROOT / "config.toml"
@@ -667,3 +667,13 @@ def test_a_bad_rill_database_url_never_shows_its_password(tmp_path: Path) -> Non
         load(tmp_path, PROVIDERS, RILL_DATABASE_URL="mysql://u:hunter2-secret@db/rill")
     assert str(caught.value).startswith("RILL_DATABASE_URL:")
     assert "hunter2-secret" not in str(caught.value)
+
+
+def test_rill_drain_timeout_overrides_the_file_and_is_checked() -> None:
+    provider = {"name": "p", "base_url": "http://127.0.0.1:9/v1", "models": [{"id": "m"}]}
+    document = {"server": {"drain_timeout": 5.0}, "providers": [provider]}
+    assert parse_config(document, {}).server.drain_timeout == 5.0
+    assert parse_config(document, {"RILL_DRAIN_TIMEOUT": "120"}).server.drain_timeout == 120.0
+    for bad in ("-1", "soon", "nan", "inf"):
+        with pytest.raises(ConfigError, match="RILL_DRAIN_TIMEOUT: must be a number of seconds"):
+            parse_config(document, {"RILL_DRAIN_TIMEOUT": bad})

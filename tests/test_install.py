@@ -133,7 +133,7 @@ def test_a_second_run_upgrades_the_code_and_keeps_token_key_and_edited_config(ch
     assert mode(etc / "deepseek.key") == 0o600
     assert mode(etc / "access-tokens") == 0o600
     assert not stale.exists(), "the upgrade must replace the code, not merge into it"
-    assert "127.0.0.1:8181;" in (tmp_path / "etc/nginx/sites-available/rill").read_text()
+    assert "server 127.0.0.1:8181 max_fails=0;" in (tmp_path / "etc/nginx/sites-available/rill").read_text()
 
 
 def test_the_installed_unit_points_at_the_prefix_and_passes_systemd_analyze_verify(
@@ -174,18 +174,21 @@ def test_the_nginx_site_serves_the_domain_and_is_valid_for_nginx(checkout: Path,
     assert re.search(r"^\s*server_name chat\.test;$", text, re.MULTILINE), text
     assert "example.com" not in text
     assert "proxy_set_header Host $http_host;" in text
-    assert "server 127.0.0.1:8080;" in text  # the bundled config's port
+    assert "server 127.0.0.1:8080 max_fails=0;" in text  # the bundled config's port
     link = root / "etc/nginx/sites-enabled/rill"
     assert link.is_symlink()
     assert link.resolve() == site.resolve()
 
+    nginx_accepts(link, tmp_path / "nginx")
+
+
+def nginx_accepts(site: Path, work: Path) -> None:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    work = tmp_path / "nginx"
     work.mkdir()
     (work / "nginx.conf").write_text(
         f"pid {work}/nginx.pid;\nerror_log {work}/error.log;\nevents {{}}\n"
         f"http {{ access_log off; client_body_temp_path {work}/body; proxy_temp_path {work}/proxy; "
-        f"include {link}; }}\n"
+        f"include {site}; }}\n"
     )
     result = subprocess.run(
         [nginx, "-t", "-q", "-p", str(work), "-e", str(work / "error.log"), "-c", str(work / "nginx.conf")],
@@ -197,6 +200,50 @@ def test_the_nginx_site_serves_the_domain_and_is_valid_for_nginx(checkout: Path,
     assert result.returncode == 0, result.stderr + (work / "error.log").read_text()
 
 
+def test_workers_install_a_template_unit_per_port_and_an_upstream_of_them_all(checkout: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    result = install_ok(checkout, root, "--workers", "3", "--prefix", "/srv/rill")
+    assert not (root / "etc/systemd/system/rill.service").exists()
+    template = (root / "etc/systemd/system/rill@.service").read_text()
+    lines = template.splitlines()
+    for line in [
+        "Description=Rill streaming chat relay (port %i)",
+        "Environment=RILL_PORT=%i",
+        "Environment=RILL_REDIS_URL=redis://127.0.0.1:6379/0",
+        "Environment=RILL_DRAIN_TIMEOUT=120",
+        "TimeoutStopSec=180",  # above the drain plus twice shutdown_timeout
+        "User=rill",  # one dynamic user for all: they share the state directory
+        "DynamicUser=yes",
+        "ExecStart=/srv/rill/.venv/bin/python -m server",
+        "StateDirectory=rill",
+    ]:
+        assert line in lines, line
+    site = (root / "etc/nginx/sites-available/rill").read_text()
+    servers = re.findall(r"^\s*server 127\.0\.0\.1:(\d+) max_fails=0;$", site, re.MULTILINE)
+    assert servers == ["8080", "8081", "8082"]
+    assert "proxy_next_upstream error http_503 non_idempotent;" in site
+    assert "for p in 8080 8081 8082; do systemctl restart rill@$p; done" in result.stdout
+    nginx_accepts(root / "etc/nginx/sites-enabled/rill", tmp_path / "nginx")
+
+    # An instance of the template, as systemd makes it, passes systemd-analyze verify.
+    prefix = tmp_path / "srv/rill"
+    (prefix / ".venv/bin").mkdir(parents=True)
+    (prefix / ".venv/bin/python").symlink_to(sys.executable)
+    unit = tmp_path / "rill@8081.service"
+    unit.write_text(template.replace("/srv/rill", str(prefix)))
+    verified = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stderr.strip() == "", verified.stderr
+    environment = [line.removeprefix("Environment=") for line in lines if line.startswith("Environment=")]
+    environ = dict(item.replace("%i", "8081").split("=", 1) for item in environment)
+    environ |= {"RILL_CONFIG": str(root / "etc/rill/config.toml"), "RILL_ACCESS_TOKENS": "a:" + "x1y2z3w4" * 4}
+    config = load_config(environ)
+    assert (config.server.port, config.server.drain_timeout) == (8081, 120.0)
+    assert config.cluster.redis_url == "redis://127.0.0.1:6379/0"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -205,6 +252,14 @@ def test_the_nginx_site_serves_the_domain_and_is_valid_for_nginx(checkout: Path,
         ([*OFFLINE, "--domain"], "--domain needs a value"),
         ([*OFFLINE, "--domain", "chat.test/evil"], "not a host name"),
         (["--no-apt", "--domain", "chat.test"], "--root needs --no-apt and --no-start"),
+        ([*OFFLINE, "--domain", "chat.test", "--workers", "0"], "--workers: a number of processes from 1 to 32"),
+        ([*OFFLINE, "--domain", "chat.test", "--workers", "33"], "--workers: a number of processes from 1 to 32"),
+        ([*OFFLINE, "--domain", "chat.test", "--workers", "two"], "--workers: a number of processes from 1 to 32"),
+        ([*OFFLINE, "--domain", "chat.test", "--redis-url", "redis://h:1/0"], "--redis-url is for --workers 2 or more"),
+        (
+            [*OFFLINE, "--domain", "chat.test", "--workers", "2", "--redis-url", "redis://:pw@h:1/0"],
+            "--redis-url: must be redis://host:port/db without a password",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message_and_write_nothing(
