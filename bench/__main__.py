@@ -21,6 +21,10 @@ def main() -> int:
         from .soak import main as soak
 
         return soak(sys.argv[2:])
+    if sys.argv[1:2] == ["rolling-restart"]:
+        from .rolling import main as rolling
+
+        return rolling(sys.argv[2:])
     if sys.argv[1:2] == ["store"]:
         from .store import main as store
 

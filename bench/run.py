@@ -174,9 +174,10 @@ class Processes:
         self, name: str, args: list[str], env: dict[str, str], core: int | None
     ) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.work / f"{name}.log"
-        process = subprocess.Popen(
-            args, cwd=self.work, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with log.open("wb") as out:  # the child keeps its own copy of the file
+            process = subprocess.Popen(
+                args, cwd=self.work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         pin(process.pid, core)
         self.running.append(process)
         return process, log
