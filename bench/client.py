@@ -37,6 +37,9 @@ class Job:
     resume_after: tuple[int, int] | None = None  # drop and resume after a random token in this range
     abort_after: tuple[int, int] | None = None  # vanish after a random token in this range
     seed: int = 1
+    # Shared mode: the processes; stream n is started on urls[n] and read on urls[n + 1]
+    # (modulo their number), so every read goes through Redis.
+    urls: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -166,12 +169,15 @@ async def _one(session: aiohttp.ClientSession, job: Job, number: int, rng: rando
                 events = (await created.json())["generation"]["events"]
             response = await session.get(f"{job.url}{events}")
         else:
-            async with session.post(f"{job.url}/api/chat", json=_body(job)) as created:
+            start_url, read_url = job.url, job.url
+            if job.urls:
+                start_url, read_url = job.urls[number % len(job.urls)], job.urls[(number + 1) % len(job.urls)]
+            async with session.post(f"{start_url}/api/chat", json=_body(job)) as created:
                 if created.status != 201:
                     stream.error = f"POST {created.status}"
                     return stream
                 events = (await created.json())["events"]
-            response = await session.get(f"{job.url}{events}")
+            response = await session.get(f"{read_url}{events}")
         stream.setup_ns = time.monotonic_ns() - started
         if response.status != 200:
             stream.error = f"GET {response.status}"

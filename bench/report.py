@@ -96,6 +96,7 @@ def targets(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
         )
     )
     checks.extend(_history_checks(rows))
+    checks.extend(_shared_checks(rows))
     cap1000 = rill.get("capacity-1000")
     if cap1000 is None:
         checks.append(("1,000 streams: all delivered, p99 within 20 ms of direct", None, "not run"))
@@ -175,6 +176,56 @@ def _history_checks(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
                 f"{_num(statistics.median(on[p] for p in with_end))} vs "
                 f"{_num(statistics.median(end[p] for p in with_end))} µs written at the end only: "
                 f"{share * 100:+.1f} % of {_num(statistics.median(off[p] for p in with_end))}",
+            )
+        )
+    return checks
+
+
+def _shared_checks(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
+    """Shared mode (two processes and Redis, every answer read on the other process)
+    against one process: faults, CPU per token (its Redis's CPU counted), 1,000 streams."""
+    shared = [r for r in rows if r.target == "rill-shared"]
+    if not shared:
+        return []
+    faults = sum(r.client["lost"] + r.client["duplicated"] + r.client["reordered"] for r in shared)
+    failed = sum(r.client["failed_streams"] for r in shared)
+    checks: list[tuple[str, bool | None, str]] = [
+        (
+            "shared mode: 0 tokens lost, duplicated or reordered, every stream completes",
+            faults == 0 and failed == 0,
+            f"{faults} tokens wrong, {failed} streams failed",
+        )
+    ]
+    scenario = next(
+        (n for n in ("capacity-100", "capacity-20") if _cpu(rows, n, "rill") and _cpu(rows, n, "rill-shared")), None
+    )
+    if scenario is not None:
+        one, two = _cpu(rows, scenario, "rill"), _cpu(rows, scenario, "rill-shared")
+        passes = sorted(set(one) & set(two))
+        ratios = [two[p] / one[p] for p in passes if one[p] > 0]
+        if ratios:
+            ratio = statistics.median(ratios)
+            spread = f" (runs {min(ratios):.2f}× to {max(ratios):.2f}×)" if len(ratios) > 1 else ""
+            checks.append(
+                (
+                    f"shared mode CPU per token ≤ 1.3× one process ({scenario}, Redis included){_count(ratios)}",
+                    ratio <= 1.3,
+                    f"{_num(statistics.median(two[p] for p in passes))} vs "
+                    f"{_num(statistics.median(one[p] for p in passes))} µs: {ratio:.2f}×{spread}",
+                )
+            )
+    big = [r for r in shared if r.scenario == "capacity-1000"]
+    if big:
+        overs = [added_over_direct(rows, r, "p99") for r in big]
+        met = sum(
+            1 for r, over in zip(big, overs, strict=True) if over is not None and over <= 20 and not r.client["lost"]
+        )
+        figures = ", ".join("–" if over is None else f"{over:+.1f}" for over in overs)
+        checks.append(
+            (
+                "shared mode, 1,000 streams on 2 processes: p99 within 20 ms of direct in every run",
+                met == len(big),
+                f"{met} of {len(big)} runs (p99 over direct: {figures} ms)",
             )
         )
     return checks

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,13 +48,22 @@ FULL = [
         100,
         300,
         1 / 30,
-        ("direct", "pipe", "naive", "rill", "rill-history", "rill-history-end"),
+        ("direct", "pipe", "naive", "rill", "rill-history", "rill-history-end", "rill-shared"),
         ramp=1.0,
         note="100 streams × 300 tokens at 30/s; rill-history: the same through stored conversations, "
-        "rill-history-end: written at the end only (what the writes every save_interval cost is the difference)",
+        "rill-history-end: written at the end only (what the writes every save_interval cost is the difference); "
+        "rill-shared: two processes in shared mode, each answer started on one and read on the other",
     ),
     Scenario("capacity-500", 500, 300, 1 / 30, ramp=2.0, note="500 streams × 300 tokens at 30/s"),
-    Scenario("capacity-1000", 1000, 300, 1 / 30, ramp=3.0, note="1,000 streams × 300 tokens at 30/s"),
+    Scenario(
+        "capacity-1000",
+        1000,
+        300,
+        1 / 30,
+        ("direct", "pipe", "naive", "rill", "rill-shared"),
+        ramp=3.0,
+        note="1,000 streams × 300 tokens at 30/s",
+    ),
     Scenario("throughput", 20, 5000, 0.0, note="20 streams × 5,000 tokens, as fast as possible"),
     Scenario("split", 100, 300, 0.01, split=0.1, ramp=0.5, note="10 % of upstream events in two pieces"),
     Scenario(
@@ -81,7 +91,12 @@ FULL = [
 QUICK = [
     Scenario("latency", 1, 200, 0.001),
     Scenario(
-        "capacity-20", 20, 60, 0.01, ("direct", "pipe", "naive", "rill", "rill-history", "rill-history-end"), ramp=0.2
+        "capacity-20",
+        20,
+        60,
+        0.01,
+        ("direct", "pipe", "naive", "rill", "rill-history", "rill-history-end", "rill-shared"),
+        ramp=0.2,
     ),
     Scenario("split", 10, 100, 0.002, split=0.3),
     Scenario("resume-storm", 10, 100, 0.01, ("rill",), resume_after=(20, 60)),
@@ -262,6 +277,26 @@ def rill_config(
     return path
 
 
+def start_shared(
+    processes: Processes, work: Path, up_port: int, env: dict[str, str], core: int | None, workers: int = 2
+) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]], list[str]]:
+    """Shared mode: redis-server (no disk) and `workers` Rill processes on it, all on the
+    server's core: (redis, the Rills, their URLs)."""
+    redis_port = free_port()
+    redis, log = processes.start(
+        "redis",
+        [shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1"]
+        + ["--save", "", "--appendonly", "no"],
+        env,
+        core,
+    )
+    wait_ready(port_probe(redis_port), redis, log, "redis-server")
+    config = rill_config(work)
+    shared_env = env | {"RILL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+    started = [processes.start_rill(config, up_port, shared_env, core) for _ in range(workers)]
+    return redis, [process for process, _, _ in started], [url for _, _, url in started]
+
+
 def run_one(scenario: Scenario, target: str, work: Path) -> Row:
     server_core, bench_core = cores()
     processes = Processes(work)
@@ -293,10 +328,17 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
             )
             url = f"http://127.0.0.1:{port}"
             wait_ready(port_probe(port), server, log, "the naive relay")
+        elif target == "rill-shared":
+            shared = start_shared(processes, work, up_port, base_env, server_core)
+            server, url = shared[0], shared[2][0]
         else:
             history = target.startswith("rill-history")
             config = rill_config(work, history=history, save_interval=3600.0 if target == "rill-history-end" else None)
             server, _, url = processes.start_rill(config, up_port, base_env, server_core)
+        # Every process the target runs on, whose CPU counts: Redis and both Rills for rill-shared.
+        counted = [server] if server is not None else []
+        if target == "rill-shared":
+            counted = [*shared[1], shared[0]]
         job = {
             # The pipe is read as the upstream is; both history targets ask as the page does.
             "target": "direct" if target == "pipe" else "rill-history" if target.startswith("rill-history") else target,
@@ -306,8 +348,11 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
             "ramp": scenario.ramp,
             "resume_after": scenario.resume_after,
             "abort_after": scenario.abort_after,
+            "urls": shared[2] if target == "rill-shared" else [],
         }
-        cpu_before = cpu_seconds(server.pid) if server else None
+        if target == "rill-shared":
+            job["target"] = "rill"
+        cpu_before = sum(cpu_seconds(p.pid) for p in counted) if counted else None
         client = subprocess.run(
             [sys.executable, "-m", "bench.client", json.dumps(job)],
             cwd=work,
@@ -320,9 +365,9 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
         if client.returncode != 0:
             raise RuntimeError(f"client failed:\n{client.stderr[-3000:]}")
         row = Row(scenario.name, target, json.loads(client.stdout))
-        if server is not None and cpu_before is not None:
-            row.server_cpu_s = cpu_seconds(server.pid) - cpu_before
-            row.server_peak_rss_mb = peak_rss_mb(server.pid)
+        if counted and cpu_before is not None:
+            row.server_cpu_s = sum(cpu_seconds(p.pid) for p in counted) - cpu_before
+            row.server_peak_rss_mb = max(peak_rss_mb(p.pid) for p in counted)
         if scenario.abort_after is not None:
             time.sleep(RESUME_GRACE + 1.0)  # Rill keeps an unread answer going this long, then stops it
         stats = get_json(f"http://127.0.0.1:{up_port}/stats")

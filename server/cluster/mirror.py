@@ -1,6 +1,11 @@
 """The owner's side of shared mode: every event of the answers this process streams is
 appended to a Redis stream, where readers on other processes find it.
 
+Writes are few and cheap: at most one every FLUSH_EVERY, one script call appending every
+answer's new events (an entry per answer), in one pipelined round trip with whatever
+else changed (a new answer's hash, an ended one's). A redis-py command costs far more
+CPU than a token's relay, so one per token would multiply the cost of an answer.
+
 Local readers are still written to directly (generation.py); the mirror only queues
 each event's bytes as they are buffered and one task writes them out, all the answers'
 events of a loop turn in one pipelined round trip: never a round trip per token."""
@@ -10,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from server.config import Config
 from server.relay.generation import Generation
@@ -24,10 +30,33 @@ from . import names
 
 log = logging.getLogger(__name__)
 
+Batch = dict[Generation, list[tuple[int, bytes]]]  # each answer's new events: (id, SSE bytes)
+
 RETRY_FIRST = 0.1  # seconds before writing again after Redis failed, doubled up to RETRY_MAX
 RETRY_MAX = 5.0
 ERROR_LOG_EVERY = 60.0  # seconds: a Redis outage is logged once a minute, not once a write
 ANNOUNCE_WAIT = 2.0  # seconds a request waits for its answer to be known in Redis
+ENTRY_EVENTS = 500  # events in one stream entry at most (a catch-up after an outage)
+# Seconds between two writes at most: what a reader on another process may wait longer
+# than one here, for far fewer writes under load.
+FLUSH_EVERY = 0.005
+
+# Appends entries to streams: KEYS, the streams; ARGV, per key: the entry id, the number
+# of fields, then the fields and values. An id a stream already has (a write retried
+# after an outage) is refused without failing the rest.
+APPEND = """
+local at = 1
+for i = 1, #KEYS do
+  local id, count = ARGV[at], tonumber(ARGV[at + 1])
+  local command = {'XADD', KEYS[i], id}
+  for j = at + 2, at + 1 + 2 * count do
+    command[#command + 1] = ARGV[j]
+  end
+  at = at + 2 + 2 * count
+  redis.pcall(unpack(command))
+end
+return #KEYS
+"""
 # Events kept for Redis while it is down; past this the answers in them stop being
 # shared (they stream on here), so a long outage costs bounded memory.
 MAX_PENDING_EVENTS = 100_000
@@ -56,6 +85,9 @@ class EventMirror:
         self._idle.set()
         self._writing = False
         self._task: asyncio.Task[None] | None = None
+        # Called by its SHA, loaded once (and again after a Redis restart forgot it):
+        # redis-py's Script in a pipeline asks SCRIPT EXISTS first on every write.
+        self._append_sha: str | None = None
         self._failing_since: float | None = None
         self._logged_at = 0.0
 
@@ -115,9 +147,14 @@ class EventMirror:
         pending.append((event_id, wire))
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = RETRY_FIRST
+        flushed = -math.inf
         while True:
             await self._wake.wait()
+            if (wait := flushed + FLUSH_EVERY - loop.time()) > 0:
+                await asyncio.sleep(wait)  # what comes meanwhile goes in the same write
+            flushed = loop.time()
             self._wake.clear()
             batch, self._pending = self._pending, {}
             if not batch:
@@ -149,39 +186,15 @@ class EventMirror:
             if not self._pending:
                 self._idle.set()
 
-    async def _write(self, batch: dict[Generation, list[tuple[int, bytes]]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        announcing: list[str] = []
-        ended: list[str] = []
-        for generation, events in batch.items():
-            gid = generation.id
-            events_key, answer_key = names.events_key(gid), names.answer_key(gid)
-            if gid not in self._announced:
-                pipe.hset(answer_key, mapping=self._about(generation))  # type: ignore[arg-type]
-                announcing.append(gid)
-            terminal = generation.terminal
-            for event_id, wire in events:
-                fields: dict[Any, Any] = {names.WIRE_FIELD: wire}
-                if terminal is not None and event_id == terminal.id:
-                    fields[names.TERMINAL_FIELD] = b"1"
-                pipe.xadd(events_key, fields, id=names.entry_id(event_id))
-            if terminal is not None and (not events or events[-1][0] >= terminal.id):
-                end: dict[str, Any] = {"end": terminal.id}
-                if generation.usage is not None:
-                    end["usage"] = json.dumps(generation.usage)
-                pipe.hset(answer_key, mapping=end)  # type: ignore[arg-type]
-                if self._ended is not None:
-                    self._ended(pipe, generation)
-                ttl = self._finished_ttl
-                ended.append(gid)
-            else:
-                ttl = self._live_ttl
-            pipe.expire(events_key, ttl)
-            pipe.expire(answer_key, ttl)
-        for result in await pipe.execute(raise_on_error=False):
-            if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
-                raise result  # XADD's refusal of an id written by an earlier try is fine
-            if isinstance(result, Exception) and not isinstance(result, ResponseError):
+    async def _write(self, batch: Batch) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._append_events(pipe, batch)
+            announcing, ended = self._about_answers(pipe, batch)
+            results = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, NoScriptError):
+                self._append_sha = None  # Redis restarted: loaded again on the next try
+            if isinstance(result, Exception):
                 raise result
         for gid in announcing:
             self._announced.add(gid)
@@ -192,25 +205,70 @@ class EventMirror:
             self._announced.discard(gid)
             self._mirrored.pop(gid, None)
 
+    async def _append_events(self, pipe: Any, batch: Batch) -> None:
+        """Queues the script call that appends every answer's new events."""
+        keys: list[str] = []
+        args: list[bytes | str | int] = []
+        for generation, events in batch.items():
+            terminal = generation.terminal
+            # The answer's new events in one entry (a long catch-up after an outage, in a
+            # few); readers skip the events they have, should an entry repeat some.
+            for start in range(0, len(events), ENTRY_EVENTS):
+                chunk = events[start : start + ENTRY_EVENTS]
+                fields = names.entry(chunk, terminal is not None and chunk[-1][0] == terminal.id)
+                keys.append(names.events_key(generation.id))
+                args += [names.entry_id(chunk[-1][0]), len(fields)]
+                for name, value in fields.items():
+                    args += [name, value]
+        if keys:
+            if self._append_sha is None:
+                self._append_sha = str(await self.redis.script_load(APPEND))
+            pipe.evalsha(self._append_sha, len(keys), *keys, *args)
+
+    def _about_answers(
+        self, pipe: Any, batch: dict[Generation, list[tuple[int, bytes]]]
+    ) -> tuple[list[str], list[str]]:
+        """Queues the hash of each answer new to Redis and the ending of each that ended:
+        (those announced, those ended)."""
+        announcing: list[str] = []
+        ended: list[str] = []
+        for generation, events in batch.items():
+            gid = generation.id
+            events_key, answer_key = names.events_key(gid), names.answer_key(gid)
+            terminal = generation.terminal
+            if gid not in self._announced:
+                pipe.hset(answer_key, mapping=self._about(generation))
+                pipe.expire(answer_key, self._live_ttl)
+                pipe.expire(events_key, self._live_ttl)
+                announcing.append(gid)
+            if terminal is not None and (not events or events[-1][0] >= terminal.id):
+                end: dict[str, Any] = {"end": terminal.id}
+                if generation.usage is not None:
+                    end["usage"] = json.dumps(generation.usage)
+                pipe.hset(answer_key, mapping=end)
+                if self._ended is not None:
+                    self._ended(pipe, generation)
+                pipe.expire(events_key, self._finished_ttl)
+                pipe.expire(answer_key, self._finished_ttl)
+                ended.append(gid)
+        return announcing, ended
+
     async def _resynced(
         self, batch: dict[Generation, list[tuple[int, bytes]]]
     ) -> dict[Generation, list[tuple[int, bytes]]]:
         """After Redis failed, what it holds of each mirrored answer may be behind (a
         write lost with the connection) or gone (a restart without persistence): each
         answer's events from Redis's last one on, from the generation's own buffer, and
-        its hash again where it is missing. Readers elsewhere then see a whole answer."""
+        its hash again. Readers elsewhere then see a whole answer."""
         generations = list(self._mirrored.values())
-        pipe = self.redis.pipeline(transaction=False)
-        for generation in generations:
-            pipe.xrevrange(names.events_key(generation.id), count=1)
-            pipe.exists(names.answer_key(generation.id))
-        found = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for generation in generations:
+                pipe.xrevrange(names.events_key(generation.id), count=1)
+            found = await pipe.execute()
         resynced = dict(batch)
-        for index, generation in enumerate(generations):
-            last_entries, has_hash = found[2 * index], found[2 * index + 1]
+        for generation, last_entries in zip(generations, found, strict=True):
             last = names.event_id(last_entries[0][0]) if last_entries else 0
-            if not has_hash:
-                self._announced.discard(generation.id)
+            self._announced.discard(generation.id)  # its hash and expiries written again too
             resynced[generation] = generation.wire_events_after(last)
         self._resync = False
         log.info("Redis: %d answers written again after the outage", len(generations))

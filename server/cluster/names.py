@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 PREFIX = "rill:"
-TERMINAL_FIELD = b"t"  # set on the entry of an answer's last event
-WIRE_FIELD = b"w"  # the event's SSE bytes, exactly as local readers get them
+# An answer's stream holds one entry per write of the owner (the events one event-loop
+# turn buffered): its id is 0-<the last event's id>, each field an event's id (ASCII
+# digits) with the event's SSE bytes, exactly as local readers get them, and the field
+# `t` on the entry that holds the answer's last event.
+TERMINAL_FIELD = b"t"
 
 
 def events_key(generation_id: str) -> str:
@@ -38,6 +41,20 @@ PROCESS_TTL = 3  # seconds: a process silent this long is dead (worker_lost with
 
 def entry_id(event_id: int) -> str:
     return f"0-{event_id}"
+
+
+def entry(events: list[tuple[int, bytes]], terminal: bool) -> dict[bytes, bytes]:
+    """The fields of one entry for these events (in order)."""
+    fields = {b"%d" % event_id: wire for event_id, wire in events}
+    if terminal:
+        fields[TERMINAL_FIELD] = b"1"
+    return fields
+
+
+def events_in(fields: dict[bytes, bytes], after: int) -> tuple[list[tuple[int, bytes]], bool]:
+    """(the entry's events after event id `after`, whether it holds the last event)."""
+    events = [(int(name), wire) for name, wire in fields.items() if name != TERMINAL_FIELD]
+    return [(event_id, wire) for event_id, wire in events if event_id > after], TERMINAL_FIELD in fields
 
 
 def event_id(entry: bytes | str) -> int:

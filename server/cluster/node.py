@@ -28,6 +28,7 @@ from .changes import SharedChanges
 from .connect import CONNECT_TIMEOUT, open_redis, process_name
 from .control import ControlListener, ProcessBeat
 from .errors import ClusterOpenError
+from .hub import RemoteHub
 from .mirror import EventMirror
 from .sessions import CHANNEL as REVOKED_CHANNEL
 from .sessions import Revocations
@@ -58,6 +59,7 @@ class Cluster:
         self.budget = SharedBudget(redis, self.process, budget, hold)
         budget.shared = self.budget
         self.mirror = EventMirror(redis, self.process, config, ended=self._forget_in)
+        self.hub = RemoteHub(redis, config.stream.finished_ttl, config.stream.resume_grace)
         self.revocations = Revocations(redis, gate)
         self.changes = SharedChanges(redis, self.process, feed) if feed is not None else None
         everyone: dict[str, Callable[[bytes], None]] = {REVOKED_CHANNEL: self.revocations.heard}
@@ -73,6 +75,7 @@ class Cluster:
     async def start(self) -> None:
         await self.beat.start()
         self.mirror.start()
+        self.hub.start()
         if self.changes is not None:
             self.changes.start()
         self.control.start()
@@ -148,6 +151,7 @@ class Cluster:
     async def close(self) -> None:
         if self._forgetting:
             await asyncio.wait(self._forgetting, timeout=2.0)
+        await self.hub.close()
         await self.control.close()
         await self.revocations.close()
         if self.changes is not None:

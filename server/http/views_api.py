@@ -225,7 +225,8 @@ async def _remote_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     redis = app[CLUSTER].redis
     after = parse_last_event_id(request)
-    if after > await remote.last_event_id(redis, answer):
+    answer, last = await remote.up_to(redis, answer, after)
+    if after > last:
         raise ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
     if answer.end is not None and after >= answer.end:
         return web.Response(status=204)
@@ -233,16 +234,8 @@ async def _remote_events(request: web.Request) -> web.StreamResponse:
         app[METRICS].resumes.inc()
     config, streams, reader = app[CONFIG], app[OPEN_STREAMS], client_key(request)
     check_stream_limit(streams, reader, config.limits.max_streams_per_client)
-    registry = app[REGISTRY]
     response, outcome = await remote.serve_remote(
-        request,
-        redis,
-        answer,
-        after=after,
-        streams=streams,
-        config=config.stream,
-        client_key=reader,
-        closing=lambda: registry.ending,
+        request, app[CLUSTER].hub, answer, after=after, streams=streams, config=config.stream, client_key=reader
     )
     log.info(
         "generation %s (of process %s): stream from event %d ended: %s",
