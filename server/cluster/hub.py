@@ -137,6 +137,10 @@ class RemoteHub:
                 break
         self._followers.setdefault(answer.id, set()).add(follower)
         self._wake.set()
+        # The owner hears at once that its answer is read here: a reader that came through
+        # another process must not find it abandoned for want of a local one.
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.publish(names.control_channel(answer.process), names.READING + answer.id.encode())
         return follower
 
     def unfollow(self, follower: Follower) -> None:
