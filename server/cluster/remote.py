@@ -74,29 +74,31 @@ async def find(redis: Redis, generation_id: str) -> RemoteAnswer | None:
     )
 
 
-async def last_event_id(redis: Redis, answer: RemoteAnswer) -> int:
-    """The id of the answer's last event in Redis (0: none yet)."""
+async def last_event(redis: Redis, answer: RemoteAnswer) -> tuple[int, bool]:
+    """(the id of the answer's last event in Redis, 0 for none yet; whether it is the
+    answer's last), told by the stream itself: its hash's `end` may lag a moment."""
     if answer.end is not None:
-        return answer.end
+        return answer.end, True
     try:
         last = cast(Entries, await redis.xrevrange(names.events_key(answer.id), count=1))
     except (RedisError, OSError):
         raise unavailable() from None
-    return names.event_id(last[0][0]) if last else 0
+    if not last:
+        return 0, False
+    return names.event_id(last[0][0]), names.TERMINAL_FIELD in last[0][1]
 
 
-async def up_to(redis: Redis, answer: RemoteAnswer, after: int) -> tuple[RemoteAnswer, int]:
-    """(the answer, the id of its last event in Redis), waiting a moment for Redis to hold
-    event `after` when it does not yet: a reader that had it from the owner may come back
-    here sooner than the owner's next write (mirror.FLUSH_EVERY)."""
+async def up_to(redis: Redis, answer: RemoteAnswer, after: int) -> tuple[int, bool]:
+    """last_event(), waiting a moment for Redis to hold event `after` when it does not
+    yet: a reader that had it from the owner may come back here sooner than the owner's
+    next write (mirror.FLUSH_EVERY)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CATCH_UP_SECONDS
-    last = await last_event_id(redis, answer)
-    while after > last and answer.end is None and loop.time() < deadline:
+    last, ended = await last_event(redis, answer)
+    while after > last and not ended and loop.time() < deadline:
         await asyncio.sleep(0.01)
-        answer = await find(redis, answer.id) or answer
-        last = await last_event_id(redis, answer)
-    return answer, last
+        last, ended = await last_event(redis, answer)
+    return last, ended
 
 
 async def serve_remote(

@@ -225,10 +225,10 @@ async def _remote_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     redis = app[CLUSTER].redis
     after = parse_last_event_id(request)
-    answer, last = await remote.up_to(redis, answer, after)
+    last, ended = await remote.up_to(redis, answer, after)
     if after > last:
         raise ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
-    if answer.end is not None and after >= answer.end:
+    if ended and after >= last:
         return web.Response(status=204)
     if after > 0:
         app[METRICS].resumes.inc()
