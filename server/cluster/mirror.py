@@ -166,8 +166,9 @@ class EventMirror:
                     batch = await self._resynced(batch)
                 await self._write(batch)
             except (RedisError, OSError) as error:
-                # Kept, ahead of what came meanwhile; XADD refuses an id twice, so what
-                # did land is not duplicated by the next try.
+                # Kept, ahead of what came meanwhile. What did land is not doubled by
+                # the next try: an entry id Redis has is refused, and readers skip the
+                # events of an entry they already have.
                 for generation, events in self._pending.items():
                     batch.setdefault(generation, []).extend(events)
                 self._pending = batch
