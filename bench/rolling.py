@@ -133,24 +133,7 @@ async def run(
     processes = Processes(work)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("RILL_") and not k.endswith("_API_KEY")}
     base_env["PYTHONPATH"] = str(ROOT)
-    redis_port = free_port()
-    redis, redis_log = processes.start(
-        "redis",
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        base_env,
-        None,
-    )
-    wait_ready(port_probe(redis_port), redis, redis_log, "redis-server")
+    _, redis_port = processes.start_redis(base_env, None)
     _, up_port = processes.start_upstream(base_env, None)
     config = rill_config(work)
     text = config.read_text().replace("allowed_hosts = []", 'allowed_hosts = ["127.0.0.1"]')  # nginx guards it

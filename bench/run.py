@@ -204,6 +204,15 @@ class Processes:
         wait_ready(http_probe(f"http://127.0.0.1:{port}/stats"), process, log, "the fake upstream")
         return process, port
 
+    def start_redis(self, env: dict[str, str], core: int | None) -> tuple[subprocess.Popen[bytes], int]:
+        """redis-server keeping nothing on disk, once it answers: its process and port."""
+        port = free_port()
+        binary = shutil.which("redis-server") or "redis-server"
+        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        process, log = self.start("redis", args, env, core)
+        wait_ready(port_probe(port), process, log, "redis-server")
+        return process, port
+
     def start_rill(
         self, config: Path, up_port: int, env: dict[str, str], core: int | None, module: str = "server"
     ) -> tuple[subprocess.Popen[bytes], Path, str]:
@@ -282,15 +291,7 @@ def start_shared(
 ) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]], list[str]]:
     """Shared mode: redis-server (no disk) and `workers` Rill processes on it, all on the
     server's core: (redis, the Rills, their URLs)."""
-    redis_port = free_port()
-    redis, log = processes.start(
-        "redis",
-        [shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1"]
-        + ["--save", "", "--appendonly", "no"],
-        env,
-        core,
-    )
-    wait_ready(port_probe(redis_port), redis, log, "redis-server")
+    redis, redis_port = processes.start_redis(env, core)
     config = rill_config(work)
     shared_env = env | {"RILL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
     started = [processes.start_rill(config, up_port, shared_env, core) for _ in range(workers)]
