@@ -164,6 +164,15 @@ async def test_a_port_in_use_is_one_line_and_exit_1(fake_upstream: FakeUpstream,
     assert "Traceback" not in stderr.decode()
 
 
+async def answer_under_way(session: aiohttp.ClientSession, url: URL) -> StreamReader:
+    """An answer started and read until its first piece of text."""
+    async with session.post(url / "api/chat", json={"messages": [{"role": "user", "content": "q"}]}) as response:
+        generation_id = (await response.json())["id"]
+    reader = StreamReader(await session.get(url / f"api/chat/{generation_id}/events"))
+    await reader.read_until("delta")
+    return reader
+
+
 async def refused(url: URL) -> bool:
     try:
         await get_fresh(url / "healthz")
@@ -179,10 +188,7 @@ async def test_with_a_drain_timeout_answers_in_flight_finish_with_the_listener_c
     fake_upstream.script(Reply(chunks=answer(tokens, delay=0.08)))  # 2 s
     url, process, notifications = await start_process(0.0, drain_timeout=20.0)
     async with aiohttp.ClientSession() as session:
-        async with session.post(url / "api/chat", json={"messages": [{"role": "user", "content": "q"}]}) as response:
-            generation_id = (await response.json())["id"]
-        reader = StreamReader(await session.get(url / f"api/chat/{generation_id}/events"))
-        await reader.read_until("delta")
+        reader = await answer_under_way(session, url)
         loop = asyncio.get_running_loop()
         signalled = loop.time()
         process.send_signal(signal.SIGTERM)
@@ -204,10 +210,7 @@ async def test_an_answer_longer_than_the_drain_timeout_ends_with_server_shutdown
     fake_upstream.script(Reply(chunks=[chunk("endless ")], end="hang"))
     url, process, _ = await start_process(0.0, drain_timeout=1.5)
     async with aiohttp.ClientSession() as session:
-        async with session.post(url / "api/chat", json={"messages": [{"role": "user", "content": "q"}]}) as response:
-            generation_id = (await response.json())["id"]
-        reader = StreamReader(await session.get(url / f"api/chat/{generation_id}/events"))
-        await reader.read_until("delta")
+        reader = await answer_under_way(session, url)
         loop = asyncio.get_running_loop()
         signalled = loop.time()
         process.send_signal(signal.SIGTERM)

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from server.config import StreamConfig
 from server.http.errors import ApiError
 from server.relay.generation import Subscriber, event_from_wire
-from server.relay.streaming import HEARTBEAT, EventStream, OpenStream, OpenStreams, Outcome, retry_hint
+from server.relay.streaming import HEARTBEAT, EventStream, OpenStream, OpenStreams, Outcome, ended_as, retry_hint
 
 from . import names
 
@@ -123,18 +123,10 @@ async def serve_remote(
         follower = None
         try:
             follower = await hub.follow(answer, after, subscriber)
-            outcome = await _follow(response, follower, stream, config)
-            return response, outcome
+            return response, await ended_as(request, answer.id, _follow(response, follower, stream, config))
         except (RedisError, OSError) as error:
             log.warning("generation %s: Redis read failed (%s), its reader resumes", answer.id, type(error).__name__)
             return response, Outcome.GONE
-        except ConnectionResetError:
-            return response, Outcome.GONE
-        except TimeoutError:
-            if (transport := request.transport) is not None:
-                transport.abort()
-            log.info("generation %s: closed a stalled reader", answer.id)
-            return response, Outcome.STALLED
         finally:
             if follower is not None:
                 hub.unfollow(follower)

@@ -11,7 +11,7 @@ import enum
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -202,21 +202,28 @@ async def serve(
             # The retry hint goes out in the same write as the first events, in their block.
             hint = retry_hint(config.retry_ms)
             if encode is None:
-                outcome = await _follow_wire(response, generation, stream, config, hint)
+                following = _follow_wire(response, generation, stream, config, hint)
             else:
-                outcome = await _follow(response, generation, stream, config, encode, hint)
-            return response, outcome
-        except ConnectionResetError:
-            return response, Outcome.GONE
-        except TimeoutError:
-            # The reader fell too far behind: drop it (aiohttp-sse may have already).
-            if (transport := request.transport) is not None:
-                transport.abort()
-            log.info("generation %s: closed a stalled reader", generation.id)
-            return response, Outcome.STALLED
+                following = _follow(response, generation, stream, config, encode, hint)
+            return response, await ended_as(request, generation.id, following)
         finally:
             streams.discard(stream)
             generation.unsubscribe(subscriber)
+
+
+async def ended_as(request: web.Request, generation_id: str, following: Awaitable[Outcome]) -> Outcome:
+    """How a stream's following ended: a client that went away or stopped reading is an
+    outcome, not an exception (a stalled one is dropped: it may resume by id)."""
+    try:
+        return await following
+    except ConnectionResetError:
+        return Outcome.GONE
+    except TimeoutError:
+        # The reader fell too far behind: drop it (aiohttp-sse may have already).
+        if (transport := request.transport) is not None:
+            transport.abort()
+        log.info("generation %s: closed a stalled reader", generation_id)
+        return Outcome.STALLED
 
 
 class _Idle(enum.Enum):
