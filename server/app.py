@@ -212,7 +212,6 @@ async def _end_streams(app: web.Application) -> None:
     upstream request, and give open streams the time to write that last event."""
     registry = app[REGISTRY]
     registry.accepting = False
-    registry.ending = True
     if CLUSTER in app:
         app[CLUSTER].hub.end_all()  # readers of other processes' answers end (they resume elsewhere)
     if FEED in app:

@@ -17,7 +17,7 @@ from server.config import ClusterConfig
 from .errors import ClusterOpenError
 
 CONNECT_TIMEOUT = 3.0  # seconds for the first PING, and for any connection attempt
-# A read longer than the longest blocking XREAD (remote.POLL_SECONDS) means a dead peer.
+# A read longer than the longest blocking XREAD (hub.BLOCK_MS) means a dead peer.
 SOCKET_TIMEOUT = 10.0
 
 

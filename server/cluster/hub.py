@@ -23,12 +23,11 @@ from redis.exceptions import RedisError, ResponseError
 from server.relay.generation import Subscriber, wire_bytes
 
 from . import names
+from .names import Entries
 from .remote import RemoteAnswer
 
 log = logging.getLogger(__name__)
 
-# Replies as redis-py gives them without decode_responses: bytes throughout.
-Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 BLOCK_MS = 250  # longest blocking read: how soon a new follower's answer joins the read
 # Seconds between two reads that found events at least: each read then brings the events

@@ -8,6 +8,8 @@ PREFIX = "rill:"
 # digits) with the event's SSE bytes, exactly as local readers get them, and the field
 # `t` on the entry that holds the answer's last event.
 TERMINAL_FIELD = b"t"
+# Stream entries as redis-py gives them without decode_responses: bytes throughout.
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 def events_key(generation_id: str) -> str:

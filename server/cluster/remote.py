@@ -22,14 +22,13 @@ from server.relay.generation import Subscriber, event_from_wire
 from server.relay.streaming import HEARTBEAT, EventStream, OpenStream, OpenStreams, Outcome, ended_as, retry_hint
 
 from . import names
+from .names import Entries
 
 if TYPE_CHECKING:
     from .hub import Follower, RemoteHub
 
 log = logging.getLogger(__name__)
 
-# Replies as redis-py gives them without decode_responses: bytes throughout.
-Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 STOP_WAIT_SECONDS = 5.0
 CATCH_UP_SECONDS = 0.5  # how long a Last-Event-ID past Redis's last event may wait for it

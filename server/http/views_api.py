@@ -143,9 +143,28 @@ async def create_chat(request: web.Request) -> web.Response:
         _check_same_request(existing.fingerprint, fingerprint)
         log.info("generation %s: repeated client_id, no new upstream request", existing.id)
         return json_response(_created(existing.id, existing.request.model.id), status=200)
+    generation_id = uuid.uuid4().hex
+    claim = None
     if client_id is not None and CLUSTER in app:
-        return await _create_claimed(request, chat.request, client_id, fingerprint)
-    generation = await start_generation(request, chat.request, client_id=client_id, fingerprint=fingerprint)
+        # Claimed in Redis first: a retry sent to another process at the same moment finds
+        # this answer instead of asking the model again.
+        from server.cluster.admission import Claim  # redis-py: shared mode only
+
+        claim = Claim(generation_id, fingerprint, chat.request.model.id)
+        if (earlier := await app[CLUSTER].claim(client_id, claim)) is not None:
+            _check_same_request(earlier.fingerprint, fingerprint)
+            log.info(
+                "generation %s: repeated client_id (on another process), no new upstream request", earlier.generation_id
+            )
+            return json_response(_created(earlier.generation_id, earlier.model), status=200)
+    try:
+        generation = await start_generation(
+            request, chat.request, client_id=client_id, fingerprint=fingerprint, generation_id=generation_id
+        )
+    except BaseException:
+        if client_id is not None and claim is not None:
+            await app[CLUSTER].release_claim(client_id, claim)  # refused: the client_id may be used again
+        raise
     await announced(request, generation)
     log.info(
         "generation %s started: model=%s messages=%d", generation.id, chat.request.model.id, len(chat.request.messages)
@@ -160,33 +179,6 @@ def _check_same_request(first: str, now: str) -> None:
             "client_id_reused",
             "This client_id was already used for a different request; make a new one per message.",
         )
-
-
-async def _create_claimed(request: web.Request, chat: ChatRequest, client_id: str, fingerprint: str) -> web.Response:
-    """Shared mode: the client_id is claimed in Redis first, so a retry sent to another
-    process at the same moment finds this answer instead of asking the model again."""
-    from server.cluster.admission import Claim  # redis-py: shared mode only
-
-    cluster = request.app[CLUSTER]
-    generation_id = uuid.uuid4().hex
-    claim = Claim(generation_id, fingerprint, chat.model.id)
-    earlier = await cluster.claim(client_id, claim)
-    if earlier is not None:
-        _check_same_request(earlier.fingerprint, fingerprint)
-        log.info(
-            "generation %s: repeated client_id (another process has it), no new upstream request", earlier.generation_id
-        )
-        return json_response(_created(earlier.generation_id, earlier.model), status=200)
-    try:
-        generation = await start_generation(
-            request, chat, client_id=client_id, fingerprint=fingerprint, generation_id=generation_id
-        )
-    except BaseException:
-        await cluster.release_claim(client_id, claim)  # refused: the client_id may be used again
-        raise
-    await announced(request, generation)
-    log.info("generation %s started: model=%s messages=%d", generation.id, chat.model.id, len(chat.messages))
-    return json_response(_created(generation.id, generation.request.model.id), status=201)
 
 
 def all_delivered(generation: Generation, after: int) -> bool:

@@ -49,7 +49,6 @@ class GenerationRegistry:
         self._live_per_client: Counter[str] = Counter()
         self.ended_bytes = 0  # what ended generations' buffers hold; live ones are bounded by the limits
         self.accepting = True  # False once shutdown has begun
-        self.ending = False  # True once live answers are being ended (the last step of a stop)
         self._none_live = asyncio.Event()
         self._none_live.set()
         self._new_per_client = RateWindow(config.limits.generations_per_minute)
