@@ -14,6 +14,7 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
+from server.cluster import names
 from server.config import ConfigError
 from server.keys import CLUSTER
 
@@ -236,12 +237,20 @@ async def test_a_tokens_events_reach_redis_in_a_few_pipelined_writes(
     client = Redis.from_url(redis_url)
     try:
         entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(f"rill:events:{generation_id}"))
+        feed = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(f"rill:feed:{a.app[CLUSTER].process}"))
     finally:
         await client.aclose()
     assert len(entries) <= writes  # one entry per write: the events of a loop turn together
-    ids = [int(name) for _, fields in entries for name in fields if name != b"t"]
-    assert ids == [int(e.id) for e in events]  # every event, once, in order
+    stored = b"".join(fields[b"w"] for _, fields in entries)
+    assert [event_id for event_id, _ in names.split(stored)] == [int(e.id) for e in events]  # each once, in order
+    assert [int(entry_id.split(b"-")[1]) for entry_id, _ in entries] == [
+        names.last_id(fields[b"w"]) for _, fields in entries
+    ]  # an entry's id is its last event's
     assert b"t" in entries[-1][1]  # the last entry holds the answer's end
+    # The process's feed has the same writes, for readers elsewhere to follow them all at once.
+    assert b"".join(fields[generation_id.encode()] for _, fields in feed) == stored
+    assert feed[-1][1][b"t"] == generation_id.encode()
+    assert [int(entry_id.split(b"-")[1]) for entry_id, _ in feed] == list(range(1, len(feed) + 1))
     ttl = int(redis_server.command("TTL", f"rill:events:{generation_id}").strip(b":\r\n"))
     assert 0 < ttl <= 60  # finished_ttl in the tests' config: gone after it, like the local copy
 

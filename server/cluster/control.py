@@ -104,12 +104,14 @@ class ControlListener:
     def _heard(self, data: Any) -> None:
         if not isinstance(data, bytes):
             return
-        kind, _, generation_id = data.partition(b":")
-        generation = self._registry.get(generation_id.decode(errors="replace"))
-        if generation is None or not generation.live:
-            return
+        kind, _, about = data.partition(b":")
         if kind + b":" == names.READING:
-            generation.read_elsewhere()
+            for generation_id in about.split():
+                generation = self._registry.get(generation_id.decode(errors="replace"))
+                if generation is not None and generation.live:
+                    generation.read_elsewhere()
         elif kind + b":" == names.STOP:
-            log.info("generation %s stopped from another process", generation.id)
-            generation.stop()
+            generation = self._registry.get(about.decode(errors="replace"))
+            if generation is not None and generation.live:
+                log.info("generation %s stopped from another process", generation.id)
+                generation.stop()

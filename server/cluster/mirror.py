@@ -1,14 +1,15 @@
 """The owner's side of shared mode: every event of the answers this process streams is
-appended to a Redis stream, where readers on other processes find it.
+appended to the answer's Redis stream (where a resume on any process finds it) and to
+this process's feed (where readers on other processes follow all its answers at once).
 
 Writes are few and cheap: at most one every FLUSH_EVERY, one script call appending every
-answer's new events (an entry per answer), in one pipelined round trip with whatever
-else changed (a new answer's hash, an ended one's). A redis-py command costs far more
-CPU than a token's relay, so one per token would multiply the cost of an answer.
+answer's new events (an entry per answer, and one feed entry for them all), in one
+pipelined round trip with whatever else changed (a new answer's hash, an ended one's).
+A redis-py command costs far more CPU than a token's relay, so one per token, or one per
+answer per write, would multiply the cost of an answer.
 
 Local readers are still written to directly (generation.py); the mirror only queues
-each event's bytes as they are buffered and one task writes them out, all the answers'
-events of a loop turn in one pipelined round trip: never a round trip per token."""
+each event's bytes as they are buffered and one task writes them out."""
 
 from __future__ import annotations
 
@@ -39,24 +40,56 @@ ANNOUNCE_WAIT = 2.0  # seconds a request waits for its answer to be known in Red
 ENTRY_EVENTS = 500  # events in one stream entry at most (a catch-up after an outage)
 # Seconds between two writes at most: what a reader on another process may wait longer
 # than one here, for far fewer writes under load.
-FLUSH_EVERY = 0.005
+FLUSH_EVERY = 0.010
 
-# Appends entries to streams: KEYS, the streams; ARGV, per key: the entry id, the number
-# of fields, then the fields and values. An id a stream already has (a write retried
-# after an outage) is refused without failing the rest.
+# Appends a write's events: KEYS[1], the owner's feed; ARGV, the feed entry's id, its
+# length bound, its lifetime (ms), the answers' stream key prefix, then the write itself:
+# per answer, a line "<answer id> <last event id> <1 if it holds the answer's last event,
+# else 0> <bytes>" and that many bytes, its run of events. One argument for it all: a
+# redis-py argument costs far more to send than Lua takes to cut it (the answers'
+# stream keys are built here, so shared mode needs one Redis, not a Redis Cluster).
+# An id a stream already has (a write retried after an outage) is refused without
+# failing the rest; readers skip the events they have, should a feed entry repeat some.
 APPEND = """
-local at = 1
-for i = 1, #KEYS do
-  local id, count = ARGV[at], tonumber(ARGV[at + 1])
-  local command = {'XADD', KEYS[i], id}
-  for j = at + 2, at + 1 + 2 * count do
-    command[#command + 1] = ARGV[j]
+local batch, prefix = ARGV[5], ARGV[4]
+local runs, order, ended = {}, {}, {}
+local at, size = 1, #batch
+while at <= size do
+  local eol = string.find(batch, '\\n', at, true)
+  local gid, id, terminal, length = string.match(string.sub(batch, at, eol - 1), '^(%S+) (%d+) (%d) (%d+)$')
+  local run = string.sub(batch, eol + 1, eol + length)
+  at = eol + length + 1
+  if terminal == '1' then
+    redis.pcall('XADD', prefix .. gid, '0-' .. id, 'w', run, 't', '1')
+    ended[#ended + 1] = gid
+  else
+    redis.pcall('XADD', prefix .. gid, '0-' .. id, 'w', run)
   end
-  at = at + 2 + 2 * count
-  redis.pcall(unpack(command))
+  if runs[gid] then
+    runs[gid] = runs[gid] .. run
+  else
+    runs[gid] = run
+    order[#order + 1] = gid
+  end
 end
-return #KEYS
+local command = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], ARGV[1]}
+for _, gid in ipairs(order) do
+  command[#command + 1] = gid
+  command[#command + 1] = runs[gid]
+end
+if #ended > 0 then
+  command[#command + 1] = 't'
+  command[#command + 1] = table.concat(ended, ' ')
+end
+redis.pcall(unpack(command))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return #order
 """
+WRITE_ANSWERS = 1000  # answers in one script call at most (Lua's unpack() is bounded)
+# The feed keeps about this many writes (seconds at FLUSH_EVERY under load): a reader
+# further behind reads the answers' own streams instead (hub.py).
+FEED_LENGTH = 1000
+FEED_TTL_MS = 60_000  # a feed outlives its process by this much
 # Events kept for Redis while it is down; past this the answers in them stop being
 # shared (they stream on here), so a long outage costs bounded memory.
 MAX_PENDING_EVENTS = 100_000
@@ -88,6 +121,8 @@ class EventMirror:
         # Called by its SHA, loaded once (and again after a Redis restart forgot it):
         # redis-py's Script in a pipeline asks SCRIPT EXISTS first on every write.
         self._append_sha: str | None = None
+        self._feed = names.feed_key(process)
+        self._sequence = 0  # of the feed's entries
         self._failing_since: float | None = None
         self._logged_at = 0.0
 
@@ -207,24 +242,34 @@ class EventMirror:
             self._mirrored.pop(gid, None)
 
     async def _append_events(self, pipe: Any, batch: Batch) -> None:
-        """Queues the script call that appends every answer's new events."""
-        keys: list[str] = []
-        args: list[bytes | str | int] = []
-        for generation, events in batch.items():
-            terminal = generation.terminal
-            # The answer's new events in one entry (a long catch-up after an outage, in a
-            # few); readers skip the events they have, should an entry repeat some.
-            for start in range(0, len(events), ENTRY_EVENTS):
-                chunk = events[start : start + ENTRY_EVENTS]
-                fields = names.entry(chunk, terminal is not None and chunk[-1][0] == terminal.id)
-                keys.append(names.events_key(generation.id))
-                args += [names.entry_id(chunk[-1][0]), len(fields)]
-                for name, value in fields.items():
-                    args += [name, value]
-        if keys:
+        """Queues the script calls that append every answer's new events."""
+        answers = [(generation, events) for generation, events in batch.items() if events]
+        for start in range(0, len(answers), WRITE_ANSWERS):
+            parts: list[bytes] = []
+            for generation, events in answers[start : start + WRITE_ANSWERS]:
+                gid = generation.id.encode()
+                terminal = generation.terminal
+                # The answer's new events in one entry (a long catch-up after an outage,
+                # in a few); readers skip the events they have, should an entry repeat some.
+                for first in range(0, len(events), ENTRY_EVENTS):
+                    chunk = events[first : first + ENTRY_EVENTS]
+                    last = chunk[-1][0]
+                    run = chunk[0][1] if len(chunk) == 1 else b"".join(wire for _, wire in chunk)
+                    ends = terminal is not None and last == terminal.id
+                    parts += (b"%s %d %d %d\n" % (gid, last, ends, len(run)), run)
+            self._sequence += 1  # every try a new one: a reader sees a lost write as a gap
             if self._append_sha is None:
                 self._append_sha = str(await self.redis.script_load(APPEND))
-            pipe.evalsha(self._append_sha, len(keys), *keys, *args)
+            pipe.evalsha(
+                self._append_sha,
+                1,
+                self._feed,
+                names.entry_id(self._sequence),
+                FEED_LENGTH,
+                FEED_TTL_MS,
+                names.events_key(""),
+                b"".join(parts),
+            )
 
     def _about_answers(
         self, pipe: Any, batch: dict[Generation, list[tuple[int, bytes]]]
