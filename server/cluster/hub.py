@@ -14,7 +14,6 @@ the answer's stream so every reader, here or elsewhere, ends the same way."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -33,8 +32,10 @@ log = logging.getLogger(__name__)
 
 
 BLOCK_MS = 250  # longest blocking read: how soon a new follower's answer joins the read
-# Seconds between two reads that found events at least: each read then brings the events
-# of several of the owners' writes (mirror.FLUSH_EVERY), for a few ms more of latency.
+# Seconds between two reads that found events of some of the owners followed, not all:
+# the next read then brings the others' next writes too (each owner writes at most every
+# mirror.FLUSH_EVERY), for a few ms more of latency. With one owner, reads follow its
+# writes.
 READ_EVERY = 0.002
 READ_COUNT = 1000  # entries per stream per read
 HOUSEKEEPING_EVERY = 1.0  # seconds between "still reading" and owner checks (at most)
@@ -164,14 +165,12 @@ class RemoteHub:
             self._followed[answer.process] = self._followed.get(answer.process, 0) + 1
         followers.add(follower)
         try:
-            await self._catch_up(follower)
+            # The owner hears at once that its answer is read here: a reader that came
+            # through another process must not find it abandoned for want of a local one.
+            await self._catch_up(follower, tell_owner=True)
         except BaseException:
             self.unfollow(follower)
             raise
-        # The owner hears at once that its answer is read here: a reader that came through
-        # another process must not find it abandoned for want of a local one.
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.publish(names.control_channel(answer.process), names.READING + answer.id.encode())
         return follower
 
     def unfollow(self, follower: Follower) -> None:
@@ -188,7 +187,7 @@ class RemoteHub:
             del self._followed[process]
             self._feeds.pop(process, None)
 
-    async def _catch_up(self, follower: Follower) -> None:
+    async def _catch_up(self, follower: Follower, *, tell_owner: bool = False) -> None:
         """Gives the follower what the answer's stream holds after its cursor. The owner's
         feed position is taken in the same transaction: the feed, read from there on (or
         from earlier), brings whatever the stream gets afterwards."""
@@ -201,7 +200,11 @@ class RemoteHub:
                 async with self._redis.pipeline(transaction=True) as pipe:
                     pipe.xrevrange(feed_key, count=1)
                     pipe.xread({events_key: names.entry_id(follower.cursor)}, count=READ_COUNT)
-                    feed_last, found = await pipe.execute()
+                    if tell_owner:
+                        reading = names.READING + follower.answer.id.encode()
+                        pipe.publish(names.control_channel(process), reading)
+                        tell_owner = False
+                    feed_last, found, *_ = await pipe.execute()
                 if follower.answer.id in self._followers:
                     feed_at = names.event_id(feed_last[0][0]) if feed_last else 0
                     # The earlier of two positions: a feed entry read twice is skipped.
@@ -228,14 +231,16 @@ class RemoteHub:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            feeds = {names.feed_key(process): names.entry_id(at) for process, at in self._feeds.items()}
+            read_from = dict(self._feeds)
+            feeds = {names.feed_key(process): names.entry_id(at) for process, at in read_from.items()}
             try:
                 found = cast(
                     list[tuple[bytes, Entries]],
                     await self._redis.xread(feeds, count=READ_COUNT, block=BLOCK_MS),  # type: ignore[arg-type]
                 )
                 for key, entries in found or ():
-                    await self._took(key.decode()[len(names.feed_key("")) :], entries)
+                    process = key.decode()[len(names.feed_key("")) :]
+                    await self._took(process, read_from[process], entries)
             except (RedisError, OSError) as error:
                 log.warning(
                     "Redis: reading other processes' answers failed (%s); their readers resume", type(error).__name__
@@ -243,22 +248,26 @@ class RemoteHub:
                 self.end_all()
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
-            if found:
-                await asyncio.sleep(READ_EVERY)
+            if found and len(found) < len(feeds):
+                await asyncio.sleep(READ_EVERY)  # the other owners' next writes too, in one read
             if loop.time() - housekept >= self._housekeeping_every:
                 housekept = loop.time()
                 await self._housekeeping()
 
-    async def _took(self, process: str, entries: Entries) -> None:
-        """Gives each follower its answer's runs from entries of the owner's feed."""
+    async def _took(self, process: str, read_from: int, entries: Entries) -> None:
+        """Gives each follower its answer's runs from entries of the owner's feed, read
+        from entry `read_from` on."""
         at = self._feeds.get(process)
         if at is None or not entries:
             return  # nobody follows its answers any more
-        first = names.event_id(entries[0][0])
-        self._feeds[process] = names.event_id(entries[-1][0])
-        if at and first != at + 1:
+        first, last = names.event_id(entries[0][0]), names.event_id(entries[-1][0])
+        # A follower's catch-up during the read may have set an earlier position: kept,
+        # so the next read goes back there (its follower skips what it has).
+        self._feeds[process] = min(at, last) if at < read_from else last
+        if read_from and first != read_from + 1:
             # Writes missing from the feed (a failed write, or trimmed before this read):
             # every follower of this owner catches up from its answer's stream instead.
+            log.info("Redis: %d writes of process %s missed; its answers read again", first - read_from - 1, process)
             await self._catch_up_all(lambda follower: follower.answer.process == process)
             return
         followed = self._followers
