@@ -255,6 +255,113 @@ async def test_a_tokens_events_reach_redis_in_a_few_pipelined_writes(
     assert 0 < ttl <= 60  # finished_ttl in the tests' config: gone after it, like the local copy
 
 
+async def test_readers_joining_another_processes_answer_at_any_moment_get_every_event_once_in_order(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    # Readers join from the start and from their Last-Event-ID while the owner writes: the
+    # catch-up from the answer's stream and the owner's feed must meet without a gap.
+    tokens = [f"j{i} " for i in range(120)]
+    fake_upstream.script(Reply(chunks=answer(tokens, delay=0.005)))
+    a, b = [await start_shared(start_rill, redis_url) for _ in range(2)]
+    generation_id = await a.start_chat()
+
+    async def join(after: int, wait: float) -> list[Any]:
+        await asyncio.sleep(wait)
+        on_b = await b.open_stream(generation_id, last_event_id=str(after) if after else None)
+        return await on_b.read_all()
+
+    plan = [(0, 0.0), (0, 0.1), (3, 0.2), (0, 0.3), (10, 0.35), (0, 0.5)]  # (Last-Event-ID, when)
+    owners_reader = await a.open_stream(generation_id)
+    *readers, owners = await asyncio.gather(*(join(after, wait) for after, wait in plan), owners_reader.read_all())
+    expected = [(e.id, e.data) for e in owners]
+    for (after, _), events in zip(plan, readers, strict=True):
+        assert [(e.id, e.data) for e in events] == expected[after:]
+    assert text_of(owners) == "".join(tokens)
+
+
+async def test_a_reader_whose_catch_up_answer_is_slow_misses_nothing_written_meanwhile(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    # The catch-up's reply reaches the reader's process late, while the owner goes on
+    # writing and that process reads its feed: what the feed brings meanwhile is kept.
+    tokens = [f"s{i} " for i in range(80)]
+    fake_upstream.script(Reply(chunks=answer(tokens, delay=0.005)))
+    a, b = [await start_shared(start_rill, redis_url) for _ in range(2)]
+    hub = b.app[CLUSTER].hub
+    generation_id = await a.start_chat()
+    await (await b.open_stream(generation_id)).read_until("delta")  # B reads A's feed now
+
+    redis = hub._redis
+    slow = 0
+
+    class SlowTransactions:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(redis, name)
+
+        def pipeline(self, transaction: bool = True) -> Any:
+            pipe = redis.pipeline(transaction=transaction)
+            if transaction:
+                execute = pipe.execute
+
+                async def late(*args: Any, **kwargs: Any) -> Any:
+                    nonlocal slow
+                    result = await execute(*args, **kwargs)
+                    slow += 1
+                    await asyncio.sleep(0.1)  # meanwhile A writes, and B's hub reads it
+                    return result
+
+                pipe.execute = late  # type: ignore[method-assign]
+            return pipe
+
+    hub._redis = SlowTransactions()  # type: ignore[assignment]
+    try:
+        events = await (await b.open_stream(generation_id)).read_all()
+    finally:
+        hub._redis = redis
+    assert slow >= 1
+    assert [int(e.id) for e in events] == list(range(1, len(events) + 1))
+    assert text_of(events) == "".join(tokens)
+
+
+async def test_a_write_missing_from_the_owners_feed_is_read_from_the_answers_stream(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
+) -> None:
+    # One of the owner's writes never reaches its feed (as one lost with a failed write):
+    # a reader on the other process sees the gap in the feed's numbers and takes those
+    # events from the answer's own stream, once each, in order.
+    tokens = [f"g{i} " for i in range(60)]
+    fake_upstream.script(Reply(chunks=answer(tokens, delay=0.01)))
+    a, b = [await start_shared(start_rill, redis_url) for _ in range(2)]
+    mirror = a.app[CLUSTER].mirror
+    generation_id = await a.start_chat()
+    on_b = await b.open_stream(generation_id)
+    for _ in range(5):
+        await on_b.read_until("delta")
+
+    original = mirror._append_events
+    diverted = 0
+
+    async def one_write_elsewhere(pipe: Any, batch: Any) -> None:
+        nonlocal diverted
+        if diverted or not any(events for events in batch.values()):
+            await original(pipe, batch)
+            return
+        feed, mirror._feed = mirror._feed, "rill:feed:lost"  # the answer's stream still gets it
+        try:
+            await original(pipe, batch)
+        finally:
+            mirror._feed = feed
+        diverted += 1
+
+    mirror._append_events = one_write_elsewhere  # type: ignore[method-assign]
+    rest = await on_b.read_all()
+    assert diverted == 1
+    events = on_b.events
+    assert [int(e.id) for e in events] == list(range(1, len(events) + 1))  # nothing twice, nothing skipped
+    assert text_of(events) == "".join(tokens)
+    assert rest[-1].event == "done"
+
+
 def test_the_redis_url_comes_from_the_file_or_rill_redis_url_and_is_checked(fake_upstream: FakeUpstream) -> None:
     assert not make_config("http://127.0.0.1:9/v1").cluster.enabled
     config = make_config("http://127.0.0.1:9/v1", cluster={"redis_url": "redis://:pw-secret-9@127.0.0.1:6390/1"})
