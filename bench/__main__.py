@@ -1,5 +1,5 @@
 """`python -m bench [--quick] [--only NAME ...] [--targets NAME ...] [--repeat N]`, `python -m bench soak --minutes 60`,
-`python -m bench store`: see bench/README.md."""
+`python -m bench store`, `python -m bench rolling-restart`, `python -m bench stop-latency`: see bench/README.md."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def main() -> int:
         from .rolling import main as rolling
 
         return rolling(sys.argv[2:])
+    if sys.argv[1:2] == ["stop-latency"]:
+        from .stop import main as stop_latency
+
+        return stop_latency(sys.argv[2:])
     if sys.argv[1:2] == ["store"]:
         from .store import main as store
 

@@ -3,7 +3,9 @@
 The scenario travels in the request itself (the last user message is JSON), so Rill
 relays it unchanged: {"tokens": 300, "interval": 0.033, "split": 0.1, "seed": 7}.
 Each token is stamped with the time it is written. GET /stats tells how many requests
-came and how many are still open (the abort and resume storms read it).
+came and how many are still open (the abort and resume storms read it), and, for a
+scenario with a "tag", when its request was closed before its end (time.monotonic(),
+one clock for every process of the machine: the Stop latency bench reads it).
 
 It shares a core with the load client and must stay far from saturating it at 30,000
 tokens a second, so it speaks just enough HTTP/1.1 itself (keep-alive, Content-Length
@@ -30,10 +32,11 @@ class Upstream:
     def __init__(self) -> None:
         self.requests = 0
         self.open = 0
+        self.closed: dict[str, float] = {}  # tag -> when its request was closed unfinished
 
     def handle(self, connection: Connection, method: str, path: str, body: bytes) -> None:
         if method == "GET" and path == "/stats":
-            connection.respond_json({"requests": self.requests, "open": self.open})
+            connection.respond_json({"requests": self.requests, "open": self.open, "closed": self.closed})
         elif method == "POST" and path == "/stats/reset":
             self.requests = 0
             connection.respond_json({"requests": 0, "open": self.open})
@@ -120,6 +123,8 @@ class Connection(asyncio.Protocol):
         self.transport = None
         self.resume_writing()
         if self.answer is not None:
+            if self.answer.tag is not None and not self.answer.ended:
+                self.upstream.closed[self.answer.tag] = time.monotonic()
             self.answer.end()  # the reader went away: that is what the abort storm looks at
 
 
@@ -135,6 +140,7 @@ class Answer:
         self.interval = float(scenario.get("interval", 0.0))
         self.split = float(scenario.get("split", 0.0))
         self.rng = random.Random(scenario.get("seed", 0))
+        self.tag: str | None = scenario.get("tag")
         self.index = 0
         self.ended = False
         self.loop = asyncio.get_running_loop()
