@@ -408,6 +408,39 @@ async def test_the_same_client_id_sent_to_two_processes_at_once_asks_the_model_o
     assert (await reader.read_until("delta")).data["text"] == "once"
 
 
+async def test_a_stored_conversations_message_sent_to_two_processes_at_once_asks_the_model_once(
+    start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream, tmp_path: Any
+) -> None:
+    # The phone retries its message through the other process while the first try is
+    # still on its way: one question, one answer, one upstream request, and both
+    # responses name that answer.
+    fake_upstream.default = Reply(chunks=[chunk("stored once")], end="hang")
+    storage = {"url": f"sqlite:///{tmp_path}/shared.db", "auto_titles": False}
+    a = await start_rill(cluster={"redis_url": redis_url}, storage=storage)
+    b = await start_rill(cluster={"redis_url": redis_url}, storage=storage)
+    async with a.session.post(a.url / "api/conversations", json={"title": "Retried"}) as response:
+        assert response.status == 201, await response.text()
+        cid = (await response.json())["id"]
+    message = {"content": "hello once", "model": "fake-chat", "client_id": RETRIED}
+
+    async def send(rill: Rill) -> tuple[int, dict[str, Any]]:
+        async with rill.session.post(rill.url / f"api/conversations/{cid}/messages", json=message) as response:
+            return response.status, await response.json()
+
+    (status_a, body_a), (status_b, body_b) = await asyncio.gather(send(a), send(b))
+    assert sorted([status_a, status_b]) in ([200, 201], [201, 201]), (body_a, body_b)
+    assert body_a["answer"]["id"] == body_b["answer"]["id"]
+    assert body_a["generation"]["id"] == body_b["generation"]["id"]
+    await wait_for(lambda: len(fake_upstream.requests) >= 1)
+    await asyncio.sleep(0.2)
+    assert len(fake_upstream.requests) == 1
+    async with b.session.get(b.url / f"api/conversations/{cid}") as response:
+        stored = await response.json()
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
+    reader = await a.open_stream(body_b["generation"]["id"])
+    assert (await reader.read_until("delta")).data["text"] == "stored once"
+
+
 async def test_a_clients_streaming_answers_are_limited_over_every_process(
     start_rill: StartRill, redis_url: str, fake_upstream: FakeUpstream
 ) -> None:

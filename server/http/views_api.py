@@ -140,7 +140,7 @@ async def create_chat(request: web.Request) -> web.Response:
     # client_ids are per token: one token's ids can neither find nor block another's.
     client_id = chat.client_id if owner is None or chat.client_id is None else f"{owner}/{chat.client_id}"
     if client_id is not None and (existing := registry.find_by_client_id(client_id)):
-        _check_same_request(existing.fingerprint, fingerprint)
+        check_same_request(existing.fingerprint, fingerprint)
         log.info("generation %s: repeated client_id, no new upstream request", existing.id)
         return json_response(_created(existing.id, existing.request.model.id), status=200)
     generation_id = uuid.uuid4().hex
@@ -152,7 +152,7 @@ async def create_chat(request: web.Request) -> web.Response:
 
         claim = Claim(generation_id, fingerprint, chat.request.model.id)
         if (earlier := await app[CLUSTER].claim(client_id, claim)) is not None:
-            _check_same_request(earlier.fingerprint, fingerprint)
+            check_same_request(earlier.fingerprint, fingerprint)
             log.info(
                 "generation %s: repeated client_id (on another process), no new upstream request", earlier.generation_id
             )
@@ -172,7 +172,7 @@ async def create_chat(request: web.Request) -> web.Response:
     return json_response(_created(generation.id, generation.request.model.id), status=201)
 
 
-def _check_same_request(first: str, now: str) -> None:
+def check_same_request(first: str, now: str) -> None:
     if first != now:
         raise ApiError(
             409,

@@ -6,6 +6,7 @@ name, or "local" without tokens; another owner's conversation is simply not foun
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -24,8 +25,14 @@ from server.history.stream import follow_changes
 from server.http.errors import ApiError
 from server.http.responses import json_response
 from server.http.validation import invalid, parse_chat, raw_last_event_id, read_json_object
-from server.http.views_api import announced, discard_generation, launch_generation, start_generation
-from server.keys import ANSWERS, CATALOG, CONFIG, FEED, OPEN_STREAMS, REGISTRY, STORE
+from server.http.views_api import (
+    announced,
+    check_same_request,
+    discard_generation,
+    launch_generation,
+    start_generation,
+)
+from server.keys import ANSWERS, CATALOG, CLUSTER, CONFIG, FEED, OPEN_STREAMS, REGISTRY, STORE
 from server.relay.generation import Generation
 from server.relay.streaming import check_stream_limit
 from server.store import ConversationExists, Store
@@ -41,6 +48,9 @@ MAX_QUERY_CHARS = 200
 IMPORT_MAX_BYTES = 32 * 1024 * 1024
 # Statuses of an answer that ended early with its text kept: Continue picks it up.
 CONTINUABLE = frozenset({"interrupted", "stopped", "length", "error", "abandoned"})
+# Shared mode: how long a message waits for what another process made of the same
+# client_id (claimed first there) to be stored.
+CLAIMED_WAIT = 5.0
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -477,18 +487,48 @@ async def _add_message(request: web.Request, body: dict[str, Any], *, assume_new
         # Checked after the repeat above: a continued answer is streaming again.
         raise invalid("bad_target", "Only an answer that stopped early with some text can be continued.")
 
+    generation_id = uuid.uuid4().hex
+    claim = None
+    if registry_client_id is not None and CLUSTER in app:
+        # Claimed in Redis first, as POST /api/chat does: the same message sent to another
+        # process at the same moment gets this answer instead of asking the model again.
+        from server.cluster.admission import Claim  # redis-py: shared mode only
+
+        claim = Claim(generation_id, fingerprint, chat.request.model.id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLAIMED_WAIT
+        while (earlier := await app[CLUSTER].claim(registry_client_id, claim)) is not None:
+            check_same_request(earlier.fingerprint, fingerprint)
+            # The first try stores its rows before it asks the model: its answer, once
+            # stored, is this request's. Until then it is on its way, or it failed and
+            # gave the client_id back (the next claim is then this request's).
+            found = await store.context(owner, cid, None, named)
+            made = found["messages"] if found is not None else {}
+            if answer_id in made and made[answer_id]["generation"] == earlier.generation_id:
+                return _repeat(made, mode, question_id, answer_id, earlier.generation_id)
+            if loop.time() >= deadline:
+                from server.cluster.remote import unavailable
+
+                raise unavailable()  # its process stopped short of storing, or cannot
+            await asyncio.sleep(0.05)
     # Every limit checked and its place taken now, but the model is asked only once the
     # rows are in (launch below): a refusal by the store never asks it. keep_unread from
     # the start: the history reads it, and a busy database must not let the grace period
     # abandon it first.
-    generation = await start_generation(
-        request,
-        chat.request,
-        client_id=registry_client_id,
-        fingerprint=fingerprint,
-        keep_unread=app[CONFIG].storage.keep_unread,
-        launch=False,
-    )
+    try:
+        generation = await start_generation(
+            request,
+            chat.request,
+            client_id=registry_client_id,
+            fingerprint=fingerprint,
+            keep_unread=app[CONFIG].storage.keep_unread,
+            launch=False,
+            generation_id=generation_id,
+        )
+    except BaseException:
+        if registry_client_id is not None and claim is not None:
+            await app[CLUSTER].release_claim(registry_client_id, claim)  # refused: the client_id may be used again
+        raise
     try:
         if mode == "continue":
             assert target is not None
@@ -532,6 +572,8 @@ async def _add_message(request: web.Request, body: dict[str, Any], *, assume_new
             question, answer, summary, keys = made["question"], made["answer"], made["summary"], made["keys"]
     except BaseException:
         discard_generation(request, generation)  # nothing stored to answer into: the model is not asked
+        if registry_client_id is not None and claim is not None:
+            await app[CLUSTER].release_claim(registry_client_id, claim)
         raise
     _track_answer(request, generation, owner=owner, conversation=cid, message=answer, keys=keys)
     launch_generation(request, generation)
