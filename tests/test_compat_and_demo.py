@@ -255,6 +255,45 @@ async def test_a_dropped_get_stream_resumes_the_same_answer(start_rill: StartRil
     assert len(rill.fake.requests) == 1
 
 
+async def test_a_dropped_get_stream_resumes_on_another_process_in_shared_mode(
+    start_rill: StartRill, redis_url: str
+) -> None:
+    # Behind a load balancer EventSource's reconnect may reach another process: it reads
+    # the answer from Redis, in the same plain format, from the id it saw.
+    shared = {"compat": COMPAT, "cluster": {"redis_url": redis_url}, "storage": {"enabled": False}}
+    a = await start_rill(**shared)
+    b = await start_rill(**shared)
+    tokens = [f"t{i} " for i in range(12)] + ["two\nlines"]
+    a.fake.script(Reply(chunks=answer(tokens, delay=0.05)))
+    first = await open_raw(a)
+    await first.read_until(lambda s: len(s.texts) == 4)
+    first.response.close()  # the network drops mid-answer
+
+    second = await open_raw(b, last_event_id=first.last_id)
+    await second.read_all()
+    assert "".join(first.texts + second.texts[:-1]) == "".join(tokens)
+    assert second.texts[-1] == "[STREAM_END]"
+    g, seen = first.last_id.split(".")
+    assert second.raw.startswith(f"retry: 3000\r\nid: {g}.{int(seen) + 1}\r\n".encode())  # no replay
+    assert len(a.fake.requests) == 1
+    assert b.registry.get(g) is None  # B never asked the model
+
+    async with b.session.get(
+        (b.url / "stream").with_query(prompt="hi"), headers={"Last-Event-ID": second.last_id}
+    ) as response:
+        assert response.status == 204  # everything delivered
+    async with b.session.get(
+        (b.url / "stream").with_query(prompt="another prompt"), headers={"Last-Event-ID": first.last_id}
+    ) as response:
+        assert response.status == 404  # only the same prompt resumes, on any process
+    # The tail read again from B is the very bytes A gives for it.
+    replay_b = await open_raw(b, last_event_id=first.last_id)
+    await replay_b.read_all()
+    replay_a = await open_raw(a, last_event_id=first.last_id)
+    await replay_a.read_all()
+    assert replay_b.raw == replay_a.raw == second.raw
+
+
 async def test_a_drop_before_the_first_token_resumes_too(start_rill: StartRill) -> None:
     rill = await start_rill(compat=COMPAT)
     rill.fake.script(Reply(chunks=[0.6, *answer(["late", " answer"])]))  # a queued request

@@ -324,6 +324,8 @@ class EventMirror:
         return {
             "process": self.process,
             "owner": generation.owner or "",
+            "client": generation.client_key,
+            "fingerprint": generation.fingerprint or "",
             "model": generation.request.model.id,
             "created": round(generation.created_at, 3),
         }

@@ -19,7 +19,16 @@ from redis.exceptions import RedisError
 from server.config import StreamConfig
 from server.http.errors import ApiError
 from server.relay.generation import Subscriber, event_from_wire
-from server.relay.streaming import HEARTBEAT, EventStream, OpenStream, OpenStreams, Outcome, ended_as, retry_hint
+from server.relay.streaming import (
+    HEARTBEAT,
+    EventEncoder,
+    EventStream,
+    OpenStream,
+    OpenStreams,
+    Outcome,
+    ended_as,
+    retry_hint,
+)
 
 from . import names
 from .names import Entries
@@ -52,6 +61,8 @@ class RemoteAnswer:
     process: str
     end: int | None  # its terminal event's id, once it has ended
     usage: dict[str, Any] | None
+    client_key: str  # who started it (GET /stream resumes only for the same client)
+    fingerprint: str  # what was asked (and, for GET /stream, through which URL)
 
 
 async def find(redis: Redis, generation_id: str) -> RemoteAnswer | None:
@@ -70,6 +81,8 @@ async def find(redis: Redis, generation_id: str) -> RemoteAnswer | None:
         process=about[b"process"].decode(),
         end=int(end) if end is not None else None,
         usage=json.loads(usage) if usage is not None else None,
+        client_key=about.get(b"client", b"").decode(),
+        fingerprint=about.get(b"fingerprint", b"").decode(),
     )
 
 
@@ -111,9 +124,11 @@ async def serve_remote(
     streams: OpenStreams,
     config: StreamConfig,
     client_key: str,
+    encode: EventEncoder | None = None,
 ) -> tuple[web.StreamResponse, Outcome]:
     """Writes the answer's events after `after` from Redis, then follows new ones (from
-    the process's hub) until its terminal event; as serve() does for a local answer."""
+    the process's hub) until its terminal event; as serve() does for a local answer
+    (with `encode`, in an endpoint's own format)."""
     response = EventStream(ping_interval=math.inf, send_timeout=config.send_timeout)
     writer = await response.prepare(request)
     assert writer is not None
@@ -124,7 +139,8 @@ async def serve_remote(
         follower = None
         try:
             follower = await hub.follow(answer, after, subscriber)
-            return response, await ended_as(request, answer.id, _follow(response, follower, stream, config))
+            following = _follow(response, follower, stream, config, encode)
+            return response, await ended_as(request, answer.id, following)
         except (RedisError, OSError) as error:
             log.warning("generation %s: Redis read failed (%s), its reader resumes", answer.id, type(error).__name__)
             return response, Outcome.GONE
@@ -134,13 +150,18 @@ async def serve_remote(
             streams.discard(stream)
 
 
-async def _follow(response: EventStream, follower: Follower, stream: OpenStream, config: StreamConfig) -> Outcome:
+async def _follow(
+    response: EventStream, follower: Follower, stream: OpenStream, config: StreamConfig, encode: EventEncoder | None
+) -> Outcome:
     loop = asyncio.get_running_loop()
     subscriber = stream.subscriber
     pending = retry_hint(config.retry_ms)
     while True:
         if follower.pending:
-            pending += b"".join(follower.pending)
+            runs = b"".join(follower.pending)
+            if encode is not None:
+                runs = b"".join([encode(event_from_wire(*event)) for event in names.split(runs)])
+            pending += runs
             follower.pending.clear()
             stream.cursor = follower.cursor
         if pending:
@@ -158,7 +179,8 @@ async def _follow(response: EventStream, follower: Follower, stream: OpenStream,
             subscriber.heartbeat_due = False
             pending = HEARTBEAT
             continue
-        follower.push = stream.write_now  # the hub writes new events itself while we wait
+        if encode is None:
+            follower.push = stream.write_now  # the hub writes new events itself while we wait
         try:
             await subscriber.wait()
         finally:

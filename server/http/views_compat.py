@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -21,10 +22,13 @@ from server.access.middleware import PRINCIPAL, client_key
 from server.http.errors import ApiError
 from server.http.validation import raw_last_event_id
 from server.http.views_api import all_delivered, start_generation
-from server.keys import CATALOG, CONFIG, METRICS, OPEN_STREAMS, REGISTRY
+from server.keys import CATALOG, CLUSTER, CONFIG, METRICS, OPEN_STREAMS, REGISTRY
 from server.relay.generation import Event, Generation
 from server.relay.streaming import check_stream_limit, serve
 from server.relay.upstream import ChatRequest
+
+if TYPE_CHECKING:
+    from server.cluster.remote import RemoteAnswer
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +101,11 @@ def _last_event_id(request: web.Request) -> tuple[str, int] | None:
     return match[1], int(match[2])
 
 
-def _resumable(request: web.Request, generation_id: str, fingerprint: str) -> Generation:
-    generation = request.app[REGISTRY].get(generation_id)
+def _not_found() -> ApiError:
+    return ApiError(404, "generation_not_found", "No such generation (it may have expired).")
+
+
+def _resumable(request: web.Request, generation: Generation | RemoteAnswer | None, fingerprint: str) -> None:
     # Another token's, another client's or another prompt's answer is as good as absent.
     if (
         generation is None
@@ -106,8 +113,47 @@ def _resumable(request: web.Request, generation_id: str, fingerprint: str) -> Ge
         or generation.client_key != client_key(request)
         or generation.fingerprint != fingerprint
     ):
-        raise ApiError(404, "generation_not_found", "No such generation (it may have expired).")
-    return generation
+        raise _not_found()
+
+
+async def _resume_elsewhere(
+    request: web.Request, generation_id: str, after: int, fingerprint: str
+) -> web.StreamResponse:
+    """Shared mode: the answer another process streams, from Redis, in this format (the
+    reconnect of EventSource may reach any process)."""
+    from server.cluster import remote  # redis-py: shared mode only
+
+    app = request.app
+    config, cluster = app[CONFIG], app[CLUSTER]
+    answer = await remote.find(cluster.redis, generation_id)
+    _resumable(request, answer, fingerprint)
+    assert answer is not None
+    last, ended = await remote.up_to(cluster.redis, answer, after)
+    if after > last:
+        raise ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
+    if ended and after >= last:
+        return web.Response(status=204)
+    reader = client_key(request)
+    check_stream_limit(app[OPEN_STREAMS], reader, config.limits.max_streams_per_client)
+    app[METRICS].resumes.inc()
+    response, outcome = await remote.serve_remote(
+        request,
+        cluster.hub,
+        answer,
+        after=after,
+        streams=app[OPEN_STREAMS],
+        config=config.stream,
+        client_key=reader,
+        encode=plain_text_encoder(answer.id),
+    )
+    log.info(
+        "generation %s (of process %s): /stream from event %d ended: %s",
+        answer.id,
+        answer.process,
+        after,
+        outcome.value,
+    )
+    return response
 
 
 async def legacy_stream(request: web.Request) -> web.StreamResponse:
@@ -134,8 +180,12 @@ async def legacy_stream(request: web.Request) -> web.StreamResponse:
     resume = _last_event_id(request)
     reader = client_key(request)
     if resume is not None:
-        generation = _resumable(request, resume[0], fingerprint)
-        after = resume[1]
+        found = app[REGISTRY].get(resume[0])
+        if found is None and CLUSTER in app:
+            return await _resume_elsewhere(request, resume[0], resume[1], fingerprint)
+        _resumable(request, found, fingerprint)
+        assert found is not None
+        generation, after = found, resume[1]
         if all_delivered(generation, after):
             return web.Response(status=204)
         check_stream_limit(app[OPEN_STREAMS], reader, config.limits.max_streams_per_client)
