@@ -157,6 +157,7 @@ src="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 etc="$root/etc/rill"
 dest="$root$prefix"
 unit_path="$root/etc/systemd/system/rill.service"
+socket_path="$root/etc/systemd/system/rill.socket"
 template_path="$root/etc/systemd/system/rill@.service"
 site_path="$root/etc/nginx/sites-available/rill"
 site_link="$root/etc/nginx/sites-enabled/rill"
@@ -266,10 +267,13 @@ restart_hint="systemctl restart rill"
 # --- systemd ---------------------------------------------------------------------------
 install -d -m 0755 -- "$(dirname -- "$unit_path")"
 if ((workers == 1)); then
-    step "systemd unit /etc/systemd/system/rill.service"
+    step "systemd units /etc/systemd/system/rill.service and rill.socket (port $port, kept open across restarts)"
     sed "s#/opt/rill#$prefix#g" "$src/deploy/rill.service" >"$unit_path.tmp"
-    chmod 0644 -- "$unit_path.tmp"
+    sed "s#^ListenStream=127\.0\.0\.1:8080\$#ListenStream=127.0.0.1:$port#" "$src/deploy/rill.socket" >"$socket_path.tmp"
+    grep -q "^ListenStream=127\.0\.0\.1:$port\$" "$socket_path.tmp" || die "could not write rill.socket"
+    chmod 0644 -- "$unit_path.tmp" "$socket_path.tmp"
     mv -- "$unit_path.tmp" "$unit_path"
+    mv -- "$socket_path.tmp" "$socket_path"
 else
     # One process per port, made from rill.service: its port and Redis, one dynamic user
     # for all (User=: they share the state directory), and a stop that lets the answers in
@@ -280,6 +284,7 @@ else
         -e 's#^Description=Rill streaming chat relay$#Description=Rill streaming chat relay (port %i)#' \
         -e "s#^Environment=PYTHONUNBUFFERED=1\$#Environment=PYTHONUNBUFFERED=1\nEnvironment=RILL_PORT=%i\nEnvironment=RILL_REDIS_URL=$redis_url\nEnvironment=RILL_DRAIN_TIMEOUT=$DRAIN_TIMEOUT#" \
         -e 's#^DynamicUser=yes$#DynamicUser=yes\nUser=rill#' \
+        -e '/rill\.socket/d' \
         -e "s#^TimeoutStopSec=.*#TimeoutStopSec=$((DRAIN_TIMEOUT + 60))#" \
         "$src/deploy/rill.service" >"$template_path.tmp"
     grep -q '^Environment=RILL_PORT=%i$' "$template_path.tmp" || die "could not make rill@.service from rill.service"
@@ -314,8 +319,13 @@ if ((do_start)); then
         for unit in $(systemctl list-units --all --plain --no-legend 'rill@*.service' | awk '{print $1}'); do
             systemctl disable --now --quiet "$unit"  # from an earlier --workers install
         done
-        systemctl enable --quiet rill
+        systemctl enable --quiet rill.socket rill
+        if ! systemctl is-active --quiet rill.socket; then
+            systemctl stop rill  # an earlier install's Rill listened itself: the port moves to rill.socket
+            systemctl start rill.socket
+        fi
         if systemctl is-active --quiet rill; then
+            # The port stays open: new connections wait for the new process, not refused.
             echo "    restarting (answers in flight end with a retryable \"server restarting\" error)"
             systemctl restart rill
         else
@@ -325,6 +335,9 @@ if ((do_start)); then
         ((local_redis)) && systemctl enable --now --quiet redis-server
         if systemctl is-enabled --quiet rill 2>/dev/null || systemctl is-active --quiet rill; then
             systemctl disable --now --quiet rill  # from an earlier one-process install
+        fi
+        if systemctl is-enabled --quiet rill.socket 2>/dev/null || systemctl is-active --quiet rill.socket; then
+            systemctl disable --now --quiet rill.socket  # it holds the first process's port
         fi
         for p in "${ports[@]}"; do
             systemctl enable --quiet "rill@$p"

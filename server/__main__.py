@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ from server.http.httpserver import ListenError, RillSite, raise_open_file_limit,
 from server.keys import REGISTRY
 from server.ops.logs import configure_logging
 from server.ops.memory import pin_malloc_thresholds, tune_collector
-from server.ops.systemd import notify
+from server.ops.systemd import ListenFdsError, listen_sockets, notify
 from server.store import StoreOpenError
 
 log = logging.getLogger("server")
@@ -55,12 +56,20 @@ def main() -> int:
     except ConfigError as exc:
         print(f"rill: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    host, port = config.server.host, config.server.port
+    try:
+        sockets = listen_sockets()
+    except ListenFdsError as exc:
+        print(f"rill: socket activation: {exc}", file=sys.stderr)
+        return 2
+    if len(sockets) > 1:
+        print(f"rill: socket activation: systemd passed {len(sockets)} sockets; Rill listens on one", file=sys.stderr)
+        return 2
+    sock = sockets[0] if sockets else None
 
-    def announce() -> None:
+    def announce(site_name: str) -> None:
         # Called once the socket listens: the moment to tell systemd.
-        shown = f"[{host}]" if ":" in host else host
-        log.info("Rill %s listening on http://%s:%d (%s event loop)", __version__, shown, port, loop_name)
+        how = ", socket from systemd: [server] host and port unused" if sock is not None else ""
+        log.info("Rill %s listening on %s (%s event loop%s)", __version__, site_name, loop_name, how)
         tokens = config.access.tokens
         if tokens:
             log.info("access: %d token(s) (%s)", len(tokens), ", ".join(t.name for t in tokens))
@@ -72,7 +81,7 @@ def main() -> int:
     raise_open_file_limit()
     try:
         with asyncio.Runner(loop_factory=lambda: loop) as runner:
-            runner.run(serve(app, config, announce))
+            runner.run(serve(app, config, announce, sock))
     except ListenError as exc:
         print(f"rill: {exc}", file=sys.stderr)
         return 1
@@ -86,15 +95,17 @@ def main() -> int:
     return 0
 
 
-async def serve(app: web.Application, config: Config, announce: Callable[[], None]) -> None:
+async def serve(
+    app: web.Application, config: Config, announce: Callable[[str], None], sock: socket.socket | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
-    runner = await start_server(app, config, config.server.host, config.server.port)
+    runner = await start_server(app, config, config.server.host, config.server.port, sock)
     try:
-        announce()
+        announce(next(iter(runner.sites)).name)
         await stop.wait()
         notify("STOPPING=1")
         stop_accepting(app)

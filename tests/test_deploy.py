@@ -1,5 +1,6 @@
-"""deploy/rill.service: valid for systemd (systemd-analyze verify, no warnings), hardened,
-and given more time to stop than Rill needs to end its streams."""
+"""deploy/rill.service and rill.socket: valid for systemd (systemd-analyze verify, no
+warnings), hardened, given more time to stop than Rill needs to end its streams, and
+its port held by the socket unit across restarts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from server.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "rill.service"
+SOCKET = ROOT / "deploy" / "rill.socket"
 
 
 def settings(text: str) -> dict[str, list[str]]:
@@ -26,8 +28,13 @@ def test_the_unit_passes_systemd_analyze_verify_without_warnings(tmp_path: Path)
     # Installed, the paths point at the checkout: here, this one (ExecStart must exist).
     unit = tmp_path / "rill.service"
     unit.write_text(UNIT.read_text().replace("/opt/rill", str(ROOT)))
+    (tmp_path / "rill.socket").write_text(SOCKET.read_text())
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+        ["systemd-analyze", "verify", str(unit), str(tmp_path / "rill.socket")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr  # parse errors are only warnings there
@@ -65,3 +72,14 @@ def test_the_nginx_site_states_its_client_timeouts_and_what_each_prevents() -> N
     for directive in ("client_header_timeout", "client_body_timeout", "keepalive_timeout", "send_timeout"):
         (line,) = [line for line in site if line.strip().startswith(directive + " ")]
         assert "#" in line, f"{directive}: say what it prevents"
+
+
+def test_the_port_is_a_socket_unit_the_service_requires(tmp_path: Path) -> None:
+    # systemd holds the port across a restart (socket activation): Rill takes it as fd 3.
+    unit, socket_unit = settings(UNIT.read_text()), settings(SOCKET.read_text())
+    assert "rill.socket" in unit["Requires"]
+    assert "rill.socket" in unit["After"]
+    server = load_config(environ={}, cwd=tmp_path).server
+    assert socket_unit["ListenStream"] == [f"{server.host}:{server.port}"]  # the bundled config's
+    assert int(socket_unit["Backlog"][0]) >= server.max_connections
+    assert settings(SOCKET.read_text())["WantedBy"] == ["sockets.target"]

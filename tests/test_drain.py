@@ -11,6 +11,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -21,6 +22,7 @@ from .fakes import FakeUpstream, Reply, StreamReader, answer, chunk, free_port, 
 from .test_process import CONFIG_TEMPLATE, LOG_NAME, ROOT, next_notification
 
 Started = tuple[URL, asyncio.subprocess.Process, socket.socket]
+LISTEN_FD = 3  # where systemd puts the first socket it passes
 StartProcess = Callable[..., Awaitable[Started]]
 
 
@@ -31,22 +33,37 @@ async def start_process(
     processes: list[asyncio.subprocess.Process] = []
     log_file = (tmp_path / LOG_NAME).open("wb")
 
-    async def start(drain_delay: float, drain_timeout: float = 0.0) -> Started:
+    async def start(drain_delay: float, drain_timeout: float = 0.0, listener: socket.socket | None = None) -> Started:
+        """Rill as `python -m server`; with `listener`, on that socket as systemd passes
+        one (fd 3, $LISTEN_FDS, $LISTEN_PID naming the process)."""
         config = tmp_path / "config.toml"
         text = CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV)
         drain = f"drain_delay = {drain_delay}\ndrain_timeout = {drain_timeout}"
         config.write_text(text.replace("shutdown_timeout = 3.0", f"shutdown_timeout = 3.0\n{drain}"))
-        port = free_port()
+        port = free_port() if listener is None else listener.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
         env |= {
             "RILL_CONFIG": str(config),
-            "RILL_PORT": str(port),
+            "RILL_PORT": str(port if listener is None else free_port()),  # unused with a socket from systemd
             KEY_ENV: SENTINEL_KEY,
             "NOTIFY_SOCKET": notify_socket[0],
             "PYTHONPATH": str(ROOT),
         }
+        extra: dict[str, Any] = {}
+        if listener is None:
+            args = ["-m", "server"]
+        else:
+            # The process's own pid is only known in it: set, then exec (the pid stays).
+            run = (
+                "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'server'])"
+            )
+            args = ["-c", run]
+            env["LISTEN_FDS"] = "1"
+            fd = listener.fileno()
+            extra = {"pass_fds": (LISTEN_FD,), "preexec_fn": lambda: os.dup2(fd, LISTEN_FD)}
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server", cwd=tmp_path, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT
+            sys.executable, *args, cwd=tmp_path, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT, **extra
         )
         processes.append(process)
         assert await next_notification(notify_socket[1]) == "READY=1"
@@ -220,3 +237,42 @@ async def test_an_answer_longer_than_the_drain_timeout_ends_with_server_shutdown
     assert 1.3 <= ended < 6
     async with asyncio.timeout(10):
         assert await process.wait() == 0
+
+
+async def test_with_a_socket_from_systemd_a_restart_refuses_no_connection(
+    start_process: StartProcess, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    # systemd holds the port (deploy/rill.socket): while one process stops and the next
+    # starts, new connections wait in the socket's queue and are served by the next.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    fake_upstream.script(Reply(chunks=[chunk("in flight ")], end="hang"))
+    url, first, notifications = await start_process(0.0, drain_timeout=0.0, listener=listener)
+    async with aiohttp.ClientSession() as session:
+        reader = await answer_under_way(session, url)
+        first.send_signal(signal.SIGTERM)
+        assert await next_notification(notifications) == "STOPPING=1"
+        ended = await reader.read_all(timeout=10)
+        async with asyncio.timeout(10):
+            assert await first.wait() == 0
+        # Nobody accepts now; the request waits in the queue rather than being refused.
+        waiting = asyncio.ensure_future(get_fresh(url / "healthz"))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        _, second, _ = await start_process(0.0, listener=listener)
+        async with asyncio.timeout(10):
+            status, health = await waiting
+        assert (status, health["status"]) == (200, "ok")
+        # The next process serves new answers on the same port.
+        again = await answer_under_way(session, url)
+        again.response.close()
+    # An answer in flight at the restart ends retryably (resumed by nobody: it lived in
+    # the process that stopped; a stored conversation keeps its text, Continue goes on).
+    assert terminal(ended).data["code"] == "server_shutdown"
+    assert terminal(ended).data["retryable"] is True
+    log = (tmp_path / LOG_NAME).read_text()
+    assert f"listening on http://127.0.0.1:{url.port} (" in log
+    assert "socket from systemd" in log
+    second.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        assert await second.wait() == 0
+    listener.close()

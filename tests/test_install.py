@@ -152,20 +152,27 @@ def test_the_installed_unit_points_at_the_prefix_and_passes_systemd_analyze_veri
     ]:
         assert line in text.splitlines(), line
 
-    verify_unit(text, tmp_path, "rill.service")
+    socket_unit = (tmp_path / "etc/systemd/system/rill.socket").read_text()
+    assert "ListenStream=127.0.0.1:8080" in socket_unit.splitlines()  # the config's port
+    verify_unit(text, tmp_path, "rill.service", {"rill.socket": socket_unit})
 
 
-def verify_unit(text: str, tmp_path: Path, name: str) -> None:
-    """systemd-analyze verify passes the unit, without a warning. As in test_deploy.py, its
-    paths point at what was installed here (--no-venv made no .venv: a Python stands in)."""
+def verify_unit(text: str, tmp_path: Path, name: str, beside: dict[str, str] | None = None) -> None:
+    """systemd-analyze verify passes the unit (and the units `beside` it), without a
+    warning. As in test_deploy.py, its paths point at what was installed here (--no-venv
+    made no .venv: a Python stands in)."""
     prefix = tmp_path / "srv/rill"
     (prefix / ".venv/bin").mkdir(parents=True, exist_ok=True)
     if not (prefix / ".venv/bin/python").exists():
         (prefix / ".venv/bin/python").symlink_to(sys.executable)
     unit = tmp_path / name
     unit.write_text(text.replace("/srv/rill", str(prefix)))
+    others = []
+    for other_name, other_text in (beside or {}).items():
+        (tmp_path / other_name).write_text(other_text)
+        others.append(str(tmp_path / other_name))
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+        ["systemd-analyze", "verify", str(unit), *others], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
@@ -209,7 +216,9 @@ def test_workers_install_a_template_unit_per_port_and_an_upstream_of_them_all(ch
     root = tmp_path / "root"
     result = install_ok(checkout, root, "--workers", "3", "--prefix", "/srv/rill")
     assert not (root / "etc/systemd/system/rill.service").exists()
+    assert not (root / "etc/systemd/system/rill.socket").exists()  # each process listens itself
     template = (root / "etc/systemd/system/rill@.service").read_text()
+    assert "rill.socket" not in template
     lines = template.splitlines()
     for line in [
         "Description=Rill streaming chat relay (port %i)",

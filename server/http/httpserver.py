@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, InvalidHeader, LineTooLong
@@ -86,15 +87,21 @@ class RillSite(web.BaseSite):
     """A TCP listener for an AppRunner whose connections pass the connection table first.
     Like aiohttp's TCPSite, runner.cleanup() closes it before the app's on_shutdown."""
 
-    def __init__(self, runner: web.AppRunner, config: Config, host: str, port: int) -> None:
+    def __init__(
+        self, runner: web.AppRunner, config: Config, host: str, port: int, sock: socket.socket | None = None
+    ) -> None:
         super().__init__(runner)
         self._app_runner = runner
         self._host = host
         self._port = port
+        self._sock = sock  # a listening socket passed in (socket activation): host and port unused
         self.connections = ConnectionTable(ConnectionLimits.from_config(config, open_file_limit()))
 
     @property
     def name(self) -> str:
+        if self._sock is not None:
+            host, port = self._sock.getsockname()[:2]
+            return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         return f"http://{self._host}:{self._port}"
 
     async def start(self) -> None:
@@ -103,16 +110,17 @@ class RillSite(web.BaseSite):
         assert server is not None
         self.connections.start(lambda: _json_refusals(server()))
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self.connections.protocol,
-            self._host,
-            self._port,
-            backlog=max(1024, self.connections.limits.max_connections),
-        )
+        backlog = max(1024, self.connections.limits.max_connections)
+        if self._sock is not None:
+            self._server = await loop.create_server(self.connections.protocol, sock=self._sock, backlog=backlog)
+        else:
+            self._server = await loop.create_server(self.connections.protocol, self._host, self._port, backlog=backlog)
 
     def close_listener(self) -> None:
         """No new connections from now on; open ones go on being served (a stop that
-        lets answers in flight finish). stop() later does the rest."""
+        lets answers in flight finish). stop() later does the rest. A socket from
+        systemd stays open in systemd: new connections wait in its queue for the next
+        process instead."""
         if self._server is not None:
             self._server.close()
 
@@ -125,12 +133,15 @@ class ListenError(Exception):
     """The port cannot be listened on (in use, or not allowed): one line, not a traceback."""
 
 
-async def start_server(app: web.Application, config: Config, host: str, port: int) -> web.AppRunner:
-    """The app on an AppRunner behind a RillSite: `python -m server` and the tests alike.
-    runner.cleanup() stops it: listener first, then the app's on_shutdown."""
+async def start_server(
+    app: web.Application, config: Config, host: str, port: int, sock: socket.socket | None = None
+) -> web.AppRunner:
+    """The app on an AppRunner behind a RillSite (on `sock` if given, else host:port):
+    `python -m server` and the tests alike. runner.cleanup() stops it: listener first,
+    then the app's on_shutdown."""
     runner = web.AppRunner(app, **runner_options(config))
     await runner.setup()
-    site = RillSite(runner, config, host, port)
+    site = RillSite(runner, config, host, port, sock)
     try:
         await site.start()
     except OSError as exc:
