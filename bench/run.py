@@ -54,7 +54,15 @@ FULL = [
         "rill-history-end: written at the end only (what the writes every save_interval cost is the difference); "
         "rill-shared: two processes in shared mode, each answer started on one and read on the other",
     ),
-    Scenario("capacity-500", 500, 300, 1 / 30, ramp=2.0, note="500 streams × 300 tokens at 30/s"),
+    Scenario(
+        "capacity-500",
+        500,
+        300,
+        1 / 30,
+        ("direct", "pipe", "naive", "rill", "rill-shared"),
+        ramp=2.0,
+        note="500 streams × 300 tokens at 30/s",
+    ),
     Scenario(
         "capacity-1000",
         1000,
@@ -354,6 +362,7 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
         if target == "rill-shared":
             job["target"] = "rill"
         cpu_before = sum(cpu_seconds(p.pid) for p in counted) if counted else None
+        redis_before = cpu_seconds(shared[0].pid) if target == "rill-shared" else 0.0
         client = subprocess.run(
             [sys.executable, "-m", "bench.client", json.dumps(job)],
             cwd=work,
@@ -369,6 +378,8 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
         if counted and cpu_before is not None:
             row.server_cpu_s = sum(cpu_seconds(p.pid) for p in counted) - cpu_before
             row.server_peak_rss_mb = max(peak_rss_mb(p.pid) for p in counted)
+        if target == "rill-shared":
+            row.extra["redis_cpu_s"] = cpu_seconds(shared[0].pid) - redis_before  # its share of server_cpu_s
         if scenario.abort_after is not None:
             time.sleep(RESUME_GRACE + 1.0)  # Rill keeps an unread answer going this long, then stops it
         stats = get_json(f"http://127.0.0.1:{up_port}/stats")

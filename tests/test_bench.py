@@ -158,6 +158,30 @@ def test_the_history_checks_compare_the_same_scenario() -> None:
     assert "+5.0 %" in streaming[1]
 
 
+def test_shared_mode_is_judged_per_capacity_scenario_with_and_without_its_redis() -> None:
+    def row(scenario: str, target: str, cpu_s: float, redis_cpu_s: float | None = None) -> Row:
+        client = {"delivered": 1000, "lost": 0, "duplicated": 0, "reordered": 0, "failed_streams": 0}
+        made = Row(scenario, target, client, server_cpu_s=cpu_s)
+        if redis_cpu_s is not None:
+            made.extra["redis_cpu_s"] = redis_cpu_s
+        return made
+
+    rows = [
+        row("capacity-100", "rill", 0.080),
+        row("capacity-100", "rill-shared", 0.140, redis_cpu_s=0.020),  # 1.75×; 1.50× without Redis
+        row("capacity-500", "rill", 0.050),
+        row("capacity-500", "rill-shared", 0.064, redis_cpu_s=0.010),  # 1.28×; 1.08× without Redis
+    ]
+    checks = {name: (met, figure) for name, met, figure in targets(rows)}
+    met, figure = checks["shared mode CPU per token ≤ 1.3× one process (capacity-100, Redis included)"]
+    assert met is False
+    assert "140.0 vs 80.0 µs: 1.75×" in figure
+    assert "the two Rill processes alone 1.50×" in figure
+    met, figure = checks["shared mode CPU per token ≤ 1.3× one process (capacity-500, Redis included)"]
+    assert met is True
+    assert "alone 1.08×" in figure
+
+
 def test_repeated_passes_are_compared_pass_by_pass_and_judged_by_the_median() -> None:
     """Each pass compares history on and off in one state of the machine; the verdict is the
     median over the passes, and the runs' spread is shown."""
