@@ -248,6 +248,7 @@ async def run(job: Job) -> dict[str, Any]:
     expected = sum(s.expected for s in streams)
     delivered = sum(s.delivered for s in streams)
     ended_early = job.abort_after is not None
+    first_tokens = [s.first_token_ns / 1e6 for s in streams if s.first_token_ns is not None]
     return {
         "streams": job.streams,
         "expected": expected,
@@ -260,7 +261,8 @@ async def run(job: Job) -> dict[str, Any]:
         "reconnects": sum(s.reconnects for s in streams),
         "latency_ms": {f"p{int(q * 100)}": percentile(latencies, q) for q in (0.5, 0.9, 0.99)}
         | {"max": max(latencies, default=None)},
-        "first_token_ms": percentile([s.first_token_ns / 1e6 for s in streams if s.first_token_ns is not None], 0.5),
+        "first_token_ms": percentile(first_tokens, 0.5),
+        "first_token_p99_ms": percentile(first_tokens, 0.99),
         "setup_ms": percentile([s.setup_ns / 1e6 for s in streams if s.setup_ns is not None], 0.5),
         "wall_s": wall,
         "tokens_per_s": delivered / wall if wall else None,

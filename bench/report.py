@@ -1,4 +1,5 @@
-"""The Markdown table, the targets of issue 6 checked against the figures, and the JSON."""
+"""The Markdown table, the targets checked against the figures (issue 6's, and issue 16's:
+Rill against nginx in the same run), and the JSON."""
 
 from __future__ import annotations
 
@@ -85,16 +86,7 @@ def targets(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
     if "abort-storm" in rill:
         left = rill["abort-storm"].upstream_open_after
         checks.append(("abort storm: 0 upstream connections left", left == 0, f"{left} open after grace + 1 s"))
-    cap100 = _median_cpu(rows, "capacity-100", "rill")
-    pipe100 = _median_cpu(rows, "capacity-100", "pipe")
-    floor = f" (a byte pipe, the floor: {_num(pipe100)} µs)" if pipe100 is not None else ""
-    checks.append(
-        (
-            "server CPU ≤ 25 µs/token at 100 streams" + _count(list(_cpu(rows, "capacity-100", "rill").values())),
-            None if cap100 is None else cap100 <= 25,
-            "–" if cap100 is None else f"{_num(cap100)} µs{floor}",
-        )
-    )
+    checks.extend(_peer_checks(rows))
     checks.extend(_history_checks(rows))
     checks.extend(_shared_checks(rows))
     cap1000 = rill.get("capacity-1000")
@@ -113,17 +105,83 @@ def targets(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
             ok = None
             figure += f", inconclusive: direct itself is {direct_p50:.0f} ms late at p50 (bench core saturated)"
         checks.append(("1,000 streams: all delivered, p99 within 20 ms of direct", ok, figure))
-        checks.append(
-            (
-                "peak RSS ≤ 60 MB at 1,000 streams",
-                (cap1000.server_peak_rss_mb or 1e9) <= 60,
-                f"{_num(cap1000.server_peak_rss_mb)} MB",
-            )
-        )
     latency = rill.get("latency")
     if latency is not None:
         over = added_over_direct(rows, latency, "p50")
         checks.append(("single stream: p50 ≤ 0.2 ms over direct", over is not None and over <= 0.2, f"+{_ms(over)} ms"))
+    return checks
+
+
+def _pairs(rows: list[Row], scenario: str, target: str, peer: str) -> list[tuple[Row, Row]]:
+    """(target's row, peer's row) of each pass that ran both."""
+    mine = {r.round: r for r in rows if r.scenario == scenario and r.target == target}
+    theirs = {r.round: r for r in rows if r.scenario == scenario and r.target == peer}
+    return [(mine[p], theirs[p]) for p in sorted(set(mine) & set(theirs))]
+
+
+def _peer_checks(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
+    """Issue 16: Rill against nginx as a plain streaming proxy, measured in the same pass."""
+    checks: list[tuple[str, bool | None, str]] = []
+    for scenario in ("capacity-100", "capacity-500", "capacity-1000"):
+        mine, theirs = _cpu(rows, scenario, "rill"), _cpu(rows, scenario, "nginx")
+        passes = sorted(set(mine) & set(theirs))
+        ratios = [mine[p] / theirs[p] for p in passes if theirs[p] > 0]
+        if not ratios:
+            continue
+        ratio = statistics.median(ratios)
+        spread = f" (runs {min(ratios):.2f}× to {max(ratios):.2f}×)" if len(ratios) > 1 else ""
+        checks.append(
+            (
+                f"CPU per token ≤ 1.5× nginx's ({scenario}){_count(ratios)}",
+                ratio <= 1.5,
+                f"{_num(statistics.median(mine[p] for p in passes))} vs "
+                f"{_num(statistics.median(theirs[p] for p in passes))} µs: {ratio:.2f}×{spread}",
+            )
+        )
+    pairs = _pairs(rows, "capacity-500", "rill", "nginx")
+    first: list[tuple[float, float]] = []
+    for r, n in pairs:
+        rill_ms, nginx_ms = r.client.get("first_token_p99_ms"), n.client.get("first_token_p99_ms")
+        if rill_ms and nginx_ms:
+            first.append((float(rill_ms), float(nginx_ms)))
+    if first:
+        checks.append(
+            (
+                "time to first token p99 ≤ 2× nginx's (capacity-500), every run",
+                all(rill_ms <= 2 * nginx_ms for rill_ms, nginx_ms in first),
+                ", ".join(f"{a:.0f} vs {b:.0f} ms ({a / b:.1f}×)" for a, b in first),
+            )
+        )
+    for scenario, every in (("capacity-500", False), ("capacity-1000", True)):
+        gaps = []
+        for r, n in _pairs(rows, scenario, "rill", "nginx"):
+            rill_p99, nginx_p99 = added_over_direct(rows, r, "p99"), added_over_direct(rows, n, "p99")
+            if rill_p99 is not None and nginx_p99 is not None:
+                gaps.append(rill_p99 - nginx_p99)
+        if gaps:
+            met = all(g <= 10 for g in gaps) if every else statistics.median(gaps) <= 10
+            how = "every run" if every else f"median{_count(gaps)}"
+            checks.append(
+                (
+                    f"p99 added latency within 10 ms of nginx's ({scenario}, {how})",
+                    met,
+                    ", ".join(f"{g:+.1f} ms" for g in gaps),
+                )
+            )
+    memory = [
+        (r.server_peak_rss_mb, n.server_peak_rss_mb)
+        for r, n in _pairs(rows, "capacity-1000", "rill", "nginx")
+        if r.server_peak_rss_mb and n.server_peak_rss_mb
+    ]
+    if memory:
+        mine_mb, theirs_mb = memory[-1]
+        checks.append(
+            (
+                "peak RSS at 1,000 streams ≤ 2× nginx's",
+                mine_mb <= 2 * theirs_mb,
+                f"{mine_mb:.1f} vs {theirs_mb:.1f} MB ({mine_mb / theirs_mb:.1f}×)",
+            )
+        )
     return checks
 
 
@@ -134,11 +192,6 @@ def _cpu(rows: list[Row], scenario: str, target: str) -> dict[int, float]:
         for r in rows
         if r.scenario == scenario and r.target == target and r.cpu_us_per_token is not None
     }
-
-
-def _median_cpu(rows: list[Row], scenario: str, target: str) -> float | None:
-    values = list(_cpu(rows, scenario, target).values())
-    return statistics.median(values) if values else None
 
 
 def _history_checks(rows: list[Row]) -> list[tuple[str, bool | None, str]]:

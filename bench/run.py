@@ -42,13 +42,15 @@ class Scenario:
 
 
 FULL = [
-    Scenario("latency", 1, 2000, 0.001, note="1 stream, 2,000 tokens at 1 ms"),
+    Scenario(
+        "latency", 1, 2000, 0.001, ("direct", "pipe", "nginx", "naive", "rill"), note="1 stream, 2,000 tokens at 1 ms"
+    ),
     Scenario(
         "capacity-100",
         100,
         300,
         1 / 30,
-        ("direct", "pipe", "naive", "rill", "rill-history", "rill-history-end", "rill-shared"),
+        ("direct", "pipe", "nginx", "naive", "rill", "rill-history", "rill-history-end", "rill-shared"),
         ramp=1.0,
         note="100 streams × 300 tokens at 30/s; rill-history: the same through stored conversations, "
         "rill-history-end: written at the end only (what the writes every save_interval cost is the difference); "
@@ -59,7 +61,7 @@ FULL = [
         500,
         300,
         1 / 30,
-        ("direct", "pipe", "naive", "rill", "rill-shared"),
+        ("direct", "pipe", "nginx", "naive", "rill", "rill-shared"),
         ramp=2.0,
         note="500 streams × 300 tokens at 30/s",
     ),
@@ -68,12 +70,21 @@ FULL = [
         1000,
         300,
         1 / 30,
-        ("direct", "pipe", "naive", "rill", "rill-shared"),
+        ("direct", "pipe", "nginx", "naive", "rill", "rill-shared"),
         ramp=3.0,
         note="1,000 streams × 300 tokens at 30/s",
     ),
     Scenario("throughput", 20, 5000, 0.0, note="20 streams × 5,000 tokens, as fast as possible"),
-    Scenario("split", 100, 300, 0.01, split=0.1, ramp=0.5, note="10 % of upstream events in two pieces"),
+    Scenario(
+        "split",
+        100,
+        300,
+        0.01,
+        ("direct", "pipe", "nginx", "naive", "rill"),
+        split=0.1,
+        ramp=0.5,
+        note="10 % of upstream events in two pieces",
+    ),
     Scenario(
         "resume-storm",
         100,
@@ -103,7 +114,7 @@ QUICK = [
         20,
         60,
         0.01,
-        ("direct", "pipe", "naive", "rill", "rill-history", "rill-history-end", "rill-shared"),
+        ("direct", "pipe", "nginx", "naive", "rill", "rill-history", "rill-history-end", "rill-shared"),
         ramp=0.2,
     ),
     Scenario("split", 10, 100, 0.002, split=0.3),
@@ -126,7 +137,7 @@ class Row:
 
     @property
     def cpu_us_per_token(self) -> float | None:
-        delivered = self.client["delivered"]
+        delivered = self.client.get("delivered")
         return None if self.server_cpu_s is None or not delivered else self.server_cpu_s / delivered * 1e6
 
 
@@ -337,6 +348,10 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
             )
             url = f"http://127.0.0.1:{port}"
             wait_ready(port_probe(port), server, log, "the naive relay")
+        elif target == "nginx":
+            from .nginx import start_nginx
+
+            server, url = start_nginx(processes, work, up_port, base_env, server_core)
         elif target == "rill-shared":
             shared = start_shared(processes, work, up_port, base_env, server_core)
             server, url = shared[0], shared[2][0]
@@ -348,9 +363,18 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
         counted = [server] if server is not None else []
         if target == "rill-shared":
             counted = [*shared[1], shared[0]]
+        cpu, rss = cpu_seconds, peak_rss_mb
+        if target == "nginx":
+            from .nginx import family_cpu_seconds, family_peak_rss_mb
+
+            cpu, rss = family_cpu_seconds, family_peak_rss_mb  # its master and its worker
         job = {
-            # The pipe is read as the upstream is; both history targets ask as the page does.
-            "target": "direct" if target == "pipe" else "rill-history" if target.startswith("rill-history") else target,
+            # The pipe and nginx are read as the upstream is; both history targets ask as the page does.
+            "target": "direct"
+            if target in ("pipe", "nginx")
+            else "rill-history"
+            if target.startswith("rill-history")
+            else target,
             "url": url,
             "streams": scenario.streams,
             "scenario": {"tokens": scenario.tokens, "interval": scenario.interval, "split": scenario.split, "seed": 7},
@@ -361,7 +385,7 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
         }
         if target == "rill-shared":
             job["target"] = "rill"
-        cpu_before = sum(cpu_seconds(p.pid) for p in counted) if counted else None
+        cpu_before = sum(cpu(p.pid) for p in counted) if counted else None
         redis_before = cpu_seconds(shared[0].pid) if target == "rill-shared" else 0.0
         client = subprocess.run(
             [sys.executable, "-m", "bench.client", json.dumps(job)],
@@ -376,8 +400,8 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
             raise RuntimeError(f"client failed:\n{client.stderr[-3000:]}")
         row = Row(scenario.name, target, json.loads(client.stdout))
         if counted and cpu_before is not None:
-            row.server_cpu_s = sum(cpu_seconds(p.pid) for p in counted) - cpu_before
-            row.server_peak_rss_mb = max(peak_rss_mb(p.pid) for p in counted)
+            row.server_cpu_s = sum(cpu(p.pid) for p in counted) - cpu_before
+            row.server_peak_rss_mb = max(rss(p.pid) for p in counted)
         if target == "rill-shared":
             row.extra["redis_cpu_s"] = cpu_seconds(shared[0].pid) - redis_before  # its share of server_cpu_s
         if scenario.abort_after is not None:

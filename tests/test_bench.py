@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -182,6 +183,46 @@ def test_shared_mode_is_judged_per_capacity_scenario_with_and_without_its_redis(
     assert "alone 1.08×" in figure
 
 
+def test_rill_is_judged_against_nginx_measured_in_the_same_pass() -> None:
+    def row(scenario: str, target: str, pass_: int, cpu_s: float | None, p99: float, first_p99: float = 0.0) -> Row:
+        client = {
+            "delivered": 1000,
+            "lost": 0,
+            "duplicated": 0,
+            "reordered": 0,
+            "failed_streams": 0,
+            "latency_ms": {"p50": 0.5, "p99": p99},
+            "first_token_p99_ms": first_p99,
+        }
+        return Row(scenario, target, client, server_cpu_s=cpu_s, server_peak_rss_mb=None, round=pass_)
+
+    rows = []
+    for pass_, (rill_cpu, nginx_cpu) in enumerate([(0.060, 0.020), (0.040, 0.030), (0.045, 0.030)]):
+        rows += [
+            row("capacity-100", "direct", pass_, None, 1.0),
+            row("capacity-100", "nginx", pass_, nginx_cpu, 2.0),
+            row("capacity-100", "rill", pass_, rill_cpu, 3.0),
+            row("capacity-500", "direct", pass_, None, 5.0),
+            row("capacity-500", "nginx", pass_, 0.015, 15.0, first_p99=40.0),
+            row("capacity-500", "rill", pass_, 0.040, 30.0 if pass_ else 20.0, first_p99=70.0 if pass_ else 100.0),
+        ]
+    rows[-1].server_peak_rss_mb = 1.0  # memory is judged at 1,000 streams only: none here
+    checks = {name: (met, figure) for name, met, figure in targets(rows)}
+    # 3.0×, 1.33×, 1.5×: the median is 1.5×, met.
+    met, figure = checks["CPU per token ≤ 1.5× nginx's (capacity-100), median of 3 runs"]
+    assert met is True
+    assert "1.50× (runs 1.33× to 3.00×)" in figure
+    assert checks["CPU per token ≤ 1.5× nginx's (capacity-500), median of 3 runs"][0] is False  # 2.67×
+    met, figure = checks["time to first token p99 ≤ 2× nginx's (capacity-500), every run"]
+    assert met is False  # 2.5× in the first run
+    assert figure.startswith("100 vs 40 ms (2.5×)")
+    # Rill's added p99 minus nginx's: +5, +15, +15 ms: the median misses the 10 ms mark.
+    met, figure = checks["p99 added latency within 10 ms of nginx's (capacity-500, median, median of 3 runs)"]
+    assert met is False
+    assert figure == "+5.0 ms, +15.0 ms, +15.0 ms"
+    assert not any("capacity-1000" in name for name in checks)  # not run: not judged
+
+
 def test_repeated_passes_are_compared_pass_by_pass_and_judged_by_the_median() -> None:
     """Each pass compares history on and off in one state of the machine; the verdict is the
     median over the passes, and the runs' spread is shown."""
@@ -277,6 +318,27 @@ async def test_the_byte_pipe_passes_the_upstream_through(upstream: tuple[Upstrea
     assert (result["delivered"], result["lost"], result["failed_streams"]) == (360, 0, 0)
     assert model.requests == 3
     await asyncio.gather(*accepted)
+
+
+async def test_the_nginx_peer_passes_the_upstream_through_and_counts_its_worker(
+    upstream: tuple[Upstream, str], tmp_path: Path
+) -> None:
+    # Debian's nginx (the tests install it): the peer issue 16 measures Rill against.
+    from bench.nginx import family, start_nginx
+    from bench.run import Processes
+
+    model, upstream_url = upstream
+    processes = Processes(tmp_path)
+    try:
+        master, url = await asyncio.to_thread(
+            start_nginx, processes, tmp_path, int(upstream_url.rsplit(":", 1)[1]), dict(os.environ), None
+        )
+        result = await run(Job(target="direct", url=url, streams=3, scenario=SCENARIO))
+        assert (result["delivered"], result["lost"], result["failed_streams"]) == (360, 0, 0)
+        assert model.requests == 3
+        assert len(family(master.pid)) == 2  # the master and its one worker, both counted
+    finally:
+        processes.stop_all()
 
 
 def test_the_soak_runs_and_reads_rill_from_inside(tmp_path: Path) -> None:
