@@ -168,6 +168,21 @@ def _peer_checks(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
                     ", ".join(f"{g:+.1f} ms" for g in gaps),
                 )
             )
+    per_answer = [
+        r.server_cpu_s / r.client["streams"] * 1000
+        for r in rows
+        if r.scenario == "answers" and r.target == "rill" and r.server_cpu_s is not None and r.client.get("streams")
+    ]
+    if per_answer:
+        answer_ms = statistics.median(per_answer)
+        checks.append(
+            (
+                f"CPU per answer < 1 ms (answers: 500 of 2 tokens){_count(per_answer)}",
+                answer_ms < 1,
+                f"{answer_ms:.2f} ms"
+                + (f" (runs {min(per_answer):.2f} to {max(per_answer):.2f})" if len(per_answer) > 1 else ""),
+            )
+        )
     memory = [
         (r.server_peak_rss_mb, n.server_peak_rss_mb)
         for r, n in _pairs(rows, "capacity-1000", "rill", "nginx")

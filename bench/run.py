@@ -76,6 +76,15 @@ FULL = [
     ),
     Scenario("throughput", 20, 5000, 0.0, note="20 streams × 5,000 tokens, as fast as possible"),
     Scenario(
+        "answers",
+        500,
+        2,
+        0.0,
+        ("direct", "nginx", "rill"),
+        ramp=2.0,
+        note="500 answers of 2 tokens over 2 s: what an answer costs apart from its tokens",
+    ),
+    Scenario(
         "split",
         100,
         300,

@@ -223,6 +223,15 @@ def test_rill_is_judged_against_nginx_measured_in_the_same_pass() -> None:
     assert not any("capacity-1000" in name for name in checks)  # not run: not judged
 
 
+def test_an_answers_cost_apart_from_its_tokens_is_its_server_cpu_over_the_answers() -> None:
+    client = {"delivered": 1000, "lost": 0, "duplicated": 0, "reordered": 0, "failed_streams": 0, "streams": 500}
+    rows = [Row("answers", "rill", client, server_cpu_s=cpu_s, round=n) for n, cpu_s in enumerate([0.40, 0.60, 0.45])]
+    checks = {name: (met, figure) for name, met, figure in targets(rows)}
+    met, figure = checks["CPU per answer < 1 ms (answers: 500 of 2 tokens), median of 3 runs"]
+    assert met is True
+    assert figure == "0.90 ms (runs 0.80 to 1.20)"
+
+
 def test_repeated_passes_are_compared_pass_by_pass_and_judged_by_the_median() -> None:
     """Each pass compares history on and off in one state of the machine; the verdict is the
     median over the passes, and the runs' spread is shown."""
