@@ -78,3 +78,15 @@ def test_python_m_server_writes_json_lines_when_asked(tmp_path: Path) -> None:
     assert lines[-1]["level"] == "INFO"
     assert lines[-1]["logger"] == "server"
     assert {line["request_id"] for line in lines} == {"-"}  # outside any request
+
+
+def test_the_text_format_writes_times_as_logging_does_though_once_a_second() -> None:
+    from server.ops.logs import TEXT_FORMAT, TextFormatter
+
+    ours, logging_own = TextFormatter(TEXT_FORMAT), logging.Formatter(TEXT_FORMAT)
+    base = 1796560064.0  # 2026-12-06, any second
+    for created in (base + 0.001, base + 0.5, base + 0.999, base + 1.0, base + 1.25, base + 0.75, base + 86400.042):
+        record = logging.LogRecord("server", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.formatTime(record) == logging_own.formatTime(record)
+    assert ours.formatTime(record, "%H:%M") == logging_own.formatTime(record, "%H:%M")
