@@ -222,6 +222,9 @@ class ClusterConfig:
 
     redis_url: str = field(default="", repr=False)  # may hold a password
     url_from: str = ""  # what chose the url, for messages
+    # Seconds between an owner's writes to Redis at most: readers on other processes get
+    # events up to this much later than local ones, for fewer writes (CPU) under load.
+    write_interval: float = 0.01
 
     @property
     def enabled(self) -> bool:
@@ -633,15 +636,22 @@ def _redis_url(text: str, key: str) -> str:
     return text
 
 
+WRITE_INTERVAL_MAX = 0.1  # seconds: longer would show as lag to readers on other processes
+
+
 def _parse_cluster(section: _Section, environ: Mapping[str, str]) -> ClusterConfig:
     file_url = section.get("redis_url", str, "")
+    interval = _positive(section, "write_interval", ClusterConfig.write_interval)
+    if interval > WRITE_INTERVAL_MAX:
+        raise ConfigError(f"{section.key('write_interval')}: at most {WRITE_INTERVAL_MAX} s, got {interval}")
     section.finish()
     if env_url := environ.get("RILL_REDIS_URL", ""):
-        return ClusterConfig(redis_url=_redis_url(env_url, "RILL_REDIS_URL"), url_from="RILL_REDIS_URL")
-    if file_url:
-        key = section.key("redis_url")
-        return ClusterConfig(redis_url=_redis_url(file_url, key), url_from=key)
-    return ClusterConfig()
+        url, url_from = _redis_url(env_url, "RILL_REDIS_URL"), "RILL_REDIS_URL"
+    elif file_url:
+        url, url_from = _redis_url(file_url, section.key("redis_url")), section.key("redis_url")
+    else:
+        return ClusterConfig(write_interval=interval)
+    return ClusterConfig(redis_url=url, url_from=url_from, write_interval=interval)
 
 
 def _parse_storage(

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from server.cluster import names
 from server.config import ConfigError
-from server.keys import CLUSTER
+from server.keys import CLUSTER, CONFIG
 
 from .conftest import RedisServer, Rill, StartRill, make_config, wait_for
 from .fakes import FakeUpstream, Reply, StreamReader, answer, chunk, terminal, text_of
@@ -219,6 +219,7 @@ async def test_a_tokens_events_reach_redis_in_a_few_pipelined_writes(
     fake_upstream.script(Reply(chunks=grouped))
     a = await start_shared(start_rill, redis_url)
     mirror = a.app[CLUSTER].mirror
+    assert mirror._write_interval == a.app[CONFIG].cluster.write_interval
     writes = 0
     original = mirror._write
 
@@ -378,6 +379,13 @@ def test_the_redis_url_comes_from_the_file_or_rill_redis_url_and_is_checked(fake
             make_config("http://127.0.0.1:9/v1", cluster={"redis_url": bad})
     with pytest.raises(ConfigError, match=r"cluster\.nodes"):
         make_config("http://127.0.0.1:9/v1", cluster={"nodes": 2})
+    # How often an owner writes to Redis: CPU traded for readers elsewhere's latency.
+    assert config.cluster.write_interval == 0.01
+    slower = make_config("http://127.0.0.1:9/v1", cluster={"redis_url": "redis://h:1/0", "write_interval": 0.02})
+    assert slower.cluster.write_interval == 0.02
+    for bad_interval in (0, -1, 0.5, "fast"):
+        with pytest.raises(ConfigError, match=r"cluster\.write_interval"):
+            make_config("http://127.0.0.1:9/v1", cluster={"write_interval": bad_interval})
 
 
 async def post(rill: Rill, **fields: Any) -> tuple[int, Any]:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 BLOCK_MS = 250  # longest blocking read: how soon a new follower's answer joins the read
 # Seconds between two reads that found events of some of the owners followed, not all:
 # the next read then brings the others' next writes too (each owner writes at most every
-# mirror.FLUSH_EVERY), for a few ms more of latency. With one owner, reads follow its
+# [cluster] write_interval), for a few ms more of latency. With one owner, reads follow its
 # writes.
 READ_EVERY = 0.002
 READ_COUNT = 1000  # entries per stream per read

@@ -2,7 +2,7 @@
 appended to the answer's Redis stream (where a resume on any process finds it) and to
 this process's feed (where readers on other processes follow all its answers at once).
 
-Writes are few and cheap: at most one every FLUSH_EVERY, one script call appending every
+Writes are few and cheap: at most one every [cluster] write_interval, one script call appending every
 answer's new events (an entry per answer, and one feed entry for them all), in one
 pipelined round trip with whatever else changed (a new answer's hash, an ended one's).
 A redis-py command costs far more CPU than a token's relay, so one per token, or one per
@@ -38,9 +38,6 @@ RETRY_MAX = 5.0
 ERROR_LOG_EVERY = 60.0  # seconds: a Redis outage is logged once a minute, not once a write
 ANNOUNCE_WAIT = 2.0  # seconds a request waits for its answer to be known in Redis
 ENTRY_EVENTS = 500  # events in one stream entry at most (a catch-up after an outage)
-# Seconds between two writes at most: what a reader on another process may wait longer
-# than one here, for far fewer writes under load.
-FLUSH_EVERY = 0.010
 
 # Appends a write's events: KEYS[1], the owner's feed; ARGV, the feed entry's id, its
 # length bound, its lifetime (ms), the answers' stream key prefix, then the write itself:
@@ -86,7 +83,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return #order
 """
 WRITE_ANSWERS = 1000  # answers in one script call at most (Lua's unpack() is bounded)
-# The feed keeps about this many writes (seconds at FLUSH_EVERY under load): a reader
+# The feed keeps about this many writes (10 s at the default write_interval): a reader
 # further behind reads the answers' own streams instead (hub.py).
 FEED_LENGTH = 1000
 FEED_TTL_MS = 60_000  # a feed outlives its process by this much
@@ -103,6 +100,9 @@ class EventMirror:
         self.process = process
         self._ended = ended  # adds to the pipeline what else an answer's end changes in Redis
         self._finished_ttl = max(1, round(config.stream.finished_ttl))
+        # Seconds between two writes at most ([cluster] write_interval): what a reader on
+        # another process may wait longer than one here, for far fewer writes under load.
+        self._write_interval = config.cluster.write_interval
         # While live, an answer's keys outlive its longest possible run, so the owner
         # dying leaves nothing behind for good.
         self._live_ttl = self._finished_ttl + max(1, round(config.timeouts.max_generation))
@@ -187,7 +187,7 @@ class EventMirror:
         flushed = -math.inf
         while True:
             await self._wake.wait()
-            if (wait := flushed + FLUSH_EVERY - loop.time()) > 0:
+            if (wait := flushed + self._write_interval - loop.time()) > 0:
                 await asyncio.sleep(wait)  # what comes meanwhile goes in the same write
             flushed = loop.time()
             self._wake.clear()

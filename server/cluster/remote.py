@@ -103,7 +103,7 @@ async def last_event(redis: Redis, answer: RemoteAnswer) -> tuple[int, bool]:
 async def up_to(redis: Redis, answer: RemoteAnswer, after: int) -> tuple[int, bool]:
     """last_event(), waiting a moment for Redis to hold event `after` when it does not
     yet: a reader that had it from the owner may come back here sooner than the owner's
-    next write (mirror.FLUSH_EVERY)."""
+    next write ([cluster] write_interval)."""
     if after == 0 and answer.end is None:
         return 0, False  # from the start: nothing to check (the follower reads what there is)
     loop = asyncio.get_running_loop()
