@@ -16,11 +16,13 @@ from pathlib import Path
 from .run import CLOCK_TICKS, Processes, free_port, port_probe, wait_ready
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-CONFIG = """
+# nginx run by a bench in a directory of its own (one worker, files and temp paths in it),
+# around the `http` block's own lines.
+MAIN = """
 worker_processes 1;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     client_body_temp_path {dir}/body;
@@ -28,6 +30,11 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
+{http}
+}}
+"""
+# The peer: a plain streaming proxy in front of the fake upstream.
+PROXY = """
     upstream model {{
         server 127.0.0.1:{upstream};
         keepalive 2048;
@@ -41,9 +48,16 @@ http {{
             proxy_buffering off;
             proxy_read_timeout 600s;
         }}
-    }}
-}}
-"""
+    }}"""
+
+
+def main_config(directory: Path, http: str, connections: int) -> str:
+    return MAIN.format(dir=directory, connections=connections, http=http)
+
+
+def nginx_args(directory: Path) -> list[str]:
+    """nginx in the foreground on `directory`'s nginx.conf."""
+    return [NGINX, "-p", str(directory), "-c", str(directory / "nginx.conf"), "-g", "daemon off;"]
 
 
 def start_nginx(
@@ -54,8 +68,9 @@ def start_nginx(
     directory = work / "nginx"
     directory.mkdir(exist_ok=True)
     port = free_port()
-    (directory / "nginx.conf").write_text(CONFIG.format(dir=directory, upstream=up_port, port=port))
-    args = [NGINX, "-p", str(directory), "-c", str(directory / "nginx.conf"), "-g", "daemon off;"]
+    proxy = PROXY.format(upstream=up_port, port=port)
+    (directory / "nginx.conf").write_text(main_config(directory, proxy, connections=8192))
+    args = nginx_args(directory)
     # Pinned before it starts: the worker it forks inherits the core.
     pinned = ["taskset", "-c", str(core), *args] if core is not None and shutil.which("taskset") else args
     process, log = processes.start("nginx", pinned, env, core)

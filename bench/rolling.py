@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,25 +25,10 @@ from typing import Any
 
 import aiohttp
 
+from .nginx import main_config, nginx_args
 from .run import ROOT, Processes, free_port, http_probe, port_probe, rill_config, wait_ready
 from .wire import TOKEN, SSELines
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-NGINX_MAIN = """
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    include {dir}/site.conf;
-}}
-"""
 RECONNECTS_MAX = 20  # per answer: more means something is wrong, not a restart
 
 
@@ -157,10 +141,8 @@ async def run(
     rill = [start(index) for index in range(workers)]
     listen = free_port()
     (work / "site.conf").write_text(site(ports, listen))
-    (work / "nginx.conf").write_text(NGINX_MAIN.format(dir=work))
-    nginx, nginx_log = processes.start(
-        "nginx", [NGINX, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"], base_env, None
-    )
+    (work / "nginx.conf").write_text(main_config(work, f"    include {work}/site.conf;", connections=4096))
+    nginx, nginx_log = processes.start("nginx", nginx_args(work), base_env, None)
     wait_ready(port_probe(listen), nginx, nginx_log, "nginx")
     url = f"http://127.0.0.1:{listen}"
     scenario = {"tokens": tokens, "interval": interval, "split": 0.0, "seed": 7}
