@@ -119,25 +119,30 @@ def _pairs(rows: list[Row], scenario: str, target: str, peer: str) -> list[tuple
     return [(mine[p], theirs[p]) for p in sorted(set(mine) & set(theirs))]
 
 
+def _cpu_ratio(rows: list[Row], scenario: str, target: str, baseline: str) -> tuple[float, list[float], str] | None:
+    """target's CPU per token over baseline's, pass by pass: (the median ratio, each pass's,
+    the figure to show); None unless some pass ran both."""
+    mine, theirs = _cpu(rows, scenario, target), _cpu(rows, scenario, baseline)
+    passes = sorted(set(mine) & set(theirs))
+    ratios = [mine[p] / theirs[p] for p in passes if theirs[p] > 0]
+    if not ratios:
+        return None
+    ratio = statistics.median(ratios)
+    spread = f" (runs {min(ratios):.2f}× to {max(ratios):.2f}×)" if len(ratios) > 1 else ""
+    figure = (
+        f"{_num(statistics.median(mine[p] for p in passes))} vs "
+        f"{_num(statistics.median(theirs[p] for p in passes))} µs: {ratio:.2f}×{spread}"
+    )
+    return ratio, ratios, figure
+
+
 def _peer_checks(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
     """Issue 16: Rill against nginx as a plain streaming proxy, measured in the same pass."""
     checks: list[tuple[str, bool | None, str]] = []
     for scenario in ("capacity-100", "capacity-500", "capacity-1000"):
-        mine, theirs = _cpu(rows, scenario, "rill"), _cpu(rows, scenario, "nginx")
-        passes = sorted(set(mine) & set(theirs))
-        ratios = [mine[p] / theirs[p] for p in passes if theirs[p] > 0]
-        if not ratios:
-            continue
-        ratio = statistics.median(ratios)
-        spread = f" (runs {min(ratios):.2f}× to {max(ratios):.2f}×)" if len(ratios) > 1 else ""
-        checks.append(
-            (
-                f"CPU per token ≤ 1.5× nginx's ({scenario}){_count(ratios)}",
-                ratio <= 1.5,
-                f"{_num(statistics.median(mine[p] for p in passes))} vs "
-                f"{_num(statistics.median(theirs[p] for p in passes))} µs: {ratio:.2f}×{spread}",
-            )
-        )
+        if (compared := _cpu_ratio(rows, scenario, "rill", "nginx")) is not None:
+            ratio, ratios, figure = compared
+            checks.append((f"CPU per token ≤ 1.5× nginx's ({scenario}){_count(ratios)}", ratio <= 1.5, figure))
     pairs = _pairs(rows, "capacity-500", "rill", "nginx")
     first: list[tuple[float, float]] = []
     for r, n in pairs:
@@ -265,22 +270,18 @@ def _shared_checks(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
         )
     ]
     for scenario in ("capacity-20", "capacity-100", "capacity-500", "capacity-1000"):
-        one, two = _cpu(rows, scenario, "rill"), _cpu(rows, scenario, "rill-shared")
-        passes = sorted(set(one) & set(two))
-        ratios = [two[p] / one[p] for p in passes if one[p] > 0]
-        if not ratios:
+        compared = _cpu_ratio(rows, scenario, "rill-shared", "rill")
+        if compared is None:
             continue
-        ratio = statistics.median(ratios)
-        spread = f" (runs {min(ratios):.2f}× to {max(ratios):.2f}×)" if len(ratios) > 1 else ""
+        ratio, ratios, figure = compared
         # The two Rill processes alone: what the relay itself pays, Redis's CPU left out.
-        rill_only = [_without_redis(rows, scenario, p) / one[p] for p in passes if one[p] > 0]
+        one, two = _cpu(rows, scenario, "rill"), _cpu(rows, scenario, "rill-shared")
+        rill_only = [_without_redis(rows, scenario, p) / one[p] for p in sorted(set(one) & set(two)) if one[p] > 0]
         checks.append(
             (
                 f"shared mode CPU per token ≤ 1.3× one process ({scenario}, Redis included){_count(ratios)}",
                 ratio <= 1.3,
-                f"{_num(statistics.median(two[p] for p in passes))} vs "
-                f"{_num(statistics.median(one[p] for p in passes))} µs: {ratio:.2f}×{spread}; "
-                f"the two Rill processes alone {statistics.median(rill_only):.2f}×",
+                f"{figure}; the two Rill processes alone {statistics.median(rill_only):.2f}×",
             )
         )
     big = [r for r in shared if r.scenario == "capacity-1000"]
