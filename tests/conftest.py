@@ -11,12 +11,14 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import aiohttp
 import pytest
@@ -37,6 +39,50 @@ from .fakes import FakeUpstream, StreamReader
 # Stands in for a real API key: it must never show up anywhere outside the server.
 SENTINEL_KEY = "sk-rill-sentinel-5f3c9a1e7d2b4c6a"
 KEY_ENV = "FAKE_API_KEY"
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+LISTEN_FD = 3  # where systemd puts the first socket it passes (socket activation)
+
+
+def server_env(config: Path, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a real `python -m server` in a test: this checkout's code, the
+    test's config and port, the sentinel API key (never one from the developer's shell,
+    nor any RILL_ setting), and a state directory of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("RILL_")}
+    return (
+        env
+        | {
+            "RILL_CONFIG": str(config),
+            "RILL_PORT": str(port),
+            "RILL_STATE_DIR": str(config.parent / f"state-{port}"),  # never the real ~/.local/state
+            KEY_ENV: SENTINEL_KEY,
+            "PYTHONPATH": str(CHECKOUT),
+        }
+        | extra
+    )
+
+
+async def spawn_server(
+    env: dict[str, str], cwd: Path, log: IO[bytes], listener: socket.socket | None = None
+) -> asyncio.subprocess.Process:
+    """`python -m server` in `cwd` (no stray .env from the checkout), its output in `log`
+    (a file, not a pipe: a pipe nobody drains fills up under load and blocks the logs).
+    With `listener`, on that socket as systemd passes one: fd 3, $LISTEN_FDS, and
+    $LISTEN_PID naming the process (only known in it: set there, then exec keeps the pid)."""
+    args: list[str] = ["-m", "server"]
+    extra: dict[str, Any] = {}
+    if listener is not None:
+        run = (
+            "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+            "os.execv(sys.executable, [sys.executable, '-m', 'server'])"
+        )
+        args, env = ["-c", run], env | {"LISTEN_FDS": "1"}
+        fd = listener.fileno()
+        extra = {"pass_fds": (LISTEN_FD,), "preexec_fn": lambda: os.dup2(fd, LISTEN_FD)}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, *args, cwd=cwd, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT, **extra
+    )
+
 
 BASE_DOCUMENT: dict[str, Any] = {
     "default_model": "fake-chat",

@@ -5,7 +5,6 @@ kept; a Redis that cannot be reached at start stops Rill with exit 2."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -17,23 +16,11 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from .conftest import KEY_ENV, SENTINEL_KEY
+from .conftest import KEY_ENV, SENTINEL_KEY, server_env, spawn_server
 from .fakes import FakeUpstream, Reply, StreamReader, answer, chunk, free_port, terminal, text_of
-from .test_process import CONFIG_TEMPLATE, ROOT, next_notification
+from .test_process import CONFIG_TEMPLATE, next_notification
 
 StartProcess = Callable[[], Awaitable[tuple[URL, asyncio.subprocess.Process]]]
-
-
-def process_env(config: Path, port: int, redis_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("RILL_")}
-    return env | {
-        "RILL_CONFIG": str(config),
-        "RILL_PORT": str(port),
-        "RILL_REDIS_URL": redis_url,
-        "RILL_STATE_DIR": str(config.parent / f"state-{port}"),
-        KEY_ENV: SENTINEL_KEY,
-        "PYTHONPATH": str(ROOT),
-    }
 
 
 @pytest.fixture
@@ -47,10 +34,8 @@ async def start_process(
 
     async def start() -> tuple[URL, asyncio.subprocess.Process]:
         port = free_port()
-        env = process_env(config, port, redis_url) | {"NOTIFY_SOCKET": notify_socket[0]}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server", cwd=tmp_path, env=env, stdout=logs, stderr=asyncio.subprocess.STDOUT
-        )
+        env = server_env(config, port, RILL_REDIS_URL=redis_url, NOTIFY_SOCKET=notify_socket[0])
+        process = await spawn_server(env, tmp_path, logs)
         processes.append(process)
         assert await next_notification(notify_socket[1]) == "READY=1"
         return URL.build(scheme="http", host="127.0.0.1", port=port), process
@@ -122,7 +107,7 @@ async def test_the_owner_killed_ends_readers_elsewhere_with_worker_lost_and_keep
 def test_a_redis_that_cannot_be_reached_stops_start_up_with_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(CONFIG_TEMPLATE.format(upstream="http://127.0.0.1:9/v1", key_env=KEY_ENV))
-    env = process_env(config, free_port(), f"redis://:pw-secret-7@127.0.0.1:{free_port()}/0")
+    env = server_env(config, free_port(), RILL_REDIS_URL=f"redis://:pw-secret-7@127.0.0.1:{free_port()}/0")
     result = subprocess.run(
         [sys.executable, "-m", "server"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30, check=False
     )

@@ -5,24 +5,21 @@ connections), then the listener closes, live streams end, and it exits 0."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from yarl import URL
 
-from .conftest import KEY_ENV, SENTINEL_KEY
+from .conftest import KEY_ENV, SENTINEL_KEY, server_env, spawn_server
 from .fakes import FakeUpstream, Reply, StreamReader, answer, chunk, free_port, terminal, text_of
-from .test_process import CONFIG_TEMPLATE, LOG_NAME, ROOT, next_notification
+from .test_process import CONFIG_TEMPLATE, LOG_NAME, next_notification
 
 Started = tuple[URL, asyncio.subprocess.Process, socket.socket]
-LISTEN_FD = 3  # where systemd puts the first socket it passes
 StartProcess = Callable[..., Awaitable[Started]]
 
 
@@ -41,30 +38,9 @@ async def start_process(
         drain = f"drain_delay = {drain_delay}\ndrain_timeout = {drain_timeout}"
         config.write_text(text.replace("shutdown_timeout = 3.0", f"shutdown_timeout = 3.0\n{drain}"))
         port = free_port() if listener is None else listener.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-        env |= {
-            "RILL_CONFIG": str(config),
-            "RILL_PORT": str(port if listener is None else free_port()),  # unused with a socket from systemd
-            KEY_ENV: SENTINEL_KEY,
-            "NOTIFY_SOCKET": notify_socket[0],
-            "PYTHONPATH": str(ROOT),
-        }
-        extra: dict[str, Any] = {}
-        if listener is None:
-            args = ["-m", "server"]
-        else:
-            # The process's own pid is only known in it: set, then exec (the pid stays).
-            run = (
-                "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
-                "os.execv(sys.executable, [sys.executable, '-m', 'server'])"
-            )
-            args = ["-c", run]
-            env["LISTEN_FDS"] = "1"
-            fd = listener.fileno()
-            extra = {"pass_fds": (LISTEN_FD,), "preexec_fn": lambda: os.dup2(fd, LISTEN_FD)}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, *args, cwd=tmp_path, env=env, stdout=log_file, stderr=asyncio.subprocess.STDOUT, **extra
-        )
+        # With a socket from systemd, [server] port is unused: another free port shows it.
+        env = server_env(config, port if listener is None else free_port(), NOTIFY_SOCKET=notify_socket[0])
+        process = await spawn_server(env, tmp_path, log_file, listener)
         processes.append(process)
         assert await next_notification(notify_socket[1]) == "READY=1"
         return URL.build(scheme="http", host="127.0.0.1", port=port), process, notify_socket[1]
@@ -169,8 +145,7 @@ async def test_a_port_in_use_is_one_line_and_exit_1(fake_upstream: FakeUpstream,
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-        env |= {"RILL_CONFIG": str(config), "RILL_PORT": str(port), "PYTHONPATH": str(ROOT)}
+        env = server_env(config, port)
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
         )

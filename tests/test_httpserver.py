@@ -18,9 +18,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from server.http.httpserver import RillSite, _JsonRefusals
 
-from .conftest import Rill, StartRill
+from .conftest import CHECKOUT, Rill, StartRill
 from .test_connections import HOLD, closed_within, connect, head_and_body
-from .test_process import ROOT
 
 # An access token read from a file with Windows line endings: a bare CR ends the line.
 TOKEN = "tok-8d1f0c7e5b3a9624"
@@ -142,4 +141,4 @@ def test_rill_lifts_its_open_file_limit_to_the_hard_one() -> None:
         "assert raise_open_file_limit() == hard\n"
         "assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)\n"
     )
-    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=30)
+    subprocess.run([sys.executable, "-c", script], cwd=CHECKOUT, check=True, timeout=30)

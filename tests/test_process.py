@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,10 +15,9 @@ from yarl import URL
 from server.__main__ import new_event_loop
 from server.config import ConfigError
 
-from .conftest import KEY_ENV, SENTINEL_KEY, wait_healthy
+from .conftest import KEY_ENV, SENTINEL_KEY, server_env, spawn_server, wait_healthy
 from .fakes import FakeUpstream, Reply, StreamReader, chunk, free_port, open_live_streams, terminal, text_of
 
-ROOT = Path(__file__).resolve().parents[1]
 LOG_NAME = "rill.log"  # the process's output, in the test's tmp_path
 
 CONFIG_TEMPLATE = """
@@ -68,28 +65,9 @@ async def process_url(
     config = tmp_path / "config.toml"
     config.write_text(CONFIG_TEMPLATE.format(upstream=fake_upstream.url, key_env=KEY_ENV))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env.update(
-        {
-            "RILL_CONFIG": str(config),
-            "RILL_PORT": str(port),
-            KEY_ENV: SENTINEL_KEY,
-            "NOTIFY_SOCKET": notify_socket[0],
-            "RILL_EVENT_LOOP": request.param,
-            "RILL_STATE_DIR": str(tmp_path / "state"),  # never the real ~/.local/state
-        }
-    )
+    env = server_env(config, port, NOTIFY_SOCKET=notify_socket[0], RILL_EVENT_LOOP=request.param)
     log_file = (tmp_path / LOG_NAME).open("wb")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        cwd=tmp_path,  # no stray .env from the developer's checkout
-        env={**env, "PYTHONPATH": str(ROOT)},
-        # A file, not a pipe: a pipe nobody drains fills up under load and blocks the logs.
-        stdout=log_file,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    process = await spawn_server(env, tmp_path, log_file)
     url = URL.build(scheme="http", host="127.0.0.1", port=port)
     try:
         await wait_healthy(url, process)
