@@ -320,9 +320,12 @@ if ((do_start)); then
             systemctl disable --now --quiet "$unit"  # from an earlier --workers install
         done
         systemctl enable --quiet rill.socket rill
-        if ! systemctl is-active --quiet rill.socket; then
-            systemctl stop rill  # an earlier install's Rill listened itself: the port moves to rill.socket
-            systemctl start rill.socket
+        if ! systemctl is-active --quiet rill.socket ||
+            ! systemctl show rill.socket -p Listen --value | grep -qF "127.0.0.1:$port "; then
+            # An earlier install's Rill listened itself, or on another port: the socket
+            # takes the port now (Rill stops first, as it may hold the port itself).
+            systemctl stop rill
+            systemctl restart rill.socket
         fi
         if systemctl is-active --quiet rill; then
             # The port stays open: new connections wait for the new process, not refused.
