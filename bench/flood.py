@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from .run import RESULTS, ROOT, Processes, cores, rill_config
+from .run import RESULTS, ROOT, Processes, cores, percentile, rill_config
 
 PER_ADDRESS = 40  # attacker connections per source address: under Rill's default bound of 64
 ATTACK_HOST = "127.0.0.1"
@@ -225,11 +225,6 @@ async def phase(url: str, pid: int, samples: int, gap: float) -> dict[str, Any]:
     figures["rill_cpu_s"] = round(cpu_seconds(pid) - cpu, 2)
     figures["rill_loop_lag"] = lag_over(lag, lag_counts(url))
     return figures
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def summary(latencies: list[float]) -> dict[str, float]:

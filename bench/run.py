@@ -196,6 +196,12 @@ def port_probe(port: int) -> Callable[[], object]:
     return lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
+def percentile(values: list[float], share: float) -> float:
+    """The nearest-rank percentile of a non-empty sample (share 0.5: the median)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime

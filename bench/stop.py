@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from .run import ROOT, Processes, cores, start_shared
+from .run import ROOT, Processes, cores, percentile, start_shared
 
 STREAMING_BEFORE_STOP = 0.3  # seconds an answer streams before its Stop
 LONG_ANSWER = {"tokens": 100_000, "interval": 1 / 30, "split": 0.0, "seed": 7}
@@ -59,11 +59,6 @@ async def stop_one(session: aiohttp.ClientSession, owner: str, stopper: str, tag
                 side.failures.append(f"DELETE {stopped.status}: {(await stopped.text())[:200]}")
                 return None
     return sent
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 async def measure(urls: list[str], upstream: str, answers: int, concurrency: int) -> list[Side]:

@@ -32,6 +32,8 @@ from server.ops.memory import tune_collector
 from server.store import Store, StoreLimits, open_store
 from server.store.schema import conversations, messages
 
+from .run import percentile
+
 OWNER = "bench"
 BIG_ID = "big0000000000000"
 BATCH = 5000
@@ -221,11 +223,6 @@ async def timed(call: Callable[[], Awaitable[Any]], repeat: int) -> tuple[list[f
         wall.append((time.perf_counter() - started) * 1000)
         cpu.append((time.process_time() - used) * 1000)
     return wall, cpu, result
-
-
-def percentile(samples: list[float], share: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 async def measure(store: Store, size: Size, repeat: int) -> list[dict[str, Any]]:
