@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from server.config import StreamConfig
 from server.http.errors import ApiError
+from server.http.validation import past_last_event
 from server.relay.generation import Subscriber, event_from_wire
 from server.relay.streaming import (
     HEARTBEAT,
@@ -100,7 +101,16 @@ async def last_event(redis: Redis, answer: RemoteAnswer) -> tuple[int, bool]:
     return names.event_id(last[0][0]), names.TERMINAL_FIELD in last[0][1]
 
 
-async def up_to(redis: Redis, answer: RemoteAnswer, after: int) -> tuple[int, bool]:
+async def all_delivered(redis: Redis, answer: RemoteAnswer, after: int) -> bool:
+    """views_api.all_delivered for an answer of another process: whether a client with
+    every event up to `after` has the whole answer; an id past the last event is refused."""
+    last, ended = await _up_to(redis, answer, after)
+    if after > last:
+        raise past_last_event(after)
+    return ended and after >= last
+
+
+async def _up_to(redis: Redis, answer: RemoteAnswer, after: int) -> tuple[int, bool]:
     """last_event(), waiting a moment for Redis to hold event `after` when it does not
     yet: a reader that had it from the owner may come back here sooner than the owner's
     next write ([cluster] write_interval)."""

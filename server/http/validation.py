@@ -181,6 +181,11 @@ def raw_last_event_id(request: web.Request) -> str:
     return raw or ""
 
 
+def past_last_event(after: int) -> ApiError:
+    """A Last-Event-ID past the answer's last event: it came from some other answer."""
+    return ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
+
+
 def parse_last_event_id(request: web.Request) -> int:
     raw = raw_last_event_id(request)
     if not raw:

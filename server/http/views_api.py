@@ -14,7 +14,13 @@ from server import __version__
 from server.access.middleware import PRINCIPAL, client_key
 from server.http.errors import ApiError
 from server.http.responses import json_response
-from server.http.validation import parse_chat, parse_generation_id, parse_last_event_id, read_json_object
+from server.http.validation import (
+    parse_chat,
+    parse_generation_id,
+    parse_last_event_id,
+    past_last_event,
+    read_json_object,
+)
 from server.keys import (
     BUDGET,
     CATALOG,
@@ -186,7 +192,7 @@ def all_delivered(generation: Generation, after: int) -> bool:
     gets a 204, which tells EventSource to stop reconnecting); an id past the last event
     is refused."""
     if after > generation.last_event_id:
-        raise ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
+        raise past_last_event(after)
     terminal = generation.terminal
     return terminal is not None and after >= terminal.id
 
@@ -217,10 +223,7 @@ async def _remote_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     redis = app[CLUSTER].redis
     after = parse_last_event_id(request)
-    last, ended = await remote.up_to(redis, answer, after)
-    if after > last:
-        raise ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
-    if ended and after >= last:
+    if await remote.all_delivered(redis, answer, after):
         return web.Response(status=204)
     if after > 0:
         app[METRICS].resumes.inc()

@@ -128,10 +128,7 @@ async def _resume_elsewhere(
     answer = await remote.find(cluster.redis, generation_id)
     _resumable(request, answer, fingerprint)
     assert answer is not None
-    last, ended = await remote.up_to(cluster.redis, answer, after)
-    if after > last:
-        raise ApiError(400, "bad_last_event_id", f"Last-Event-ID {after} is past the last event of this generation.")
-    if ended and after >= last:
+    if await remote.all_delivered(cluster.redis, answer, after):
         return web.Response(status=204)
     reader = client_key(request)
     check_stream_limit(app[OPEN_STREAMS], reader, config.limits.max_streams_per_client)
