@@ -87,18 +87,21 @@ class Follower:
         if self.backlog is not None:
             self.backlog.append((run, terminal))
         elif not self.stale:
-            if run and names.first_id(run) > self.cursor + 1:
+            first = names.first_id(run) if run else 0
+            if first > self.cursor + 1:
                 self.stale = True  # events are missing: the hub catches it up
             else:
-                self._take(run, terminal)
+                self._take(run, first, terminal)
 
     def take_entries(self, entries: Entries) -> None:
         """Entries of the answer's own stream (all of its events, in order)."""
         for _, fields in entries:
-            self._take(fields.get(names.WIRE_FIELD, b""), names.TERMINAL_FIELD in fields)
+            run = fields.get(names.WIRE_FIELD, b"")
+            self._take(run, names.first_id(run) if run else 0, names.TERMINAL_FIELD in fields)
 
-    def _take(self, run: bytes, terminal: bool) -> None:
-        if run and names.first_id(run) <= self.cursor:
+    def _take(self, run: bytes, first: int, terminal: bool) -> None:
+        """`first`: the run's first event id (parsed once by the caller)."""
+        if run and first <= self.cursor:
             run = names.after(run, self.cursor)
         if not run and (not terminal or self.complete):
             return

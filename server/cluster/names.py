@@ -105,9 +105,7 @@ def split(run: bytes) -> list[tuple[int, bytes]]:
 
 
 def after(run: bytes, cursor: int) -> bytes:
-    """The part of a run of events after event id `cursor` (all of it, usually)."""
-    if first_id(run) > cursor:
-        return run
+    """The part of a run of events after event id `cursor`."""
     return b"".join(wire for event_id, wire in split(run) if event_id > cursor)
 
 
