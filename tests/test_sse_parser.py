@@ -601,6 +601,15 @@ def test_single_data_declines_anything_else(before: bytes, chunk: bytes) -> None
     assert fast_or_full([b": start\n" + before, chunk]) == events_of(b": start\n" + before, chunk)
 
 
+def test_single_data_applies_again_once_a_refused_event_is_dropped() -> None:
+    parser = SSEParser(max_event_chars=10)
+    parser.feed(b": start\ndata: 01234\n")  # an event's data held: no fast path
+    assert parser.single_data(b"data: a\n\n") is None
+    with pytest.raises(SSEEventTooLarge):
+        parser.feed(b"data: 56789\n")
+    assert parser.single_data(b"data: a\n\n") == b"a"  # the refused event left nothing behind
+
+
 def test_single_data_declines_a_line_over_the_limit() -> None:
     parser = SSEParser(max_line_chars=10)
     parser.feed(b": start\n")

@@ -45,6 +45,7 @@ class SSEParser:
         "_decoder",
         "_event",
         "_has_data",
+        "_holds_nothing",
         "_last_id",
         "_max_event",
         "_max_line",
@@ -65,6 +66,10 @@ class SSEParser:
         self._partial = ""  # text after the last line break
         self._skip_lf = False  # last chunk ended in CR: a leading LF belongs to it
         self._started = False  # the BOM is only stripped at the very start
+        # Started, with nothing held between chunks: no partial line or event, no CR or
+        # half a character waiting. Kept up to date by feed(), so that single_data(),
+        # asked once per token, need not look at all of that.
+        self._holds_nothing = False
         self._data: list[str] = []
         self._data_chars = 0  # the event's data so far, with the line breaks that join it
         self._has_data = False
@@ -74,7 +79,17 @@ class SSEParser:
         self.retry_ms: int | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        return self._collect(self._decoder.decode(chunk))
+        try:
+            return self._collect(self._decoder.decode(chunk))
+        finally:
+            self._holds_nothing = (
+                self._started
+                and not self._partial
+                and not self._has_data
+                and not self._event
+                and not self._skip_lf
+                and not self._decoder.getstate()[0]
+            )
 
     @property
     def last_event_id(self) -> str:
@@ -88,20 +103,14 @@ class SSEParser:
         `message` with `last_event_id`, and feed() would leave the parser as it is.
         """
         if (
-            chunk.startswith(b"data: ")
+            self._holds_nothing
+            and chunk.startswith(b"data: ")
             and chunk.endswith(b"\n\n")
             and chunk.count(b"\n") == 2
             and b"\r" not in chunk
-            and self._started
-            and not self._partial
-            and not self._has_data
-            and not self._event
-            and not self._skip_lf
             and len(chunk) <= self._max_single
         ):
-            state, _ = self._decoder.getstate()
-            if not state:  # no half of a character held back from the previous chunk
-                return chunk[6:-2]
+            return chunk[6:-2]
         return None
 
     def _collect(self, text: str) -> list[SSEEvent]:
@@ -118,6 +127,7 @@ class SSEParser:
 
         Some servers (older llama.cpp) end with `data: [DONE]` and no blank line.
         """
+        self._holds_nothing = False  # nothing comes after the end
         events = self._collect(self._decoder.decode(b"", final=True))
         if self._partial:
             self._process_line(self._partial)
