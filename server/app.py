@@ -169,8 +169,14 @@ async def _http_client(app: web.Application) -> AsyncIterator[None]:
     # One session for the process; limit=0: concurrency is capped by our own limits.
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     # auto_decompress=False: a compressed upstream body is inflated a piece at a time (inflate.py).
+    # No cookie jar: the session serves every user, and a cookie a model API set for one
+    # answer must not go out with everyone else's (nor cost a jar lookup per request).
     async with aiohttp.ClientSession(
-        connector=connector, timeout=client_timeout(app[CONFIG]), trust_env=False, auto_decompress=False
+        connector=connector,
+        timeout=client_timeout(app[CONFIG]),
+        trust_env=False,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         app[SESSION] = session
         yield

@@ -72,14 +72,15 @@ class ProviderConfig:
     models: tuple[ModelConfig, ...]
     api_key: Secret | None = None
     demo: bool = False
+    # Joined once, not per answer (a yarl join parses and normalises the path each time).
+    completions_url: URL = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "completions_url", self.base_url / "chat/completions")
 
     @property
     def usable(self) -> bool:
         return self.api_key is not None or not self.requires_key
-
-    @property
-    def completions_url(self) -> URL:
-        return self.base_url / "chat/completions"
 
 
 @dataclass(frozen=True)

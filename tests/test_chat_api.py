@@ -8,8 +8,8 @@ import uuid
 
 from yarl import URL
 
-from .conftest import Rill, wait_for
-from .fakes import USAGE, Chunk, Reply, answer, chunk, terminal, text_of
+from .conftest import Rill, StartRill, wait_for
+from .fakes import USAGE, Chunk, FakeUpstream, Reply, answer, chunk, terminal, text_of
 
 MULTILINE = "第一行 line one\nline two 🎉\r\n\n  indented 👩‍💻\rend"
 
@@ -143,6 +143,21 @@ async def test_request_sent_upstream(rill: Rill) -> None:
     }
     assert seen.headers["Authorization"].startswith("Bearer ")
     assert seen.headers["Accept"] == "text/event-stream"
+
+
+async def test_a_cookie_the_model_api_sets_is_never_sent_back(
+    start_rill: StartRill, fake_upstream: FakeUpstream
+) -> None:
+    """One client session serves every user: a cookie set on one answer's response must
+    not go out with the next request, which may be someone else's. (By a host name: a jar
+    keeps no cookie from an IP address.)"""
+    rill = await start_rill(upstream_url=fake_upstream.url.replace("127.0.0.1", "localhost"))
+    rill.fake.script(Reply(chunks=answer(["one"]), headers={"Set-Cookie": "session=alice; Path=/"}))
+    for _ in range(2):
+        generation_id = await rill.start_chat()
+        assert text_of(await (await rill.open_stream(generation_id)).read_all()) in ("one", "Hello world")
+    assert len(rill.fake.requests) == 2
+    assert "Cookie" not in rill.fake.requests[1].headers
 
 
 async def test_reasoning_streams_before_the_answer(rill: Rill) -> None:

@@ -16,7 +16,7 @@ import aiohttp
 from yarl import URL
 
 from server.config import Config, ModelConfig, ProviderConfig
-from server.jsoncodec import loads, loads_fast
+from server.jsoncodec import dumps, loads, loads_fast
 from server.ops.scrub import shown
 from server.relay.bodytap import tapped
 from server.relay.inflate import ENCODINGS, BadEncoding, Inflating, inflate_some
@@ -243,8 +243,9 @@ async def _post(session: aiohttp.ClientSession, request: ChatRequest) -> aiohttp
     aiohttp itself would send the conversation and the API key to any host the upstream
     names, even over plain http. Any other redirect is returned, for _status_error."""
     url = request.provider.completions_url
+    body = dumps(request.body())  # orjson: a fifth of json's time on a long conversation
     for hop in range(MAX_REDIRECTS + 1):
-        response = await session.post(url, json=request.body(), headers=request.headers(), allow_redirects=False)
+        response = await session.post(url, data=body, headers=request.headers(), allow_redirects=False)
         if response.status not in (307, 308) or hop == MAX_REDIRECTS:
             return response
         target = _redirect_target(response)
