@@ -26,6 +26,8 @@ from server.relay.bodytap import tapped
 from .loops import install_fast_loop
 from .wire import EVENT_ID, TOKEN_BYTES
 
+EVENT_STREAM = {"Accept": "text/event-stream"}
+
 
 @dataclass
 class Job:
@@ -37,6 +39,7 @@ class Job:
     resume_after: tuple[int, int] | None = None  # drop and resume after a random token in this range
     abort_after: tuple[int, int] | None = None  # vanish after a random token in this range
     seed: int = 1
+    fresh: bool = False  # a new connection per request; the GET asks for text/event-stream
     # Shared mode: the processes; stream n is started on urls[n] and read on urls[n + 1]
     # (modulo their number), so every read goes through Redis.
     urls: list[str] = field(default_factory=list)
@@ -177,7 +180,7 @@ async def _one(session: aiohttp.ClientSession, job: Job, number: int, rng: rando
                     stream.error = f"POST {created.status}"
                     return stream
                 events = (await created.json())["events"]
-            response = await session.get(f"{read_url}{events}")
+            response = await session.get(f"{read_url}{events}", headers=EVENT_STREAM if job.fresh else None)
         stream.setup_ns = time.monotonic_ns() - started
         if response.status != 200:
             stream.error = f"GET {response.status}"
@@ -236,7 +239,8 @@ async def run(job: Job) -> dict[str, Any]:
     lag = LagMonitor()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+    connector = aiohttp.TCPConnector(limit=0, force_close=job.fresh)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         lag.start()
         started = time.monotonic()
         streams = await asyncio.gather(*(_one(session, job, i, rngs[i]) for i in range(job.streams)))

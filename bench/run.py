@@ -38,12 +38,24 @@ class Scenario:
     ramp: float = 0.0
     resume_after: tuple[int, int] | None = None
     abort_after: tuple[int, int] | None = None
+    # A new connection for every request, and `Accept: text/event-stream` on the event
+    # stream's GET: how an outside client (and a browser's first visit) reads an answer.
+    fresh: bool = False
     note: str = ""
 
 
 FULL = [
     Scenario(
         "latency", 1, 2000, 0.001, ("direct", "pipe", "nginx", "naive", "rill"), note="1 stream, 2,000 tokens at 1 ms"
+    ),
+    Scenario(
+        "latency-paced",
+        1,
+        300,
+        1 / 30,
+        ("direct", "pipe", "nginx", "naive", "rill"),
+        fresh=True,
+        note="1 stream, 300 tokens at 30/s, a new connection per request: every token meets an idle relay",
     ),
     Scenario(
         "capacity-100",
@@ -396,6 +408,7 @@ def run_one(scenario: Scenario, target: str, work: Path) -> Row:
             "ramp": scenario.ramp,
             "resume_after": scenario.resume_after,
             "abort_after": scenario.abort_after,
+            "fresh": scenario.fresh,
             "urls": shared[2] if target == "rill-shared" else [],
         }
         if target == "rill-shared":
