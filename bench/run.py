@@ -313,7 +313,7 @@ def rill_config(
     }
     if history:
         database = work / f"history-{time.monotonic_ns()}.db"
-        overrides['url = ""'] = f'url = "sqlite:///{database}"'
+        overrides['\nurl = ""'] = f'\nurl = "sqlite:///{database}"'
         overrides["auto_titles = true "] = "auto_titles = false"
         if save_interval is not None:
             overrides["save_interval = 2.0"] = f"save_interval = {save_interval}"
@@ -324,8 +324,8 @@ def rill_config(
     if buffer_memory_mb is not None:
         overrides["buffer_memory_mb = 64.0"] = f"buffer_memory_mb = {buffer_memory_mb}"
     for old, new in overrides.items():
-        if old not in text:
-            raise RuntimeError(f"config.toml no longer has {old!r}: update bench/run.py")
+        if text.count(old) != 1:  # `url = ""` once matched [cluster] redis_url as well
+            raise RuntimeError(f"config.toml no longer has {old!r} exactly once: update bench/run.py")
         text = text.replace(old, new)
     path = work / "rill.toml"
     path.write_text(text)

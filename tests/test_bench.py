@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from bench.client import Job, Stream, run
 from bench.pipe import Side, join
 from bench.report import table, targets
-from bench.run import ROOT, Row
+from bench.run import ROOT, Row, rill_config
 from bench.soak import MIX, Sample, slope_per_1000
 from bench.upstream import Upstream, listen
 from bench.wire import SSELines, token_text
@@ -443,3 +444,17 @@ def test_the_soak_slope_is_per_1000_answers() -> None:
     assert slope_per_1000(samples) == pytest.approx(0.5)
     flat = [Sample(t=i, started=0, ended=1000 * i, rss_mb=60, anon_mb=0) for i in range(6)]
     assert slope_per_1000(flat) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_the_bench_config_is_valid_and_changes_only_what_it_means_to(tmp_path: Path, history: bool) -> None:
+    path = rill_config(tmp_path, history=history, save_interval=3600.0 if history else None)
+    config = parse_config(tomllib.loads(path.read_text()), {})
+    assert config.limits.max_concurrent_total == 5000
+    assert config.cluster.redis_url == ""  # one process: shared mode stays off
+    if history:
+        assert config.storage.enabled
+        assert config.storage.url.startswith(f"sqlite:///{tmp_path}/history-")
+        assert config.storage.save_interval == 3600.0
+    else:
+        assert not config.storage.enabled
