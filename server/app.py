@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import aiohttp_jinja2
@@ -18,7 +18,6 @@ from server.access.budget import DailyBudget
 from server.access.gate import Gate
 from server.access.middleware import access_middleware, add_cors_headers
 from server.config import Config, StorageConfig
-from server.history.answers import AnswerKeeper
 from server.history.feed import ChangeFeed
 from server.http.accesslog import PathOnlyAccessLogger
 from server.http.connections import connection_middleware
@@ -50,7 +49,9 @@ from server.relay.generation import SHUTDOWN_ERROR, Generation
 from server.relay.registry import GenerationRegistry
 from server.relay.streaming import OpenStreams
 from server.relay.upstream import client_timeout
-from server.store import StoreLimits, open_store
+
+if TYPE_CHECKING:
+    from server.store import StoreLimits
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def create_app(config: Config) -> web.Application:
     app[REGISTRY] = GenerationRegistry(config, on_end=generation_ended)
     app[OPEN_STREAMS] = OpenStreams()
     if config.storage.enabled:
+        from server.history.answers import AnswerKeeper  # the store and SQLAlchemy: only with [storage] on
+
         feed = app[FEED] = ChangeFeed()
         app[ANSWERS] = AnswerKeeper(config, feed, budget, lambda: app[SESSION])
     metrics.live_generations.set_function(lambda: len(app[REGISTRY].live()))
@@ -122,6 +125,8 @@ def stop_accepting(app: web.Application) -> None:
 
 
 def store_limits(storage: StorageConfig) -> StoreLimits:
+    from server.store import StoreLimits
+
     return StoreLimits(
         max_conversations=storage.max_conversations,
         max_messages=storage.max_messages,
@@ -154,6 +159,8 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     if not storage.enabled:
         yield
         return
+    from server.store import open_store
+
     store = await open_store(storage.url, store_limits(storage))
     app[STORE] = store
     log.info("conversations: %s database at %s (%s)", store.backend, storage.shown_url, storage.url_from)

@@ -13,7 +13,7 @@ import logging
 import re
 import uuid
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from aiohttp import web
@@ -35,7 +35,10 @@ from server.http.views_api import (
 from server.keys import ANSWERS, CATALOG, CLUSTER, CONFIG, FEED, OPEN_STREAMS, REGISTRY, STORE
 from server.relay.generation import Generation
 from server.relay.streaming import check_stream_limit
-from server.store import ConversationExists, Store
+from server.store import ConversationExists
+
+if TYPE_CHECKING:
+    from server.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy import exc
-
 from server.http.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -63,6 +61,8 @@ UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03"})
 
 
 def _unavailable(error: BaseException) -> bool:
+    from sqlalchemy import exc  # loaded with the store: this module also serves a process without one
+
     if isinstance(error, exc.DBAPIError):
         # Locked, disk full, connection refused or dropped, server shutting down.
         if error.connection_invalidated or isinstance(error, exc.OperationalError | exc.InterfaceError):
