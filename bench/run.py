@@ -234,7 +234,9 @@ class Processes:
     def start(
         self, name: str, args: list[str], env: dict[str, str], core: int | None
     ) -> tuple[subprocess.Popen[bytes], Path]:
-        log = self.work / f"{name}.log"
+        # Its own file: the two Rills of rill-shared once wrote over each other's lines.
+        same = sum(1 for path in self.work.glob(f"{name}*.log"))
+        log = self.work / (f"{name}.log" if not same else f"{name}-{same + 1}.log")
         with log.open("wb") as out:  # the child keeps its own copy of the file
             process = subprocess.Popen(
                 args, cwd=self.work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
