@@ -16,6 +16,7 @@ import sys
 import time
 import tomllib
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,13 +231,15 @@ class Processes:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.running: list[subprocess.Popen[bytes]] = []
+        self.started: Counter[str] = Counter()  # processes started, by name
 
     def start(
         self, name: str, args: list[str], env: dict[str, str], core: int | None
     ) -> tuple[subprocess.Popen[bytes], Path]:
-        # Its own file: the two Rills of rill-shared once wrote over each other's lines.
-        same = sum(1 for path in self.work.glob(f"{name}*.log"))
-        log = self.work / (f"{name}.log" if not same else f"{name}-{same + 1}.log")
+        # Each process its own file: the two Rills of rill-shared once wrote over each other's lines.
+        self.started[name] += 1
+        count = self.started[name]
+        log = self.work / (f"{name}.log" if count == 1 else f"{name}-{count}.log")
         with log.open("wb") as out:  # the child keeps its own copy of the file
             process = subprocess.Popen(
                 args, cwd=self.work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

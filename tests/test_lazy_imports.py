@@ -50,3 +50,11 @@ def test_the_store_is_loaded_only_when_it_is_used(tmp_path: Path, storage: str, 
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == loaded
+
+
+def test_every_name_the_store_offers_is_found_where_it_says() -> None:
+    import server.store as store
+
+    assert sorted(store.__all__) == sorted(store._HOMES)
+    for name in store.__all__:
+        assert getattr(store, name).__name__ == name

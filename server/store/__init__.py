@@ -25,6 +25,7 @@ _HOMES = {
     "StoreLimits": "validation",
 }
 
+# Spelled out, as linters and type checkers read it (they do not run the module).
 __all__ = [
     "AnswerWrite",
     "ConversationExists",
@@ -41,4 +42,6 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value  # asked once
+    return value
