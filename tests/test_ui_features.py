@@ -418,6 +418,41 @@ async def test_system_prompt_is_sent_first_and_kept_per_conversation(rill: Rill,
     await ui.assert_clean()
 
 
+async def test_a_click_on_a_conversation_is_not_lost_when_the_list_changes_under_it(
+    rill: Rill, open_ui: OpenPage
+) -> None:
+    """The list is rebuilt when something in it changes (an answer ends, another device
+    renames a conversation). A rebuild between the button's press and its release once
+    swallowed the click: the browser fires none when the two land on different nodes."""
+    ui = await open_ui(rill)
+    page = ui.page
+    await ask(page, "Hi")
+    await page.click("#new-chat")
+    await ask(page, "Hello")
+    hello = next(c for c in await ui.stored_conversations() if c["title"] == "Hello")
+    # The pointer over the button (hover() waits out the rebuilds that follow an answer's end).
+    await page.locator(TITLES, has_text="Hi").hover()
+    await page.mouse.down()
+    # Another device renames the other conversation while the button is held down.
+    status = await page.evaluate(
+        """async (id) => (await fetch(`/api/conversations/${id}`, {
+             method: "PATCH",
+             headers: { "Content-Type": "application/json" },
+             body: JSON.stringify({ title: "Renamed elsewhere" }),
+           })).status""",
+        hello["id"],
+    )
+    assert status == 200
+    await page.wait_for_function(
+        "(id) => JSON.parse(localStorage.getItem('rill.v1.conversation.' + id)).title === 'Renamed elsewhere'",
+        arg=hello["id"],
+    )
+    await page.mouse.up()
+    await expect(page.locator("#conversations .conversation.current .conversation-open")).to_have_text("Hi")
+    await expect(page.locator(TITLES)).to_contain_text(["Renamed elsewhere"])  # the held rebuild came after
+    await ui.assert_clean()
+
+
 # 5-7. Regenerate, edit, continue
 
 

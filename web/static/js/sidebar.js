@@ -17,10 +17,31 @@ export class Sidebar {
     this.confirming = null; // id whose delete button waits for its second click
     this.confirmTimer = 0;
     this.signature = "";
+    // While a pointer is down on the list, a rebuild would replace the button under it, and
+    // the browser then fires no click (an answer ending, another device's rename...): the
+    // rebuild waits until the button is released and its click has been handled.
+    this.pressed = false;
+    this.held = null; // the arguments of the last render() that waited
     list.addEventListener("click", (event) => this._onClick(event));
+    list.addEventListener("pointerdown", () => {
+      this.pressed = true;
+    });
+    const release = () => {
+      if (!this.pressed) return;
+      this.pressed = false;
+      setTimeout(() => this._renderHeld(), 0); // after the click this release makes
+    };
+    window.addEventListener("pointerup", release, true);
+    window.addEventListener("pointercancel", release, true);
+    window.addEventListener("blur", release); // a release elsewhere, while the page was not looking
   }
 
   render(summaries, currentId, streamingIds) {
+    if (this.pressed) {
+      this.held = [summaries, currentId, streamingIds];
+      return;
+    }
+    this.held = null; // this one is newer
     this.currentId = currentId;
     if (this.list.querySelector(".rename-input")) return; // do not destroy an edit in progress
     // Rebuild only when something visible changed, so a click is never lost to a rebuild.
@@ -47,6 +68,11 @@ export class Sidebar {
       }),
     );
     this.emptyNote.hidden = summaries.length > 0;
+  }
+
+  _renderHeld() {
+    const held = this.held;
+    if (held) this.render(...held);
   }
 
   _onClick(event) {
