@@ -109,26 +109,25 @@ def targets(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
     return checks
 
 
+def _p50s_over_direct(rows: list[Row], scenario: str, target: str) -> list[float]:
+    """The target's p50 over direct in each pass that measured both."""
+    return [
+        over
+        for r in rows
+        if r.scenario == scenario and r.target == target
+        if (over := added_over_direct(rows, r, "p50")) is not None
+    ]
+
+
 def _single_stream_checks(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
     """p50 over direct for one stream, the median over the passes, with nginx's beside:
     tokens 1 ms apart on kept connections (`latency`), and 30 a second on a new
     connection per request (`latency-paced`), where each token finds the relay idle."""
     checks: list[tuple[str, bool | None, str]] = []
     for scenario, how in (("latency", "1 ms apart"), ("latency-paced", "30/s, new connections")):
-        mine = [
-            over
-            for r in rows
-            if r.scenario == scenario and r.target == "rill"
-            if (over := added_over_direct(rows, r, "p50")) is not None
-        ]
+        mine, theirs = (_p50s_over_direct(rows, scenario, target) for target in ("rill", "nginx"))
         if not mine:
             continue
-        theirs = [
-            over
-            for r in rows
-            if r.scenario == scenario and r.target == "nginx"
-            if (over := added_over_direct(rows, r, "p50")) is not None
-        ]
         over = statistics.median(mine)
         figure = f"+{over:.3f} ms" + (f" (runs {min(mine):+.3f} to {max(mine):+.3f})" if len(mine) > 1 else "")
         if theirs:

@@ -84,6 +84,13 @@ def upstream_url(upstream: tuple[Upstream, str]) -> str:
     return upstream[1]
 
 
+def bench_app(upstream_url: str, **sections: Any) -> web.Application:
+    """Rill as the bench runs it, on the bench's fake upstream: its one model, limits opened up."""
+    document = BASE_DOCUMENT | {"default_model": "bench", "limits": {"max_concurrent_per_client": 50}} | sections
+    environ = {"RILL_UPSTREAM_URL": f"{upstream_url}/v1", "RILL_MODEL": "bench"}
+    return create_app(parse_config(document, environ))
+
+
 @pytest.mark.parametrize(
     ("fault", "lost", "duplicated", "reordered"),
     [("none", 0, 0, 0), ("lose", 1, 0, 0), ("duplicate", 0, 1, 0), ("reorder", 0, 0, 1)],
@@ -108,9 +115,7 @@ async def test_the_client_reads_rill_and_resumes_it(
     aiohttp_server: AiohttpServer, upstream: tuple[Upstream, str]
 ) -> None:
     model, upstream_url = upstream
-    document = BASE_DOCUMENT | {"default_model": "bench", "limits": {"max_concurrent_per_client": 50}}
-    environ = {"RILL_UPSTREAM_URL": f"{upstream_url}/v1", "RILL_MODEL": "bench"}
-    rill = await aiohttp_server(create_app(parse_config(document, environ)))
+    rill = await aiohttp_server(bench_app(upstream_url))
     job = Job(
         target="rill",
         url=str(rill.make_url("")).rstrip("/"),
@@ -128,10 +133,7 @@ async def test_the_client_reads_rill_and_resumes_it(
 async def test_a_fresh_job_reads_each_answer_on_new_connections_as_an_event_stream(
     aiohttp_server: AiohttpServer, upstream: tuple[Upstream, str], fresh: bool
 ) -> None:
-    _, upstream_url = upstream
-    document = BASE_DOCUMENT | {"default_model": "bench", "limits": {"max_concurrent_per_client": 50}}
-    environ = {"RILL_UPSTREAM_URL": f"{upstream_url}/v1", "RILL_MODEL": "bench"}
-    app = create_app(parse_config(document, environ))
+    app = bench_app(upstream[1])
     seen: list[tuple[str, Any, str]] = []  # (method, the client's address and port, Accept)
 
     @web.middleware
@@ -166,13 +168,7 @@ async def test_the_client_reads_rill_through_stored_conversations(
     aiohttp_server: AiohttpServer, upstream: tuple[Upstream, str], tmp_path: Path
 ) -> None:
     model, upstream_url = upstream
-    document = BASE_DOCUMENT | {
-        "default_model": "bench",
-        "limits": {"max_concurrent_per_client": 50},
-        "storage": {"url": f"sqlite:///{tmp_path / 'rill.db'}", "auto_titles": False},
-    }
-    environ = {"RILL_UPSTREAM_URL": f"{upstream_url}/v1", "RILL_MODEL": "bench"}
-    app = create_app(parse_config(document, environ))
+    app = bench_app(upstream_url, storage={"url": f"sqlite:///{tmp_path / 'rill.db'}", "auto_titles": False})
     rill = await aiohttp_server(app)
     job = Job(
         target="rill-history",
